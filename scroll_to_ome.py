@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""scroll_to_ome: a directory of z-slice TIFFs becomes a multi-resolution OME-Zarr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scrollzarr import pipeline
+from scrollzarr._cli import add_verbosity, run, setup_logging
+from scrollzarr.downsample import ALGORITHMS, GAUSSIAN_SIGMA
+
+PROGRAM = "scroll_to_ome"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="Convert a directory of z-slice TIFFs (00000.tif, 00001.tif, ...) into a "
+        "multi-resolution OME-Zarr (NGFF 0.4, zarr format 2) for Neuroglancer and khartes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("input_tiff_dir", type=Path, help="directory of TIFFs named by slice number")
+    parser.add_argument("output", type=Path, help="output store; the name must end in .zarr")
+    parser.add_argument(
+        "--chunk_size",
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="edge of the cubic chunks, the same at every level (default 128; with "
+        "--first_new_level, that of the level above)",
+    )
+    parser.add_argument(
+        "--nlevels", type=int, default=6, help="resolution levels including full resolution; each halves every axis"
+    )
+    parser.add_argument(
+        "--max_gb",
+        "--max-gb",
+        type=float,
+        default=None,
+        help="bound on the memory the conversion uses, in GB (default: what one chunk "
+        "row of whole slices needs, about chunk_size x one TIFF)",
+    )
+    parser.add_argument(
+        "--zarr_only",
+        "--zarr-only",
+        action="store_true",
+        help="write one plain zarr array at full resolution instead of an OME-Zarr",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output (only a zarr store or an empty directory)"
+    )
+    parser.add_argument(
+        "--algorithm",
+        choices=ALGORITHMS,
+        default="mean",
+        help="downsampling: mean of each 2x2x2 block rounded to nearest, its first voxel "
+        f"(nearest), its maximum (max), or Gaussian smoothing with sigma {GAUSSIAN_SIGMA:.3f} "
+        "voxels then subsampling (gaussian)",
+    )
+    parser.add_argument(
+        "--ranges",
+        default=None,
+        help="crop, as x,y,z Python slices without step: e.g. 1000:2000,1500:4000,2000:7000 "
+        "or 100:600,, (empty = whole axis); x = TIFF column, y = row, z = slice number",
+    )
+    parser.add_argument(
+        "--first_new_level",
+        "--first-new-level",
+        type=int,
+        default=None,
+        help="rebuild levels N and up of an existing OME-Zarr from level N-1; the TIFF directory is not read",
+    )
+    parser.add_argument(
+        "--obytes",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="output bytes per voxel: 0 = as the input, 1 = uint8 (uint16 // 256)",
+    )
+    parser.add_argument(
+        "--dry_run",
+        "--dry-run",
+        action="store_true",
+        help="print the plan (shapes, chunks, size, memory) and exit without writing",
+    )
+    add_verbosity(parser)
+    return parser  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(PROGRAM, args.quiet, args.verbose)
+
+    def body() -> None:
+        options = pipeline.Options(
+            chunk_size=args.chunk_size or 128,
+            nlevels=args.nlevels,
+            algorithm=args.algorithm,
+            ranges=args.ranges,
+            max_gb=args.max_gb,
+            zarr_only=args.zarr_only,
+            overwrite=args.overwrite,
+            obytes=args.obytes,
+            quiet=args.quiet,
+        )
+        pipeline.run(args.input_tiff_dir, args.output, options, args.first_new_level, args.chunk_size, args.dry_run)
+
+    return run(PROGRAM, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

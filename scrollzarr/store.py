@@ -1,0 +1,108 @@
+"""The output store: name checks, safe replacement, and level arrays with the project's defaults.
+
+Everything goes through zarr's store abstraction except the checks on what an
+existing directory holds before it may be replaced, which look at the disk.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from scrollzarr.errors import ScrollzarrError, UsageError
+
+_ZARR_MARKERS = (".zgroup", ".zarray", "zarr.json")
+# All-zero chunks are skipped by the pipeline itself (one cheap ``any()``), so zarr's
+# own, much slower, emptiness test is switched off.
+_ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+class OutputError(ScrollzarrError):
+    """The output path cannot be written as asked."""
+
+
+def check_output_name(output: Path) -> None:
+    """Refuse an output whose name does not end in ``.zarr``."""
+    if output.suffix != ".zarr":
+        raise UsageError(f"output {output} must end in .zarr (for example {output.with_suffix('.zarr').name})")
+
+
+def is_zarr_store(path: Path) -> bool:
+    """Whether ``path`` is a zarr array or group directory (format 2 or 3)."""
+    return path.is_dir() and any((path / marker).is_file() for marker in _ZARR_MARKERS)
+
+
+def check_replaceable(output: Path, overwrite: bool, input_dir: Path | None) -> None:
+    """Check, before anything is written, that ``output`` may be created or replaced.
+
+    Raises
+    ------
+    OutputError
+        If the output exists and ``overwrite`` is false, or it exists but is
+        not a zarr store or an empty directory, or it is or contains the input.
+    """
+    if not output.exists() and not output.is_symlink():
+        return
+    if not overwrite:
+        raise OutputError(f"output {output} already exists; pass --overwrite to replace it, or choose another name")
+    if not output.is_dir():
+        raise OutputError(f"output {output} exists and is not a directory; --overwrite only replaces zarr stores")
+    if input_dir is not None and input_dir.exists():
+        resolved_input, resolved_output = input_dir.resolve(), output.resolve()
+        if resolved_input == resolved_output or resolved_output in resolved_input.parents:
+            raise OutputError(
+                f"output {output} is or contains the input directory {input_dir}; "
+                "--overwrite would delete the input, choose another output"
+            )
+    if not (is_zarr_store(output) or not any(output.iterdir())):
+        raise OutputError(
+            f"output {output} exists and is not a zarr store; --overwrite only replaces zarr stores "
+            "or empty directories, so move it away or choose another name"
+        )
+
+
+def remove_existing(output: Path) -> None:
+    """Delete ``output`` if it exists; call only after :func:`check_replaceable`."""
+    if output.exists():
+        shutil.rmtree(output)
+
+
+def create_level(
+    parent: zarr.Group | Path, name: str | None, shape: tuple[int, ...], chunk: int, dtype: np.dtype
+) -> zarr.Array:
+    """Create one level: zarr format 2, cubic chunks, no compression, fill 0, ``/`` chunk keys.
+
+    Parameters
+    ----------
+    parent : zarr.Group or Path
+        A group to create the array ``name`` in, or a path for a plain array
+        (``name`` then ``None``).
+    """
+    settings: dict[str, Any] = {
+        "shape": shape,
+        "chunks": (chunk,) * len(shape),
+        "dtype": dtype,
+        "compressors": None,
+        "filters": None,
+        "fill_value": 0,
+        "order": "C",
+        "chunk_key_encoding": {"name": "v2", "separator": "/"},
+        "config": _ARRAY_CONFIG,
+    }
+    if isinstance(parent, zarr.Group):
+        assert name is not None
+        return parent.create_array(name, overwrite=True, **settings)
+    return zarr.create_array(str(parent), zarr_format=2, **settings)
+
+
+def open_level(group: zarr.Group, name: str) -> zarr.Array:
+    """Open an existing level for reading and writing, with the pipeline's write settings."""
+    return zarr.open_array(group.store, path=_join(group.path, name), mode="r+", config=_ARRAY_CONFIG)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
