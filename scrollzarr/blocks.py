@@ -51,5 +51,5 @@ def choose_block(shape: Shape3, chunk: int, cost: Callable[[Shape3], int], budge
     need = cost(candidates[-1])
     raise UsageError(
         f"--max_gb {budget / 2**30:.3g} is too small for chunks of {chunk}: at least "
-        f"{need / 2**30:.3g} GB is needed; raise --max_gb or lower --chunk_size"
+        f"{need / 2**30:.3g} GB (GiB, 2^30 bytes) is needed; raise --max_gb or lower --chunk_size"
     )

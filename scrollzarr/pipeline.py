@@ -9,6 +9,7 @@ is unfinished.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -114,7 +115,7 @@ class Report:
                 f"{level.chunks_written} of {level.chunks_total} chunks written, "
                 f"{level.chunks_total - level.chunks_written} all-zero chunks skipped"
             )
-        lines.append(f"  {written} chunk files, {nbytes / 1e6:.1f} MB, in {self.seconds:.1f} s")
+        lines.append(f"  {written} chunk files, {format_bytes(nbytes)}, in {self.seconds:.1f} s")
         return "\n".join(lines)
 
 
@@ -132,8 +133,9 @@ class Plan:
         Shape of each level, z, y, x.
     missing : list of int
         Slice numbers inside the converted z range without a file (written as zeros).
-    block : (int, int, int)
-        Level-0 block, z, y, x: the voxels read from the TIFFs at a time.
+    blocks : tuple of (int, int, int)
+        Block of each level, z, y, x: the voxels written at a time (for level 0,
+        read from the TIFFs at a time).
     budget : int
         Bytes the buffers may use.
     """
@@ -147,7 +149,7 @@ class Plan:
     shapes: tuple[Shape3, ...]
     dtype: np.dtype
     missing: list[int]
-    block: Shape3
+    blocks: tuple[Shape3, ...]
     budget: int
 
 
@@ -163,6 +165,14 @@ def _format_numbers(numbers: list[int]) -> str:
             runs.append(str(start) if start == previous else f"{start}-{previous}")
         start = previous = number
     return ", ".join(runs)
+
+
+def format_bytes(nbytes: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``: binary units, as ``--max_gb`` counts them."""
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.3g} {unit}"
+    return f"{int(nbytes)} bytes"
 
 
 def level_shapes(shape: Shape3, nlevels: int) -> tuple[Shape3, ...]:
@@ -218,6 +228,16 @@ def _budget(options: Options, plane: int, shapes: tuple[Shape3, ...], dtype: np.
     return max([plane, *lower])
 
 
+def _lower_blocks(
+    shapes: tuple[Shape3, ...], dtype: np.dtype, chunk: int, algorithm: ds.Algorithm, budget: int
+) -> list[Shape3]:
+    """Blocks of levels 1 … built from the level above each, within ``budget``."""
+    return [
+        choose_block(target, chunk, _downsample_cost(source, dtype, algorithm), budget)
+        for source, target in itertools.pairwise(shapes)
+    ]
+
+
 def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
     """Discover the stack, check every header and work out shapes, blocks and memory.
 
@@ -254,7 +274,10 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         shapes=shapes,
         dtype=out_dtype,
         missing=missing,
-        block=choose_block(shape, chunk, cost, budget),
+        blocks=(
+            choose_block(shape, chunk, cost, budget),
+            *_lower_blocks(shapes, out_dtype, chunk, options.algorithm, budget),
+        ),
         budget=budget,
     )
 
@@ -286,10 +309,10 @@ def describe_plan(plan: Plan) -> str:
         total += count
         lines.append(f"  level {level}: {shape[0]} x {shape[1]} x {shape[2]} (z, y, x), {count} chunks")
     nbytes = total * chunk**3 * plan.dtype.itemsize
-    lines.append(f"  {total} chunks, at most {nbytes / 1e9:.3f} GB (all-zero chunks are not written)")
-    bz, by, bx = plan.block
+    lines.append(f"  {total} chunks, at most {format_bytes(nbytes)} (all-zero chunks are not written)")
+    bz, by, bx = plan.blocks[0]
     lines.append(
-        f"memory: about {plan.budget / GIB:.3f} GiB for buffers; level 0 read in blocks of {bz} x {by} x {bx} voxels"
+        f"memory: about {format_bytes(plan.budget)} for buffers; level 0 read in blocks of {bz} x {by} x {bx} voxels"
     )
     return "\n".join(lines)
 
@@ -359,17 +382,16 @@ def _build_levels(
     dtype: np.dtype,
     chunk: int,
     algorithm: ds.Algorithm,
-    budget: int,
+    blocks: tuple[Shape3, ...],
     progress: tqdm,
     report: Report,
 ) -> None:
-    """Create and fill levels ``first …`` from the stored level above each."""
-    for level in range(first, len(shapes)):
+    """Create and fill levels ``first …`` from the stored level above each, in ``blocks`` (one per level)."""
+    for level, block in zip(range(first, len(shapes)), blocks, strict=True):
         target = create_level(group, str(level), shapes[level], chunk, dtype)
         source = group[str(level - 1)]
         assert isinstance(source, zarr.Array)
-        cost = _downsample_cost(shapes[level - 1], dtype, algorithm)
-        block = choose_block(shapes[level], chunk, cost, budget)
+        log.debug("level %d: blocks of %s voxels (z, y, x)", level, " x ".join(map(str, block)))
         progress.set_description(f"level {level}")
         level_report = report.levels[level] = LevelReport(shapes[level], _chunk_count(shapes[level], chunk))
 
@@ -411,16 +433,19 @@ def convert(plan: Plan) -> Report:
             group = zarr.open_group(str(plan.output), mode="w", zarr_format=2)
             level0 = create_level(group, "0", plan.shapes[0], chunk, plan.dtype)
         progress.set_description("level 0")
+        log.debug("level 0: blocks of %s voxels (z, y, x)", " x ".join(map(str, plan.blocks[0])))
         report.levels[0] = LevelReport(plan.shapes[0], _chunk_count(plan.shapes[0], chunk))
 
         def work(box: Box) -> int:
             return write_level0_block(plan, level0, box)
 
-        _run_units(((box, work) for box in iter_boxes(plan.shapes[0], plan.block)), progress, report.levels[0])
+        _run_units(((box, work) for box in iter_boxes(plan.shapes[0], plan.blocks[0])), progress, report.levels[0])
         if group is None:
             level0.attrs["scrollzarr"] = _stack_attributes(plan)
         else:
-            _build_levels(group, 1, plan.shapes, plan.dtype, chunk, options.algorithm, plan.budget, progress, report)
+            _build_levels(
+                group, 1, plan.shapes, plan.dtype, chunk, options.algorithm, plan.blocks[1:], progress, report
+            )
             multiscale = Multiscale.pyramid(
                 plan.output.stem,
                 len(plan.shapes),
@@ -451,6 +476,7 @@ class RebuildPlan:
     origin: Shape3 | None
     algorithm: ds.Algorithm
     budget: int
+    blocks: tuple[Shape3, ...]
     quiet: bool
 
 
@@ -500,6 +526,7 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
     origin = None if translation is None else tuple(int(v) for v in translation)
     dtype = np.dtype(source.dtype)
     plane = chunk * source.shape[1] * source.shape[2] * dtype.itemsize
+    budget = _budget(options, plane, shapes[first - 1 :], dtype, chunk)
     return RebuildPlan(
         output=output,
         first=first,
@@ -508,7 +535,8 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         chunk=chunk,
         origin=origin,  # type: ignore[arg-type]
         algorithm=options.algorithm,
-        budget=_budget(options, plane, shapes[first - 1 :], dtype, chunk),
+        budget=budget,
+        blocks=tuple(_lower_blocks(shapes[first - 1 :], dtype, chunk, options.algorithm, budget)),
         quiet=options.quiet,
     )
 
@@ -523,7 +551,7 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     report = Report(plan.output, plan.dtype, plan.chunk)
     with _progress(plan.shapes[plan.first :], plan.quiet) as progress:
         _build_levels(
-            group, plan.first, plan.shapes, plan.dtype, plan.chunk, plan.algorithm, plan.budget, progress, report
+            group, plan.first, plan.shapes, plan.dtype, plan.chunk, plan.algorithm, plan.blocks, progress, report
         )
     multiscale = Multiscale.pyramid(
         plan.output.stem,
@@ -546,7 +574,7 @@ def describe_rebuild(plan: RebuildPlan) -> str:
             f"  level {level}: {shape[0]} x {shape[1]} x {shape[2]} (z, y, x), "
             f"{_chunk_count(shape, plan.chunk)} chunks of {plan.chunk}^3, {plan.algorithm}"
         )
-    lines.append(f"memory: about {plan.budget / GIB:.3f} GiB for buffers")
+    lines.append(f"memory: about {format_bytes(plan.budget)} for buffers")
     return "\n".join(lines)
 
 

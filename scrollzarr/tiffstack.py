@@ -125,6 +125,14 @@ def _inspect(path: Path) -> tuple[tuple[int, int], np.dtype, str, int | None]:
                     f"{path}: truncated, its pixel data should end at byte {end} but the file has "
                     f"{size} bytes; copy or download this slice again"
                 )
+            if page.compression != _NO_COMPRESSION:
+                try:
+                    tifffile.TIFF.DECOMPRESSORS[page.compression]
+                except KeyError as missing:
+                    raise StackError(
+                        f"{path}: compressed with {page.compression.name}, which cannot be decoded here "
+                        f"({missing.args[0]}); install imagecodecs or decompress the slices first"
+                    ) from None
             direct = (
                 page.compression == _NO_COMPRESSION
                 and page.is_contiguous

@@ -1,0 +1,73 @@
+"""Shared helpers: writing real TIFF stacks, running the real scripts, and reading stores back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_stack(directory: Path, volume: np.ndarray, first: int = 0, digits: int = 5, **imwrite) -> list[Path]:
+    """Write ``volume`` (z, y, x) as one TIFF per slice, numbered from ``first``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(volume):
+        path = directory / f"{first + index:0{digits}d}.tif"
+        tifffile.imwrite(path, image, **imwrite)
+        paths.append(path)
+    return paths
+
+
+def run_script(script: str, *args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a top-level script of the checkout in a fresh Python process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
+
+
+def scroll_to_ome(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return run_script("scroll_to_ome.py", *args, cwd=cwd)
+
+
+def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str, code: int | None = None) -> None:
+    """Non-zero exit, no traceback, and one stderr line holding every fragment."""
+    assert result.returncode != 0, result.stderr
+    if code is not None:
+        assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def chunk_files(array_dir: Path) -> list[Path]:
+    """Chunk files of a zarr v2 array directory (everything but the dot-files)."""
+    return sorted(p for p in array_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
