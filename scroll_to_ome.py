@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 from scrollzarr import pipeline
-from scrollzarr._cli import add_verbosity, run, setup_logging
+from scrollzarr._cli import Parser, add_verbosity, run, setup_logging
 from scrollzarr.downsample import ALGORITHMS, GAUSSIAN_SIGMA
 
 PROGRAM = "scroll_to_ome"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROGRAM,
         description="Convert a directory of z-slice TIFFs (00000.tif, 00001.tif, ...) into a "
         "multi-resolution OME-Zarr (NGFF 0.4, zarr format 2) for Neuroglancer and khartes.",
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         options = pipeline.Options(
-            chunk_size=args.chunk_size or 128,
+            chunk_size=128 if args.chunk_size is None else args.chunk_size,
             nlevels=args.nlevels,
             algorithm=args.algorithm,
             ranges=args.ranges,

@@ -519,7 +519,7 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         )
     source = group[str(first - 1)]
     assert isinstance(source, zarr.Array)
-    chunk = chunk_size or source.chunks[0]
+    chunk = source.chunks[0] if chunk_size is None else chunk_size
     base = level_shapes(source.shape, options.nlevels - first + 1)  # type: ignore[arg-type]
     shapes = tuple(group[str(level)].shape for level in range(first)) + base[1:]
     translation = multiscale.datasets[0].translation
