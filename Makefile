@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` and `make test`. Both build their own virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO := demo
+
+.PHONY: demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Synthetic scroll (plain and masked), converted to OME-Zarr; the converter prints a summary of each store.
+demo: $(BIN)/python
+	$(BIN)/python -m pip install --quiet .
+	$(BIN)/python -m scrollzarr.synthetic $(DEMO)/scroll --shape 256 320 352
+	$(BIN)/python -m scrollzarr.synthetic $(DEMO)/scroll_masked --shape 256 320 352 --masked
+	$(BIN)/scroll_to_ome $(DEMO)/scroll $(DEMO)/scroll.zarr --overwrite
+	$(BIN)/scroll_to_ome $(DEMO)/scroll_masked $(DEMO)/scroll_masked.zarr --overwrite --obytes 1
+	@echo "demo stores: $(DEMO)/scroll.zarr (uint16) and $(DEMO)/scroll_masked.zarr (uint8); see README 'Viewing'"
+
+lint: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) $(DEMO) build *.egg-info
