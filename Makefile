@@ -24,8 +24,14 @@ lint: $(BIN)/python
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
-	$(BIN)/python -m pytest
+# zarr-python 2.x (the reader khartes uses) cannot share an environment with zarr 3: a folder of its own.
+ZARR2 := $(VENV)/zarr2
+$(ZARR2): $(BIN)/python
+	$(BIN)/python -m pip install --quiet --no-deps --target $(ZARR2) "zarr>=2.18,<3" "numcodecs>=0.13,<0.16" \
+		asciitree fasteners deprecated wrapt
+
+test: lint $(ZARR2)
+	SCROLLZARR_ZARR2_PATH=$(abspath $(ZARR2)) $(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info

@@ -27,10 +27,11 @@ def write_stack(directory: Path, volume: np.ndarray, first: int = 0, digits: int
 
 
 def run_script(script: str, *args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a top-level script of the checkout in a fresh Python process."""
+    """Run a top-level script of the checkout (or ``-m module``) in a fresh Python process."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable, script] if script == "-m" else [sys.executable, str(ROOT / script)]
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, args)],
+        [*command, *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
