@@ -80,13 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="output bytes per voxel: 0 = as the input, 1 = uint8 (uint16 // 256)",
     )
     parser.add_argument(
+        "--workers",
+        "--num_threads",
+        "--num-threads",
+        type=int,
+        default=None,
+        help="worker threads for reading, decoding, downsampling and writing (default: one per core)",
+    )
+    parser.add_argument(
         "--dry_run",
         "--dry-run",
         action="store_true",
         help="print the plan (shapes, chunks, size, memory) and exit without writing",
     )
     add_verbosity(parser)
-    return parser  # fmt: skip
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             zarr_only=args.zarr_only,
             overwrite=args.overwrite,
             obytes=args.obytes,
+            workers=args.workers,
             quiet=args.quiet,
         )
         pipeline.run(args.input_tiff_dir, args.output, options, args.first_new_level, args.chunk_size, args.dry_run)

@@ -1,16 +1,17 @@
 """The conversion: a TIFF stack becomes a multi-resolution OME-Zarr (or one plain zarr array).
 
-Level 0 is written in chunk-aligned blocks read straight from the TIFFs (only
-the rows a block needs); each lower level is then built, block by block, from
-the stored level above.  Blocks are independent units, sized to the memory
-budget.  The ``multiscales`` metadata is written last, so a store without it
-is unfinished.
+Level 0 is read from the TIFFs once, a band at a time (whole planes unless
+``--max_gb`` asks for less), and streamed through every level the band is
+chunk-aligned for: those levels are built as level 0 is read and never read
+back.  Levels below them are built from the stored level above, block by block.
+The ``multiscales`` metadata is written last, so a store without it is
+unfinished.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,21 +22,18 @@ import zarr
 from tqdm import tqdm
 
 from scrollzarr import downsample as ds
-from scrollzarr.blocks import Box, Shape3, box_size, choose_block, iter_boxes
+from scrollzarr import memory
+from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
 from scrollzarr.errors import ScrollzarrError, UsageError
+from scrollzarr.memory import format_bytes
 from scrollzarr.ngff_v04 import Multiscale
 from scrollzarr.ranges import parse_ranges
-from scrollzarr.store import (
-    check_output_name,
-    check_replaceable,
-    create_level,
-    remove_existing,
-)
+from scrollzarr.store import ChunkWriter, check_output_name, check_replaceable, create_level, remove_existing
+from scrollzarr.streaming import LevelStream
 from scrollzarr.tiffstack import TiffStack, numbered_tiffs, open_stack, read_rows
+from scrollzarr.workers import Workers, available_cores
 
 log = logging.getLogger(__name__)
-
-GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -58,6 +56,8 @@ class Options:
     overwrite : bool
     obytes : {0, 1}
         1 stores uint16 input as uint8 (``value // 256``).
+    workers : int or None
+        Worker threads; ``None`` for one per core.
     quiet : bool
         No progress bar.
     """
@@ -70,6 +70,7 @@ class Options:
     zarr_only: bool = False
     overwrite: bool = False
     obytes: int = 0
+    workers: int | None = None
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -83,6 +84,12 @@ class Options:
             raise UsageError(f"--obytes must be 0 (same as input) or 1 (uint8), not {self.obytes}")
         if self.max_gb is not None and self.max_gb <= 0:
             raise UsageError(f"--max_gb must be a positive number of GB, not {self.max_gb}")
+        if self.workers is not None and self.workers < 1:
+            raise UsageError(f"--workers must be at least 1, not {self.workers}")
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or available_cores()
 
 
 @dataclass
@@ -111,9 +118,8 @@ class Report:
         for index, level in sorted(self.levels.items()):
             z, y, x = level.shape
             lines.append(
-                f"  level {index}: {z} x {y} x {x} (z, y, x), "
-                f"{level.chunks_written} of {level.chunks_total} chunks written, "
-                f"{level.chunks_total - level.chunks_written} all-zero chunks skipped"
+                f"  level {index}: {z} x {y} x {x} (z, y, x), {level.chunks_written} of {level.chunks_total} "
+                f"chunks written, {level.chunks_total - level.chunks_written} all-zero chunks skipped"
             )
         lines.append(f"  {written} chunk files, {format_bytes(nbytes)}, in {self.seconds:.1f} s")
         return "\n".join(lines)
@@ -133,11 +139,12 @@ class Plan:
         Shape of each level, z, y, x.
     missing : list of int
         Slice numbers inside the converted z range without a file (written as zeros).
+    bands : memory.BandPlan
+        How level 0 is cut, and how many levels are streamed with it.
     blocks : tuple of (int, int, int)
-        Block of each level, z, y, x: the voxels written at a time (for level 0,
-        read from the TIFFs at a time).
-    budget : int
-        Bytes the buffers may use.
+        Blocks of the levels built from the stored level above (after the streamed ones).
+    need : int
+        Bytes the buffers use at the most, by :mod:`scrollzarr.memory`'s model.
     """
 
     input_dir: Path
@@ -149,8 +156,9 @@ class Plan:
     shapes: tuple[Shape3, ...]
     dtype: np.dtype
     missing: list[int]
+    bands: memory.BandPlan
     blocks: tuple[Shape3, ...]
-    budget: int
+    need: int
 
 
 def _format_numbers(numbers: list[int]) -> str:
@@ -167,14 +175,6 @@ def _format_numbers(numbers: list[int]) -> str:
     return ", ".join(runs)
 
 
-def format_bytes(nbytes: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``: binary units, as ``--max_gb`` counts them."""
-    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= size:
-            return f"{nbytes / size:.3g} {unit}"
-    return f"{int(nbytes)} bytes"
-
-
 def level_shapes(shape: Shape3, nlevels: int) -> tuple[Shape3, ...]:
     """Shapes of ``nlevels`` levels, each ``ceil(n / 2)`` of the previous along every axis."""
     shapes = [shape]
@@ -183,63 +183,8 @@ def level_shapes(shape: Shape3, nlevels: int) -> tuple[Shape3, ...]:
     return tuple(shapes)
 
 
-def _level0_cost(stack: TiffStack, out_dtype: np.dtype, chunk: int) -> Callable[[Shape3], int]:
-    """Bytes needed to convert one level-0 block: the block, its output copy, one decode buffer."""
-    decoded_whole = any(entry.data_offset is None for entry in stack.slices.values())
-
-    def cost(block: Shape3) -> int:
-        voxels = block[0] * block[1] * block[2]
-        size = voxels * stack.dtype.itemsize
-        if out_dtype != stack.dtype:
-            size += voxels * out_dtype.itemsize
-        if decoded_whole:
-            size += stack.slice_bytes
-        elif block[2] < stack.shape[1]:
-            size += block[1] * stack.shape[1] * stack.dtype.itemsize
-        return size + chunk**3 * out_dtype.itemsize
-
-    return cost
-
-
-def _downsample_cost(source_shape: Shape3, dtype: np.dtype, algorithm: ds.Algorithm) -> Callable[[Shape3], int]:
-    """Bytes needed to build one block of a level from the stored level above."""
-    margin = ds.halo(algorithm)
-    per_voxel = 2 * dtype.itemsize + {"mean": 2, "gaussian": 24}.get(algorithm, 0)
-
-    def cost(block: Shape3) -> int:
-        voxels = 1
-        for n, limit in zip(block, source_shape, strict=True):
-            voxels *= min(2 * n + 2 * margin, limit)
-        return voxels * per_voxel
-
-    return cost
-
-
-def _budget(options: Options, plane: int, shapes: tuple[Shape3, ...], dtype: np.dtype, chunk: int) -> int:
-    """Bytes the buffers may use: ``--max_gb``, or else what the run needs.
-
-    What it needs is ``plane`` (one chunk row of whole planes of level 0) or
-    the smallest block of any lower level, whichever is larger.
-    """
-    if options.max_gb is not None:
-        return int(options.max_gb * GIB)
-    smallest = (chunk, chunk, chunk)
-    lower = [_downsample_cost(source, dtype, options.algorithm)(smallest) for source in shapes[:-1]]
-    return max([plane, *lower])
-
-
-def _lower_blocks(
-    shapes: tuple[Shape3, ...], dtype: np.dtype, chunk: int, algorithm: ds.Algorithm, budget: int
-) -> list[Shape3]:
-    """Blocks of levels 1 … built from the level above each, within ``budget``."""
-    return [
-        choose_block(target, chunk, _downsample_cost(source, dtype, algorithm), budget)
-        for source, target in itertools.pairwise(shapes)
-    ]
-
-
 def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
-    """Discover the stack, check every header and work out shapes, blocks and memory.
+    """Discover the stack, check every header and work out shapes, bands, blocks and memory.
 
     Raises
     ------
@@ -257,13 +202,24 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
     if options.obytes == 1 and stack.dtype not in (np.uint8, np.uint16):
         raise UsageError(f"--obytes 1 converts uint16 to uint8, but the slices are {stack.dtype}; leave it out")
     out_dtype = np.dtype(np.uint8) if options.obytes == 1 else stack.dtype
-    shape = (z1 - z0, y1 - y0, x1 - x0)
-    chunk = options.chunk_size
-    cost = _level0_cost(stack, out_dtype, chunk)
-    shapes = level_shapes(shape, 1 if options.zarr_only else options.nlevels)
-    budget = _budget(options, cost((min(chunk, shape[0]), shape[1], shape[2])), shapes, out_dtype, chunk)
-    first = min(stack.slices)
-    missing = stack.missing(max(z0, first), z1)
+    shapes = level_shapes((z1 - z0, y1 - y0, x1 - x0), 1 if options.zarr_only else options.nlevels)
+    layout = memory.Layout(
+        shapes=shapes,
+        chunk=options.chunk_size,
+        in_itemsize=stack.dtype.itemsize,
+        out_itemsize=out_dtype.itemsize,
+        slice_shape=stack.shape,
+        decoded_whole=any(entry.data_offset is None for entry in stack.slices.values()),
+        algorithm=options.algorithm,
+        workers=options.worker_count,
+    )
+    limit = None if options.max_gb is None else int(options.max_gb * memory.GIB)
+    bands = memory.plan_bands(layout, limit)
+    first_read_back = bands.streamed + 1
+    budget = limit if limit is not None else max(bands.nbytes, memory.read_back_need(layout, first_read_back))
+    blocks = memory.read_back_blocks(layout, first_read_back, budget)
+    need = max(bands.nbytes, memory.read_back_cost(layout, first_read_back, blocks))
+    log.debug("memory: %d bytes planned for buffers", need)
     return Plan(
         input_dir=input_dir,
         output=output,
@@ -273,12 +229,10 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         cropped=options.ranges is not None and options.ranges.strip() != "",
         shapes=shapes,
         dtype=out_dtype,
-        missing=missing,
-        blocks=(
-            choose_block(shape, chunk, cost, budget),
-            *_lower_blocks(shapes, out_dtype, chunk, options.algorithm, budget),
-        ),
-        budget=budget,
+        missing=stack.missing(max(z0, min(stack.slices)), z1),
+        bands=bands,
+        blocks=blocks,
+        need=need,
     )
 
 
@@ -289,65 +243,103 @@ def _chunk_count(shape: Shape3, chunk: int) -> int:
     return count
 
 
+def _describe_levels(shapes: Iterable[Shape3], first: int, chunk: int, itemsize: int) -> tuple[list[str], int]:
+    lines, total = [], 0
+    for level, shape in enumerate(shapes, start=first):
+        count = _chunk_count(shape, chunk)
+        total += count
+        lines.append(f"  level {level}: {shape[0]} x {shape[1]} x {shape[2]} (z, y, x), {count} chunks")
+    lines.append(
+        f"  {total} chunks, at most {format_bytes(total * chunk**3 * itemsize)} (all-zero chunks are not written)"
+    )
+    return lines, total
+
+
 def describe_plan(plan: Plan) -> str:
     """The plan as text, for ``--dry_run``."""
     stack, chunk = plan.stack, plan.options.chunk_size
     (z0, y0, x0), (nz, ny, nx) = plan.origin, plan.shapes[0]
     slices = sorted(stack.slices)
+    kind = "plain zarr array" if plan.options.zarr_only else "OME-Zarr, NGFF 0.4"
     lines = [
         f"input: {plan.input_dir}",
-        f"  {len(slices)} slice files, numbers {slices[0]} to {slices[-1]}, each {stack.shape[0]} x "
-        f"{stack.shape[1]} (rows x columns) {stack.dtype}",
+        f"  {len(slices)} slice files, numbers {slices[0]} to {slices[-1]}, "
+        f"each {stack.shape[0]} x {stack.shape[1]} (rows x columns) {stack.dtype}",
         f"  missing slices (written as zeros): {_format_numbers(plan.missing) or 'none'}",
         f"  converting x {x0}:{x0 + nx}, y {y0}:{y0 + ny}, z {z0}:{z0 + nz}",
-        f"output: {plan.output} ({'plain zarr array' if plan.options.zarr_only else 'OME-Zarr, NGFF 0.4'}), "
-        f"{plan.dtype}, chunks {chunk}^3, downsampling {plan.options.algorithm}",
+        f"output: {plan.output} ({kind}), {plan.dtype}, chunks {chunk}^3, downsampling {plan.options.algorithm}",
     ]
-    total = 0
-    for level, shape in enumerate(plan.shapes):
-        count = _chunk_count(shape, chunk)
-        total += count
-        lines.append(f"  level {level}: {shape[0]} x {shape[1]} x {shape[2]} (z, y, x), {count} chunks")
-    nbytes = total * chunk**3 * plan.dtype.itemsize
-    lines.append(f"  {total} chunks, at most {format_bytes(nbytes)} (all-zero chunks are not written)")
-    bz, by, bx = plan.blocks[0]
+    lines += _describe_levels(plan.shapes, 0, chunk, plan.dtype.itemsize)[0]
     lines.append(
-        f"memory: about {format_bytes(plan.budget)} for buffers; level 0 read in blocks of {bz} x {by} x {bx} voxels"
+        f"memory: about {format_bytes(plan.need)} for buffers, {plan.options.worker_count} worker(s); "
+        f"level 0 read in bands of {plan.bands.rows} x {plan.bands.cols} (rows x columns)"
     )
+    lines.append("  " + _describe_passes(plan.bands.streamed, len(plan.shapes) - 1))
     return "\n".join(lines)
 
 
-def _write_nonzero_chunks(array: zarr.Array, data: np.ndarray, corner: Shape3, chunk: int) -> int:
-    """Write each chunk of ``data`` (placed at ``corner``, chunk-aligned) that is not all zero."""
-    written = 0
-    for box in iter_boxes(data.shape, (chunk, chunk, chunk)):  # type: ignore[arg-type]
-        local = tuple(slice(a, b) for a, b in box)
-        piece = data[local]
-        if piece.any():
-            array[tuple(slice(c + a, c + b) for c, (a, b) in zip(corner, box, strict=True))] = piece
-            written += 1
-    return written
+def _levels_text(first: int, last: int) -> str:
+    return f"level {first}" if first == last else f"levels {first} to {last}"
 
 
-def write_level0_block(plan: Plan, array: zarr.Array, box: Box) -> int:
-    """Read ``box`` of the converted volume from the TIFFs and write its non-zero chunks.
+def _describe_passes(streamed: int, last: int) -> str:
+    text = f"{_levels_text(0, streamed)} built in one pass over the TIFFs"
+    if streamed < last:
+        text += f"; {_levels_text(streamed + 1, last)} from the stored level above each"
+    return text
 
-    Returns the number of chunk files written.
-    """
-    (z0, z1), (y0, y1), (x0, x1) = box
+
+def _read_tasks(
+    plan: Plan, view: np.ndarray, z: int, band: tuple[tuple[int, int], tuple[int, int]]
+) -> list[Callable[[], None]]:
+    """Tasks that read planes ``z … z + len(view)`` of ``band`` from the TIFFs into ``view``."""
+    (r0, r1), (c0, c1) = band
     oz, oy, ox = plan.origin
-    block = np.empty((z1 - z0, y1 - y0, x1 - x0), plan.stack.dtype)
-    for index, z in enumerate(range(z0, z1)):
-        read_rows(plan.stack, oz + z, (oy + y0, oy + y1), (ox + x0, ox + x1), block[index])
-    if plan.dtype != plan.stack.dtype:
-        block = ds.to_uint8(block)
-    return _write_nonzero_chunks(array, block, (z0, y0, x0), plan.options.chunk_size)
+    rows, cols = (oy + r0, oy + r1), (ox + c0, ox + c1)
+    convert = plan.dtype != plan.stack.dtype
+
+    def read(index: int) -> None:
+        if convert:
+            planes = np.empty(view.shape[1:], plan.stack.dtype)
+            read_rows(plan.stack, oz + z + index, rows, cols, planes)
+            view[index] = ds.to_uint8(planes)
+        else:
+            read_rows(plan.stack, oz + z + index, rows, cols, view[index])
+
+    return [lambda index=index: read(index) for index in range(len(view))]
 
 
-def write_downsampled_block(
-    source: zarr.Array, target: zarr.Array, box: Box, algorithm: ds.Algorithm, chunk: int
-) -> int:
-    """Build ``box`` of ``target`` from the stored level above, ``source``; write its non-zero chunks."""
+def _convert_band(
+    plan: Plan,
+    writers: list[ChunkWriter],
+    band: tuple[tuple[int, int], tuple[int, int]],
+    workers: Workers,
+    progress: tqdm,
+    report: Report,
+) -> None:
+    """Read one band of level 0 from the TIFFs and stream it through the streamed levels."""
+    chunk, streamed = plan.options.chunk_size, plan.bands.streamed
+    streams: list[LevelStream] = []
+    below = None
+    for level in range(streamed, -1, -1):
+        scale = 2**level
+        rows, cols = ((math.ceil(a / scale), math.ceil(b / scale)) for a, b in band)
+        below = LevelStream(
+            plan.shapes[level][0], rows, cols, plan.dtype, chunk, plan.options.algorithm,
+            writers[level], below, workers, progress.update,
+        )  # fmt: skip
+        streams.insert(0, below)
+    top = streams[0]
+    for z in range(0, plan.shapes[0][0], chunk):
+        view = top.reserve(min(chunk, plan.shapes[0][0] - z))
+        workers.run(_read_tasks(plan, view, z, band))
+        top.commit(len(view))
+    for level, stream in enumerate(streams):
+        report.levels[level].chunks_written += stream.chunks_written
+
+
+def write_downsampled_block(source: zarr.Array, writer: ChunkWriter, box: Box, algorithm: ds.Algorithm) -> int:
+    """Build ``box`` of a level from the stored level above, ``source``; write its non-zero chunks."""
     margin = ds.halo(algorithm)
     read = tuple(
         slice(max(2 * a - margin, 0), min(2 * b + margin, n)) for (a, b), n in zip(box, source.shape, strict=True)
@@ -361,13 +353,13 @@ def write_downsampled_block(
         result = ds.downsample_gaussian(data, core)  # type: ignore[arg-type]
     else:
         result = ds.downsample(data, algorithm)
-    return _write_nonzero_chunks(target, result, tuple(a for a, _ in box), chunk)  # type: ignore[arg-type]
-
-
-def _run_units(units: Iterable[tuple[Box, Callable[[Box], int]]], progress: tqdm, report: LevelReport) -> None:
-    for box, work in units:
-        report.chunks_written += work(box)
-        progress.update(box_size(box))
+    chunk = source.chunks[0]
+    corner = tuple(a for a, _ in box)
+    written = 0
+    for local in iter_boxes(result.shape, (chunk, chunk, chunk)):  # type: ignore[arg-type]
+        piece = result[tuple(slice(a, b) for a, b in local)]
+        written += writer.write(tuple(c + a for c, (a, _) in zip(corner, local, strict=True)), piece)
+    return written
 
 
 def _progress(shapes: Iterable[Shape3], quiet: bool) -> tqdm:
@@ -375,30 +367,32 @@ def _progress(shapes: Iterable[Shape3], quiet: bool) -> tqdm:
     return tqdm(total=total, unit="vox", unit_scale=True, disable=quiet, mininterval=1.0, desc="converting")
 
 
-def _build_levels(
+def _build_from_above(
     group: zarr.Group,
     first: int,
-    shapes: tuple[Shape3, ...],
-    dtype: np.dtype,
-    chunk: int,
-    algorithm: ds.Algorithm,
     blocks: tuple[Shape3, ...],
+    algorithm: ds.Algorithm,
+    workers: Workers,
     progress: tqdm,
     report: Report,
 ) -> None:
-    """Create and fill levels ``first …`` from the stored level above each, in ``blocks`` (one per level)."""
-    for level, block in zip(range(first, len(shapes)), blocks, strict=True):
-        target = create_level(group, str(level), shapes[level], chunk, dtype)
-        source = group[str(level - 1)]
-        assert isinstance(source, zarr.Array)
-        log.debug("level %d: blocks of %s voxels (z, y, x)", level, " x ".join(map(str, block)))
+    """Fill levels ``first …`` (already created) from the stored level above each, in ``blocks``."""
+    for level, block in enumerate(blocks, start=first):
+        source, target = group[str(level - 1)], group[str(level)]
+        assert isinstance(source, zarr.Array) and isinstance(target, zarr.Array)
+        writer = ChunkWriter(target)
+        log.debug(
+            "level %d: from level %d in blocks of %s voxels (z, y, x)", level, level - 1, " x ".join(map(str, block))
+        )
         progress.set_description(f"level {level}")
-        level_report = report.levels[level] = LevelReport(shapes[level], _chunk_count(shapes[level], chunk))
 
-        def work(box: Box, source: zarr.Array = source, target: zarr.Array = target) -> int:
-            return write_downsampled_block(source, target, box, algorithm, chunk)
+        def work(box: Box, source: zarr.Array = source, writer: ChunkWriter = writer) -> int:
+            written = write_downsampled_block(source, writer, box, algorithm)
+            progress.update(box_size(box))
+            return written
 
-        _run_units(((box, work) for box in iter_boxes(shapes[level], block)), progress, level_report)
+        boxes = list(iter_boxes(target.shape, block))  # type: ignore[arg-type]
+        report.levels[level].chunks_written += sum(workers.run(lambda box=box: work(box) for box in boxes))
 
 
 def _stack_attributes(plan: Plan) -> dict[str, object]:
@@ -408,6 +402,12 @@ def _stack_attributes(plan: Plan) -> dict[str, object]:
         "missing_slices": plan.missing,
         "obytes": plan.options.obytes,
     }
+
+
+def _downsampling_parameters(algorithm: ds.Algorithm) -> dict[str, object]:
+    if algorithm == "gaussian":
+        return {"sigma": ds.GAUSSIAN_SIGMA, "truncate": ds.GAUSSIAN_TRUNCATE}
+    return {}
 
 
 def convert(plan: Plan) -> Report:
@@ -424,44 +424,48 @@ def convert(plan: Plan) -> Report:
         log.warning("no file for slice(s) %s; they are written as zeros", _format_numbers(plan.missing))
     remove_existing(plan.output)
     report = Report(plan.output, plan.dtype, chunk)
-    progress = _progress(plan.shapes, options.quiet)
-    with progress:
-        if options.zarr_only:
-            group = None
-            level0 = create_level(plan.output, None, plan.shapes[0], chunk, plan.dtype)
-        else:
-            group = zarr.open_group(str(plan.output), mode="w", zarr_format=2)
-            level0 = create_level(group, "0", plan.shapes[0], chunk, plan.dtype)
-        progress.set_description("level 0")
-        log.debug("level 0: blocks of %s voxels (z, y, x)", " x ".join(map(str, plan.blocks[0])))
-        report.levels[0] = LevelReport(plan.shapes[0], _chunk_count(plan.shapes[0], chunk))
-
-        def work(box: Box) -> int:
-            return write_level0_block(plan, level0, box)
-
-        _run_units(((box, work) for box in iter_boxes(plan.shapes[0], plan.blocks[0])), progress, report.levels[0])
-        if group is None:
-            level0.attrs["scrollzarr"] = _stack_attributes(plan)
-        else:
-            _build_levels(
-                group, 1, plan.shapes, plan.dtype, chunk, options.algorithm, plan.blocks[1:], progress, report
-            )
-            multiscale = Multiscale.pyramid(
-                plan.output.stem,
-                len(plan.shapes),
-                plan.origin if plan.cropped else None,
-                options.algorithm,
-                _downsampling_parameters(options.algorithm),
-            )
-            group.attrs.update({"scrollzarr": _stack_attributes(plan), "multiscales": [multiscale.to_json()]})
+    for level, shape in enumerate(plan.shapes):
+        report.levels[level] = LevelReport(shape, _chunk_count(shape, chunk))
+    group = None
+    if options.zarr_only:
+        arrays = [create_level(plan.output, None, plan.shapes[0], chunk, plan.dtype)]
+    else:
+        group = zarr.open_group(str(plan.output), mode="w", zarr_format=2)
+        arrays = [create_level(group, str(level), shape, chunk, plan.dtype) for level, shape in enumerate(plan.shapes)]
+    writers = [ChunkWriter(array) for array in arrays]
+    _, height, width = plan.shapes[0]
+    log.debug(
+        "level 0: bands of %d x %d (rows x columns), levels 1 to %d streamed",
+        plan.bands.rows, plan.bands.cols, plan.bands.streamed,
+    )  # fmt: skip
+    with _progress(plan.shapes, options.quiet) as progress, Workers(options.worker_count) as workers:
+        progress.set_description(f"levels 0-{plan.bands.streamed}" if plan.bands.streamed else "level 0")
+        for (r0, r1), (c0, c1) in _bands(height, width, plan.bands):
+            _convert_band(plan, writers, ((r0, r1), (c0, c1)), workers, progress, report)
+        if group is not None:
+            _build_from_above(group, plan.bands.streamed + 1, plan.blocks, options.algorithm, workers, progress, report)
+    attributes = _stack_attributes(plan)
+    if group is None:
+        arrays[0].attrs["scrollzarr"] = attributes
+    else:
+        multiscale = Multiscale.pyramid(
+            plan.output.stem,
+            len(plan.shapes),
+            plan.origin if plan.cropped else None,
+            options.algorithm,
+            _downsampling_parameters(options.algorithm),
+        )
+        group.attrs.update({"scrollzarr": attributes, "multiscales": [multiscale.to_json()]})
     report.seconds = time.monotonic() - started
     return report
 
 
-def _downsampling_parameters(algorithm: ds.Algorithm) -> dict[str, object]:
-    if algorithm == "gaussian":
-        return {"sigma": ds.GAUSSIAN_SIGMA, "truncate": ds.GAUSSIAN_TRUNCATE}
-    return {}
+def _bands(height: int, width: int, bands: memory.BandPlan) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    return [
+        ((r, min(r + bands.rows, height)), (c, min(c + bands.cols, width)))
+        for r in range(0, height, bands.rows)
+        for c in range(0, width, bands.cols)
+    ]
 
 
 @dataclass(frozen=True)
@@ -477,6 +481,7 @@ class RebuildPlan:
     algorithm: ds.Algorithm
     budget: int
     blocks: tuple[Shape3, ...]
+    workers: int
     quiet: bool
 
 
@@ -502,8 +507,7 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         )
     try:
         group = zarr.open_group(str(output), mode="r")
-        entry = group.attrs["multiscales"][0]  # type: ignore[index]
-        multiscale = Multiscale.from_json(entry)  # type: ignore[arg-type]
+        multiscale = Multiscale.from_json(group.attrs["multiscales"][0])  # type: ignore[index,arg-type]
     except Exception:
         raise ScrollzarrError(
             f"{output} is not a finished OME-Zarr (no readable multiscales metadata); "
@@ -523,20 +527,33 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
     base = level_shapes(source.shape, options.nlevels - first + 1)  # type: ignore[arg-type]
     shapes = tuple(group[str(level)].shape for level in range(first)) + base[1:]
     translation = multiscale.datasets[0].translation
-    origin = None if translation is None else tuple(int(v) for v in translation)
     dtype = np.dtype(source.dtype)
+    layout = memory.Layout(
+        shapes=shapes,
+        chunk=chunk,
+        in_itemsize=dtype.itemsize,
+        out_itemsize=dtype.itemsize,
+        slice_shape=source.shape[1:],  # type: ignore[arg-type]
+        decoded_whole=False,
+        algorithm=options.algorithm,
+        workers=options.worker_count,
+    )
     plane = chunk * source.shape[1] * source.shape[2] * dtype.itemsize
-    budget = _budget(options, plane, shapes[first - 1 :], dtype, chunk)
+    if options.max_gb is None:
+        budget = max(plane, memory.read_back_need(layout, first))
+    else:
+        budget = int(options.max_gb * memory.GIB)
     return RebuildPlan(
         output=output,
         first=first,
         shapes=shapes,
         dtype=dtype,
         chunk=chunk,
-        origin=origin,  # type: ignore[arg-type]
+        origin=None if translation is None else tuple(int(v) for v in translation),  # type: ignore[arg-type]
         algorithm=options.algorithm,
         budget=budget,
-        blocks=tuple(_lower_blocks(shapes[first - 1 :], dtype, chunk, options.algorithm, budget)),
+        blocks=memory.read_back_blocks(layout, first, budget),
+        workers=options.worker_count,
         quiet=options.quiet,
     )
 
@@ -549,14 +566,15 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
         if name.isdigit() and int(name) >= plan.first:
             del group[name]
     report = Report(plan.output, plan.dtype, plan.chunk)
-    with _progress(plan.shapes[plan.first :], plan.quiet) as progress:
-        _build_levels(
-            group, plan.first, plan.shapes, plan.dtype, plan.chunk, plan.algorithm, plan.blocks, progress, report
-        )
+    for level in range(plan.first, len(plan.shapes)):
+        create_level(group, str(level), plan.shapes[level], plan.chunk, plan.dtype)
+        report.levels[level] = LevelReport(plan.shapes[level], _chunk_count(plan.shapes[level], plan.chunk))
+    with _progress(plan.shapes[plan.first :], plan.quiet) as progress, Workers(plan.workers) as workers:
+        _build_from_above(group, plan.first, plan.blocks, plan.algorithm, workers, progress, report)
     multiscale = Multiscale.pyramid(
         plan.output.stem,
         len(plan.shapes),
-        plan.origin,  # type: ignore[arg-type]
+        plan.origin,
         plan.algorithm,
         _downsampling_parameters(plan.algorithm),
     )
@@ -574,7 +592,7 @@ def describe_rebuild(plan: RebuildPlan) -> str:
             f"  level {level}: {shape[0]} x {shape[1]} x {shape[2]} (z, y, x), "
             f"{_chunk_count(shape, plan.chunk)} chunks of {plan.chunk}^3, {plan.algorithm}"
         )
-    lines.append(f"memory: about {format_bytes(plan.budget)} for buffers")
+    lines.append(f"memory: about {format_bytes(plan.budget)} for buffers, {plan.workers} worker(s)")
     return "\n".join(lines)
 
 

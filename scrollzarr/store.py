@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.metadata import ArrayV2Metadata
+from zarr.core.sync import sync
 
 from scrollzarr.errors import ScrollzarrError, UsageError
 
@@ -99,10 +102,47 @@ def create_level(
     return zarr.create_array(str(parent), zarr_format=2, **settings)
 
 
-def open_level(group: zarr.Group, name: str) -> zarr.Array:
-    """Open an existing level for reading and writing, with the pipeline's write settings."""
-    return zarr.open_array(group.store, path=_join(group.path, name), mode="r+", config=_ARRAY_CONFIG)
+class ChunkWriter:
+    """Writes whole chunks of one level array, skipping those that are all zero.
 
+    The levels are uncompressed zarr format 2 arrays, so a chunk's stored form
+    is its voxels in C order, little-endian, padded at the far edges to the full
+    chunk shape with the fill value 0.  The bytes go to the array's store
+    (``store.set``), which writes each file under a temporary name and renames it.
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}/{name}" if prefix else name
+    Parameters
+    ----------
+    array : zarr.Array
+        A level made by :func:`create_level`.
+    """
+
+    def __init__(self, array: zarr.Array) -> None:
+        metadata = array.metadata
+        if not isinstance(metadata, ArrayV2Metadata) or metadata.compressor is not None or metadata.filters:
+            raise ValueError("ChunkWriter writes uncompressed zarr format 2 arrays only")
+        self._array = array
+        self._chunks = tuple(metadata.chunks)
+        self._dtype = np.dtype(array.dtype).newbyteorder("<")
+        self._prefix = f"{array.path}/" if array.path else ""
+        self._prototype = default_buffer_prototype()
+
+    def write(self, corner: tuple[int, ...], piece: np.ndarray) -> bool:
+        """Store ``piece``, the chunk whose first voxel is at ``corner`` (level coordinates).
+
+        Returns
+        -------
+        bool
+            Whether a file was written (``False`` for an all-zero chunk).
+        """
+        if not piece.any():
+            return False
+        if piece.shape == self._chunks:
+            data = np.ascontiguousarray(piece, dtype=self._dtype)
+        else:
+            data = np.zeros(self._chunks, self._dtype)
+            data[tuple(slice(0, n) for n in piece.shape)] = piece
+        index = tuple(c // n for c, n in zip(corner, self._chunks, strict=True))
+        key = self._prefix + self._array.metadata.encode_chunk_key(index)
+        buffer = self._prototype.buffer.from_array_like(data.reshape(-1).view(np.uint8))
+        sync(self._array.store.set(key, buffer))
+        return True

@@ -4,6 +4,7 @@ with the numpy references of tests/reference.py."""
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -173,28 +174,41 @@ def test_obytes_1_stores_uint8(tmp_path, stack, volume):
     check_ome_store(out, pyramid((volume // 256).astype(np.uint8), NLEVELS), CHUNK)
 
 
+def default_need(directory: Path, out: Path, *args: object) -> int:
+    """The bytes a run without --max_gb plans for, from its dry run (exactly, with --verbose)."""
+    plan = scroll_to_ome(directory, out, *args, "--dry_run", "--verbose")
+    assert_ok(plan)
+    return int(re.search(r"memory: (\d+) bytes", plan.stderr).group(1))
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
 @pytest.mark.parametrize(
-    ("shape", "compression", "budget", "block"),
+    ("shape", "fraction", "passes"),
     [
-        # the whole-plane block (16 rows of slices) needs 816,000 bytes; 400,000 allow 64 rows of 150
-        ((20, 150, 170), None, 400_000, "16 x 64 x 170"),
-        # a compressed slice is decoded whole: one slice (51,000 bytes) more must fit
-        ((20, 150, 170), "zlib", 451_000, "16 x 64 x 170"),
-        # 16 rows of 2,000 columns need 1 MB: the block is cut along x as well
-        ((20, 40, 2000), None, 500_000, "16 x 16 x 832"),
-        ((20, 40, 2000), "zlib", 500_000, "16 x 16 x 640"),
+        # bands of whole rows, streamed through level 1; levels 2 and 3 read back
+        ((20, 150, 170), 1 / 4, "levels 0 to 1 built in one pass over the TIFFs; levels 2 to 3 from the stored"),
+        # bands of whole rows, every lower level read back
+        ((20, 150, 170), 1 / 16, "level 0 built in one pass over the TIFFs; levels 1 to 3 from the stored"),
+        # one chunk row is too much: the band is cut along x too
+        ((20, 40, 2000), 1 / 32, "level 0 built in one pass over the TIFFs; levels 1 to 3 from the stored"),
     ],
 )
-def test_max_gb_splits_level0_into_smaller_blocks(tmp_path, rng, shape, compression, budget, block):
+def test_max_gb_cuts_level0_into_bands(tmp_path, rng, shape, compression, fraction, passes):
     volume = make_volume(rng, shape)
     directory = tmp_path / "slices"
     write_stack(directory, volume, compression=compression)
     out = tmp_path / "out.zarr"
-    args = [directory, out, "--chunk_size", CHUNK, "--nlevels", NLEVELS, "--max_gb", budget / 2**30]
-    plan = scroll_to_ome(*args, "--dry_run")
+    args = ["--chunk_size", CHUNK, "--nlevels", NLEVELS, "--workers", 1]
+    budget = default_need(directory, out, *args) * fraction
+    args += ["--max_gb", budget / 2**30]
+    plan = scroll_to_ome(directory, out, *args, "--dry_run", "--verbose")
     assert_ok(plan)
-    assert f"level 0 read in blocks of {block} voxels" in plan.stdout
-    assert_ok(scroll_to_ome(*args))
+    rows, cols = map(int, re.search(r"level 0 read in bands of (\d+) x (\d+)", plan.stdout).groups())
+    assert rows * cols < shape[1] * shape[2]
+    assert (rows % CHUNK == 0 and cols % CHUNK == 0) or cols == shape[2]
+    assert passes in plan.stdout
+    assert int(re.search(r"memory: (\d+) bytes", plan.stderr).group(1)) <= budget
+    assert_ok(scroll_to_ome(directory, out, *args))
     check_ome_store(out, pyramid(volume, NLEVELS), CHUNK)
 
 
@@ -252,7 +266,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, stack):
     assert "level 1: 19 x 23 x 26 (z, y, x), 8 chunks" in text
     assert "level 2: 10 x 12 x 13 (z, y, x), 1 chunks" in text
     assert "45 chunks, at most 360 KiB (all-zero chunks are not written)" in text  # 45 x 16^3 x 2 bytes
-    assert "memory: about 192 KiB for buffers; level 0 read in blocks of 16 x 45 x 51 voxels" in text
+    assert "level 0 read in bands of 45 x 51 (rows x columns)" in text
+    assert "levels 0 to 2 built in one pass over the TIFFs" in text
 
 
 def test_dry_run_of_first_new_level(tmp_path, stack):
@@ -276,7 +291,7 @@ def test_progress_summary_quiet_and_verbose(tmp_path, stack):
     assert quiet.stderr == ""
     verbose = scroll_to_ome(stack, tmp_path / "c.zarr", "--chunk_size", CHUNK, "--nlevels", 2, "--verbose")
     assert_ok(verbose)
-    assert "blocks of" in verbose.stderr
+    assert "bands of" in verbose.stderr
 
 
 def test_help_describes_every_option_with_its_default():

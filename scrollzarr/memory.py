@@ -1,0 +1,214 @@
+"""How much memory the work needs, and how to cut it to fit ``--max_gb``.
+
+Pure arithmetic on shapes and byte counts.  Level 0 is converted one *band*
+at a time: a box of whole level-0 rows and columns, all of z, streamed through
+the levels it is chunk-aligned for (see :mod:`scrollzarr.streaming`); levels
+below those are built from the stored level above in *blocks*.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from scrollzarr import downsample as ds
+from scrollzarr.blocks import Shape3
+from scrollzarr.errors import UsageError
+from scrollzarr.streaming import STRIPE_BYTES, LevelStream
+
+GIB = 2**30
+
+
+def format_bytes(nbytes: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``: binary units, as ``--max_gb`` counts them."""
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.3g} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the memory model needs to know about a conversion.
+
+    Attributes
+    ----------
+    shapes : tuple of (int, int, int)
+        Every level's shape, z, y, x.
+    chunk : int
+    in_itemsize, out_itemsize : int
+        Bytes per voxel of the TIFFs and of the store.
+    slice_shape : (int, int)
+        Rows and columns of a whole TIFF slice (before cropping).
+    decoded_whole : bool
+        Whether some slices must be decoded whole (compressed or not contiguous).
+    algorithm : str
+    workers : int
+    """
+
+    shapes: tuple[Shape3, ...]
+    chunk: int
+    in_itemsize: int
+    out_itemsize: int
+    slice_shape: tuple[int, int]
+    decoded_whole: bool
+    algorithm: ds.Algorithm
+    workers: int
+
+
+@dataclass(frozen=True)
+class BandPlan:
+    """How level 0 is cut: bands of ``rows`` x ``cols`` level-0 voxels, streamed through ``streamed`` more levels."""
+
+    rows: int
+    cols: int
+    streamed: int
+    nbytes: int
+
+
+def band_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:
+    """Bytes to convert one band of ``rows`` x ``cols`` with levels 1 … ``streamed`` streamed.
+
+    The streams' plane buffers, plus for each worker: one slice's rows as read
+    (or the whole decoded slice), one padded chunk, and a halving stripe's
+    temporaries.
+    """
+    c = layout.chunk
+    nbytes = 0
+    for level in range(streamed + 1):
+        area = math.ceil(rows / 2**level) * math.ceil(cols / 2**level)
+        planes = LevelStream.capacity(c, layout.algorithm, level < streamed)
+        nbytes += planes * area * layout.out_itemsize
+    height, width = layout.slice_shape
+    if layout.decoded_whole:
+        read = height * width * layout.in_itemsize
+    elif cols < width or layout.in_itemsize != layout.out_itemsize:
+        read = rows * width * layout.in_itemsize
+    else:
+        read = 0
+    halving = _stripe_cost(layout, min(STRIPE_BYTES, nbytes)) if streamed else 0
+    return nbytes + layout.workers * (read + c**3 * layout.out_itemsize + halving)
+
+
+def _stripe_cost(layout: Layout, stripe: int) -> int:
+    """Temporaries of halving a stripe of ``stripe`` bytes.
+
+    mean: 64-bit sums and the rounding's temporaries, an eighth of the voxels each;
+    gaussian: three float64 copies of the stripe; max and nearest: a copy.
+    """
+    if layout.algorithm == "gaussian":
+        return stripe * (1 + 3 * 8 // layout.out_itemsize)
+    if layout.algorithm == "mean":
+        return stripe * 3
+    return stripe * 2
+
+
+def plan_bands(layout: Layout, budget: int | None) -> BandPlan:
+    """The band to convert level 0 in, within ``budget`` bytes (``None``: whole planes).
+
+    Whole planes, streamed through every level, come first.  Otherwise bands
+    of whole rows: for each number of streamed levels, most first, the largest
+    height that is a multiple of ``chunk * 2**streamed`` and fits.  Otherwise
+    one chunk row by as many whole chunks of columns as fit, nothing streamed.
+    ``gaussian`` needs whole planes to stream (its context crosses a band's sides).
+
+    Raises
+    ------
+    UsageError
+        If even one chunk's worth does not fit, saying how much is needed.
+    """
+    _, height, width = layout.shapes[0]
+    c, nlevels = layout.chunk, len(layout.shapes)
+    whole = band_cost(layout, height, width, nlevels - 1)
+    if budget is None or whole <= budget:
+        return BandPlan(height, width, nlevels - 1, whole)
+    for streamed in range(0 if layout.algorithm == "gaussian" else nlevels - 1, -1, -1):
+        step = c * 2**streamed
+        for rows in range((height - 1) // step * step, 0, -step):
+            cost = band_cost(layout, rows, width, streamed)
+            if cost <= budget:
+                return BandPlan(rows, width, streamed, cost)
+    rows = min(c, height)
+    for cols in range((width - 1) // c * c, 0, -c):
+        cost = band_cost(layout, rows, cols, 0)
+        if cost <= budget:
+            return BandPlan(rows, cols, 0, cost)
+    raise _too_small(budget, c, band_cost(layout, rows, min(c, width), 0))
+
+
+def downsample_cost(source_shape: Shape3, itemsize: int, algorithm: ds.Algorithm) -> Callable[[Shape3], int]:
+    """Bytes to build one block of a level from the stored level above (``source_shape``)."""
+    margin = ds.halo(algorithm)
+    per_voxel = 2 * itemsize + {"mean": 8, "gaussian": 24}.get(algorithm, 0)
+
+    def cost(block: Shape3) -> int:
+        voxels = 1
+        for n, limit in zip(block, source_shape, strict=True):
+            voxels *= min(2 * n + 2 * margin, limit)
+        return voxels * per_voxel
+
+    return cost
+
+
+def choose_block(shape: Shape3, chunk: int, cost: Callable[[Shape3], int], budget: int) -> Shape3:
+    """The largest block of one chunk row in z whose ``cost`` (bytes) fits ``budget``.
+
+    Whole planes are preferred (one chunk row in z, all of y and x); then
+    fewer chunk rows in y; then fewer chunks in x.
+
+    Raises
+    ------
+    UsageError
+        If even a single chunk does not fit, saying how much memory is needed.
+    """
+    depth = min(chunk, shape[0])
+    rows = -(-shape[1] // chunk)
+    cols = -(-shape[2] // chunk)
+    candidates = [(depth, min(k * chunk, shape[1]), shape[2]) for k in range(rows, 0, -1)]
+    candidates += [(depth, min(chunk, shape[1]), min(k * chunk, shape[2])) for k in range(cols - 1, 0, -1)]
+    for block in candidates:
+        if cost(block) <= budget:
+            return block
+    raise _too_small(budget, chunk, cost(candidates[-1]))
+
+
+def read_back_blocks(layout: Layout, first: int, budget: int) -> tuple[Shape3, ...]:
+    """Blocks for building levels ``first …`` from the stored level above, ``workers`` at a time."""
+    share = budget // layout.workers
+    itemsize = layout.out_itemsize
+    return tuple(
+        choose_block(
+            layout.shapes[level],
+            layout.chunk,
+            downsample_cost(layout.shapes[level - 1], itemsize, layout.algorithm),
+            share,
+        )
+        for level in range(first, len(layout.shapes))
+    )
+
+
+def read_back_cost(layout: Layout, first: int, blocks: tuple[Shape3, ...]) -> int:
+    """Bytes that building levels ``first …`` in ``blocks`` needs, ``workers`` blocks at a time."""
+    costs = [
+        downsample_cost(layout.shapes[level - 1], layout.out_itemsize, layout.algorithm)(block)
+        for level, block in enumerate(blocks, start=first)
+    ]
+    return layout.workers * max(costs, default=0)
+
+
+def read_back_need(layout: Layout, first: int) -> int:
+    """Bytes the read-back levels need at the least (one chunk per worker)."""
+    smallest = (layout.chunk,) * 3
+    needs = [
+        downsample_cost(layout.shapes[level - 1], layout.out_itemsize, layout.algorithm)(smallest)
+        for level in range(first, len(layout.shapes))
+    ]
+    return layout.workers * max(needs, default=0)
+
+
+def _too_small(budget: int, chunk: int, need: int) -> UsageError:
+    return UsageError(
+        f"--max_gb {budget / GIB:.3g} is too small for chunks of {chunk}: at least {need / GIB:.3g} GB "
+        "(GiB, 2^30 bytes) is needed; raise --max_gb or lower --chunk_size (or --workers)"
+    )

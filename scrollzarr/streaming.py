@@ -1,0 +1,174 @@
+"""Streaming the pyramid: planes of a level arrive in z order, are written as chunk rows,
+and are halved into the level below, so that no level is read back from the store.
+
+One :class:`LevelStream` per level holds the planes of a *band* (a box of rows
+and columns, whole chunks of every streamed level) that are not yet written or
+not yet halved.  Level 0's planes come from the TIFFs; each stream passes its
+halved planes to the next.  A chunk row is written once all its planes are
+there; planes are halved in pairs, once the context a pair needs
+(:func:`scrollzarr.downsample.halo` planes beyond it) is there too.  The
+tasks of one step (the chunks of a row, the row stripes of a halving) are
+independent and run on the shared :class:`~scrollzarr.workers.Workers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from scrollzarr import downsample as ds
+from scrollzarr.store import ChunkWriter
+from scrollzarr.workers import Workers
+
+# Halving works on stripes of rows of about this many input bytes at a time, which keeps
+# its temporary arrays small and gives every worker a share.
+STRIPE_BYTES = 16 * 2**20
+
+
+class LevelStream:
+    """The pending planes of one level's band.
+
+    Parameters
+    ----------
+    depth : int
+        Planes (z size) of the whole level.
+    rows, cols : (int, int)
+        The band, in this level's coordinates: ``[start, stop)`` of y and of x.
+        Both starts are multiples of the chunk size.
+    full_plane : bool
+        Whether the band is the whole plane (needed for ``gaussian``, whose
+        context across the band's sides is not held).
+    writer : ChunkWriter
+        Where this level's chunks go.
+    below : LevelStream or None
+        The next level, fed with this one's halved planes; ``None`` for the
+        last streamed level.
+    on_written : callable
+        Called with the number of voxels of each chunk row written (progress).
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        rows: tuple[int, int],
+        cols: tuple[int, int],
+        dtype: np.dtype,
+        chunk: int,
+        algorithm: ds.Algorithm,
+        writer: ChunkWriter,
+        below: LevelStream | None,
+        workers: Workers,
+        on_written: Callable[[int], None],
+    ) -> None:
+        self.depth = depth
+        self.rows = rows
+        self.cols = cols
+        self.chunk = chunk
+        self.algorithm = algorithm
+        self.margin = ds.halo(algorithm) if below is not None else 0
+        self.writer = writer
+        self.below = below
+        self.workers = workers
+        self.on_written = on_written
+        self.chunks_written = 0
+        self.start = 0  # z of self.buffer[0]
+        self.count = 0  # planes held
+        self.written = 0  # first z not yet written
+        self.halved = 0  # first z not yet halved (even)
+        self.buffer = np.empty((self.capacity(chunk, algorithm, below is not None), *self.plane_shape), dtype)
+
+    @staticmethod
+    def capacity(chunk: int, algorithm: ds.Algorithm, halves: bool) -> int:
+        """Planes a stream holds at most: one chunk row, plus context and an odd plane when halving."""
+        extra = ds.halo(algorithm) + 1 if halves and (chunk % 2 or ds.halo(algorithm)) else 0
+        return chunk + extra
+
+    @property
+    def plane_shape(self) -> tuple[int, int]:
+        return (self.rows[1] - self.rows[0], self.cols[1] - self.cols[0])
+
+    @property
+    def end(self) -> int:
+        """First z not yet received."""
+        return self.start + self.count
+
+    def reserve(self, planes: int) -> np.ndarray:
+        """Room for the next ``planes`` planes, to fill and then :meth:`commit`."""
+        keep = min(self.written, max(self.halved - self.margin, 0)) if self.below else self.written
+        keep = max(keep, self.start)
+        if keep > self.start:  # drop what is written and halved
+            held = self.end - keep
+            self.buffer[:held] = self.buffer[keep - self.start : self.count]
+            self.start, self.count = keep, held
+        if self.count + planes > len(self.buffer):  # more than the usual one row: grow
+            grown = np.empty((self.count + planes, *self.plane_shape), self.buffer.dtype)
+            grown[: self.count] = self.buffer[: self.count]
+            self.buffer = grown
+        return self.buffer[self.count : self.count + planes]
+
+    def commit(self, planes: int) -> None:
+        """Take the ``planes`` planes just filled in; write and halve what is ready."""
+        self.count += planes
+        final = self.end == self.depth
+        tasks: list[Callable[[], object]] = []
+        rows_done = []
+        while self.written < self.end and (self.written + self.chunk <= self.end or final):
+            stop = min(self.written + self.chunk, self.depth)
+            tasks += self._write_tasks(self.written, stop)
+            rows_done.append((stop - self.written) * self.plane_shape[0] * self.plane_shape[1])
+            self.written = stop
+        halved_from, halved_to = self.halved, self._halvable(final)
+        out = None
+        if self.below is not None and halved_to > halved_from:
+            out = self.below.reserve((halved_to + 1) // 2 - halved_from // 2)
+            tasks += self._halve_tasks(halved_from, halved_to, out)
+            self.halved = halved_to
+        self.chunks_written += sum(1 for written in self.workers.run(tasks) if written is True)
+        for voxels in rows_done:
+            self.on_written(voxels)
+        if out is not None:
+            assert self.below is not None
+            self.below.commit(len(out))
+
+    def _halvable(self, final: bool) -> int:
+        """End (exclusive) of the planes that can be halved now: even, with context, or the level's end."""
+        if final:
+            return self.depth
+        ready = self.end - self.margin
+        return max(ready - ready % 2, self.halved)
+
+    def _write_tasks(self, z0: int, z1: int) -> list[Callable[[], bool]]:
+        planes = self.buffer[z0 - self.start : z1 - self.start]
+        (y0, y1), (x0, x1) = self.rows, self.cols
+        tasks = []
+        for y in range(y0, y1, self.chunk):
+            for x in range(x0, x1, self.chunk):
+                piece = planes[:, y - y0 : min(y + self.chunk, y1) - y0, x - x0 : min(x + self.chunk, x1) - x0]
+                tasks.append(lambda corner=(z0, y, x), piece=piece: self.writer.write(corner, piece))
+        return tasks
+
+    def _halve_tasks(self, z0: int, z1: int, out: np.ndarray) -> list[Callable[[], None]]:
+        """Tasks that write the halves of planes ``[z0, z1)`` into ``out``, a stripe of rows each."""
+        margin = self.margin
+        lo, hi = max(z0 - margin, 0), min(z1 + margin, self.depth)
+        source = self.buffer[lo - self.start : hi - self.start]
+        rows, cols = self.plane_shape
+        per_row = (hi - lo) * cols * self.buffer.itemsize
+        stripe = max(2, STRIPE_BYTES // max(per_row, 1))
+        stripe += stripe % 2
+        tasks = []
+        for r0 in range(0, rows, stripe):
+            r1 = min(r0 + stripe, rows)
+            a, b = max(r0 - margin, 0), min(r1 + margin, rows)
+            block = source[:, a:b]
+            target = out[:, r0 // 2 : (r1 + 1) // 2]
+            core = (slice(z0 - lo, z1 - lo), slice(r0 - a, r1 - a), slice(None))
+            tasks.append(lambda block=block, target=target, core=core: self._halve(block, core, target))
+        return tasks
+
+    def _halve(self, block: np.ndarray, core: tuple[slice, slice, slice], target: np.ndarray) -> None:
+        if self.margin:
+            target[...] = ds.downsample_gaussian(block, core)
+        else:
+            target[...] = ds.downsample(block[core], self.algorithm)

@@ -1,0 +1,69 @@
+"""A pool of worker threads, or none: what runs the independent tasks of a conversion.
+
+Reading and decoding TIFFs, testing and writing chunks and downsampling all
+spend their time in code that releases the GIL (file I/O, imagecodecs,
+numpy), so threads share the cores without copying data between processes.
+With one worker every task runs at once in the calling thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+from types import TracebackType
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def available_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class _Inline(Executor):
+    """An executor that runs each task when it is submitted."""
+
+    def submit(self, fn: Callable[..., T], /, *args: object, **kwargs: object) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:  # handed back through the future, as a pool would
+            future.set_exception(error)
+        return future
+
+
+class Workers:
+    """``count`` worker threads for :meth:`run`; use as a context manager.
+
+    Parameters
+    ----------
+    count : int
+        Number of threads; 1 runs every task in the calling thread.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._executor: Executor = _Inline() if count == 1 else ThreadPoolExecutor(count, "scrollzarr")
+
+    def run(self, tasks: Iterable[Callable[[], T]]) -> list[T]:
+        """Run every task, wait for all of them, and return their results in order.
+
+        The first exception raised by a task is raised here, after the other
+        tasks have finished, so that no task is left writing.
+        """
+        futures = [self._executor.submit(task) for task in tasks]
+        wait(futures)
+        return [future.result() for future in futures]
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
