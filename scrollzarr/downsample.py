@@ -58,11 +58,25 @@ def _octants(block: np.ndarray) -> list[np.ndarray]:
     return [block[i::2, j::2, k::2] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
 
 
+def _accumulator(dtype: np.dtype) -> np.dtype:
+    """An integer type that holds the sum of eight values of ``dtype``."""
+    if dtype.itemsize <= 2:
+        return np.dtype(np.int32)
+    return np.dtype(np.int64)
+
+
 def _round_half_even_div8(total: np.ndarray) -> np.ndarray:
-    """``numpy.round(total / 8)`` for integer ``total``, exactly, without floating point."""
-    quotient = total >> 3
-    remainder = total & 7
-    return quotient + (remainder > 4) + ((remainder == 4) & (quotient & 1).astype(bool))
+    """``numpy.round(total / 8)`` for integer ``total``, exactly, in place.
+
+    With ``total = 8q + r``: ``(total + 3 + (q & 1)) >> 3`` is ``q`` for ``r < 4``,
+    ``q + 1`` for ``r > 4`` and, for ``r == 4``, whichever of the two is even.
+    """
+    parity = total >> 3
+    parity &= 1
+    total += parity
+    total += 3
+    total >>= 3
+    return total
 
 
 def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -77,7 +91,7 @@ def downsample_mean(block: np.ndarray) -> np.ndarray:
     """Mean of each 2 x 2 x 2 block, over the voxels that exist; see the module docstring."""
     octants = _octants(_pad_even(block))
     if np.issubdtype(block.dtype, np.integer):
-        total = octants[0].astype(np.int64)
+        total = octants[0].astype(_accumulator(block.dtype))
         for octant in octants[1:]:
             total += octant
         return _round_half_even_div8(total).astype(block.dtype)

@@ -94,13 +94,12 @@ def band_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:
 def _stripe_cost(layout: Layout, stripe: int) -> int:
     """Temporaries of halving a stripe of ``stripe`` bytes.
 
-    mean: 64-bit sums and the rounding's temporaries, an eighth of the voxels each;
-    gaussian: three float64 copies of the stripe; max and nearest: a copy.
+    A padded copy at odd edges, and per algorithm: for mean the sums and the rounding's
+    temporary (an eighth of the voxels each, 4 or 8 bytes), for gaussian three float64
+    copies of the stripe.
     """
     if layout.algorithm == "gaussian":
         return stripe * (1 + 3 * 8 // layout.out_itemsize)
-    if layout.algorithm == "mean":
-        return stripe * 3
     return stripe * 2
 
 
@@ -140,7 +139,9 @@ def plan_bands(layout: Layout, budget: int | None) -> BandPlan:
 def downsample_cost(source_shape: Shape3, itemsize: int, algorithm: ds.Algorithm) -> Callable[[Shape3], int]:
     """Bytes to build one block of a level from the stored level above (``source_shape``)."""
     margin = ds.halo(algorithm)
-    per_voxel = 2 * itemsize + {"mean": 8, "gaussian": 24}.get(algorithm, 0)
+    # the block read, a padded copy at odd edges, and per algorithm: mean's 32- or 64-bit sums and one
+    # temporary (an eighth of the voxels each), gaussian's three float64 copies
+    per_voxel = 2 * itemsize + {"mean": 1 if itemsize <= 2 else 2, "gaussian": 24}.get(algorithm, 0)
 
     def cost(block: Shape3) -> int:
         voxels = 1

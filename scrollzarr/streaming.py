@@ -23,7 +23,7 @@ from scrollzarr.workers import Workers
 
 # Halving works on stripes of rows of about this many input bytes at a time, which keeps
 # its temporary arrays small and gives every worker a share.
-STRIPE_BYTES = 16 * 2**20
+STRIPE_BYTES = 8 * 2**20
 
 
 class LevelStream:

@@ -55,3 +55,12 @@ def test_to_uint8_divides_by_256():
 
 def test_halved_shape():
     assert ds.halved_shape((7, 8, 1)) == (4, 4, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.uint32, np.uint8])
+def test_mean_of_other_integer_types(dtype, rng):
+    info = np.iinfo(dtype)
+    block = rng.integers(max(info.min, -(2**30)), min(info.max, 2**30), size=(5, 6, 7)).astype(dtype)
+    np.testing.assert_array_equal(ds.downsample_mean(block), LEVEL["mean"](block))
+    small = rng.integers(-3 if info.min < 0 else 0, 4, size=(6, 6, 6)).astype(dtype)  # many exact halves
+    np.testing.assert_array_equal(ds.downsample_mean(small), LEVEL["mean"](small))

@@ -1,0 +1,284 @@
+"""Benchmark scroll_to_ome against copying the same TIFFs, in one run.
+
+Generates a synthetic scroll (plain uncompressed TIFFs and a masked, zlib-compressed
+variant; kept in bench/data/ between runs), then times, several times each, ``cat``
+and ``cp -r`` of the input, and scroll_to_ome with its defaults, with ``--max_gb`` at
+1/4 and 1/8 of what the default run needs, with one worker, on half the slices, and
+on the masked variant. Each run is measured twice over: with the input in the page
+cache and no sync, and "durable": input dropped from the page cache (where the
+machine allows) and the run followed by ``sync``, timed together.
+
+For each: the median wall time, user+sys CPU, peak resident memory, bytes read
+through read calls, MB/s of input, and the ratio to ``cp -r`` of the same input.
+The markdown table goes to stdout and to bench/RESULTS.md.
+
+Usage: python bench/bench_scroll_to_ome.py [--shape Z Y X] [--repeats N] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import zarr
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from scrollzarr.synthetic import write_stack  # noqa: E402
+
+SCRIPT = [sys.executable, str(ROOT / "scroll_to_ome.py"), "--quiet"]
+
+
+@dataclass
+class Sample:
+    wall: float
+    cpu: float
+    peak_rss: int
+    read: int
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                children = Path(f"/proc/{current}/task/{task}/children").read_text().split()
+                queue += [int(child) for child in children]
+        except OSError:
+            continue
+    return found
+
+
+def _rss(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(r"VmRSS:\s+(\d+) kB", status)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def run_once(command: list[str], durable: bool) -> Sample:
+    """Run ``command`` (then ``sync`` if ``durable``); wall, CPU, peak tree RSS, bytes read."""
+    started = time.perf_counter()
+    pid = os.posix_spawnp(
+        command[0], command, os.environ, file_actions=[(os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0)]
+    )
+    peak = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, sum(_rss(p) for p in _tree(pid)))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    io = Path(f"/proc/{pid}/io").read_text()
+    done.set()
+    _, status, usage = os.wait4(pid, 0)
+    if durable:
+        os.sync()
+    wall = time.perf_counter() - started
+    watcher.join()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"benchmark command failed: {' '.join(command)}")
+    read = int(re.search(r"rchar: (\d+)", io).group(1))
+    return Sample(wall, usage.ru_utime + usage.ru_stime, max(peak, usage.ru_maxrss * 1024), read)
+
+
+def drop_page_cache() -> bool:
+    """Drop clean page-cache pages; ``False`` where the machine does not allow it."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def warm(directory: Path) -> None:
+    for path in sorted(directory.iterdir()):
+        with path.open("rb") as handle:
+            while handle.read(1 << 24):
+                pass
+
+
+def measure(command: list[str], output: Path | None, source: Path, durable: bool, repeats: int) -> Sample:
+    """Median of ``repeats`` runs, each starting with no output and, if durable, a cold cache."""
+    samples = []
+    for _ in range(repeats):
+        if output is not None and output.exists():
+            shutil.rmtree(output)
+        os.sync()
+        if durable:
+            drop_page_cache()
+        else:
+            warm(source)
+        samples.append(run_once(command, durable))
+    if output is not None and output.exists():
+        shutil.rmtree(output)
+    os.sync()
+    return Sample(
+        statistics.median(s.wall for s in samples),
+        statistics.median(s.cpu for s in samples),
+        max(s.peak_rss for s in samples),
+        int(statistics.median(s.read for s in samples)),
+    )
+
+
+def ensure_stack(directory: Path, shape: tuple[int, int, int], masked: bool) -> None:
+    marker = directory / ".complete"
+    if marker.exists() and marker.read_text() == repr(shape):
+        return
+    if directory.exists():
+        shutil.rmtree(directory)
+    print(f"generating {directory} {shape} ...", file=sys.stderr, flush=True)
+    write_stack(directory, shape, masked=masked, quiet=False)
+    marker.write_text(repr(shape))
+
+
+def tiffs(directory: Path) -> list[str]:
+    return [str(p) for p in sorted(directory.glob("*.tif"))]
+
+
+def default_need(source: Path, output: Path) -> int:
+    """Bytes the default run plans for its buffers (from its verbose dry run)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scroll_to_ome.py"), str(source), str(output), "--dry_run", "--verbose"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return int(re.search(r"memory: (\d+) bytes", result.stderr).group(1))
+
+
+def check_output_matches(reference: Path, candidate: Path) -> None:
+    """Every level of ``candidate`` equals that of ``reference`` (a default run)."""
+    first, second = zarr.open_group(str(reference), mode="r"), zarr.open_group(str(candidate), mode="r")
+    for name in sorted(first.array_keys()):
+        if not np.array_equal(first[name][...], second[name][...]):
+            raise SystemExit(f"benchmark: level {name} of {candidate} differs from the default run")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    filesystem = subprocess.run(["df", "-hT", str(HERE)], capture_output=True, text=True).stdout.splitlines()[-1]
+    return (
+        f"{cpu}, {len(os.sched_getaffinity(0))} cores, {memory:.0f} GiB memory; {platform.platform()}; "
+        f"Python {platform.python_version()}, zarr {zarr.__version__}, tifffile {tifffile.__version__}, "
+        f"numpy {np.__version__}; output file system: {' '.join(filesystem.split()[:2])}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", type=int, nargs=3, default=(256, 2048, 2048), metavar=("Z", "Y", "X"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=HERE / "data", help="where the synthetic stacks are kept")
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    shape = tuple(args.shape)
+    tag = "x".join(map(str, shape))
+    plain, masked = args.data / f"plain_{tag}", args.data / f"masked_{tag}"
+    ensure_stack(plain, shape, masked=False)
+    ensure_stack(masked, shape, masked=True)
+    work = args.data / "out"
+    work.mkdir(exist_ok=True)
+    out = work / "scroll.zarr"
+    need = default_need(plain, out)
+    half = f",,:{shape[0] // 2}"
+    runs = [
+        ("cp -r", ["cp", "-r", str(plain), str(work / "copy")], work / "copy", plain),
+        ("cat", ["cat", *tiffs(plain)], None, plain),
+        ("scroll_to_ome (default)", [*SCRIPT, str(plain), str(out)], out, plain),
+        (
+            "--max_gb 1/4 of default need",
+            [*SCRIPT, str(plain), str(out), "--max_gb", str(need / 4 / 2**30)],
+            out,
+            plain,
+        ),
+        (
+            "--max_gb 1/8 of default need",
+            [*SCRIPT, str(plain), str(out), "--max_gb", str(need / 8 / 2**30)],
+            out,
+            plain,
+        ),
+        ("--workers 1", [*SCRIPT, str(plain), str(out), "--workers", "1"], out, plain),
+        ("half the slices", [*SCRIPT, str(plain), str(out), f"--ranges={half}"], out, plain),
+        ("cp -r (masked, zlib)", ["cp", "-r", str(masked), str(work / "copy")], work / "copy", masked),
+        ("masked (zlib), default", [*SCRIPT, str(masked), str(out)], out, masked),
+        ("masked (zlib), --workers 1", [*SCRIPT, str(masked), str(out), "--workers", "1"], out, masked),
+    ]
+    can_drop = drop_page_cache()
+    input_bytes = {source: sum(p.stat().st_size for p in source.glob("*.tif")) for source in (plain, masked)}
+    rows = []
+    for durable in (False, True):
+        mode = ("durable, cold input" if can_drop else "durable, warm input") if durable else "page cache"
+        copy_wall: dict[Path, float] = {}
+        for name, command, output, source in runs:
+            print(f"{mode}: {name} ...", file=sys.stderr, flush=True)
+            sample = measure(command, output, source, durable, args.repeats)
+            if name.startswith("cp -r"):
+                copy_wall[source] = sample.wall
+            size = input_bytes[source] / (2 if name == "half the slices" else 1)
+            rows.append(
+                f"| {mode} | {name} | {sample.wall:.2f} | {sample.cpu:.2f} | {sample.peak_rss / 2**30:.2f} | "
+                f"{sample.read / 2**30:.2f} | {size / sample.wall / 1e6:.0f} | {sample.wall / copy_wall[source]:.2f} |"
+            )
+    check_runs = [("--max_gb 1/8", ["--max_gb", str(need / 8 / 2**30)]), ("--workers 1", ["--workers", "1"])]
+    subprocess.run([*SCRIPT, str(plain), str(out)], check=True)
+    for name, extra in check_runs:
+        other = work / "other.zarr"
+        subprocess.run([*SCRIPT, str(plain), str(other), "--overwrite", *extra], check=True)
+        check_output_matches(out, other)
+        shutil.rmtree(other)
+        print(f"{name}: output identical to the default run", file=sys.stderr)
+    shutil.rmtree(out)
+    table = "\n".join(
+        [
+            f"# scroll_to_ome benchmark\n\nMachine: {machine()}\n",
+            f"Input: synthetic scroll of {shape[0]} slices of {shape[1]} x {shape[2]} uint16 "
+            f"({input_bytes[plain] / 2**30:.2f} GiB plain; masked variant zlib-compressed, "
+            f"{input_bytes[masked] / 2**30:.2f} GiB). Default need: {need / 2**30:.2f} GiB. "
+            f"Median of {args.repeats} runs; CPU = user + sys; RSS = peak resident memory of the process tree; "
+            "read = bytes through read calls (page cache included); MB/s = input bytes / wall; "
+            "x cp = wall / wall of `cp -r` of the same input in the same mode. The lower-memory and "
+            "one-worker outputs were checked equal to the default run's.\n",
+            "| mode | run | wall s | CPU s | peak RSS GiB | read GiB | MB/s | x cp -r |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *rows,
+        ]
+    )
+    print(table)
+    args.output.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
