@@ -41,8 +41,9 @@ class Layout:
         Bytes per voxel of the TIFFs and of the store.
     slice_shape : (int, int)
         Rows and columns of a whole TIFF slice (before cropping).
-    decoded_whole : bool
-        Whether some slices must be decoded whole (compressed or not contiguous).
+    decode_bytes : int
+        The largest piece of a slice decoded at once (a compressed strip, or a
+        whole tiled slice); 0 when every slice is read directly.
     algorithm : str
     workers : int
     """
@@ -52,7 +53,7 @@ class Layout:
     in_itemsize: int
     out_itemsize: int
     slice_shape: tuple[int, int]
-    decoded_whole: bool
+    decode_bytes: int
     algorithm: ds.Algorithm
     workers: int
 
@@ -70,9 +71,8 @@ class BandPlan:
 def band_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:
     """Bytes to convert one band of ``rows`` x ``cols`` with levels 1 … ``streamed`` streamed.
 
-    The streams' plane buffers, plus for each worker: one slice's rows as read
-    (or the whole decoded slice), one padded chunk, and a halving stripe's
-    temporaries.
+    The streams' plane buffers, plus for each worker: what reading one slice's
+    rows needs beside them, one padded chunk, and a halving stripe's temporaries.
     """
     c = layout.chunk
     nbytes = 0
@@ -80,13 +80,11 @@ def band_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:
         area = math.ceil(rows / 2**level) * math.ceil(cols / 2**level)
         planes = LevelStream.capacity(c, layout.algorithm, level < streamed)
         nbytes += planes * area * layout.out_itemsize
-    height, width = layout.slice_shape
-    if layout.decoded_whole:
-        read = height * width * layout.in_itemsize
-    elif cols < width or layout.in_itemsize != layout.out_itemsize:
-        read = rows * width * layout.in_itemsize
-    else:
-        read = 0
+    read = layout.decode_bytes  # a decoded strip (or whole tiled slice)
+    if not layout.decode_bytes and cols < layout.slice_shape[1]:
+        read += rows * layout.slice_shape[1] * layout.in_itemsize  # whole rows, then cut
+    if layout.in_itemsize != layout.out_itemsize:
+        read += rows * cols * layout.in_itemsize  # the rows before --obytes conversion
     halving = _stripe_cost(layout, min(STRIPE_BYTES, nbytes)) if streamed else 0
     return nbytes + layout.workers * (read + c**3 * layout.out_itemsize + halving)
 

@@ -209,7 +209,7 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         in_itemsize=stack.dtype.itemsize,
         out_itemsize=out_dtype.itemsize,
         slice_shape=stack.shape,
-        decoded_whole=any(entry.data_offset is None for entry in stack.slices.values()),
+        decode_bytes=stack.decode_bytes,
         algorithm=options.algorithm,
         workers=options.worker_count,
     )
@@ -534,7 +534,7 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         in_itemsize=dtype.itemsize,
         out_itemsize=dtype.itemsize,
         slice_shape=source.shape[1:],  # type: ignore[arg-type]
-        decoded_whole=False,
+        decode_bytes=0,
         algorithm=options.algorithm,
         workers=options.worker_count,
     )

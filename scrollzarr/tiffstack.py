@@ -39,11 +39,16 @@ class SliceFile:
     data_offset : int or None
         Byte offset of the pixel data when it is stored uncompressed and
         contiguous (rows can then be read directly); ``None`` otherwise.
+    decode_rows : int
+        Rows decoded at a time to read any row: 0 for directly readable data,
+        the rows per strip for compressed strips, all rows for anything else
+        (tiles), which is decoded whole.
     """
 
     z: int
     path: Path
     data_offset: int | None
+    decode_rows: int
 
 
 @dataclass(frozen=True)
@@ -72,9 +77,10 @@ class TiffStack:
         return [z for z in range(z0, z1) if z not in self.slices]
 
     @property
-    def slice_bytes(self) -> int:
-        """Bytes of one decoded slice."""
-        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+    def decode_bytes(self) -> int:
+        """Bytes of the largest piece decoded at once to read rows of any slice (0: none decoded)."""
+        rows = max(entry.decode_rows for entry in self.slices.values())
+        return rows * self.shape[1] * self.dtype.itemsize
 
 
 def numbered_tiffs(directory: Path) -> dict[int, Path]:
@@ -108,8 +114,8 @@ def numbered_tiffs(directory: Path) -> dict[int, Path]:
     return found
 
 
-def _inspect(path: Path) -> tuple[tuple[int, int], np.dtype, str, int | None]:
-    """Read one TIFF's header: shape, dtype, byte order and, if directly readable, the data offset."""
+def _inspect(path: Path) -> tuple[tuple[int, int], np.dtype, str, int | None, int]:
+    """Read one TIFF's header: shape, dtype, byte order, data offset if directly readable, rows decoded at once."""
     try:
         size = path.stat().st_size
         with tifffile.TiffFile(path) as tif:
@@ -139,8 +145,12 @@ def _inspect(path: Path) -> tuple[tuple[int, int], np.dtype, str, int | None]:
                 and not page.is_tiled
                 and int(sum(page.databytecounts)) == page.size * page.dtype.itemsize
             )
-            offset = int(page.dataoffsets[0]) if direct else None
-            return (int(page.shape[0]), int(page.shape[1])), np.dtype(page.dtype), tif.byteorder, offset
+            height = int(page.shape[0])
+            if direct:
+                offset, decode_rows = int(page.dataoffsets[0]), 0
+            else:
+                offset, decode_rows = None, height if page.is_tiled else min(int(page.rowsperstrip), height)
+            return (height, int(page.shape[1])), np.dtype(page.dtype), tif.byteorder, offset, decode_rows
     except StackError:
         raise
     except Exception as error:  # tifffile raises many types for damaged files
@@ -167,7 +177,7 @@ def open_stack(files: dict[int, Path]) -> TiffStack:
     first: tuple[Path, tuple[int, int], np.dtype, str] | None = None
     for z in sorted(files):
         path = files[z]
-        shape, dtype, byteorder, offset = _inspect(path)
+        shape, dtype, byteorder, offset, decode_rows = _inspect(path)
         if first is None:
             first = (path, shape, dtype, byteorder)
         elif (shape, dtype) != first[1:3]:
@@ -175,7 +185,7 @@ def open_stack(files: dict[int, Path]) -> TiffStack:
                 f"{path.name} is {shape[0]} x {shape[1]} {dtype}, but {first[0].name} is "
                 f"{first[1][0]} x {first[1][1]} {first[2]}; all slices must have one shape and type"
             )
-        slices[z] = SliceFile(z, path, offset)
+        slices[z] = SliceFile(z, path, offset, decode_rows)
     assert first is not None
     return TiffStack(slices, first[1], first[2].newbyteorder("="), first[3])
 
@@ -184,8 +194,9 @@ def read_rows(stack: TiffStack, z: int, rows: tuple[int, int], cols: tuple[int, 
     """Read rows ``rows[0]:rows[1]`` and columns ``cols[0]:cols[1]`` of slice ``z`` into ``out``.
 
     Uncompressed contiguous TIFFs are read row range only, straight from the
-    file; other TIFFs are decoded whole and cut.  A slice number with no file
-    reads as zeros.
+    file; compressed strips are decoded only where they hold asked rows;
+    anything else (tiles) is decoded whole and cut.  A slice number with no
+    file reads as zeros.
 
     Parameters
     ----------
@@ -200,28 +211,51 @@ def read_rows(stack: TiffStack, z: int, rows: tuple[int, int], cols: tuple[int, 
     if entry is None:
         out[...] = 0
         return
-    y0, y1 = rows
-    x0, x1 = cols
-    width = stack.shape[1]
     try:
-        if entry.data_offset is None:
-            image = tifffile.imread(entry.path)
-            out[...] = image[y0:y1, x0:x1]
-            return
-        full_width = x0 == 0 and x1 == width and out.flags.c_contiguous
-        target = out if full_width else np.empty((y1 - y0, width), stack.dtype)
-        nbytes = target.nbytes
-        with open(entry.path, "rb", buffering=0) as handle:
-            handle.seek(entry.data_offset + y0 * width * stack.dtype.itemsize)
-            got = handle.readinto(memoryview(target).cast("B"))
-        if got != nbytes:
-            raise OSError(f"read {got} of {nbytes} bytes, the file is shorter than its header says")
-        if stack.byteorder != "=" and stack.byteorder != _native_byteorder():
-            target.byteswap(inplace=True)
-        if not full_width:
-            out[...] = target[:, x0:x1]
+        if entry.data_offset is not None:
+            _read_direct(stack, entry, rows, cols, out)
+        elif entry.decode_rows < stack.shape[0]:
+            _read_strips(entry, rows, cols, out)
+        else:
+            out[...] = tifffile.imread(entry.path, maxworkers=1)[rows[0] : rows[1], cols[0] : cols[1]]
     except Exception as error:
         raise StackError(f"{entry.path}: cannot read slice {z} ({error}); check or replace this slice") from None
+
+
+def _read_direct(
+    stack: TiffStack, entry: SliceFile, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray
+) -> None:
+    """Read the rows from the file straight into ``out`` (or a row buffer when columns are cut)."""
+    assert entry.data_offset is not None
+    (y0, y1), (x0, x1) = rows, cols
+    width = stack.shape[1]
+    full_width = x0 == 0 and x1 == width and out.flags.c_contiguous
+    target = out if full_width else np.empty((y1 - y0, width), stack.dtype)
+    with open(entry.path, "rb", buffering=0) as handle:
+        handle.seek(entry.data_offset + y0 * width * stack.dtype.itemsize)
+        got = handle.readinto(memoryview(target).cast("B"))
+    if got != target.nbytes:
+        raise OSError(f"read {got} of {target.nbytes} bytes, the file is shorter than its header says")
+    if stack.byteorder not in ("=", _native_byteorder()):
+        target.byteswap(inplace=True)
+    if not full_width:
+        out[...] = target[:, x0:x1]
+
+
+def _read_strips(entry: SliceFile, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
+    """Decode the strips that hold rows ``rows`` and copy the asked part of each into ``out``."""
+    (y0, y1), (x0, x1) = rows, cols
+    step = entry.decode_rows
+    with tifffile.TiffFile(entry.path) as tif:
+        page = tif.pages.first
+        handle = tif.filehandle
+        for index in range(y0 // step, (y1 - 1) // step + 1):
+            handle.seek(page.dataoffsets[index])
+            segment, _, shape = page.decode(handle.read(page.databytecounts[index]), index)
+            strip = np.asarray(segment).reshape(shape[1], shape[2])
+            top = index * step
+            a, b = max(y0, top), min(y1, top + shape[1])
+            out[a - y0 : b - y0] = strip[a - top : b - top, x0:x1]
 
 
 def _native_byteorder() -> str:

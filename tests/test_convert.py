@@ -305,3 +305,12 @@ def test_help_describes_every_option_with_its_default():
         assert option in text, option
     assert "(default: 6)" in text and "(default: mean)" in text and "(default: 0)" in text
     assert "sigma 0.667" in text
+
+
+@pytest.mark.parametrize("workers", [["--workers", "1"], ["--num_threads", "3"], ["--num-threads", "2"]])
+def test_workers_give_the_same_store(tmp_path, stack, volume, workers):
+    out = tmp_path / "out.zarr"
+    result = scroll_to_ome(stack, out, "--chunk_size", CHUNK, "--nlevels", NLEVELS, *workers, "--dry_run")
+    assert f"{workers[1]} worker(s)" in result.stdout
+    assert_ok(scroll_to_ome(stack, out, "--chunk_size", CHUNK, "--nlevels", NLEVELS, *workers))
+    check_ome_store(out, pyramid(volume, NLEVELS), CHUNK)
