@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO := demo
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ $(ZARR2): $(BIN)/python
 
 test: lint $(ZARR2)
 	SCROLLZARR_ZARR2_PATH=$(abspath $(ZARR2)) $(BIN)/python -m pytest
+
+# Speed and memory against `cp -r` of the same TIFFs (not part of the tests): writes bench/RESULTS.md.
+# BENCH_ARGS="--shape 512 2048 2048 --repeats 5" for a larger run.
+bench: $(BIN)/python
+	$(BIN)/python -m pip install --quiet .
+	$(BIN)/python bench/bench_scroll_to_ome.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info

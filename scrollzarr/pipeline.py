@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from scrollzarr.ngff_v04 import Multiscale
 from scrollzarr.ranges import parse_ranges
 from scrollzarr.store import ChunkWriter, check_output_name, check_replaceable, create_level, remove_existing
 from scrollzarr.streaming import LevelStream
-from scrollzarr.tiffstack import TiffStack, numbered_tiffs, open_stack, read_rows
+from scrollzarr.tiffstack import TiffStack, numbered_tiffs, open_stack, prefetch, read_rows
 from scrollzarr.workers import Workers, available_cores
 
 log = logging.getLogger(__name__)
@@ -329,11 +330,18 @@ def _convert_band(
             writers[level], below, workers, progress.update,
         )  # fmt: skip
         streams.insert(0, below)
-    top = streams[0]
-    for z in range(0, plan.shapes[0][0], chunk):
-        view = top.reserve(min(chunk, plan.shapes[0][0] - z))
+    top, depth = streams[0], plan.shapes[0][0]
+    oz, oy, _ = plan.origin
+    rows = (oy + band[0][0], oy + band[0][1])
+    for z in range(0, depth, chunk):
+        # the files of this slab (the first time) and the next come into the cache while this one is processed
+        ahead = range(oz + (z + chunk if z else 0), oz + min(z + 2 * chunk, depth))
+        reader = threading.Thread(target=prefetch, args=(plan.stack, ahead, rows), daemon=True)
+        reader.start()
+        view = top.reserve(min(chunk, depth - z))
         workers.run(_read_tasks(plan, view, z, band))
         top.commit(len(view))
+        reader.join()
     for level, stream in enumerate(streams):
         report.levels[level].chunks_written += stream.chunks_written
 
@@ -353,10 +361,9 @@ def write_downsampled_block(source: zarr.Array, writer: ChunkWriter, box: Box, a
         result = ds.downsample_gaussian(data, core)  # type: ignore[arg-type]
     else:
         result = ds.downsample(data, algorithm)
-    chunk = source.chunks[0]
     corner = tuple(a for a, _ in box)
     written = 0
-    for local in iter_boxes(result.shape, (chunk, chunk, chunk)):  # type: ignore[arg-type]
+    for local in iter_boxes(result.shape, writer.chunks):  # type: ignore[arg-type]
         piece = result[tuple(slice(a, b) for a, b in local)]
         written += writer.write(tuple(c + a for c, (a, _) in zip(corner, local, strict=True)), piece)
     return written

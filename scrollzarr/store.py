@@ -7,6 +7,7 @@ existing directory holds before it may be replaced, which look at the disk.
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -121,28 +122,38 @@ class ChunkWriter:
         if not isinstance(metadata, ArrayV2Metadata) or metadata.compressor is not None or metadata.filters:
             raise ValueError("ChunkWriter writes uncompressed zarr format 2 arrays only")
         self._array = array
-        self._chunks = tuple(metadata.chunks)
+        self.chunks = tuple(metadata.chunks)
         self._dtype = np.dtype(array.dtype).newbyteorder("<")
         self._prefix = f"{array.path}/" if array.path else ""
         self._prototype = default_buffer_prototype()
+        self._local = threading.local()
 
     def write(self, corner: tuple[int, ...], piece: np.ndarray) -> bool:
         """Store ``piece``, the chunk whose first voxel is at ``corner`` (level coordinates).
+
+        The piece is copied into this thread's chunk buffer (reused: fresh
+        buffers cost page faults), tested there, and written from it.
 
         Returns
         -------
         bool
             Whether a file was written (``False`` for an all-zero chunk).
         """
-        if not piece.any():
-            return False
-        if piece.shape == self._chunks:
-            data = np.ascontiguousarray(piece, dtype=self._dtype)
+        data = self._buffer()
+        if piece.shape == self.chunks:
+            np.copyto(data, piece)
         else:
-            data = np.zeros(self._chunks, self._dtype)
+            data[...] = 0
             data[tuple(slice(0, n) for n in piece.shape)] = piece
-        index = tuple(c // n for c, n in zip(corner, self._chunks, strict=True))
+        if not data.any():
+            return False
+        index = tuple(c // n for c, n in zip(corner, self.chunks, strict=True))
         key = self._prefix + self._array.metadata.encode_chunk_key(index)
-        buffer = self._prototype.buffer.from_array_like(data.reshape(-1).view(np.uint8))
-        sync(self._array.store.set(key, buffer))
+        sync(self._array.store.set(key, self._prototype.buffer.from_array_like(data.reshape(-1).view(np.uint8))))
         return True
+
+    def _buffer(self) -> np.ndarray:
+        data = getattr(self._local, "data", None)
+        if data is None:
+            data = self._local.data = np.empty(self.chunks, self._dtype)
+        return data

@@ -258,5 +258,34 @@ def _read_strips(entry: SliceFile, rows: tuple[int, int], cols: tuple[int, int],
             out[a - y0 : b - y0] = strip[a - top : b - top, x0:x1]
 
 
+def prefetch(stack: TiffStack, zs: range, rows: tuple[int, int]) -> None:
+    """Ask the operating system to start reading rows ``rows`` of slices ``zs`` into its cache.
+
+    Returns at once with the reading under way (``posix_fadvise`` WILLNEED), so
+    that the next slab's files arrive while this one is processed.  Compressed
+    slices are asked for whole.  Where the hint is not supported it does nothing.
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    row_bytes = stack.shape[1] * stack.dtype.itemsize
+    for z in zs:
+        entry = stack.slices.get(z)
+        if entry is None:
+            continue
+        if entry.data_offset is None:
+            offset, length = 0, 0  # the whole file
+        else:
+            offset, length = entry.data_offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        try:
+            descriptor = os.open(entry.path, os.O_RDONLY)
+        except OSError:
+            continue  # reported when the slice is read
+        try:
+            advise(descriptor, offset, length, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(descriptor)
+
+
 def _native_byteorder() -> str:
     return "<" if np.little_endian else ">"

@@ -231,6 +231,17 @@ def test_first_new_level_rebuilds_from_the_level_above(tmp_path, stack, volume):
     assert read_json(out / ".zattrs")["multiscales"][0]["type"] == "max"
 
 
+def test_first_new_level_with_another_chunk_size(tmp_path, stack, volume):
+    out = tmp_path / "out.zarr"
+    assert_ok(scroll_to_ome(stack, out, "--chunk_size", CHUNK, "--nlevels", 2))
+    assert_ok(scroll_to_ome(stack, out, "--first_new_level", 1, "--nlevels", 4, "--chunk_size", 8))
+    levels = pyramid(volume, 4)
+    check_level_files(out / "0", levels[0], CHUNK)
+    for level in (1, 2, 3):
+        check_level_files(out / str(level), levels[level], 8)
+        np.testing.assert_array_equal(zarr.open_array(str(out / str(level)), mode="r")[...], levels[level])
+
+
 def test_first_new_level_keeps_the_translation(tmp_path, stack, volume):
     out = tmp_path / "out.zarr"
     assert_ok(scroll_to_ome(stack, out, "--chunk_size", CHUNK, "--nlevels", 1, "--ranges", "2:,3:,4:"))
