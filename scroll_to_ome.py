@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 from scrollzarr import pipeline
 from scrollzarr._cli import Parser, add_verbosity, run, setup_logging
 from scrollzarr.downsample import ALGORITHMS, GAUSSIAN_SIGMA
+from scrollzarr.tiffstack import BAD_SLICE_POLICIES
 
 PROGRAM = "scroll_to_ome"
 
@@ -88,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker threads for reading, decoding, downsampling and writing (default: one per core)",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a conversion that stopped (Ctrl-C, kill, power cut, full disk) where it stopped; "
+        "give the same options as the stopped run",
+    )
+    parser.add_argument(
+        "--bad_slices",
+        "--bad-slices",
+        choices=BAD_SLICE_POLICIES,
+        default="error",
+        help="a slice that cannot be read: stop with an error listing every such slice, or write it as "
+        "zeros and record it in the store",
+    )
+    parser.add_argument(
         "--dry_run",
         "--dry-run",
         action="store_true",
@@ -112,11 +128,23 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             obytes=args.obytes,
             workers=args.workers,
+            resume=args.resume,
+            bad_slices=args.bad_slices,
             quiet=args.quiet,
         )
         pipeline.run(args.input_tiff_dir, args.output, options, args.first_new_level, args.chunk_size, args.dry_run)
 
-    return run(PROGRAM, body)
+    return run(PROGRAM, body, None if args.dry_run else resume_command(argv))
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """The command line that continues this run: the same one, with ``--resume`` and without ``--overwrite``."""
+    words = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--overwrite"]
+    if "--resume" not in words:
+        words.append("--resume")
+    program = sys.argv[0]
+    command = [sys.executable, program] if program.endswith(".py") else [Path(program).name]
+    return shlex.join([*command, *words])
 
 
 if __name__ == "__main__":

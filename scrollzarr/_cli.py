@@ -1,16 +1,20 @@
-"""What every command-line script shares: logging set-up and turning errors into one line."""
+"""What every command-line script shares: logging set-up, signals, and turning errors into one line."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import signal
 import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import NoReturn
 
 from scrollzarr.errors import ScrollzarrError
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 class Parser(argparse.ArgumentParser):
@@ -18,6 +22,14 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
 
 
 def setup_logging(program: str, quiet: bool, verbose: bool) -> None:
@@ -42,17 +54,37 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--verbose", "-v", action="store_true", help="also print debugging detail")
 
 
-def run(program: str, body: Callable[[], None]) -> int:
-    """Call ``body``; map a :class:`ScrollzarrError` or Ctrl-C to one stderr line and an exit code."""
+def _os_error(error: OSError, resume: str | None) -> str:
+    where = f" ({error.filename})" if error.filename else ""
+    then = f"; then continue with: {resume}" if resume else ""
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device{where}; free some space{then}"
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write{where}: {error.strerror}; make the output writable{then}"
+    return f"{error.strerror or error}{where}{then}"
+
+
+def run(program: str, body: Callable[[], None], resume: str | None = None) -> int:
+    """Call ``body``; map a :class:`ScrollzarrError`, an OSError or Ctrl-C/SIGTERM to stderr lines and an exit code.
+
+    Parameters
+    ----------
+    resume : str or None
+        The command that continues the work if it stops half-way, shown to the user.
+    """
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         body()
     except ScrollzarrError as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        print(f"{program}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as interrupt:
+        then = f"; to continue: {resume}" if resume else ""
+        print(f"{program}: interrupted{then}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
     except OSError as error:
-        print(f"{program}: error: {error.strerror or error} ({error.filename or 'output'})", file=sys.stderr)
+        print(f"{program}: error: {_os_error(error, resume)}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

@@ -17,21 +17,41 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 from tqdm import tqdm
 
 from scrollzarr import downsample as ds
-from scrollzarr import memory
+from scrollzarr import memory, progress
 from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.memory import format_bytes
 from scrollzarr.ngff_v04 import Multiscale
+from scrollzarr.progress import Progress
 from scrollzarr.ranges import parse_ranges
-from scrollzarr.store import ChunkWriter, check_output_name, check_replaceable, create_level, remove_existing
+from scrollzarr.store import (
+    ChunkWriter,
+    OutputError,
+    check_output_name,
+    check_replaceable,
+    create_level,
+    is_zarr_store,
+    open_store,
+    remove_existing,
+    remove_partial_files,
+)
 from scrollzarr.streaming import LevelStream
-from scrollzarr.tiffstack import TiffStack, numbered_tiffs, open_stack, prefetch, read_rows
+from scrollzarr.tiffstack import (
+    BAD_SLICE_POLICIES,
+    StackError,
+    TiffStack,
+    numbered_tiffs,
+    open_stack,
+    prefetch,
+    read_rows,
+)
 from scrollzarr.workers import Workers, available_cores
 
 log = logging.getLogger(__name__)
@@ -59,6 +79,10 @@ class Options:
         1 stores uint16 input as uint8 (``value // 256``).
     workers : int or None
         Worker threads; ``None`` for one per core.
+    resume : bool
+        Continue the stopped conversion in ``output``.
+    bad_slices : {"error", "zero"}
+        What an unreadable slice does: stop the run, or become zeros (recorded).
     quiet : bool
         No progress bar.
     """
@@ -72,6 +96,8 @@ class Options:
     overwrite: bool = False
     obytes: int = 0
     workers: int | None = None
+    resume: bool = False
+    bad_slices: str = "error"
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -87,6 +113,10 @@ class Options:
             raise UsageError(f"--max_gb must be a positive number of GB, not {self.max_gb}")
         if self.workers is not None and self.workers < 1:
             raise UsageError(f"--workers must be at least 1, not {self.workers}")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume continues the output and --overwrite replaces it: give one of them")
+        if self.bad_slices not in BAD_SLICE_POLICIES:
+            raise UsageError(f"--bad_slices must be one of {', '.join(BAD_SLICE_POLICIES)}, not {self.bad_slices!r}")
 
     @property
     def worker_count(self) -> int:
@@ -110,6 +140,8 @@ class Report:
     dtype: np.dtype
     chunk: int
     levels: dict[int, LevelReport] = field(default_factory=dict)
+    missing: list[int] = field(default_factory=list)
+    bad: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -123,6 +155,10 @@ class Report:
                 f"chunks written, {level.chunks_total - level.chunks_written} all-zero chunks skipped"
             )
         lines.append(f"  {written} chunk files, {format_bytes(nbytes)}, in {self.seconds:.1f} s")
+        if self.missing:
+            lines.append(f"  missing slices, written as zeros: {_format_numbers(self.missing)}")
+        if self.bad:
+            lines.append(f"  bad slices, written as zeros: {_format_numbers(self.bad)}")
         return "\n".join(lines)
 
 
@@ -146,6 +182,10 @@ class Plan:
         Blocks of the levels built from the stored level above (after the streamed ones).
     need : int
         Bytes the buffers use at the most, by :mod:`scrollzarr.memory`'s model.
+    fingerprint : dict
+        The options a resumed run must share with the stopped one.
+    resume_from : Progress or None
+        The progress record of the stopped run, with ``--resume``.
     """
 
     input_dir: Path
@@ -160,6 +200,8 @@ class Plan:
     bands: memory.BandPlan
     blocks: tuple[Shape3, ...]
     need: int
+    fingerprint: dict[str, Any]
+    resume_from: Progress | None
 
 
 def _format_numbers(numbers: list[int]) -> str:
@@ -193,11 +235,11 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         For any problem with the input, the output path or the options.
     """
     check_output_name(output)
-    check_replaceable(output, options.overwrite, input_dir)
+    record = _existing_output(output, options, input_dir)
     z_range, y_range, x_range = parse_ranges(options.ranges)
     files = numbered_tiffs(input_dir)
     z0, z1 = z_range.resolve(max(files) + 1)
-    stack = open_stack({z: path for z, path in files.items() if z0 <= z < z1})
+    stack = open_stack({z: path for z, path in files.items() if z0 <= z < z1}, options.bad_slices)
     y0, y1 = y_range.resolve(stack.shape[0])
     x0, x1 = x_range.resolve(stack.shape[1])
     if options.obytes == 1 and stack.dtype not in (np.uint8, np.uint16):
@@ -214,8 +256,26 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         algorithm=options.algorithm,
         workers=options.worker_count,
     )
+    fingerprint = {
+        "input_directory": str(input_dir.resolve()),
+        "chunk_size": options.chunk_size,
+        "nlevels": options.nlevels,
+        "region_zyx": [z0, z1, y0, y1, x0, x1],
+        "algorithm": options.algorithm,
+        "obytes": options.obytes,
+        "zarr_only": options.zarr_only,
+        "bad_slices": options.bad_slices,
+    }
+    if record is not None:
+        differs = record.mismatch(fingerprint)
+        if differs:
+            raise UsageError(f"cannot resume {output}: {differs}; resume with the options of the stopped run")
     limit = None if options.max_gb is None else int(options.max_gb * memory.GIB)
     bands = memory.plan_bands(layout, limit)
+    if record is not None and record.bands != [bands.rows, bands.cols, bands.streamed]:
+        rows, cols, streamed = record.bands  # the stopped run's bands, so that its work fits
+        bands = memory.BandPlan(rows, cols, streamed, memory.band_cost(layout, rows, cols, streamed))
+        log.info("resuming with the stopped run's bands of %d x %d (rows x columns)", rows, cols)
     first_read_back = bands.streamed + 1
     budget = limit if limit is not None else max(bands.nbytes, memory.read_back_need(layout, first_read_back))
     blocks = memory.read_back_blocks(layout, first_read_back, budget)
@@ -234,7 +294,34 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         bands=bands,
         blocks=blocks,
         need=need,
+        fingerprint=fingerprint,
+        resume_from=record,
     )
+
+
+def _existing_output(output: Path, options: Options, input_dir: Path) -> Progress | None:
+    """Check what is at ``output`` against ``--resume`` and ``--overwrite``; the record to resume from.
+
+    Raises
+    ------
+    ScrollzarrError
+        If there is nothing to resume, or the output exists unasked, or may not be replaced.
+    """
+    if options.resume:
+        record = progress.load(open_store(output)) if is_zarr_store(output) else None
+        if record is None:
+            raise ScrollzarrError(
+                f"nothing to resume: {output} is not an unfinished scroll_to_ome conversion; "
+                "run without --resume (with --overwrite to replace it)"
+            )
+        return record
+    if not options.overwrite and is_zarr_store(output) and progress.exists(open_store(output)):
+        raise OutputError(
+            f"{output} is an unfinished conversion; continue it with --resume (and the same options) "
+            "or start again with --overwrite"
+        )
+    check_replaceable(output, options.overwrite, input_dir)
+    return None
 
 
 def _chunk_count(shape: Shape3, chunk: int) -> int:
@@ -290,60 +377,153 @@ def _describe_passes(streamed: int, last: int) -> str:
     return text
 
 
-def _read_tasks(
-    plan: Plan, view: np.ndarray, z: int, band: tuple[tuple[int, int], tuple[int, int]]
-) -> list[Callable[[], None]]:
-    """Tasks that read planes ``z … z + len(view)`` of ``band`` from the TIFFs into ``view``."""
-    (r0, r1), (c0, c1) = band
-    oz, oy, ox = plan.origin
-    rows, cols = (oy + r0, oy + r1), (ox + c0, ox + c1)
-    convert = plan.dtype != plan.stack.dtype
-
-    def read(index: int) -> None:
-        if convert:
-            planes = np.empty(view.shape[1:], plan.stack.dtype)
-            read_rows(plan.stack, oz + z + index, rows, cols, planes)
-            view[index] = ds.to_uint8(planes)
-        else:
-            read_rows(plan.stack, oz + z + index, rows, cols, view[index])
-
-    return [lambda index=index: read(index) for index in range(len(view))]
+Band = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _convert_band(
-    plan: Plan,
-    writers: list[ChunkWriter],
-    band: tuple[tuple[int, int], tuple[int, int]],
+class _Run:
+    """One conversion under way: its arrays, workers, progress bar, report and progress record."""
+
+    def __init__(self, plan: Plan, arrays: list[zarr.Array], record: Progress, workers: Workers, bar: tqdm) -> None:
+        self.plan = plan
+        self.arrays = arrays
+        self.writers = [ChunkWriter(array) for array in arrays]
+        self.record = record
+        self.workers = workers
+        self.bar = bar
+        self.store = open_store(plan.output)
+        self.bad = set(record.bad_slices) | set(plan.stack.bad)
+        self.bad_lock = threading.Lock()
+        self.report = Report(plan.output, plan.dtype, plan.options.chunk_size, missing=plan.missing)
+        for level, shape in enumerate(plan.shapes):
+            self.report.levels[level] = LevelReport(
+                shape, _chunk_count(shape, plan.options.chunk_size), record.chunks_written.get(str(level), 0)
+            )
+
+    def checkpoint(self) -> None:
+        """Record what is on disk now (every task of the last unit has finished)."""
+        self.record.chunks_written = {str(k): v.chunks_written for k, v in self.report.levels.items()}
+        self.record.bad_slices = sorted(self.bad)
+        self.record.save(self.store)
+
+    def read_slice(self, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
+        """Read rows of slice ``z`` (scan numbering) into ``out``; with ``--bad_slices zero`` a failure reads zeros."""
+        try:
+            if self.plan.dtype == self.plan.stack.dtype:
+                read_rows(self.plan.stack, z, rows, cols, out)
+            else:
+                planes = np.empty(out.shape, self.plan.stack.dtype)
+                read_rows(self.plan.stack, z, rows, cols, planes)
+                out[...] = ds.to_uint8(planes)
+        except StackError as error:
+            if self.plan.options.bad_slices == "error":
+                raise
+            out[...] = 0
+            with self.bad_lock:
+                if z not in self.bad:
+                    log.warning("%s; written as zeros", error)
+                self.bad.add(z)
+
+    def convert_band(self, band: Band) -> None:
+        """Read one band of level 0 from the TIFFs and stream it through the streamed levels."""
+        plan, record = self.plan, self.record
+        chunk, streamed = plan.options.chunk_size, plan.bands.streamed
+        streams: list[LevelStream] = []
+        below = None
+        for level in range(streamed, -1, -1):
+            scale = 2**level
+            rows, cols = ((math.ceil(a / scale), math.ceil(b / scale)) for a, b in band)
+            below = LevelStream(
+                plan.shapes[level][0], rows, cols, plan.dtype, chunk, plan.options.algorithm,
+                self.writers[level], below, self.workers, self.bar.update,
+            )  # fmt: skip
+            streams.insert(0, below)
+        base = [self.report.levels[level].chunks_written for level in range(len(streams))]
+        if record.streams:
+            self._restore(streams)
+        top, depth = streams[0], plan.shapes[0][0]
+        oz, oy, ox = plan.origin
+        rows = (oy + band[0][0], oy + band[0][1])
+        cols = (ox + band[1][0], ox + band[1][1])
+        for z in range(record.slabs_done * chunk, depth, chunk):
+            # the files of this slab (the first time) and the next come into the cache while this one is processed
+            first = z + chunk if z > record.slabs_done * chunk else z
+            ahead = range(oz + first, oz + min(z + 2 * chunk, depth))
+            reader = threading.Thread(target=prefetch, args=(plan.stack, ahead, rows), daemon=True)
+            reader.start()
+            view = top.reserve(min(chunk, depth - z))
+            self.workers.run(
+                lambda plane=view[index], z=oz + z + index: self.read_slice(z, rows, cols, plane)
+                for index in range(len(view))
+            )
+            top.commit(len(view))
+            reader.join()
+            for level, stream in enumerate(streams):
+                self.report.levels[level].chunks_written = base[level] + stream.chunks_written
+            record.slabs_done = z // chunk + 1
+            record.streams = [stream.state() for stream in streams]
+            self.checkpoint()
+        record.bands_done += 1
+        record.slabs_done, record.streams = 0, []
+        self.checkpoint()
+
+    def _restore(self, streams: list[LevelStream]) -> None:
+        """Take the streams of the band in progress back to where the record says they were."""
+        for level, (stream, state) in enumerate(zip(streams, self.record.streams, strict=True)):
+            stream.restore(state, self._stored(level, stream))
+        for level, stream in enumerate(streams[:-1]):
+            stream.restore_below(self._stored(level, stream))
+        slices = self.record.slabs_done * self.plan.options.chunk_size
+        log.info("resuming band %d after %d slices", self.record.bands_done + 1, slices)
+
+    def _stored(self, level: int, stream: LevelStream) -> Callable[[int, int], np.ndarray]:
+        array = self.arrays[level]
+        (y0, y1), (x0, x1) = stream.rows, stream.cols
+        return lambda z0, z1: array[z0:z1, y0:y1, x0:x1]
+
+
+def _build_from_above(
+    group: zarr.Group,
+    first: int,
+    blocks: tuple[Shape3, ...],
+    algorithm: ds.Algorithm,
     workers: Workers,
-    progress: tqdm,
+    bar: tqdm,
     report: Report,
+    record: Progress,
+    checkpoint: Callable[[], None],
 ) -> None:
-    """Read one band of level 0 from the TIFFs and stream it through the streamed levels."""
-    chunk, streamed = plan.options.chunk_size, plan.bands.streamed
-    streams: list[LevelStream] = []
-    below = None
-    for level in range(streamed, -1, -1):
-        scale = 2**level
-        rows, cols = ((math.ceil(a / scale), math.ceil(b / scale)) for a, b in band)
-        below = LevelStream(
-            plan.shapes[level][0], rows, cols, plan.dtype, chunk, plan.options.algorithm,
-            writers[level], below, workers, progress.update,
-        )  # fmt: skip
-        streams.insert(0, below)
-    top, depth = streams[0], plan.shapes[0][0]
-    oz, oy, _ = plan.origin
-    rows = (oy + band[0][0], oy + band[0][1])
-    for z in range(0, depth, chunk):
-        # the files of this slab (the first time) and the next come into the cache while this one is processed
-        ahead = range(oz + (z + chunk if z else 0), oz + min(z + 2 * chunk, depth))
-        reader = threading.Thread(target=prefetch, args=(plan.stack, ahead, rows), daemon=True)
-        reader.start()
-        view = top.reserve(min(chunk, depth - z))
-        workers.run(_read_tasks(plan, view, z, band))
-        top.commit(len(view))
-        reader.join()
-    for level, stream in enumerate(streams):
-        report.levels[level].chunks_written += stream.chunks_written
+    """Fill levels ``first …`` from the stored level above each, in ``blocks``, a chunk row in z at a time.
+
+    Rows that ``record`` lists as done are skipped; ``checkpoint`` is called after each row.
+    """
+    for level, block in enumerate(blocks, start=first):
+        source, target = group[str(level - 1)], group[str(level)]
+        assert isinstance(source, zarr.Array) and isinstance(target, zarr.Array)
+        writer = ChunkWriter(target)
+        log.debug("level %d: from level %d in blocks of %s (z, y, x)", level, level - 1, " x ".join(map(str, block)))
+        bar.set_description(f"level {level}")
+        done = record.rows_done.get(str(level), 0)
+
+        def work(box: Box, source: zarr.Array = source, writer: ChunkWriter = writer) -> int:
+            written = write_downsampled_block(source, writer, box, algorithm)
+            bar.update(box_size(box))
+            return written
+
+        for row, boxes in enumerate(_rows(list(iter_boxes(target.shape, block)))):  # type: ignore[arg-type]
+            if row < done:
+                bar.update(sum(box_size(box) for box in boxes))
+                continue
+            report.levels[level].chunks_written += sum(workers.run(lambda box=box: work(box) for box in boxes))
+            record.rows_done[str(level)] = row + 1
+            checkpoint()
+
+
+def _rows(boxes: list[Box]) -> list[list[Box]]:
+    """Boxes grouped by their z range (``iter_boxes`` gives them z slowest)."""
+    rows: dict[tuple[int, int], list[Box]] = {}
+    for box in boxes:
+        rows.setdefault(box[0], []).append(box)
+    return list(rows.values())
 
 
 def write_downsampled_block(source: zarr.Array, writer: ChunkWriter, box: Box, algorithm: ds.Algorithm) -> int:
@@ -374,39 +554,12 @@ def _progress(shapes: Iterable[Shape3], quiet: bool) -> tqdm:
     return tqdm(total=total, unit="vox", unit_scale=True, disable=quiet, mininterval=1.0, desc="converting")
 
 
-def _build_from_above(
-    group: zarr.Group,
-    first: int,
-    blocks: tuple[Shape3, ...],
-    algorithm: ds.Algorithm,
-    workers: Workers,
-    progress: tqdm,
-    report: Report,
-) -> None:
-    """Fill levels ``first …`` (already created) from the stored level above each, in ``blocks``."""
-    for level, block in enumerate(blocks, start=first):
-        source, target = group[str(level - 1)], group[str(level)]
-        assert isinstance(source, zarr.Array) and isinstance(target, zarr.Array)
-        writer = ChunkWriter(target)
-        log.debug(
-            "level %d: from level %d in blocks of %s voxels (z, y, x)", level, level - 1, " x ".join(map(str, block))
-        )
-        progress.set_description(f"level {level}")
-
-        def work(box: Box, source: zarr.Array = source, writer: ChunkWriter = writer) -> int:
-            written = write_downsampled_block(source, writer, box, algorithm)
-            progress.update(box_size(box))
-            return written
-
-        boxes = list(iter_boxes(target.shape, block))  # type: ignore[arg-type]
-        report.levels[level].chunks_written += sum(workers.run(lambda box=box: work(box) for box in boxes))
-
-
-def _stack_attributes(plan: Plan) -> dict[str, object]:
+def _stack_attributes(plan: Plan, bad: list[int]) -> dict[str, object]:
     return {
         "source_directory": str(plan.input_dir.resolve()),
         "origin_zyx": list(plan.origin),
         "missing_slices": plan.missing,
+        "bad_slices": bad,
         "obytes": plan.options.obytes,
     }
 
@@ -417,8 +570,33 @@ def _downsampling_parameters(algorithm: ds.Algorithm) -> dict[str, object]:
     return {}
 
 
+def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progress]:
+    """Create the store (or, resuming, open it and drop the temporary files of the stopped run)."""
+    options, chunk = plan.options, plan.options.chunk_size
+    if plan.resume_from is not None:
+        leftovers = remove_partial_files(plan.output)
+        log.debug("removed %d temporary files of the stopped run", leftovers)
+        if options.zarr_only:
+            return None, [zarr.open_array(str(plan.output), mode="r+")], plan.resume_from
+        group = zarr.open_group(str(plan.output), mode="r+")
+        return group, [group[str(level)] for level in range(len(plan.shapes))], plan.resume_from  # type: ignore[misc]
+    remove_existing(plan.output)
+    record = Progress(plan.fingerprint, [plan.bands.rows, plan.bands.cols, plan.bands.streamed])
+    if options.zarr_only:
+        array = create_level(plan.output, None, plan.shapes[0], chunk, plan.dtype)
+        record.save(open_store(plan.output))
+        return None, [array], record
+    group = zarr.open_group(str(plan.output), mode="w", zarr_format=2)
+    record.save(open_store(plan.output))  # before any chunk: the store is unfinished from the start
+    arrays = [create_level(group, str(level), shape, chunk, plan.dtype) for level, shape in enumerate(plan.shapes)]
+    return group, arrays, record
+
+
 def convert(plan: Plan) -> Report:
-    """Carry out ``plan``: write the store, metadata last.
+    """Carry out ``plan`` (or continue it, with ``--resume``): write the store, metadata last.
+
+    After every unit of work the progress record in the store says what is on
+    disk; it is removed once the metadata is written.
 
     Returns
     -------
@@ -426,32 +604,50 @@ def convert(plan: Plan) -> Report:
         Chunks written per level and the time taken.
     """
     started = time.monotonic()
-    options, chunk = plan.options, plan.options.chunk_size
     if plan.missing:
         log.warning("no file for slice(s) %s; they are written as zeros", _format_numbers(plan.missing))
-    remove_existing(plan.output)
-    report = Report(plan.output, plan.dtype, chunk)
-    for level, shape in enumerate(plan.shapes):
-        report.levels[level] = LevelReport(shape, _chunk_count(shape, chunk))
-    group = None
-    if options.zarr_only:
-        arrays = [create_level(plan.output, None, plan.shapes[0], chunk, plan.dtype)]
-    else:
-        group = zarr.open_group(str(plan.output), mode="w", zarr_format=2)
-        arrays = [create_level(group, str(level), shape, chunk, plan.dtype) for level, shape in enumerate(plan.shapes)]
-    writers = [ChunkWriter(array) for array in arrays]
-    _, height, width = plan.shapes[0]
+    group, arrays, record = _open_output(plan)
     log.debug(
         "level 0: bands of %d x %d (rows x columns), levels 1 to %d streamed",
         plan.bands.rows, plan.bands.cols, plan.bands.streamed,
     )  # fmt: skip
-    with _progress(plan.shapes, options.quiet) as progress, Workers(options.worker_count) as workers:
-        progress.set_description(f"levels 0-{plan.bands.streamed}" if plan.bands.streamed else "level 0")
-        for (r0, r1), (c0, c1) in _bands(height, width, plan.bands):
-            _convert_band(plan, writers, ((r0, r1), (c0, c1)), workers, progress, report)
+    try:
+        report = _convert(plan, group, arrays, record)
+    except BaseException:
+        log.warning("stopped; on disk and recorded: %s", _describe_progress(plan, record))
+        raise
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _describe_progress(plan: Plan, record: Progress) -> str:
+    _, height, width = plan.shapes[0]
+    bands = len(_bands(height, width, plan.bands))
+    parts = [f"level 0: {record.bands_done} of {bands} band(s)"]
+    if record.slabs_done:
+        parts[0] += f" and {record.slabs_done * plan.options.chunk_size} of {plan.shapes[0][0]} slices of the next"
+    parts += [f"level {level}: {rows} chunk row(s)" for level, rows in sorted(record.rows_done.items())]
+    return ", ".join(parts)
+
+
+def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], record: Progress) -> Report:
+    options = plan.options
+    _, height, width = plan.shapes[0]
+    with _progress(plan.shapes, options.quiet) as bar, Workers(options.worker_count) as workers:
+        run = _Run(plan, arrays, record, workers, bar)
+        bar.set_description(f"levels 0-{plan.bands.streamed}" if plan.bands.streamed else "level 0")
+        bands = _bands(height, width, plan.bands)
+        streamed_voxels = sum(math.prod(shape) for shape in plan.shapes[: plan.bands.streamed + 1])
+        bar.update(streamed_voxels * (record.bands_done + record.slabs_done * options.chunk_size / height) / len(bands))
+        for band in bands[record.bands_done :]:
+            run.convert_band(band)
         if group is not None:
-            _build_from_above(group, plan.bands.streamed + 1, plan.blocks, options.algorithm, workers, progress, report)
-    attributes = _stack_attributes(plan)
+            _build_from_above(
+                group, plan.bands.streamed + 1, plan.blocks, options.algorithm, workers, bar, run.report, record,
+                run.checkpoint,
+            )  # fmt: skip
+    run.report.bad = sorted(run.bad)
+    attributes = _stack_attributes(plan, run.report.bad)
     if group is None:
         arrays[0].attrs["scrollzarr"] = attributes
     else:
@@ -463,11 +659,11 @@ def convert(plan: Plan) -> Report:
             _downsampling_parameters(options.algorithm),
         )
         group.attrs.update({"scrollzarr": attributes, "multiscales": [multiscale.to_json()]})
-    report.seconds = time.monotonic() - started
-    return report
+    progress.remove(run.store)
+    return run.report
 
 
-def _bands(height: int, width: int, bands: memory.BandPlan) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+def _bands(height: int, width: int, bands: memory.BandPlan) -> list[Band]:
     return [
         ((r, min(r + bands.rows, height)), (c, min(c + bands.cols, width)))
         for r in range(0, height, bands.rows)
@@ -511,6 +707,16 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         raise UsageError(
             f"--first_new_level {first} leaves nothing to build with --nlevels {options.nlevels}; "
             f"raise --nlevels above {first}"
+        )
+    record = progress.load(open_store(output)) if is_zarr_store(output) else None
+    if record is not None and "rebuild_from_level" not in record.fingerprint:
+        raise ScrollzarrError(
+            f"{output} is an unfinished conversion; finish it first with the same command and --resume"
+        )
+    if record is not None and record.fingerprint["rebuild_from_level"] < first:
+        raise UsageError(
+            f"{output} is unfinished: rebuilding from level {record.fingerprint['rebuild_from_level']} stopped; "
+            f"run --first_new_level {record.fingerprint['rebuild_from_level']} again"
         )
     try:
         group = zarr.open_group(str(output), mode="r")
@@ -568,6 +774,9 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
 def rebuild_levels(plan: RebuildPlan) -> Report:
     """Delete levels ``plan.first …`` of the store, build them again, and rewrite the metadata."""
     started = time.monotonic()
+    store = open_store(plan.output)
+    record = Progress({"rebuild_from_level": plan.first}, [])
+    record.save(store)  # unfinished until the metadata lists the new levels; running the rebuild again finishes it
     group = zarr.open_group(str(plan.output), mode="r+")
     for name in list(group.array_keys()):
         if name.isdigit() and int(name) >= plan.first:
@@ -576,8 +785,10 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     for level in range(plan.first, len(plan.shapes)):
         create_level(group, str(level), plan.shapes[level], plan.chunk, plan.dtype)
         report.levels[level] = LevelReport(plan.shapes[level], _chunk_count(plan.shapes[level], plan.chunk))
-    with _progress(plan.shapes[plan.first :], plan.quiet) as progress, Workers(plan.workers) as workers:
-        _build_from_above(group, plan.first, plan.blocks, plan.algorithm, workers, progress, report)
+    with _progress(plan.shapes[plan.first :], plan.quiet) as bar, Workers(plan.workers) as workers:
+        _build_from_above(
+            group, plan.first, plan.blocks, plan.algorithm, workers, bar, report, record, lambda: record.save(store)
+        )
     multiscale = Multiscale.pyramid(
         plan.output.stem,
         len(plan.shapes),
@@ -586,6 +797,7 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
         _downsampling_parameters(plan.algorithm),
     )
     group.attrs["multiscales"] = [multiscale.to_json()]
+    progress.remove(store)
     report.seconds = time.monotonic() - started
     return report
 

@@ -16,6 +16,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.metadata import ArrayV2Metadata
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from scrollzarr.errors import ScrollzarrError, UsageError
 
@@ -62,11 +63,29 @@ def check_replaceable(output: Path, overwrite: bool, input_dir: Path | None) -> 
                 f"output {output} is or contains the input directory {input_dir}; "
                 "--overwrite would delete the input, choose another output"
             )
+        if resolved_input in resolved_output.parents:
+            raise OutputError(
+                f"output {output} is inside the input directory {input_dir}; --overwrite will not delete "
+                "anything in the input's tree, write the output elsewhere"
+            )
     if not (is_zarr_store(output) or not any(output.iterdir())):
         raise OutputError(
             f"output {output} exists and is not a zarr store; --overwrite only replaces zarr stores "
             "or empty directories, so move it away or choose another name"
         )
+
+
+def open_store(output: Path) -> LocalStore:
+    """The zarr store of the output directory."""
+    return LocalStore(output)
+
+
+def remove_partial_files(output: Path) -> int:
+    """Delete the temporary files a stopped run left (the store writes ``*.partial``, then renames)."""
+    leftovers = list(output.rglob("*.partial"))
+    for path in leftovers:
+        path.unlink()
+    return len(leftovers)
 
 
 def remove_existing(output: Path) -> None:

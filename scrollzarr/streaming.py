@@ -148,11 +148,18 @@ class LevelStream:
                 tasks.append(lambda corner=(z0, y, x), piece=piece: self.writer.write(corner, piece))
         return tasks
 
-    def _halve_tasks(self, z0: int, z1: int, out: np.ndarray) -> list[Callable[[], None]]:
-        """Tasks that write the halves of planes ``[z0, z1)`` into ``out``, a stripe of rows each."""
+    def _halve_tasks(
+        self, z0: int, z1: int, out: np.ndarray, source: np.ndarray | None = None
+    ) -> list[Callable[[], None]]:
+        """Tasks that write the halves of planes ``[z0, z1)`` into ``out``, a stripe of rows each.
+
+        ``source`` holds planes ``[z0 - margin, z1 + margin)`` (clipped to the level); by default
+        they are taken from the buffer.
+        """
         margin = self.margin
         lo, hi = max(z0 - margin, 0), min(z1 + margin, self.depth)
-        source = self.buffer[lo - self.start : hi - self.start]
+        if source is None:
+            source = self.buffer[lo - self.start : hi - self.start]
         rows, cols = self.plane_shape
         per_row = (hi - lo) * cols * self.buffer.itemsize
         stripe = max(2, STRIPE_BYTES // max(per_row, 1))
@@ -166,6 +173,45 @@ class LevelStream:
             core = (slice(z0 - lo, z1 - lo), slice(r0 - a, r1 - a), slice(None))
             tasks.append(lambda block=block, target=target, core=core: self._halve(block, core, target))
         return tasks
+
+    def state(self) -> list[int]:
+        """Where the stream stands: first plane held, planes held, first not written, first not halved."""
+        return [self.start, self.count, self.written, self.halved]
+
+    def restore(self, state: list[int], stored: Callable[[int, int], np.ndarray]) -> None:
+        """Take up ``state`` again after a stop: read the held planes that were written back.
+
+        ``stored(z0, z1)`` reads written planes of this level from the store.  Held
+        planes that were not written are rebuilt by the level above's
+        :meth:`restore_below`, which must run after this.
+        """
+        self.start, self.count, self.written, self.halved = state
+        if self.count > len(self.buffer):
+            self.buffer = np.empty((self.count, *self.plane_shape), self.buffer.dtype)
+        end = min(self.written, self.end)
+        if end > self.start:
+            self.buffer[: end - self.start] = stored(self.start, end)
+
+    def restore_below(self, stored: Callable[[int, int], np.ndarray]) -> None:
+        """Rebuild the held planes of the stream below that are not written: halve them again.
+
+        ``stored(z0, z1)`` reads written planes of *this* level back; this stream's
+        own held planes are in its buffer (restored already).
+        """
+        below = self.below
+        assert below is not None
+        z0, z1 = max(below.start, below.written), below.end
+        if z1 <= z0:
+            return
+        lo, hi = max(2 * z0 - self.margin, 0), min(2 * z1 + self.margin, self.depth)
+        source = np.empty((hi - lo, *self.plane_shape), self.buffer.dtype)
+        split = min(max(self.written, lo), hi)  # planes below this were written; the rest are held
+        if split > lo:
+            source[: split - lo] = stored(lo, split)
+        if hi > split:
+            source[split - lo :] = self.buffer[split - self.start : hi - self.start]
+        out = below.buffer[z0 - below.start : z1 - below.start]
+        self.workers.run(self._halve_tasks(2 * z0, min(2 * z1, self.depth), out, source))
 
     def _halve(self, block: np.ndarray, core: tuple[slice, slice, slice], target: np.ndarray) -> None:
         if self.margin:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,16 +66,19 @@ class TiffStack:
         Pixel type of every slice (native byte order).
     byteorder : str
         ``"<"`` or ``">"``, the files' byte order.
+    bad : tuple of int
+        Slice numbers whose files could not be used (``--bad_slices zero``).
     """
 
     slices: dict[int, SliceFile]
     shape: tuple[int, int]
     dtype: np.dtype
     byteorder: str
+    bad: tuple[int, ...] = ()
 
     def missing(self, z0: int, z1: int) -> list[int]:
-        """Slice numbers in ``[z0, z1)`` that have no file."""
-        return [z for z in range(z0, z1) if z not in self.slices]
+        """Slice numbers in ``[z0, z1)`` that have no file (bad slices not counted)."""
+        return [z for z in range(z0, z1) if z not in self.slices and z not in self.bad]
 
     @property
     def decode_bytes(self) -> int:
@@ -157,37 +161,65 @@ def _inspect(path: Path) -> tuple[tuple[int, int], np.dtype, str, int | None, in
         raise StackError(f"{path}: cannot read the TIFF header ({error}); check or replace this slice") from None
 
 
-def open_stack(files: dict[int, Path]) -> TiffStack:
+BAD_SLICE_POLICIES = ("error", "zero")
+_LISTED = 10
+
+
+def open_stack(files: dict[int, Path], bad_slices: str = "error") -> TiffStack:
     """Check the header of every slice file and gather them into a stack.
+
+    Every file is checked before anything is written, and all problems are
+    reported together: an unreadable header, a file shorter than its pixel
+    data, a compression that cannot be decoded, a shape or type unlike the
+    other slices'.
 
     Parameters
     ----------
     files : dict of int to Path
         Slice number to file, as from :func:`numbered_tiffs` (possibly a subset).
+    bad_slices : {"error", "zero"}
+        ``"zero"`` leaves bad slices out (they read as zeros) and lists them in
+        :attr:`TiffStack.bad`, with a warning.
 
     Raises
     ------
     StackError
-        Naming the files, if slices differ in shape or dtype, a header is
-        unreadable, or a file is shorter than its pixel data.
+        Naming the files, if any slice is bad and ``bad_slices`` is ``"error"``,
+        or if no slice is usable.
     """
     if not files:
         raise StackError("no slice files in the selected z range; check --ranges")
-    slices: dict[int, SliceFile] = {}
-    first: tuple[Path, tuple[int, int], np.dtype, str] | None = None
+    found: dict[int, tuple[Path, tuple[int, int], np.dtype, str, int | None, int]] = {}
+    problems: dict[int, str] = {}
     for z in sorted(files):
-        path = files[z]
-        shape, dtype, byteorder, offset, decode_rows = _inspect(path)
-        if first is None:
-            first = (path, shape, dtype, byteorder)
-        elif (shape, dtype) != first[1:3]:
-            raise StackError(
-                f"{path.name} is {shape[0]} x {shape[1]} {dtype}, but {first[0].name} is "
-                f"{first[1][0]} x {first[1][1]} {first[2]}; all slices must have one shape and type"
-            )
-        slices[z] = SliceFile(z, path, offset, decode_rows)
-    assert first is not None
-    return TiffStack(slices, first[1], first[2].newbyteorder("="), first[3])
+        try:
+            found[z] = (files[z], *_inspect(files[z]))
+        except StackError as error:
+            problems[z] = str(error)
+    if found:
+        kinds = Counter((entry[1], entry[2]) for entry in found.values())
+        (shape, dtype), _ = kinds.most_common(1)[0]
+        reference = next(entry for entry in found.values() if (entry[1], entry[2]) == (shape, dtype))
+        for z, (path, other_shape, other_dtype, *_) in list(found.items()):
+            if (other_shape, other_dtype) != (shape, dtype):
+                problems[z] = (
+                    f"{path.name} is {other_shape[0]} x {other_shape[1]} {other_dtype}, but {reference[0].name} "
+                    f"is {shape[0]} x {shape[1]} {dtype}; all slices must have one shape and type"
+                )
+                del found[z]
+    if problems and (bad_slices == "error" or not found):
+        listed = "; ".join(problems[z] for z in sorted(problems)[:_LISTED])
+        more = f"; and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
+        advice = "" if not found else "; or pass --bad_slices zero to write them as zeros"
+        raise StackError(f"{len(problems)} slice(s) cannot be used: {listed}{more}{advice}")
+    if problems:
+        log.warning(
+            "%d bad slice(s) will be written as zeros: %s",
+            len(problems),
+            "; ".join(problems[z] for z in sorted(problems)[:_LISTED]),
+        )
+    slices = {z: SliceFile(z, entry[0], entry[4], entry[5]) for z, entry in found.items()}
+    return TiffStack(slices, shape, dtype.newbyteorder("="), reference[3], tuple(sorted(problems)))
 
 
 def read_rows(stack: TiffStack, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:

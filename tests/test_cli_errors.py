@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
-from conftest import ROOT, assert_ok, assert_one_line_error, read_json, scroll_to_ome, write_stack
+from conftest import assert_ok, assert_one_line_error, read_json, scroll_to_ome, write_stack
 
 
 @pytest.fixture
@@ -202,36 +199,6 @@ def test_output_under_a_file_is_an_os_error_line(tmp_path, stack):
     (tmp_path / "afile").write_text("x")
     result = scroll_to_ome(stack, tmp_path / "afile" / "out.zarr")
     assert_one_line_error(result, "Not a directory", code=1)
-
-
-def test_ctrl_c_stops_with_exit_code_130(tmp_path, rng):
-    directory = tmp_path / "big"
-    write_stack(directory, rng.integers(1, 60000, size=(96, 1024, 1024), dtype=np.uint16))
-    out = tmp_path / "out.zarr"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "scroll_to_ome.py"),
-            directory,
-            out,
-            "--chunk_size",
-            "32",
-            "--algorithm",
-            "gaussian",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
-    deadline = time.monotonic() + 60
-    while not (out / "0" / ".zarray").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == "scroll_to_ome: interrupted"
-    assert "multiscales" not in read_json(out / ".zattrs")  # visibly unfinished
 
 
 def test_installed_command_is_on_path():

@@ -1,0 +1,107 @@
+"""The progress record: what a conversion has finished, kept inside the store it writes.
+
+Its presence marks the store as unfinished; it is written (atomically, through
+the store) after each unit of work is on disk, and removed once the metadata
+is complete.  ``--resume`` reads it to continue where the run stopped and to
+check that the options are those of the run it continues.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from scrollzarr.errors import ScrollzarrError
+
+KEY = "scrollzarr_progress.json"
+
+# Options whose change makes a stopped conversion impossible to continue, with their command-line names.
+FINGERPRINT_OPTIONS = {
+    "input_directory": "the input directory",
+    "chunk_size": "--chunk_size",
+    "nlevels": "--nlevels",
+    "region_zyx": "--ranges",
+    "algorithm": "--algorithm",
+    "obytes": "--obytes",
+    "zarr_only": "--zarr_only",
+    "bad_slices": "--bad_slices",
+}
+
+
+@dataclass
+class Progress:
+    """What is finished.
+
+    Attributes
+    ----------
+    fingerprint : dict
+        The options of the run (keys of :data:`FINGERPRINT_OPTIONS`).
+    bands : list of int
+        Level-0 band layout: rows, columns, levels streamed.
+    bands_done : int
+        Bands converted completely, in order.
+    slabs_done : int
+        Level-0 slabs (chunk rows of slices) of the current band that are on disk.
+    streams : list of list of int
+        :meth:`LevelStream.state` of each streamed level after ``slabs_done`` slabs.
+    rows_done : dict of str to int
+        For each level built from the level above: its chunk rows in z on disk.
+    chunks_written : dict of str to int
+        Chunk files written per level, for the summary.
+    bad_slices : list of int
+        Slices that could not be read and were written as zeros.
+    """
+
+    fingerprint: dict[str, Any]
+    bands: list[int]
+    bands_done: int = 0
+    slabs_done: int = 0
+    streams: list[list[int]] = field(default_factory=list)
+    rows_done: dict[str, int] = field(default_factory=dict)
+    chunks_written: dict[str, int] = field(default_factory=dict)
+    bad_slices: list[int] = field(default_factory=list)
+
+    def save(self, store: Store) -> None:
+        """Write the record into ``store`` (the store writes it under a temporary name, then renames it)."""
+        data = json.dumps(asdict(self), indent=1).encode()
+        sync(store.set(KEY, default_buffer_prototype().buffer.from_bytes(data)))
+
+    def mismatch(self, fingerprint: dict[str, Any]) -> str | None:
+        """The first option that differs from the recorded run, as a sentence; ``None`` if all agree."""
+        for key, name in FINGERPRINT_OPTIONS.items():
+            if self.fingerprint.get(key) != fingerprint.get(key):
+                return f"{name} was {self.fingerprint.get(key)!r} in the stopped run, now {fingerprint.get(key)!r}"
+        return None
+
+
+def load(store: Store) -> Progress | None:
+    """The record in ``store``, or ``None`` if it has none.
+
+    Raises
+    ------
+    ScrollzarrError
+        If the record exists but cannot be read.
+    """
+    raw = sync(store.get(KEY, default_buffer_prototype()))
+    if raw is None:
+        return None
+    try:
+        return Progress(**json.loads(raw.to_bytes()))
+    except (ValueError, TypeError) as error:
+        raise ScrollzarrError(
+            f"the progress record {KEY} in the output is damaged ({error}); start again with --overwrite"
+        ) from None
+
+
+def remove(store: Store) -> None:
+    """Delete the record: the store is finished."""
+    sync(store.delete(KEY))
+
+
+def exists(store: Store) -> bool:
+    return bool(sync(store.exists(KEY)))
