@@ -444,10 +444,10 @@ class _Run:
         oz, oy, ox = plan.origin
         rows = (oy + band[0][0], oy + band[0][1])
         cols = (ox + band[1][0], ox + band[1][1])
-        for z in range(record.slabs_done * chunk, depth, chunk):
+        begin = record.slabs_done * chunk
+        for z in range(begin, depth, chunk):
             # the files of this slab (the first time) and the next come into the cache while this one is processed
-            first = z + chunk if z > record.slabs_done * chunk else z
-            ahead = range(oz + first, oz + min(z + 2 * chunk, depth))
+            ahead = range(oz + (z if z == begin else z + chunk), oz + min(z + 2 * chunk, depth))
             reader = threading.Thread(target=prefetch, args=(plan.stack, ahead, rows), daemon=True)
             reader.start()
             view = top.reserve(min(chunk, depth - z))

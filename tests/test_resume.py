@@ -43,15 +43,23 @@ def stack(tmp_path_factory) -> Path:
     return directory
 
 
+class References:
+    """The stores uninterrupted runs write, made once per set of extra options."""
+
+    def __init__(self, stack: Path, root: Path) -> None:
+        self.stack, self.root, self.stores = stack, root, {}
+
+    def __getitem__(self, extra: tuple[str, ...]) -> dict[str, bytes]:
+        if extra not in self.stores:
+            out = self.root / str(len(self.stores)) / "out.zarr"  # the same name: it is in the metadata
+            assert_ok(scroll_to_ome(self.stack, out, *ARGS, *extra))
+            self.stores[extra] = files(out)
+        return self.stores[extra]
+
+
 @pytest.fixture(scope="module")
-def reference(stack, tmp_path_factory) -> dict[str, dict[str, bytes]]:
-    """The stores uninterrupted runs write, by extra options."""
-    stores = {}
-    for name, extra in {"streamed": [], "read back": ["--max_gb", "0.004"]}.items():
-        out = tmp_path_factory.mktemp("reference") / "out.zarr"
-        assert_ok(scroll_to_ome(stack, out, *ARGS, *extra))
-        stores[name] = files(out)
-    return stores
+def reference(stack, tmp_path_factory) -> References:
+    return References(stack, tmp_path_factory.mktemp("reference"))
 
 
 def start(stack: Path, out: Path, *extra: object) -> subprocess.Popen[str]:
@@ -65,6 +73,15 @@ def wait_for(condition, process: subprocess.Popen[str], timeout: float = 120) ->
         assert process.poll() is None, "the run finished before it could be stopped"
         assert time.monotonic() < deadline
         time.sleep(0.002)
+
+
+def killed_run(stack: Path, out: Path, chunks: int = 10) -> Path:
+    """``out`` as a run left it when killed (SIGKILL) after writing ``chunks`` level-0 chunks."""
+    process = start(stack, out)
+    wait_for(lambda: chunk_count(out / "0") >= chunks, process)
+    process.kill()
+    process.communicate()
+    return out
 
 
 def chunk_count(directory: Path) -> int:
@@ -81,10 +98,13 @@ def test_plan_of_the_read_back_reference_reads_back(stack, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "level", "after"),
     [
-        ([], "0", 30),  # in the first pass, a few slabs in
-        ([], "2", 1),  # a streamed lower level has started
-        (["--max_gb", "0.004"], "2", 1),  # a level built from the stored level above
-        (["--max_gb", "0.004"], "3", 1),
+        ((), "0", 30),  # in the first pass, a few slabs in
+        ((), "2", 1),  # a streamed lower level has started
+        (("--max_gb", "0.004"), "2", 1),  # a level built from the stored level above
+        (("--max_gb", "0.004"), "3", 1),
+        (("--algorithm", "gaussian"), "2", 1),  # planes held for context are rebuilt too
+        (("--chunk_size", "15"), "1", 1),  # odd chunks: a plane waits for its pair across slabs
+        (("--chunk_size", "15", "--algorithm", "gaussian"), "0", 700),
     ],
 )
 def test_sigkill_then_resume_gives_the_same_files(stack, reference, tmp_path, extra, level, after):
@@ -99,8 +119,7 @@ def test_sigkill_then_resume_gives_the_same_files(stack, reference, tmp_path, ex
     refused = scroll_to_ome(stack, out, *ARGS, *extra)
     assert_one_line_error(refused, "is an unfinished conversion", "--resume", "--overwrite", code=1)
     assert_ok(scroll_to_ome(stack, out, *ARGS, *extra, "--resume"))
-    expected = reference["read back" if extra else "streamed"]
-    assert files(out) == expected
+    assert files(out) == reference[extra]
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -119,7 +138,7 @@ def test_ctrl_c_and_sigterm_stop_and_print_the_command_to_resume(stack, referenc
     assert command[-1] == "--resume"
     resumed = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert_ok(resumed)
-    assert files(out) == reference["streamed"]
+    assert files(out) == reference[()]
 
 
 @pytest.mark.parametrize(
@@ -135,11 +154,7 @@ def test_ctrl_c_and_sigterm_stop_and_print_the_command_to_resume(stack, referenc
     ],
 )
 def test_resume_with_another_option_is_refused(stack, tmp_path, change, option):
-    out = tmp_path / "out.zarr"
-    process = start(stack, out)
-    wait_for(lambda: chunk_count(out / "0") >= 10, process)
-    process.kill()
-    process.communicate()
+    out = killed_run(stack, tmp_path / "out.zarr")
     before = files(out)
     args = [*ARGS, *change]  # the later value of a repeated option wins
     result = scroll_to_ome(stack, out, *args, "--resume")
@@ -148,11 +163,7 @@ def test_resume_with_another_option_is_refused(stack, tmp_path, change, option):
 
 
 def test_resume_from_another_input_directory_is_refused(stack, tmp_path):
-    out = tmp_path / "out.zarr"
-    process = start(stack, out)
-    wait_for(lambda: chunk_count(out / "0") >= 10, process)
-    process.kill()
-    process.communicate()
+    out = killed_run(stack, tmp_path / "out.zarr")
     copy = tmp_path / "copy"
     shutil.copytree(stack, copy)
     result = scroll_to_ome(copy, out, *ARGS, "--resume")
@@ -171,11 +182,7 @@ def test_nothing_to_resume(stack, tmp_path, reference):
 
 
 def test_first_new_level_refuses_an_unfinished_store(stack, tmp_path):
-    out = tmp_path / "out.zarr"
-    process = start(stack, out)
-    wait_for(lambda: chunk_count(out / "0") >= 10, process)
-    process.kill()
-    process.communicate()
+    out = killed_run(stack, tmp_path / "out.zarr")
     result = scroll_to_ome(stack, out, "--first_new_level", 1, "--nlevels", 5)
     assert_one_line_error(result, "is an unfinished conversion", "--resume", code=1)
 
@@ -199,7 +206,7 @@ def test_stop_while_finishing_resumes(stack, reference, tmp_path, monkeypatch, c
     monkeypatch.undo()
     assert (out / progress.KEY).exists()
     assert_ok(scroll_to_ome(stack, out, *ARGS, "--resume"))
-    assert files(out) == reference["streamed"]
+    assert files(out) == reference[()]
 
 
 def test_disk_full_injected_at_the_store(stack, reference, tmp_path, monkeypatch, capsys):
@@ -224,7 +231,7 @@ def test_disk_full_injected_at_the_store(stack, reference, tmp_path, monkeypatch
     assert "free some space; then continue with:" in errors[0] and errors[0].endswith("--resume")
     monkeypatch.undo()
     assert_ok(scroll_to_ome(stack, out, *ARGS, "--resume"))
-    assert files(out) == reference["streamed"]
+    assert files(out) == reference[()]
 
 
 @pytest.fixture
@@ -245,7 +252,7 @@ def test_disk_full_on_a_real_small_file_system(stack, reference, small_tmpfs):
     assert (out / progress.KEY).exists()
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)  # space is back
     assert_ok(scroll_to_ome(stack, out, *ARGS, "--resume"))
-    assert files(out) == reference["streamed"]
+    assert files(out) == reference[()]
 
 
 def test_bad_slices_zero_records_them(tmp_path, rng):
@@ -307,11 +314,7 @@ def test_overwrite_refuses_an_output_inside_the_input(tmp_path, rng):
 
 def test_every_file_is_written_under_a_temporary_name_first(stack, tmp_path):
     """A kill mid-write leaves at most *.partial files, which --resume removes (the store renames into place)."""
-    out = tmp_path / "out.zarr"
-    process = start(stack, out)
-    wait_for(lambda: chunk_count(out / "0") >= 10, process)
-    process.kill()
-    process.communicate()
+    out = killed_run(stack, tmp_path / "out.zarr")
     chunks = [p for p in out.rglob("*") if p.is_file() and p.parent != out and not p.name.startswith(".")]
     for path in chunks:
         if not path.name.endswith(".partial"):
