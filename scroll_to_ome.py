@@ -8,9 +8,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from scrollzarr import pipeline
+from scrollzarr import commands
 from scrollzarr._cli import Parser, add_verbosity, run, setup_logging
 from scrollzarr.downsample import ALGORITHMS, GAUSSIAN_SIGMA
+from scrollzarr.options import Options
 from scrollzarr.tiffstack import BAD_SLICE_POLICIES
 
 PROGRAM = "scroll_to_ome"
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(PROGRAM, args.quiet, args.verbose)
 
     def body() -> None:
-        options = pipeline.Options(
+        options = Options(
             chunk_size=128 if args.chunk_size is None else args.chunk_size,
             nlevels=args.nlevels,
             algorithm=args.algorithm,
@@ -132,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             bad_slices=args.bad_slices,
             quiet=args.quiet,
         )
-        pipeline.run(args.input_tiff_dir, args.output, options, args.first_new_level, args.chunk_size, args.dry_run)
+        commands.scroll_to_ome(
+            args.input_tiff_dir, args.output, options, args.first_new_level, args.chunk_size, args.dry_run
+        )
 
     return run(PROGRAM, body, None if args.dry_run else resume_command(argv))
 

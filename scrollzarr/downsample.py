@@ -48,6 +48,21 @@ def halved_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(math.ceil(n / 2) for n in shape)
 
 
+def level_shapes(shape: tuple[int, int, int], nlevels: int) -> tuple[tuple[int, int, int], ...]:
+    """Shapes of ``nlevels`` levels, each ``ceil(n / 2)`` of the previous along every axis."""
+    shapes = [shape]
+    for _ in range(nlevels - 1):
+        shapes.append(halved_shape(shapes[-1]))  # type: ignore[arg-type]
+    return tuple(shapes)
+
+
+def parameters(algorithm: Algorithm) -> dict[str, object]:
+    """The algorithm's parameters, for the store's metadata."""
+    if algorithm == "gaussian":
+        return {"sigma": GAUSSIAN_SIGMA, "truncate": GAUSSIAN_TRUNCATE}
+    return {}
+
+
 def _pad_even(block: np.ndarray) -> np.ndarray:
     """Repeat the last plane of each odd axis, so every 2 x 2 x 2 block is whole."""
     pad = [(0, n % 2) for n in block.shape]

@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,15 @@ from tqdm import tqdm
 
 from scrollzarr import downsample as ds
 from scrollzarr import memory, progress
-from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
+from scrollzarr.blocks import Shape3
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.memory import format_bytes
 from scrollzarr.ngff_v04 import Multiscale
+from scrollzarr.options import Options
 from scrollzarr.progress import Progress
 from scrollzarr.ranges import parse_ranges
+from scrollzarr.readback import build_from_above
+from scrollzarr.report import LevelReport, Report, chunk_count, format_numbers, progress_bar
 from scrollzarr.store import (
     ChunkWriter,
     OutputError,
@@ -44,7 +47,6 @@ from scrollzarr.store import (
 )
 from scrollzarr.streaming import LevelStream
 from scrollzarr.tiffstack import (
-    BAD_SLICE_POLICIES,
     StackError,
     TiffStack,
     numbered_tiffs,
@@ -52,114 +54,9 @@ from scrollzarr.tiffstack import (
     prefetch,
     read_rows,
 )
-from scrollzarr.workers import Workers, available_cores
+from scrollzarr.workers import Workers
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Options:
-    """What the user asked for; the defaults are the command line's.
-
-    Attributes
-    ----------
-    chunk_size : int
-        Edge of the cubic chunks, voxels, the same at every level.
-    nlevels : int
-        Levels including full resolution.
-    algorithm : {"mean", "gaussian", "nearest", "max"}
-    ranges : str or None
-        ``--ranges`` text, x,y,z order.
-    max_gb : float or None
-        Bound on the memory the conversion's buffers use, GiB.
-    zarr_only : bool
-        Write one plain array instead of the OME-Zarr hierarchy.
-    overwrite : bool
-    obytes : {0, 1}
-        1 stores uint16 input as uint8 (``value // 256``).
-    workers : int or None
-        Worker threads; ``None`` for one per core.
-    resume : bool
-        Continue the stopped conversion in ``output``.
-    bad_slices : {"error", "zero"}
-        What an unreadable slice does: stop the run, or become zeros (recorded).
-    quiet : bool
-        No progress bar.
-    """
-
-    chunk_size: int = 128
-    nlevels: int = 6
-    algorithm: ds.Algorithm = "mean"
-    ranges: str | None = None
-    max_gb: float | None = None
-    zarr_only: bool = False
-    overwrite: bool = False
-    obytes: int = 0
-    workers: int | None = None
-    resume: bool = False
-    bad_slices: str = "error"
-    quiet: bool = False
-
-    def __post_init__(self) -> None:
-        if self.chunk_size < 1:
-            raise UsageError(f"--chunk_size must be at least 1, not {self.chunk_size}")
-        if self.nlevels < 1:
-            raise UsageError(f"--nlevels must be at least 1, not {self.nlevels}")
-        if self.algorithm not in ds.ALGORITHMS:
-            raise UsageError(f"--algorithm must be one of {', '.join(ds.ALGORITHMS)}, not {self.algorithm!r}")
-        if self.obytes not in (0, 1):
-            raise UsageError(f"--obytes must be 0 (same as input) or 1 (uint8), not {self.obytes}")
-        if self.max_gb is not None and self.max_gb <= 0:
-            raise UsageError(f"--max_gb must be a positive number of GB, not {self.max_gb}")
-        if self.workers is not None and self.workers < 1:
-            raise UsageError(f"--workers must be at least 1, not {self.workers}")
-        if self.resume and self.overwrite:
-            raise UsageError("--resume continues the output and --overwrite replaces it: give one of them")
-        if self.bad_slices not in BAD_SLICE_POLICIES:
-            raise UsageError(f"--bad_slices must be one of {', '.join(BAD_SLICE_POLICIES)}, not {self.bad_slices!r}")
-
-    @property
-    def worker_count(self) -> int:
-        return self.workers or available_cores()
-
-
-@dataclass
-class LevelReport:
-    """What was written for one level."""
-
-    shape: Shape3
-    chunks_total: int
-    chunks_written: int = 0
-
-
-@dataclass
-class Report:
-    """What a run wrote, for the final summary."""
-
-    output: Path
-    dtype: np.dtype
-    chunk: int
-    levels: dict[int, LevelReport] = field(default_factory=dict)
-    missing: list[int] = field(default_factory=list)
-    bad: list[int] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def summary(self) -> str:
-        written = sum(level.chunks_written for level in self.levels.values())
-        nbytes = written * self.chunk**3 * self.dtype.itemsize
-        lines = [f"wrote {self.output}: {len(self.levels)} level(s), {self.dtype}, chunks {self.chunk}^3"]
-        for index, level in sorted(self.levels.items()):
-            z, y, x = level.shape
-            lines.append(
-                f"  level {index}: {z} x {y} x {x} (z, y, x), {level.chunks_written} of {level.chunks_total} "
-                f"chunks written, {level.chunks_total - level.chunks_written} all-zero chunks skipped"
-            )
-        lines.append(f"  {written} chunk files, {format_bytes(nbytes)}, in {self.seconds:.1f} s")
-        if self.missing:
-            lines.append(f"  missing slices, written as zeros: {_format_numbers(self.missing)}")
-        if self.bad:
-            lines.append(f"  bad slices, written as zeros: {_format_numbers(self.bad)}")
-        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -204,28 +101,6 @@ class Plan:
     resume_from: Progress | None
 
 
-def _format_numbers(numbers: list[int]) -> str:
-    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
-    runs: list[str] = []
-    start = previous = None
-    for number in [*numbers, None]:
-        if number is not None and previous is not None and number == previous + 1:
-            previous = number
-            continue
-        if start is not None:
-            runs.append(str(start) if start == previous else f"{start}-{previous}")
-        start = previous = number
-    return ", ".join(runs)
-
-
-def level_shapes(shape: Shape3, nlevels: int) -> tuple[Shape3, ...]:
-    """Shapes of ``nlevels`` levels, each ``ceil(n / 2)`` of the previous along every axis."""
-    shapes = [shape]
-    for _ in range(nlevels - 1):
-        shapes.append(ds.halved_shape(shapes[-1]))  # type: ignore[arg-type]
-    return tuple(shapes)
-
-
 def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
     """Discover the stack, check every header and work out shapes, bands, blocks and memory.
 
@@ -245,7 +120,7 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
     if options.obytes == 1 and stack.dtype not in (np.uint8, np.uint16):
         raise UsageError(f"--obytes 1 converts uint16 to uint8, but the slices are {stack.dtype}; leave it out")
     out_dtype = np.dtype(np.uint8) if options.obytes == 1 else stack.dtype
-    shapes = level_shapes((z1 - z0, y1 - y0, x1 - x0), 1 if options.zarr_only else options.nlevels)
+    shapes = ds.level_shapes((z1 - z0, y1 - y0, x1 - x0), 1 if options.zarr_only else options.nlevels)
     layout = memory.Layout(
         shapes=shapes,
         chunk=options.chunk_size,
@@ -324,23 +199,16 @@ def _existing_output(output: Path, options: Options, input_dir: Path) -> Progres
     return None
 
 
-def _chunk_count(shape: Shape3, chunk: int) -> int:
-    count = 1
-    for n in shape:
-        count *= -(-n // chunk)
-    return count
-
-
-def _describe_levels(shapes: Iterable[Shape3], first: int, chunk: int, itemsize: int) -> tuple[list[str], int]:
+def _describe_levels(shapes: Iterable[Shape3], chunk: int, itemsize: int) -> list[str]:
     lines, total = [], 0
-    for level, shape in enumerate(shapes, start=first):
-        count = _chunk_count(shape, chunk)
+    for level, shape in enumerate(shapes):
+        count = chunk_count(shape, chunk)
         total += count
         lines.append(f"  level {level}: {shape[0]} x {shape[1]} x {shape[2]} (z, y, x), {count} chunks")
     lines.append(
         f"  {total} chunks, at most {format_bytes(total * chunk**3 * itemsize)} (all-zero chunks are not written)"
     )
-    return lines, total
+    return lines
 
 
 def describe_plan(plan: Plan) -> str:
@@ -353,11 +221,11 @@ def describe_plan(plan: Plan) -> str:
         f"input: {plan.input_dir}",
         f"  {len(slices)} slice files, numbers {slices[0]} to {slices[-1]}, "
         f"each {stack.shape[0]} x {stack.shape[1]} (rows x columns) {stack.dtype}",
-        f"  missing slices (written as zeros): {_format_numbers(plan.missing) or 'none'}",
+        f"  missing slices (written as zeros): {format_numbers(plan.missing) or 'none'}",
         f"  converting x {x0}:{x0 + nx}, y {y0}:{y0 + ny}, z {z0}:{z0 + nz}",
         f"output: {plan.output} ({kind}), {plan.dtype}, chunks {chunk}^3, downsampling {plan.options.algorithm}",
     ]
-    lines += _describe_levels(plan.shapes, 0, chunk, plan.dtype.itemsize)[0]
+    lines += _describe_levels(plan.shapes, chunk, plan.dtype.itemsize)
     lines.append(
         f"memory: about {format_bytes(plan.need)} for buffers, {plan.options.worker_count} worker(s); "
         f"level 0 read in bands of {plan.bands.rows} x {plan.bands.cols} (rows x columns)"
@@ -396,7 +264,7 @@ class _Run:
         self.report = Report(plan.output, plan.dtype, plan.options.chunk_size, missing=plan.missing)
         for level, shape in enumerate(plan.shapes):
             self.report.levels[level] = LevelReport(
-                shape, _chunk_count(shape, plan.options.chunk_size), record.chunks_written.get(str(level), 0)
+                shape, chunk_count(shape, plan.options.chunk_size), record.chunks_written.get(str(level), 0)
             )
 
     def checkpoint(self) -> None:
@@ -481,79 +349,6 @@ class _Run:
         return lambda z0, z1: array[z0:z1, y0:y1, x0:x1]
 
 
-def _build_from_above(
-    group: zarr.Group,
-    first: int,
-    blocks: tuple[Shape3, ...],
-    algorithm: ds.Algorithm,
-    workers: Workers,
-    bar: tqdm,
-    report: Report,
-    record: Progress,
-    checkpoint: Callable[[], None],
-) -> None:
-    """Fill levels ``first …`` from the stored level above each, in ``blocks``, a chunk row in z at a time.
-
-    Rows that ``record`` lists as done are skipped; ``checkpoint`` is called after each row.
-    """
-    for level, block in enumerate(blocks, start=first):
-        source, target = group[str(level - 1)], group[str(level)]
-        assert isinstance(source, zarr.Array) and isinstance(target, zarr.Array)
-        writer = ChunkWriter(target)
-        log.debug("level %d: from level %d in blocks of %s (z, y, x)", level, level - 1, " x ".join(map(str, block)))
-        bar.set_description(f"level {level}")
-        done = record.rows_done.get(str(level), 0)
-
-        def work(box: Box, source: zarr.Array = source, writer: ChunkWriter = writer) -> int:
-            written = write_downsampled_block(source, writer, box, algorithm)
-            bar.update(box_size(box))
-            return written
-
-        for row, boxes in enumerate(_rows(list(iter_boxes(target.shape, block)))):  # type: ignore[arg-type]
-            if row < done:
-                bar.update(sum(box_size(box) for box in boxes))
-                continue
-            report.levels[level].chunks_written += sum(workers.run(lambda box=box: work(box) for box in boxes))
-            record.rows_done[str(level)] = row + 1
-            checkpoint()
-
-
-def _rows(boxes: list[Box]) -> list[list[Box]]:
-    """Boxes grouped by their z range (``iter_boxes`` gives them z slowest)."""
-    rows: dict[tuple[int, int], list[Box]] = {}
-    for box in boxes:
-        rows.setdefault(box[0], []).append(box)
-    return list(rows.values())
-
-
-def write_downsampled_block(source: zarr.Array, writer: ChunkWriter, box: Box, algorithm: ds.Algorithm) -> int:
-    """Build ``box`` of a level from the stored level above, ``source``; write its non-zero chunks."""
-    margin = ds.halo(algorithm)
-    read = tuple(
-        slice(max(2 * a - margin, 0), min(2 * b + margin, n)) for (a, b), n in zip(box, source.shape, strict=True)
-    )
-    data = source[read]
-    if algorithm == "gaussian":
-        core = tuple(
-            slice(2 * a - r.start, min(2 * b, n) - r.start)
-            for (a, b), r, n in zip(box, read, source.shape, strict=True)
-        )
-        result = ds.downsample_gaussian(data, core)  # type: ignore[arg-type]
-    else:
-        result = ds.downsample(data, algorithm)
-    corner = tuple(a for a, _ in box)
-    written = 0
-    for local in iter_boxes(result.shape, writer.chunks):  # type: ignore[arg-type]
-        piece = result[tuple(slice(a, b) for a, b in local)]
-        written += writer.write(tuple(c + a for c, (a, _) in zip(corner, local, strict=True)), piece)
-    return written
-
-
-def _progress(shapes: Iterable[Shape3], quiet: bool) -> tqdm:
-    total = sum(s[0] * s[1] * s[2] for s in shapes)
-    return tqdm(total=total, unit="vox", unit_scale=True, disable=quiet, mininterval=1.0, desc="converting")
-
-
 def _stack_attributes(plan: Plan, bad: list[int]) -> dict[str, object]:
     return {
         "source_directory": str(plan.input_dir.resolve()),
@@ -562,12 +357,6 @@ def _stack_attributes(plan: Plan, bad: list[int]) -> dict[str, object]:
         "bad_slices": bad,
         "obytes": plan.options.obytes,
     }
-
-
-def _downsampling_parameters(algorithm: ds.Algorithm) -> dict[str, object]:
-    if algorithm == "gaussian":
-        return {"sigma": ds.GAUSSIAN_SIGMA, "truncate": ds.GAUSSIAN_TRUNCATE}
-    return {}
 
 
 def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progress]:
@@ -605,7 +394,7 @@ def convert(plan: Plan) -> Report:
     """
     started = time.monotonic()
     if plan.missing:
-        log.warning("no file for slice(s) %s; they are written as zeros", _format_numbers(plan.missing))
+        log.warning("no file for slice(s) %s; they are written as zeros", format_numbers(plan.missing))
     group, arrays, record = _open_output(plan)
     log.debug(
         "level 0: bands of %d x %d (rows x columns), levels 1 to %d streamed",
@@ -633,7 +422,7 @@ def _describe_progress(plan: Plan, record: Progress) -> str:
 def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], record: Progress) -> Report:
     options = plan.options
     _, height, width = plan.shapes[0]
-    with _progress(plan.shapes, options.quiet) as bar, Workers(options.worker_count) as workers:
+    with progress_bar(plan.shapes, options.quiet) as bar, Workers(options.worker_count) as workers:
         run = _Run(plan, arrays, record, workers, bar)
         bar.set_description(f"levels 0-{plan.bands.streamed}" if plan.bands.streamed else "level 0")
         bands = _bands(height, width, plan.bands)
@@ -642,7 +431,7 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
         for band in bands[record.bands_done :]:
             run.convert_band(band)
         if group is not None:
-            _build_from_above(
+            build_from_above(
                 group, plan.bands.streamed + 1, plan.blocks, options.algorithm, workers, bar, run.report, record,
                 run.checkpoint,
             )  # fmt: skip
@@ -656,7 +445,7 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
             len(plan.shapes),
             plan.origin if plan.cropped else None,
             options.algorithm,
-            _downsampling_parameters(options.algorithm),
+            ds.parameters(options.algorithm),
         )
         group.attrs.update({"scrollzarr": attributes, "multiscales": [multiscale.to_json()]})
     progress.remove(run.store)
@@ -669,181 +458,3 @@ def _bands(height: int, width: int, bands: memory.BandPlan) -> list[Band]:
         for r in range(0, height, bands.rows)
         for c in range(0, width, bands.cols)
     ]
-
-
-@dataclass(frozen=True)
-class RebuildPlan:
-    """``--first_new_level``: levels to rebuild in an existing OME-Zarr."""
-
-    output: Path
-    first: int
-    shapes: tuple[Shape3, ...]
-    dtype: np.dtype
-    chunk: int
-    origin: Shape3 | None
-    algorithm: ds.Algorithm
-    budget: int
-    blocks: tuple[Shape3, ...]
-    workers: int
-    quiet: bool
-
-
-def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | None) -> RebuildPlan:
-    """Check an existing OME-Zarr and work out the levels ``first … nlevels-1`` to rebuild.
-
-    Parameters
-    ----------
-    chunk_size : int or None
-        Chunk edge of the new levels; ``None`` keeps that of level ``first - 1``.
-    """
-    check_output_name(output)
-    if options.zarr_only:
-        raise UsageError("--first_new_level adds levels to an OME-Zarr; it cannot be combined with --zarr_only")
-    if options.obytes:
-        raise UsageError("--obytes applies when converting TIFFs; new levels keep the dtype of the level above")
-    if first < 1:
-        raise UsageError(f"--first_new_level must be 1 or more (level 0 comes from the TIFFs), not {first}")
-    if first >= options.nlevels:
-        raise UsageError(
-            f"--first_new_level {first} leaves nothing to build with --nlevels {options.nlevels}; "
-            f"raise --nlevels above {first}"
-        )
-    record = progress.load(open_store(output)) if is_zarr_store(output) else None
-    if record is not None and "rebuild_from_level" not in record.fingerprint:
-        raise ScrollzarrError(
-            f"{output} is an unfinished conversion; finish it first with the same command and --resume"
-        )
-    if record is not None and record.fingerprint["rebuild_from_level"] < first:
-        raise UsageError(
-            f"{output} is unfinished: rebuilding from level {record.fingerprint['rebuild_from_level']} stopped; "
-            f"run --first_new_level {record.fingerprint['rebuild_from_level']} again"
-        )
-    try:
-        group = zarr.open_group(str(output), mode="r")
-        multiscale = Multiscale.from_json(group.attrs["multiscales"][0])  # type: ignore[index,arg-type]
-    except Exception:
-        raise ScrollzarrError(
-            f"{output} is not a finished OME-Zarr (no readable multiscales metadata); "
-            "convert the TIFFs first, without --first_new_level"
-        ) from None
-    paths = [dataset.path for dataset in multiscale.datasets]
-    if paths != [str(level) for level in range(len(paths))]:
-        raise ScrollzarrError(f"{output} has levels {paths}, not 0, 1, 2, …; it was not written by scroll_to_ome")
-    if first > len(paths):
-        raise UsageError(
-            f"--first_new_level {first} needs level {first - 1}, but {output} has levels 0 to {len(paths) - 1}; "
-            f"use --first_new_level {len(paths)} or less"
-        )
-    source = group[str(first - 1)]
-    assert isinstance(source, zarr.Array)
-    chunk = source.chunks[0] if chunk_size is None else chunk_size
-    base = level_shapes(source.shape, options.nlevels - first + 1)  # type: ignore[arg-type]
-    shapes = tuple(group[str(level)].shape for level in range(first)) + base[1:]
-    translation = multiscale.datasets[0].translation
-    dtype = np.dtype(source.dtype)
-    layout = memory.Layout(
-        shapes=shapes,
-        chunk=chunk,
-        in_itemsize=dtype.itemsize,
-        out_itemsize=dtype.itemsize,
-        slice_shape=source.shape[1:],  # type: ignore[arg-type]
-        decode_bytes=0,
-        algorithm=options.algorithm,
-        workers=options.worker_count,
-    )
-    plane = chunk * source.shape[1] * source.shape[2] * dtype.itemsize
-    if options.max_gb is None:
-        budget = max(plane, memory.read_back_need(layout, first))
-    else:
-        budget = int(options.max_gb * memory.GIB)
-    return RebuildPlan(
-        output=output,
-        first=first,
-        shapes=shapes,
-        dtype=dtype,
-        chunk=chunk,
-        origin=None if translation is None else tuple(int(v) for v in translation),  # type: ignore[arg-type]
-        algorithm=options.algorithm,
-        budget=budget,
-        blocks=memory.read_back_blocks(layout, first, budget),
-        workers=options.worker_count,
-        quiet=options.quiet,
-    )
-
-
-def rebuild_levels(plan: RebuildPlan) -> Report:
-    """Delete levels ``plan.first …`` of the store, build them again, and rewrite the metadata."""
-    started = time.monotonic()
-    store = open_store(plan.output)
-    record = Progress({"rebuild_from_level": plan.first}, [])
-    record.save(store)  # unfinished until the metadata lists the new levels; running the rebuild again finishes it
-    group = zarr.open_group(str(plan.output), mode="r+")
-    for name in list(group.array_keys()):
-        if name.isdigit() and int(name) >= plan.first:
-            del group[name]
-    report = Report(plan.output, plan.dtype, plan.chunk)
-    for level in range(plan.first, len(plan.shapes)):
-        create_level(group, str(level), plan.shapes[level], plan.chunk, plan.dtype)
-        report.levels[level] = LevelReport(plan.shapes[level], _chunk_count(plan.shapes[level], plan.chunk))
-    with _progress(plan.shapes[plan.first :], plan.quiet) as bar, Workers(plan.workers) as workers:
-        _build_from_above(
-            group, plan.first, plan.blocks, plan.algorithm, workers, bar, report, record, lambda: record.save(store)
-        )
-    multiscale = Multiscale.pyramid(
-        plan.output.stem,
-        len(plan.shapes),
-        plan.origin,
-        plan.algorithm,
-        _downsampling_parameters(plan.algorithm),
-    )
-    group.attrs["multiscales"] = [multiscale.to_json()]
-    progress.remove(store)
-    report.seconds = time.monotonic() - started
-    return report
-
-
-def describe_rebuild(plan: RebuildPlan) -> str:
-    """The ``--first_new_level`` plan as text, for ``--dry_run``."""
-    lines = [f"rebuild levels {plan.first} to {len(plan.shapes) - 1} of {plan.output} from level {plan.first - 1}"]
-    for level in range(plan.first, len(plan.shapes)):
-        shape = plan.shapes[level]
-        lines.append(
-            f"  level {level}: {shape[0]} x {shape[1]} x {shape[2]} (z, y, x), "
-            f"{_chunk_count(shape, plan.chunk)} chunks of {plan.chunk}^3, {plan.algorithm}"
-        )
-    lines.append(f"memory: about {format_bytes(plan.budget)} for buffers, {plan.workers} worker(s)")
-    return "\n".join(lines)
-
-
-def run(
-    input_dir: Path,
-    output: Path,
-    options: Options,
-    first_new_level: int | None = None,
-    chunk_size: int | None = None,
-    dry_run: bool = False,
-) -> None:
-    """Everything ``scroll_to_ome`` does: plan, then print the plan or carry it out.
-
-    Parameters
-    ----------
-    first_new_level : int or None
-        Rebuild levels from this one on in the existing store ``output``
-        instead of converting ``input_dir``.
-    chunk_size : int or None
-        The chunk size the user gave, if any (a rebuild otherwise keeps the store's).
-    dry_run : bool
-        Print the plan on stdout and write nothing.
-    """
-    if first_new_level is not None:
-        rebuild = plan_rebuild(output, first_new_level, options, chunk_size)
-        if dry_run:
-            print(describe_rebuild(rebuild))
-        else:
-            log.info(rebuild_levels(rebuild).summary())
-        return
-    plan = plan_conversion(input_dir, output, options)
-    if dry_run:
-        print(describe_plan(plan))
-    else:
-        log.info(convert(plan).summary())

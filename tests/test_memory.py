@@ -3,8 +3,8 @@
 import pytest
 
 from scrollzarr import memory
+from scrollzarr.downsample import level_shapes
 from scrollzarr.errors import UsageError
-from scrollzarr.pipeline import level_shapes
 
 
 def layout(shape=(256, 2048, 2048), chunk=128, nlevels=6, algorithm="mean", workers=2, decode_bytes=0):

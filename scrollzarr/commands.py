@@ -1,0 +1,45 @@
+"""What each command-line script does, once its arguments are parsed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from scrollzarr import pipeline, rebuild
+from scrollzarr.options import Options
+
+log = logging.getLogger(__name__)
+
+
+def scroll_to_ome(
+    input_dir: Path,
+    output: Path,
+    options: Options,
+    first_new_level: int | None = None,
+    chunk_size: int | None = None,
+    dry_run: bool = False,
+) -> None:
+    """Everything ``scroll_to_ome`` does: plan, then print the plan or carry it out.
+
+    Parameters
+    ----------
+    first_new_level : int or None
+        Rebuild levels from this one on in the existing store ``output``
+        instead of converting ``input_dir``.
+    chunk_size : int or None
+        The chunk size the user gave, if any (a rebuild otherwise keeps the store's).
+    dry_run : bool
+        Print the plan on stdout and write nothing.
+    """
+    if first_new_level is not None:
+        plan = rebuild.plan_rebuild(output, first_new_level, options, chunk_size)
+        if dry_run:
+            print(rebuild.describe_rebuild(plan))
+        else:
+            log.info(rebuild.rebuild_levels(plan).summary())
+        return
+    conversion = pipeline.plan_conversion(input_dir, output, options)
+    if dry_run:
+        print(pipeline.describe_plan(conversion))
+    else:
+        log.info(pipeline.convert(conversion).summary())

@@ -1,0 +1,87 @@
+"""Levels built from the stored level above, block by block: what the bands cannot stream,
+and ``--first_new_level``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import zarr
+from tqdm import tqdm
+
+from scrollzarr import downsample as ds
+from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
+from scrollzarr.progress import Progress
+from scrollzarr.report import Report
+from scrollzarr.store import ChunkWriter
+from scrollzarr.workers import Workers
+
+log = logging.getLogger(__name__)
+
+
+def build_from_above(
+    group: zarr.Group,
+    first: int,
+    blocks: tuple[Shape3, ...],
+    algorithm: ds.Algorithm,
+    workers: Workers,
+    bar: tqdm,
+    report: Report,
+    record: Progress,
+    checkpoint: Callable[[], None],
+) -> None:
+    """Fill levels ``first …`` from the stored level above each, in ``blocks``, a chunk row in z at a time.
+
+    Rows that ``record`` lists as done are skipped; ``checkpoint`` is called after each row.
+    """
+    for level, block in enumerate(blocks, start=first):
+        source, target = group[str(level - 1)], group[str(level)]
+        assert isinstance(source, zarr.Array) and isinstance(target, zarr.Array)
+        writer = ChunkWriter(target)
+        log.debug("level %d: from level %d in blocks of %s (z, y, x)", level, level - 1, " x ".join(map(str, block)))
+        bar.set_description(f"level {level}")
+        done = record.rows_done.get(str(level), 0)
+
+        def work(box: Box, source: zarr.Array = source, writer: ChunkWriter = writer) -> int:
+            written = write_downsampled_block(source, writer, box, algorithm)
+            bar.update(box_size(box))
+            return written
+
+        for row, boxes in enumerate(_rows(list(iter_boxes(target.shape, block)))):  # type: ignore[arg-type]
+            if row < done:
+                bar.update(sum(box_size(box) for box in boxes))
+                continue
+            report.levels[level].chunks_written += sum(workers.run(lambda box=box: work(box) for box in boxes))
+            record.rows_done[str(level)] = row + 1
+            checkpoint()
+
+
+def _rows(boxes: list[Box]) -> list[list[Box]]:
+    """Boxes grouped by their z range (``iter_boxes`` gives them z slowest)."""
+    rows: dict[tuple[int, int], list[Box]] = {}
+    for box in boxes:
+        rows.setdefault(box[0], []).append(box)
+    return list(rows.values())
+
+
+def write_downsampled_block(source: zarr.Array, writer: ChunkWriter, box: Box, algorithm: ds.Algorithm) -> int:
+    """Build ``box`` of a level from the stored level above, ``source``; write its non-zero chunks."""
+    margin = ds.halo(algorithm)
+    read = tuple(
+        slice(max(2 * a - margin, 0), min(2 * b + margin, n)) for (a, b), n in zip(box, source.shape, strict=True)
+    )
+    data = source[read]
+    if algorithm == "gaussian":
+        core = tuple(
+            slice(2 * a - r.start, min(2 * b, n) - r.start)
+            for (a, b), r, n in zip(box, read, source.shape, strict=True)
+        )
+        result = ds.downsample_gaussian(data, core)  # type: ignore[arg-type]
+    else:
+        result = ds.downsample(data, algorithm)
+    corner = tuple(a for a, _ in box)
+    written = 0
+    for local in iter_boxes(result.shape, writer.chunks):  # type: ignore[arg-type]
+        piece = result[tuple(slice(a, b) for a, b in local)]
+        written += writer.write(tuple(c + a for c, (a, _) in zip(corner, local, strict=True)), piece)
+    return written

@@ -1,0 +1,170 @@
+"""``--first_new_level``: build levels N … again in a finished OME-Zarr, from its level N-1."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from scrollzarr import downsample as ds
+from scrollzarr import memory, progress
+from scrollzarr.blocks import Shape3
+from scrollzarr.errors import ScrollzarrError, UsageError
+from scrollzarr.memory import format_bytes
+from scrollzarr.ngff_v04 import Multiscale
+from scrollzarr.options import Options
+from scrollzarr.progress import Progress
+from scrollzarr.readback import build_from_above
+from scrollzarr.report import LevelReport, Report, chunk_count, progress_bar
+from scrollzarr.store import check_output_name, create_level, is_zarr_store, open_store
+from scrollzarr.workers import Workers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RebuildPlan:
+    """``--first_new_level``: levels to rebuild in an existing OME-Zarr."""
+
+    output: Path
+    first: int
+    shapes: tuple[Shape3, ...]
+    dtype: np.dtype
+    chunk: int
+    origin: Shape3 | None
+    algorithm: ds.Algorithm
+    budget: int
+    blocks: tuple[Shape3, ...]
+    workers: int
+    quiet: bool
+
+
+def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | None) -> RebuildPlan:
+    """Check an existing OME-Zarr and work out the levels ``first … nlevels-1`` to rebuild.
+
+    Parameters
+    ----------
+    chunk_size : int or None
+        Chunk edge of the new levels; ``None`` keeps that of level ``first - 1``.
+    """
+    check_output_name(output)
+    if options.zarr_only:
+        raise UsageError("--first_new_level adds levels to an OME-Zarr; it cannot be combined with --zarr_only")
+    if options.obytes:
+        raise UsageError("--obytes applies when converting TIFFs; new levels keep the dtype of the level above")
+    if first < 1:
+        raise UsageError(f"--first_new_level must be 1 or more (level 0 comes from the TIFFs), not {first}")
+    if first >= options.nlevels:
+        raise UsageError(
+            f"--first_new_level {first} leaves nothing to build with --nlevels {options.nlevels}; "
+            f"raise --nlevels above {first}"
+        )
+    record = progress.load(open_store(output)) if is_zarr_store(output) else None
+    if record is not None and "rebuild_from_level" not in record.fingerprint:
+        raise ScrollzarrError(
+            f"{output} is an unfinished conversion; finish it first with the same command and --resume"
+        )
+    if record is not None and record.fingerprint["rebuild_from_level"] < first:
+        raise UsageError(
+            f"{output} is unfinished: rebuilding from level {record.fingerprint['rebuild_from_level']} stopped; "
+            f"run --first_new_level {record.fingerprint['rebuild_from_level']} again"
+        )
+    try:
+        group = zarr.open_group(str(output), mode="r")
+        multiscale = Multiscale.from_json(group.attrs["multiscales"][0])  # type: ignore[index,arg-type]
+    except Exception:
+        raise ScrollzarrError(
+            f"{output} is not a finished OME-Zarr (no readable multiscales metadata); "
+            "convert the TIFFs first, without --first_new_level"
+        ) from None
+    paths = [dataset.path for dataset in multiscale.datasets]
+    if paths != [str(level) for level in range(len(paths))]:
+        raise ScrollzarrError(f"{output} has levels {paths}, not 0, 1, 2, …; it was not written by scroll_to_ome")
+    if first > len(paths):
+        raise UsageError(
+            f"--first_new_level {first} needs level {first - 1}, but {output} has levels 0 to {len(paths) - 1}; "
+            f"use --first_new_level {len(paths)} or less"
+        )
+    source = group[str(first - 1)]
+    assert isinstance(source, zarr.Array)
+    chunk = source.chunks[0] if chunk_size is None else chunk_size
+    base = ds.level_shapes(source.shape, options.nlevels - first + 1)  # type: ignore[arg-type]
+    shapes = tuple(group[str(level)].shape for level in range(first)) + base[1:]
+    translation = multiscale.datasets[0].translation
+    dtype = np.dtype(source.dtype)
+    layout = memory.Layout(
+        shapes=shapes,
+        chunk=chunk,
+        in_itemsize=dtype.itemsize,
+        out_itemsize=dtype.itemsize,
+        slice_shape=source.shape[1:],  # type: ignore[arg-type]
+        decode_bytes=0,
+        algorithm=options.algorithm,
+        workers=options.worker_count,
+    )
+    plane = chunk * source.shape[1] * source.shape[2] * dtype.itemsize
+    if options.max_gb is None:
+        budget = max(plane, memory.read_back_need(layout, first))
+    else:
+        budget = int(options.max_gb * memory.GIB)
+    return RebuildPlan(
+        output=output,
+        first=first,
+        shapes=shapes,
+        dtype=dtype,
+        chunk=chunk,
+        origin=None if translation is None else tuple(int(v) for v in translation),  # type: ignore[arg-type]
+        algorithm=options.algorithm,
+        budget=budget,
+        blocks=memory.read_back_blocks(layout, first, budget),
+        workers=options.worker_count,
+        quiet=options.quiet,
+    )
+
+
+def rebuild_levels(plan: RebuildPlan) -> Report:
+    """Delete levels ``plan.first …`` of the store, build them again, and rewrite the metadata."""
+    started = time.monotonic()
+    store = open_store(plan.output)
+    record = Progress({"rebuild_from_level": plan.first}, [])
+    record.save(store)  # unfinished until the metadata lists the new levels; running the rebuild again finishes it
+    group = zarr.open_group(str(plan.output), mode="r+")
+    for name in list(group.array_keys()):
+        if name.isdigit() and int(name) >= plan.first:
+            del group[name]
+    report = Report(plan.output, plan.dtype, plan.chunk)
+    for level in range(plan.first, len(plan.shapes)):
+        create_level(group, str(level), plan.shapes[level], plan.chunk, plan.dtype)
+        report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], plan.chunk))
+    with progress_bar(plan.shapes[plan.first :], plan.quiet) as bar, Workers(plan.workers) as workers:
+        build_from_above(
+            group, plan.first, plan.blocks, plan.algorithm, workers, bar, report, record, lambda: record.save(store)
+        )
+    multiscale = Multiscale.pyramid(
+        plan.output.stem,
+        len(plan.shapes),
+        plan.origin,
+        plan.algorithm,
+        ds.parameters(plan.algorithm),
+    )
+    group.attrs["multiscales"] = [multiscale.to_json()]
+    progress.remove(store)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def describe_rebuild(plan: RebuildPlan) -> str:
+    """The ``--first_new_level`` plan as text, for ``--dry_run``."""
+    lines = [f"rebuild levels {plan.first} to {len(plan.shapes) - 1} of {plan.output} from level {plan.first - 1}"]
+    for level in range(plan.first, len(plan.shapes)):
+        shape = plan.shapes[level]
+        lines.append(
+            f"  level {level}: {shape[0]} x {shape[1]} x {shape[2]} (z, y, x), "
+            f"{chunk_count(shape, plan.chunk)} chunks of {plan.chunk}^3, {plan.algorithm}"
+        )
+    lines.append(f"memory: about {format_bytes(plan.budget)} for buffers, {plan.workers} worker(s)")
+    return "\n".join(lines)
