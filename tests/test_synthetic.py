@@ -39,3 +39,10 @@ def test_bad_shape_is_one_line_error(tmp_path):
     result = run_script("-m", "scrollzarr.synthetic", tmp_path / "x", "--shape", 0, 4, 4)
     assert result.returncode == 2
     assert result.stderr.strip().endswith("--shape needs three positive sizes, not [0, 4, 4]")
+
+
+def test_cli_seed_changes_the_noise(tmp_path):
+    assert_ok(run_script("-m", "scrollzarr.synthetic", tmp_path / "s", "--shape", 2, 16, 16, "--seed", 3, "--quiet"))
+    image = tifffile.imread(tmp_path / "s" / "00001.tif")
+    np.testing.assert_array_equal(image, scroll_slice(1, (16, 16), 2, masked=False, seed=3))
+    assert not np.array_equal(image, scroll_slice(1, (16, 16), 2, masked=False, seed=0))
