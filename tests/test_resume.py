@@ -322,3 +322,22 @@ def test_every_file_is_written_under_a_temporary_name_first(stack, tmp_path):
     (chunks[0].parent / "7.abc.partial").write_bytes(b"half")  # as a write cut off by the kill leaves it
     assert_ok(scroll_to_ome(stack, out, *ARGS, "--resume"))
     assert not list(out.rglob("*.partial"))
+
+
+def test_a_stopped_rebuild_is_unfinished_and_running_it_again_finishes(stack, tmp_path):
+    rebuild = ["--first_new_level", "1", "--nlevels", "4", "--chunk_size", str(CHUNK), "--workers", "1"]
+    expected = tmp_path / "a" / "out.zarr"
+    assert_ok(scroll_to_ome(stack, expected, "--chunk_size", CHUNK, "--nlevels", 1))
+    assert_ok(scroll_to_ome(stack, expected, *rebuild))
+    out = tmp_path / "b" / "out.zarr"
+    assert_ok(scroll_to_ome(stack, out, "--chunk_size", CHUNK, "--nlevels", 1))
+    command = [sys.executable, str(ROOT / "scroll_to_ome.py"), str(stack), str(out), *rebuild]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    wait_for(lambda: chunk_count(out / "1") >= 5, process)
+    process.kill()
+    process.communicate()
+    assert (out / progress.KEY).exists()
+    result = scroll_to_ome(stack, out, "--first_new_level", 2, "--nlevels", 4)
+    assert_one_line_error(result, "rebuilding from level 1 stopped", "run --first_new_level 1 again", code=2)
+    assert_ok(scroll_to_ome(stack, out, *rebuild))
+    assert files(out) == files(expected)
