@@ -105,6 +105,7 @@ def test_plan_of_the_read_back_reference_reads_back(stack, tmp_path):
         (("--algorithm", "gaussian"), "2", 1),  # planes held for context are rebuilt too
         (("--chunk_size", "15"), "1", 1),  # odd chunks: a plane waits for its pair across slabs
         (("--chunk_size", "15", "--algorithm", "gaussian"), "0", 700),
+        (("--zarr_only",), "1", 30),  # a plain array: chunk keys z/y/x at its root, so "1" is z chunk row 1
     ],
 )
 def test_sigkill_then_resume_gives_the_same_files(stack, reference, tmp_path, extra, level, after):
