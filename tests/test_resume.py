@@ -342,3 +342,14 @@ def test_a_stopped_rebuild_is_unfinished_and_running_it_again_finishes(stack, tm
     assert_one_line_error(result, "rebuilding from level 1 stopped", "run --first_new_level 1 again", code=2)
     assert_ok(scroll_to_ome(stack, out, *rebuild))
     assert files(out) == files(expected)
+
+
+def test_read_only_output_is_one_message_and_stays_resumable(stack, reference, small_tmpfs):
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
+    out = killed_run(stack, small_tmpfs / "out.zarr")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    result = scroll_to_ome(stack, out, *ARGS, "--resume")
+    assert_one_line_error(result, "cannot write", "Read-only file system", "make the output writable", code=1)
+    subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True)
+    assert_ok(scroll_to_ome(stack, out, *ARGS, "--resume"))
+    assert files(out) == reference[()]
