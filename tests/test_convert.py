@@ -325,3 +325,16 @@ def test_workers_give_the_same_store(tmp_path, stack, volume, workers):
     assert f"{workers[1]} worker(s)" in result.stdout
     assert_ok(scroll_to_ome(stack, out, "--chunk_size", CHUNK, "--nlevels", NLEVELS, *workers))
     check_ome_store(out, pyramid(volume, NLEVELS), CHUNK)
+
+
+@pytest.mark.parametrize("algorithm", ["gaussian", "max", "nearest"])
+def test_levels_read_back_under_max_gb_match_for_every_algorithm(tmp_path, rng, algorithm):
+    volume = make_volume(rng, (20, 150, 170))
+    write_stack(tmp_path / "slices", volume)
+    out = tmp_path / "out.zarr"
+    args = ["--chunk_size", CHUNK, "--nlevels", NLEVELS, "--workers", 1, "--algorithm", algorithm]
+    budget = default_need(tmp_path / "slices", out, *args) / 8
+    plan = scroll_to_ome(tmp_path / "slices", out, *args, "--max_gb", budget / 2**30, "--dry_run")
+    assert "from the stored level above each" in plan.stdout
+    assert_ok(scroll_to_ome(tmp_path / "slices", out, *args, "--max_gb", budget / 2**30))
+    check_ome_store(out, pyramid(volume, NLEVELS, algorithm), CHUNK)
