@@ -19,6 +19,7 @@ import zarr
 
 import scroll_to_ome as cli
 from scrollzarr import progress
+from scrollzarr import store as store_module
 
 from conftest import ROOT, assert_ok, assert_one_line_error, read_json, scroll_to_ome, write_stack
 from reference import pyramid
@@ -210,20 +211,19 @@ def test_stop_while_finishing_resumes(stack, reference, tmp_path, monkeypatch, c
     assert files(out) == reference[()]
 
 
-def test_disk_full_injected_at_the_store(stack, reference, tmp_path, monkeypatch, capsys):
-    """The store raises ENOSPC on the 40th chunk write: one message, exit 1, and --resume finishes."""
+def test_disk_full_injected_at_the_storage_layer(stack, reference, tmp_path, monkeypatch, capsys):
+    """The chunk file writes raise ENOSPC from the 40th on: one message, exit 1, and --resume finishes."""
     out = tmp_path / "out.zarr"
-    original = zarr.storage.LocalStore.set
-    writes = {"chunks": 0}
+    original = store_module.write_file
+    writes = {"count": 0}
 
-    async def set_until_full(self, key, value):
-        if not key.rsplit("/", 1)[-1].startswith(".") and not key.endswith(".json"):
-            writes["chunks"] += 1
-            if writes["chunks"] >= 40:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(self.root) / key))
-        return await original(self, key, value)
+    def write_until_full(path, data):
+        writes["count"] += 1
+        if writes["count"] >= 40:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        original(path, data)
 
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", set_until_full)
+    monkeypatch.setattr(store_module, "write_file", write_until_full)
     assert cli.main([str(stack), str(out), *map(str, ARGS), "--quiet"]) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
