@@ -313,9 +313,11 @@ class _Run:
         rows = (oy + band[0][0], oy + band[0][1])
         cols = (ox + band[1][0], ox + band[1][1])
         begin = record.slabs_done * chunk
+        # ask for the first slab's files all at once, before reading them: the disk then reads them in order
+        prefetch(plan.stack, range(oz + begin, oz + min(begin + chunk, depth)), rows)
         for z in range(begin, depth, chunk):
-            # the files of this slab (the first time) and the next come into the cache while this one is processed
-            ahead = range(oz + (z if z == begin else z + chunk), oz + min(z + 2 * chunk, depth))
+            # the next slab's files come into the cache while this one is processed
+            ahead = range(oz + z + chunk, oz + min(z + 2 * chunk, depth))
             reader = threading.Thread(target=prefetch, args=(plan.stack, ahead, rows), daemon=True)
             reader.start()
             view = top.reserve(min(chunk, depth - z))
