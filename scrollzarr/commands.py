@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from scrollzarr import pipeline, rebuild
+from scrollzarr import layers, pipeline, rebuild
 from scrollzarr.options import Options
 
 log = logging.getLogger(__name__)
@@ -43,3 +43,10 @@ def scroll_to_ome(
         print(pipeline.describe_plan(conversion))
     else:
         log.info(pipeline.convert(conversion).summary())
+
+
+def ppm_to_layers(
+    ppm_path: Path, zarr_path: Path, output_dir: Path, stack_path: Path | None, options: layers.LayerOptions
+) -> None:
+    """Everything ``ppm_to_layers`` does: render the layers (and stacked image), then print a summary."""
+    log.info(layers.ppm_to_layers(ppm_path, zarr_path, output_dir, stack_path, options).summary())

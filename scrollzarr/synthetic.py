@@ -26,6 +26,17 @@ AIR_LEVEL = 4000
 NOISE = 1500.0
 
 
+def _geometry(z: np.ndarray, shape: tuple[int, int], depth: int) -> tuple[np.ndarray, ...]:
+    """Centre row and column, turn (radians), radius and pitch of the spiral in slices ``z``."""
+    rows, cols = shape
+    turn = 2 * np.pi * z / max(depth, 1) * 0.5
+    cy = rows / 2 + rows * 0.03 * np.sin(turn)
+    cx = cols / 2 + cols * 0.03 * np.cos(turn)
+    radius = 0.45 * min(rows, cols)
+    pitch = max(radius / 6, 3.0)
+    return cy, cx, turn, radius, pitch
+
+
 def scroll_slice(z: int, shape: tuple[int, int], depth: int, masked: bool, seed: int = 0) -> np.ndarray:
     """Slice ``z`` of a synthetic scroll.
 
@@ -47,11 +58,7 @@ def scroll_slice(z: int, shape: tuple[int, int], depth: int, masked: bool, seed:
     numpy.ndarray, shape ``shape``, uint16
     """
     rows, cols = shape
-    turn = 2 * np.pi * z / max(depth, 1) * 0.5
-    cy = rows / 2 + rows * 0.03 * np.sin(turn)
-    cx = cols / 2 + cols * 0.03 * np.cos(turn)
-    radius = 0.45 * min(rows, cols)
-    pitch = max(radius / 6, 3.0)
+    cy, cx, turn, radius, pitch = _geometry(np.float64(z), shape, depth)
     y, x = np.ogrid[:rows, :cols]
     dy, dx = y - cy, x - cx
     r = np.hypot(dy, dx)
@@ -65,6 +72,46 @@ def scroll_slice(z: int, shape: tuple[int, int], depth: int, masked: bool, seed:
     if masked:
         image[r >= radius] = 0
     return image
+
+
+def sheet_surface(shape: tuple[int, int, int], zs: np.ndarray, width: int, start_turn: float = 1.0) -> np.ndarray:
+    """A ``.ppm`` surface that follows the synthetic scroll's sheet: row v lies in slice ``zs[v]``.
+
+    Column u walks along the spiral, one voxel of arc per pixel, from
+    ``start_turn`` turns out from the centre; the normal is the spiral's
+    in-plane normal, pointing outwards (unit length, nz = 0).  Pixels beyond
+    the scroll's outer turn are unmapped (all six values 0).
+
+    Parameters
+    ----------
+    shape : (int, int, int)
+        The scroll's (slices, rows, columns).
+    zs : ndarray, shape (H,)
+        Slice (z coordinate, may be fractional) of each row.
+    width : int
+        Pixels per row.
+
+    Returns
+    -------
+    ndarray, shape (H, width, 6), float64
+        (x, y, z, nx, ny, nz) per pixel.
+    """
+    depth, rows, cols = shape
+    z = np.asarray(zs, dtype=np.float64)[:, None]
+    cy, cx, turn, radius, pitch = _geometry(z, (rows, cols), depth)
+    a = pitch / (2 * np.pi)
+    arc = a * (2 * np.pi * start_turn) ** 2 / 2 + np.arange(width, dtype=np.float64)[None, :]
+    psi = np.sqrt(2 * arc / a)
+    r = a * psi
+    theta = psi - turn
+    cos, sin = np.cos(theta), np.sin(theta)
+    tx, ty = a * cos - r * sin, a * sin + r * cos
+    length = np.hypot(tx, ty)
+    surface = np.stack(
+        np.broadcast_arrays(cx + r * cos, cy + r * sin, z, ty / length, -tx / length, np.zeros_like(r)), axis=-1
+    )
+    surface[np.broadcast_to(r >= radius, surface.shape[:2])] = 0.0
+    return surface
 
 
 def write_stack(

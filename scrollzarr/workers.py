@@ -50,6 +50,10 @@ class Workers:
         self.count = count
         self._executor: Executor = _Inline() if count == 1 else ThreadPoolExecutor(count, "scrollzarr")
 
+    def submit(self, fn: Callable[..., T], /, *args: object) -> Future[T]:
+        """Start ``fn(*args)`` on a worker (at once, in this thread, with one worker)."""
+        return self._executor.submit(fn, *args)
+
     def run(self, tasks: Iterable[Callable[[], T]]) -> list[T]:
         """Run every task, wait for all of them, and return their results in order.
 

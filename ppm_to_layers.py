@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""ppm_to_layers: flattened layer TIFFs and a stacked image from a .ppm per-pixel map and a zarr volume."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scrollzarr import commands
+from scrollzarr._cli import Parser, add_verbosity, run, setup_logging
+from scrollzarr.layers import LayerOptions
+from scrollzarr.sampling import STACK_FILTERS
+
+PROGRAM = "ppm_to_layers"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog=PROGRAM,
+        description="Sample a zarr scroll volume along the normals of a .ppm surface (volume-cartographer's "
+        "per-pixel map) into one TIFF per layer, like vc_layers_from_ppm, and optionally a stacked image, "
+        "like vc_render.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("ppm_file", type=Path, help="the surface: a .ppm per-pixel map")
+    parser.add_argument("zarr", type=Path, help="the volume: an OME-Zarr group (level 0 is sampled) or a zarr array")
+    parser.add_argument("output_tiff_dir", type=Path, help="directory for the layer TIFFs 00.tif, 01.tif, ...")
+    parser.add_argument(
+        "output_stack_tiff", type=Path, nargs="?", default=None, help="file for the stacked image (optional)"
+    )
+    parser.add_argument(
+        "--number_of_layers",
+        "--number-of-layers",
+        type=int,
+        default=65,
+        help="layers, centred on the surface: layer k lies (k - (N-1)/2) x spacing voxels along the normal",
+    )
+    parser.add_argument(
+        "--number_of_stacked_layers",
+        "--number-of-stacked-layers",
+        type=int,
+        default=25,
+        help="layers closest to the middle that the stacked image combines",
+    )
+    parser.add_argument(
+        "--layer_spacing", "--layer-spacing", type=float, default=1.0, help="distance between layers, in voxels"
+    )
+    parser.add_argument(
+        "--stack_filter",
+        "--stack-filter",
+        choices=STACK_FILTERS,
+        default="max",
+        help="how the stacked image combines its layers, per pixel (mean and median rounded to nearest)",
+    )
+    parser.add_argument(
+        "--level",
+        type=int,
+        default=0,
+        help="OME-Zarr level to sample (coordinates divided by 2^level), for quick previews",
+    )
+    parser.add_argument(
+        "--workers",
+        "--num_threads",
+        "--num-threads",
+        type=int,
+        default=None,
+        help="worker threads sampling the surface (default: one per core)",
+    )
+    parser.add_argument(
+        "--zarr_cache_max_size_gb",
+        "--zarr-cache-max-size-gb",
+        type=float,
+        default=8.0,
+        help="bound on the volume chunks kept in memory, in GB (GiB); peak memory is about this plus 1 GB",
+    )
+    parser.add_argument(
+        "--block_size",
+        "--block-size",
+        type=int,
+        default=128,
+        help="edge of the surface tiles sampled at a time, in pixels",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the layer TIFFs of a non-empty OUTPUT_TIFF_DIR (other files are kept) and OUTPUT_STACK_TIFF",
+    )
+    add_verbosity(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(PROGRAM, args.quiet, args.verbose)
+    options = LayerOptions(
+        layers=args.number_of_layers,
+        stacked=args.number_of_stacked_layers,
+        spacing=args.layer_spacing,
+        stack_filter=args.stack_filter,
+        workers=args.workers,
+        cache_gb=args.zarr_cache_max_size_gb,
+        block_size=args.block_size,
+        level=args.level,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+    return run(
+        PROGRAM,
+        lambda: commands.ppm_to_layers(args.ppm_file, args.zarr, args.output_tiff_dir, args.output_stack_tiff, options),
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""A bounded, thread-safe cache of a zarr array's decoded chunks, and boxes of voxels cut from them.
+
+Chunks are read through the array (so any zarr store and codec works),
+each at most once while it stays cached; all-zero chunks are remembered
+without their voxels.  The least recently used chunks leave first once the
+cached voxels exceed the bound.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from itertools import product
+
+import numpy as np
+import zarr
+
+ChunkIndex = tuple[int, int, int]
+
+
+@dataclass
+class CacheStats:
+    """What the cache read.
+
+    Attributes
+    ----------
+    reads : int
+        Chunks read from the store (a chunk evicted and needed again counts again).
+    distinct : set of ChunkIndex
+        Different chunks read.
+    nbytes_read : int
+        Decoded bytes of those reads.
+    """
+
+    reads: int = 0
+    distinct: set[ChunkIndex] = field(default_factory=set)
+    nbytes_read: int = 0
+
+
+class ChunkCache:
+    """Decoded chunks of ``array``, at most ``max_bytes`` of voxels kept.
+
+    Parameters
+    ----------
+    array : zarr.Array
+        A 3-D array.
+    max_bytes : int
+        Bound on the bytes of cached chunks.
+    """
+
+    def __init__(self, array: zarr.Array, max_bytes: int) -> None:
+        self.array = array
+        self.max_bytes = max_bytes
+        self.chunks = tuple(int(c) for c in array.chunks)
+        self.shape = tuple(int(n) for n in array.shape)
+        self.stats = CacheStats()
+        self._cached: OrderedDict[ChunkIndex, np.ndarray | None] = OrderedDict()
+        self._loading: dict[ChunkIndex, Future[np.ndarray | None]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def chunk(self, index: ChunkIndex) -> np.ndarray | None:
+        """The voxels of chunk ``index`` (edge chunks trimmed to the array), or ``None`` if all are zero."""
+        with self._lock:
+            if index in self._cached:
+                self._cached.move_to_end(index)
+                return self._cached[index]
+            pending = self._loading.get(index)
+            if pending is None:
+                pending = self._loading[index] = Future()
+                loader = True
+            else:
+                loader = False
+        if not loader:
+            return pending.result()
+        try:
+            data = self._read(index)
+        except BaseException as error:
+            with self._lock:
+                del self._loading[index]
+            pending.set_exception(error)
+            raise
+        with self._lock:
+            del self._loading[index]
+            self._cached[index] = data
+            self._bytes += 0 if data is None else data.nbytes
+            while self._bytes > self.max_bytes and len(self._cached) > 1:
+                _, old = self._cached.popitem(last=False)
+                self._bytes -= 0 if old is None else old.nbytes
+        pending.set_result(data)
+        return data
+
+    def box(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """The voxels ``[lo, hi)`` (z, y, x), zero where the box reaches outside the array.
+
+        Returns
+        -------
+        ndarray, shape hi - lo, the array's dtype, C-contiguous
+        """
+        out = np.zeros(tuple(int(h - lo_) for lo_, h in zip(lo, hi, strict=True)), dtype=self.array.dtype)
+        inner_lo = [max(int(a), 0) for a in lo]
+        inner_hi = [min(int(b), n) for b, n in zip(hi, self.shape, strict=True)]
+        if any(a >= b for a, b in zip(inner_lo, inner_hi, strict=True)):
+            return out
+        ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(inner_lo, inner_hi, self.chunks, strict=True)]
+        for index in product(*ranges):
+            data = self.chunk(index)  # type: ignore[arg-type]
+            if data is None:
+                continue
+            start = [i * c for i, c in zip(index, self.chunks, strict=True)]
+            a = [max(s, x) for s, x in zip(start, inner_lo, strict=True)]
+            b = [min(s + n, x) for s, n, x in zip(start, data.shape, inner_hi, strict=True)]
+            out[tuple(slice(x - int(o), y - int(o)) for x, y, o in zip(a, b, lo, strict=True))] = data[
+                tuple(slice(x - s, y - s) for x, y, s in zip(a, b, start, strict=True))
+            ]
+        return out
+
+    def _read(self, index: ChunkIndex) -> np.ndarray | None:
+        data = np.ascontiguousarray(self.array.get_block_selection(index))
+        with self._lock:
+            self.stats.reads += 1
+            self.stats.distinct.add(index)
+            self.stats.nbytes_read += data.nbytes
+        return data if data.any() else None

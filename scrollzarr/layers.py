@@ -1,0 +1,339 @@
+"""ppm_to_layers: a surface volume of layer TIFFs (and a stacked image) from a ``.ppm`` and a zarr volume.
+
+The surface is cut into bands of rows, each band into tiles of
+``block_size`` columns; the tiles of a band are sampled by the workers
+(visited left to right, then right to left in the next band, so the chunks
+just read are the ones needed next) while the band before is written out,
+row by row, into the pre-laid-out TIFFs.  Memory holds the chunk cache,
+two bands of output and one box of voxels per worker, whatever the size of
+the segment.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from scrollzarr.chunkcache import CacheStats, ChunkCache
+from scrollzarr.errors import ScrollzarrError, UsageError
+from scrollzarr.layertiff import PARTIAL_SUFFIX, LayerTiff
+from scrollzarr.memory import GIB, format_bytes
+from scrollzarr.ppm import Ppm, open_ppm
+from scrollzarr.sampling import STACK_FILTERS, layer_offsets, sample_bounds, sample_layers, stack, stacked_layers
+from scrollzarr.volume import Volume, open_volume
+from scrollzarr.workers import Workers, available_cores
+
+log = logging.getLogger(__name__)
+
+BAND_BYTES = 64 * 2**20  # one band of rows of every output image
+MAX_BOX_VOXELS = 2**25  # voxels one worker cuts from the volume at a time
+LAYER_NAME = re.compile(r"^\d+\.tif$")
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """The choices of a ``ppm_to_layers`` run (see the command's ``--help``)."""
+
+    layers: int = 65
+    stacked: int = 25
+    spacing: float = 1.0
+    stack_filter: str = "max"
+    workers: int | None = None
+    cache_gb: float = 8.0
+    block_size: int = 128
+    level: int = 0
+    overwrite: bool = False
+    quiet: bool = False
+
+    def check(self) -> None:
+        """Raise :class:`UsageError` for values no run can use."""
+        if self.layers < 1:
+            raise UsageError(f"--number_of_layers must be at least 1, not {self.layers}")
+        if not 1 <= self.stacked <= self.layers:
+            raise UsageError(
+                f"--number_of_stacked_layers must be between 1 and --number_of_layers ({self.layers}), "
+                f"not {self.stacked}"
+            )
+        if not (np.isfinite(self.spacing) and self.spacing > 0):
+            raise UsageError(f"--layer_spacing must be a positive number of voxels, not {self.spacing}")
+        if self.stack_filter not in STACK_FILTERS:
+            raise UsageError(f"--stack_filter must be one of {', '.join(STACK_FILTERS)}, not {self.stack_filter}")
+        if self.workers is not None and self.workers < 1:
+            raise UsageError(f"--workers must be at least 1, not {self.workers}")
+        if not (np.isfinite(self.cache_gb) and self.cache_gb > 0):
+            raise UsageError(f"--zarr_cache_max_size_gb must be a positive number of GB, not {self.cache_gb}")
+        if self.block_size < 1:
+            raise UsageError(f"--block_size must be at least 1, not {self.block_size}")
+        if self.level < 0:
+            raise UsageError(f"--level must be 0 or more, not {self.level}")
+
+
+@dataclass
+class LayerReport:
+    """What a run wrote, for the summary."""
+
+    output_dir: Path
+    stack_path: Path | None
+    width: int
+    height: int
+    layers: int
+    stacked: range
+    stack_filter: str
+    dtype: np.dtype
+    level: int
+    mapped: int = 0
+    nonfinite: int = 0
+    seconds: float = 0.0
+    cache: CacheStats | None = None
+
+    @property
+    def samples(self) -> int:
+        return self.mapped * self.layers
+
+    def summary(self) -> str:
+        lines = [
+            f"wrote {self.layers} layers of {self.width} x {self.height} ({self.dtype}) to {self.output_dir}",
+            f"  {self.mapped} of {self.width * self.height} pixels mapped; {self.samples / 1e6:.1f} M samples "
+            f"of level {self.level} in {self.seconds:.1f} s ({self.samples / max(self.seconds, 1e-9) / 1e6:.1f} M/s)",
+        ]
+        if self.stack_path is not None:
+            lines.append(
+                f"  stacked image ({self.stack_filter} of layers {self.stacked.start}-{self.stacked.stop - 1}): "
+                f"{self.stack_path}"
+            )
+        if self.cache is not None:
+            lines.append(
+                f"  volume: {self.cache.reads} chunk reads of {len(self.cache.distinct)} different chunks "
+                f"({format_bytes(self.cache.nbytes_read)})"
+            )
+        if self.nonfinite:
+            lines.append(f"  {self.nonfinite} pixels with non-finite coordinates left unmapped (0)")
+        return "\n".join(lines)
+
+
+def layer_names(count: int) -> list[str]:
+    """``00.tif`` … for ``count`` layers, zero-padded to at least two digits."""
+    digits = max(2, len(str(count - 1)))
+    return [f"{k:0{digits}d}.tif" for k in range(count)]
+
+
+def ppm_to_layers(
+    ppm_path: Path, zarr_path: Path, output_dir: Path, stack_path: Path | None, options: LayerOptions
+) -> LayerReport:
+    """Render the layer TIFFs (and the stacked image, if ``stack_path``) of a surface.
+
+    Raises
+    ------
+    ScrollzarrError
+        For bad options, a bad ``.ppm`` or volume, or outputs that would
+        replace files without ``--overwrite``.  Nothing under a final name is
+        written unless the whole run succeeds.
+    """
+    options.check()
+    ppm = open_ppm(ppm_path)
+    volume = open_volume(zarr_path, options.level)
+    names = layer_names(options.layers)
+    _prepare_outputs(output_dir, stack_path, options.overwrite)
+    dtype = volume.array.dtype
+    _check_space(output_dir, stack_path, ppm, options.layers, dtype)
+    report = LayerReport(
+        output_dir,
+        stack_path,
+        ppm.width,
+        ppm.height,
+        options.layers,
+        stacked_layers(options.layers, options.stacked),
+        options.stack_filter,
+        dtype,
+        options.level,
+    )
+    start = time.perf_counter()
+    files: list[LayerTiff] = []
+    try:
+        for name in names:
+            files.append(LayerTiff(output_dir / name, ppm.height, ppm.width, dtype))
+        stack_file = None
+        if stack_path is not None:
+            stack_file = LayerTiff(stack_path, ppm.height, ppm.width, dtype)
+            files.append(stack_file)
+        _Render(ppm, volume, options, report).run(files[: options.layers], stack_file)
+        for file in files:
+            file.commit()
+    except BaseException:
+        for file in files:
+            file.discard()
+        raise
+    if options.overwrite:
+        _remove_stale(output_dir, names)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+class _Render:
+    """One run: the surface, the volume and its cache, the workers."""
+
+    def __init__(self, ppm: Ppm, volume: Volume, options: LayerOptions, report: LayerReport) -> None:
+        self.ppm = ppm
+        self.volume = volume
+        self.options = options
+        self.report = report
+        self.shape = volume.shape
+        self.dtype = volume.array.dtype
+        self.offsets = layer_offsets(options.layers, options.spacing)
+        self.cache = ChunkCache(volume.array, int(options.cache_gb * GIB))
+        report.cache = self.cache.stats
+        row_bytes = ppm.width * (options.layers + 1) * self.dtype.itemsize
+        self.band_rows = max(1, min(options.block_size, BAND_BYTES // row_bytes))
+
+    def run(self, layer_files: Sequence[LayerTiff], stack_file: LayerTiff | None) -> None:
+        ppm, block = self.ppm, self.options.block_size
+        workers = self.options.workers or available_cores()
+        bar = tqdm(
+            total=ppm.width * ppm.height, unit="px", unit_scale=True, disable=self.options.quiet, desc="rendering"
+        )
+        with bar, Workers(workers) as pool:
+            pending = None
+            for number, v0 in enumerate(range(0, ppm.height, self.band_rows)):
+                v1 = min(ppm.height, v0 + self.band_rows)
+                layers = np.zeros((self.options.layers, v1 - v0, ppm.width), self.dtype)
+                stacked = None if stack_file is None else np.zeros((v1 - v0, ppm.width), self.dtype)
+                starts = list(range(0, ppm.width, block))
+                if number % 2:
+                    starts.reverse()
+                futures = [
+                    pool.submit(
+                        self._tile,
+                        v0,
+                        v1,
+                        u0,
+                        min(ppm.width, u0 + block),
+                        layers[:, :, u0 : u0 + block],
+                        None if stacked is None else stacked[:, u0 : u0 + block],
+                    )
+                    for u0 in starts
+                ]
+                if pending is not None:
+                    self._write(*pending, layer_files, stack_file, bar)
+                pending = (v0, layers, stacked, futures)
+            if pending is not None:
+                self._write(*pending, layer_files, stack_file, bar)
+
+    def _write(
+        self,
+        v0: int,
+        layers: np.ndarray,
+        stacked: np.ndarray | None,
+        futures: list[Future[tuple[int, int, int]]],
+        layer_files: Sequence[LayerTiff],
+        stack_file: LayerTiff | None,
+        bar: tqdm,
+    ) -> None:
+        """Wait for a band's tiles, then write its rows to every file."""
+        rows = layers.shape[1]
+        for future in futures:
+            mapped, nonfinite, columns = future.result()
+            self.report.mapped += mapped
+            self.report.nonfinite += nonfinite
+            bar.update(rows * columns)
+        for file, rows in zip(layer_files, layers, strict=True):
+            file.write_rows(v0, rows)
+        if stack_file is not None and stacked is not None:
+            stack_file.write_rows(v0, stacked)
+
+    def _tile(
+        self, v0: int, v1: int, u0: int, u1: int, layers: np.ndarray, stacked: np.ndarray | None
+    ) -> tuple[int, int, int]:
+        """Sample pixels ``[v0:v1, u0:u1]`` into ``layers`` (N, rows, columns) and ``stacked``.
+
+        Returns
+        -------
+        mapped, nonfinite, columns : int
+        """
+        positions, normals = self.ppm.rows(v0, v1, u0, u1)
+        finite = np.isfinite(positions).all(axis=-1) & np.isfinite(normals).all(axis=-1)
+        mapped = finite & (normals != 0).any(axis=-1)
+        count = int(mapped.sum())
+        if count:
+            p, n = self.volume.to_index(
+                np.ascontiguousarray(positions[mapped].T), np.ascontiguousarray(normals[mapped].T)
+            )
+            samples = np.empty((self.options.layers, count), self.dtype)
+            self._sample(p, n, self.offsets, samples)
+            layers[:, mapped] = samples
+            if stacked is not None:
+                stacked[mapped] = stack(samples, self.report.stacked, self.options.stack_filter)
+        return count, int((~finite).sum()), u1 - u0
+
+    def _sample(self, p: np.ndarray, n: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:
+        """Fill ``out`` (K, M), halving the pixels (or the layers) while their box of voxels is too big."""
+        lo, hi = sample_bounds(p, n, offsets, self.shape)
+        if np.prod(hi - lo) > MAX_BOX_VOXELS:
+            if p.shape[1] > 1:
+                half = p.shape[1] // 2
+                self._sample(p[:, :half], n[:, :half], offsets, out[:, :half])
+                self._sample(p[:, half:], n[:, half:], offsets, out[:, half:])
+                return
+            if len(offsets) > 1:
+                half = len(offsets) // 2
+                self._sample(p, n, offsets[:half], out[:half])
+                self._sample(p, n, offsets[half:], out[half:])
+                return
+        sample_layers(self.cache.box(lo, hi), lo, p, n, offsets, self.shape, out)
+
+
+def _prepare_outputs(output_dir: Path, stack_path: Path | None, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ScrollzarrError(f"{output_dir} is a file; OUTPUT_TIFF_DIR must be a directory for the layer TIFFs")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ScrollzarrError(
+            f"{output_dir} is not empty; add --overwrite to replace its layer TIFFs (other files are kept), "
+            "or choose an empty directory"
+        )
+    if stack_path is not None:
+        if stack_path.is_dir():
+            raise ScrollzarrError(f"{stack_path} is a directory; OUTPUT_STACK_TIFF must be a file name")
+        if stack_path.exists() and not overwrite:
+            raise ScrollzarrError(f"{stack_path} exists; add --overwrite to replace it")
+        stack_path.parent.mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _check_space(output_dir: Path, stack_path: Path | None, ppm: Ppm, layers: int, dtype: np.dtype) -> None:
+    """Refuse to start a run whose TIFFs cannot fit on their file systems."""
+    image = ppm.width * ppm.height * dtype.itemsize
+    needs = [(output_dir, image * layers, "layer TIFFs")]
+    if stack_path is not None:
+        needs.append((stack_path.parent, image, "stacked image"))
+    for where, nbytes, what in needs:
+        free = shutil.disk_usage(where).free
+        if nbytes > free:
+            raise ScrollzarrError(
+                f"the {what} need {format_bytes(nbytes)} and {where} has {format_bytes(free)} free; "
+                "free some space or write them elsewhere"
+            )
+
+
+def _remove_stale(output_dir: Path, names: list[str]) -> None:
+    """After an ``--overwrite`` run: delete layer TIFFs of an earlier run with more layers, and its partial files."""
+    keep = set(names)
+    stale = [path for path in output_dir.iterdir() if path.is_file() and _is_stale(path.name, keep)]
+    for path in stale:
+        path.unlink()
+    if stale:
+        log.info(f"removed {len(stale)} layer file(s) of an earlier run from {output_dir}")
+
+
+def _is_stale(name: str, keep: set[str]) -> bool:
+    """A layer TIFF not in ``keep``, or the partial file of any layer TIFF."""
+    if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+        return bool(LAYER_NAME.match(name[1 : -len(PARTIAL_SUFFIX)]))
+    return bool(LAYER_NAME.match(name)) and name not in keep

@@ -1,0 +1,84 @@
+"""Uncompressed single-image TIFFs written a band of rows at a time, under a temporary name until finished.
+
+The file is laid out in full (header, then the pixels contiguous in row
+order, as a sparse file) before any pixel is computed; each band of rows is
+then written at its offset, so an image larger than memory never has to be
+held whole.  Until :meth:`LayerTiff.commit` renames it, the file carries a
+hidden ``.partial`` name that no reader takes for a finished image.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from scrollzarr.errors import ScrollzarrError
+
+PARTIAL_SUFFIX = ".partial"
+STRIP_BYTES = 8 * 2**20
+CLASSIC_TIFF_LIMIT = 2**32 - 2**25  # leave room for the header and tags below 4 GiB
+
+
+def partial_path(final: Path) -> Path:
+    """Where the image is written before it is complete: ``dir/.name.partial``."""
+    return final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
+
+
+class LayerTiff:
+    """A ``height x width`` image of ``dtype`` being written to ``final``.
+
+    Parameters
+    ----------
+    final : Path
+        The name the image gets once complete.
+    height, width : int
+    dtype : numpy dtype
+    """
+
+    def __init__(self, final: Path, height: int, width: int, dtype: np.dtype) -> None:
+        self.final = final
+        self.path = partial_path(final)
+        self.row_bytes = width * dtype.itemsize
+        tifffile.imwrite(
+            self.path,
+            shape=(height, width),
+            dtype=dtype,
+            photometric="minisblack",
+            bigtiff=height * self.row_bytes > CLASSIC_TIFF_LIMIT,
+            rowsperstrip=max(1, STRIP_BYTES // self.row_bytes),
+        )
+        with tifffile.TiffFile(self.path) as tiff:
+            page = tiff.pages[0]
+            contiguous = page.is_contiguous and sum(page.databytecounts) == height * self.row_bytes
+            self.offset = int(page.dataoffsets[0])
+        if not contiguous:
+            raise ScrollzarrError(f"tifffile did not lay {self.path} out contiguously; cannot write it by rows")
+        self._fd = os.open(self.path, os.O_WRONLY)
+        self._open = True
+
+    def write_rows(self, first: int, rows: np.ndarray) -> None:
+        """Write ``rows`` (shape (r, width), C-contiguous) as rows ``first … first + r - 1``."""
+        data = memoryview(np.ascontiguousarray(rows)).cast("B")
+        position = self.offset + first * self.row_bytes
+        while data:
+            written = os.pwrite(self._fd, data, position)
+            data = data[written:]
+            position += written
+
+    def commit(self) -> None:
+        """Close the file and give it its final name."""
+        self._close()
+        os.replace(self.path, self.final)
+
+    def discard(self) -> None:
+        """Close and delete the unfinished file."""
+        self._close()
+        self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._open:
+            os.close(self._fd)
+            self._open = False

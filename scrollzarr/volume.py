@@ -1,0 +1,132 @@
+"""Opening a zarr volume to sample: a plain array, or one level of an OME-Zarr group.
+
+Scroll coordinates (full-resolution voxels of the whole scan, z, y, x) map to
+the array's indices through the level's OME ``scale`` and ``translation``,
+measured in units of level 0's voxel: ``index = (c · s0 - t) / s``.  For
+this project's stores (scales 1, 2, 4, …; translation = the crop's corner)
+that is ``(c - corner) / 2^level``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from scrollzarr import progress
+from scrollzarr.errors import ScrollzarrError
+from scrollzarr.ngff_v04 import AXES, Multiscale
+
+
+class VolumeError(ScrollzarrError):
+    """A path that cannot be sampled as a scroll volume."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3-D array and where its voxels lie in the scroll.
+
+    Attributes
+    ----------
+    array : zarr.Array
+        Indexed (z, y, x), unsigned integer voxels.
+    level : int
+        The OME level sampled (0 for a plain array).
+    scale : ndarray, shape (3,)
+        Size of one voxel of ``array`` in full-resolution voxels (z, y, x).
+    translation : ndarray, shape (3,)
+        Full-resolution position of voxel (0, 0, 0), (z, y, x).
+    """
+
+    array: zarr.Array
+    level: int
+    scale: np.ndarray
+    translation: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.array.shape)  # type: ignore[return-value]
+
+    def to_index(self, positions: np.ndarray, normals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Full-resolution scroll positions and normals, shape (3, M), as positions and steps in array voxels."""
+        scale = self.scale[:, None]
+        return (positions - self.translation[:, None]) / scale, normals / scale
+
+
+def open_volume(path: Path, level: int = 0) -> Volume:
+    """Open ``path`` (a zarr array, or an OME-Zarr group whose level ``level`` is used).
+
+    Raises
+    ------
+    VolumeError
+        If the path is not a zarr array or OME-Zarr group, the store is an
+        unfinished conversion, the level does not exist, or the array is not
+        a 3-D array of unsigned integers.
+    """
+    if not path.exists():
+        raise VolumeError(f"{path}: no such zarr store")
+    try:
+        node = zarr.open(store=str(path), mode="r")
+    except Exception as error:  # zarr raises many kinds for a directory that is not a store
+        raise VolumeError(
+            f"{path} is neither a zarr array nor an OME-Zarr group ({type(error).__name__}: {error}); "
+            "give the .zarr made by scroll_to_ome, or one of its levels"
+        ) from None
+    if progress.exists(node.store):
+        raise VolumeError(
+            f"{path} is an unfinished conversion (it holds {progress.KEY}); finish it with scroll_to_ome --resume first"
+        )
+    if isinstance(node, zarr.Array):
+        if level != 0:
+            raise VolumeError(f"{path} is a plain zarr array with no levels; --level needs an OME-Zarr group")
+        return _checked(path, Volume(node, 0, np.ones(3), np.zeros(3)))
+    multiscale = _multiscale(path, dict(node.attrs))
+    paths = [dataset.path for dataset in multiscale.datasets]
+    if not 0 <= level < len(paths):
+        raise VolumeError(f"{path} has levels 0 to {len(paths) - 1}; --level {level} is not one of them")
+    base = multiscale.datasets[0].scale
+    dataset = multiscale.datasets[level]
+    if base is None or dataset.scale is None:
+        raise VolumeError(f"{path}: the OME metadata gives a level no 'scale' transformation")
+    base_size = np.asarray(base, dtype=np.float64)
+    translation = np.zeros(3) if dataset.translation is None else np.asarray(dataset.translation) / base_size
+    try:
+        array = node[dataset.path]
+    except KeyError:
+        raise VolumeError(f"{path}: level {level}'s array {dataset.path!r} is missing") from None
+    if not isinstance(array, zarr.Array):
+        raise VolumeError(f"{path}: level {level}'s path {dataset.path!r} is not an array")
+    return _checked(path, Volume(array, level, np.asarray(dataset.scale) / base_size, translation))
+
+
+def _multiscale(path: Path, attrs: dict[str, Any]) -> Multiscale:
+    """The first ``multiscales`` entry of NGFF 0.4 (top level) or 0.5 (under ``ome``) attributes."""
+    entries = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    if not entries:
+        raise VolumeError(
+            f"{path} is a zarr group without OME-Zarr 'multiscales' metadata; give an OME-Zarr or a zarr array"
+        )
+    entry = entries[0]
+    axes = [axis.get("name") if isinstance(axis, dict) else axis for axis in entry.get("axes", AXES)]
+    if tuple(axes) != AXES:
+        raise VolumeError(f"{path} has axes {axes}; ppm_to_layers samples volumes with axes z, y, x")
+    if entry.get("coordinateTransformations"):
+        raise VolumeError(f"{path}: transformations that apply to every level are not supported")
+    try:
+        return Multiscale.from_json(entry)
+    except (KeyError, TypeError, ValueError) as error:
+        raise VolumeError(f"{path}: malformed OME 'multiscales' metadata ({error})") from None
+
+
+def _checked(path: Path, volume: Volume) -> Volume:
+    array = volume.array
+    if array.ndim != 3:
+        raise VolumeError(f"{path}: the array has {array.ndim} dimensions; a scroll volume has 3 (z, y, x)")
+    if array.dtype.kind != "u":
+        raise VolumeError(f"{path}: voxels are {array.dtype}; ppm_to_layers renders unsigned integer volumes")
+    if volume.scale.shape != (3,) or volume.translation.shape != (3,) or not np.all(volume.scale > 0):
+        raise VolumeError(f"{path}: level {volume.level}'s scale/translation are not three positive numbers")
+    return volume
