@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--number_of_stacked_layers",
         "--number-of-stacked-layers",
         type=int,
-        default=25,
-        help="layers closest to the middle that the stacked image combines",
+        default=None,
+        help="layers closest to the middle that the stacked image combines (default 25, or all layers if fewer)",
     )
     parser.add_argument(
         "--layer_spacing", "--layer-spacing", type=float, default=1.0, help="distance between layers, in voxels"

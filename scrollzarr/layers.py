@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 BAND_BYTES = 64 * 2**20  # one band of rows of every output image
 MAX_BOX_VOXELS = 2**25  # voxels one worker cuts from the volume at a time
+DEFAULT_STACKED = 25
 LAYER_NAME = re.compile(r"^\d+\.tif$")
 
 
@@ -44,7 +45,7 @@ class LayerOptions:
     """The choices of a ``ppm_to_layers`` run (see the command's ``--help``)."""
 
     layers: int = 65
-    stacked: int = 25
+    stacked: int | None = None
     spacing: float = 1.0
     stack_filter: str = "max"
     workers: int | None = None
@@ -54,11 +55,16 @@ class LayerOptions:
     overwrite: bool = False
     quiet: bool = False
 
+    @property
+    def stacked_count(self) -> int:
+        """Layers the stacked image combines: as given, else 25 (or all layers, when there are fewer)."""
+        return min(DEFAULT_STACKED, self.layers) if self.stacked is None else self.stacked
+
     def check(self) -> None:
         """Raise :class:`UsageError` for values no run can use."""
         if self.layers < 1:
             raise UsageError(f"--number_of_layers must be at least 1, not {self.layers}")
-        if not 1 <= self.stacked <= self.layers:
+        if self.stacked is not None and not 1 <= self.stacked <= self.layers:
             raise UsageError(
                 f"--number_of_stacked_layers must be between 1 and --number_of_layers ({self.layers}), "
                 f"not {self.stacked}"
@@ -151,7 +157,7 @@ def ppm_to_layers(
         ppm.width,
         ppm.height,
         options.layers,
-        stacked_layers(options.layers, options.stacked),
+        stacked_layers(options.layers, options.stacked_count),
         options.stack_filter,
         dtype,
         options.level,

@@ -31,21 +31,25 @@ class PpmError(ScrollzarrError):
 
 @dataclass(frozen=True)
 class Ppm:
-    """An open per-pixel map.
+    """A checked per-pixel map, read a block of pixels at a time.
+
+    The body is read with plain file reads, never memory-mapped: a mapped
+    file's pages would count as the process's memory, and a segment's map
+    can be larger than memory.
 
     Attributes
     ----------
     path : Path
     width, height : int
         Size of the map in pixels (u along the width, v along the height).
-    data : numpy.memmap, shape (height, width, 6), float64
-        The body, mapped read-only: ``data[v, u] = (x, y, z, nx, ny, nz)``.
+    offset : int
+        Byte offset of the body in the file.
     """
 
     path: Path
     width: int
     height: int
-    data: np.ndarray
+    offset: int
 
     def rows(self, v0: int, v1: int, u0: int, u1: int) -> tuple[np.ndarray, np.ndarray]:
         """Positions and normals of the pixels ``[v0:v1, u0:u1]``, in array axis order.
@@ -55,7 +59,13 @@ class Ppm:
         positions, normals : ndarray, shape (v1 - v0, u1 - u0, 3), float64
             (z, y, x) and (nz, ny, nx): the map's (x, y, z) reversed.
         """
-        block = np.asarray(self.data[v0:v1, u0:u1], dtype=np.float64)
+        block = np.empty((v1 - v0, u1 - u0, VALUES_PER_PIXEL), dtype="<f8")
+        with open(self.path, "rb", buffering=0) as file:
+            for row, v in enumerate(range(v0, v1)):
+                file.seek(self.offset + (v * self.width + u0) * PIXEL_BYTES)
+                if file.readinto(memoryview(block[row]).cast("B")) != block[row].nbytes:
+                    raise PpmError(f"{self.path} became shorter while it was read")
+        block = block.astype(np.float64, copy=False)
         return block[..., 2::-1], block[..., :2:-1]
 
 
@@ -127,8 +137,7 @@ def open_ppm(path: Path) -> Ppm:
             f"{name}: {size - end} bytes of pixel data where a {width} x {height} map has {expected} "
             f"({'truncated' if size - end < expected else 'extra data'}); the file is damaged or incomplete"
         )
-    data = np.memmap(path, dtype="<f8", mode="r", offset=end, shape=(height, width, VALUES_PER_PIXEL))
-    return Ppm(path, width, height, data)
+    return Ppm(path, width, height, end)
 
 
 def write_ppm(path: Path, data: np.ndarray) -> None:

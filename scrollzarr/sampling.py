@@ -141,7 +141,8 @@ def sample_layers(
             coordinate += positions[axis]
             np.clip(coordinate, OUTSIDE, shape[axis], out=coordinate)
             floor = np.floor(coordinate)
-            fractions.append(np.subtract(coordinate, floor, dtype=np.float32))
+            coordinate -= floor
+            fractions.append(coordinate.astype(np.float32))
             floor -= origin[axis]
             index += floor.astype(np.intp) * strides[axis]
         fz, fy, fx = fractions

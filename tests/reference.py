@@ -61,3 +61,39 @@ def pyramid(volume: np.ndarray, nlevels: int, algorithm: str = "mean") -> list[n
     for _ in range(nlevels - 1):
         levels.append(LEVEL[algorithm](levels[-1]))
     return levels
+
+
+def trilinear(volume: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Trilinear interpolation of ``volume`` at ``points`` (3, M) in (z, y, x) voxels; voxels outside count as 0.
+
+    Written corner by corner in float64, with each corner's weight and a bounds test.
+    """
+    volume = volume.astype(np.float64)
+    base = np.floor(points).astype(np.int64)
+    frac = points - base
+    result = np.zeros(points.shape[1])
+    for corner in np.ndindex(2, 2, 2):
+        index = base + np.array(corner)[:, None]
+        weight = np.prod([f if c else 1 - f for f, c in zip(frac, corner, strict=True)], axis=0)
+        inside = np.all((index >= 0) & (index < np.array(volume.shape)[:, None]), axis=0)
+        values = np.zeros(points.shape[1])
+        values[inside] = volume[tuple(index[:, inside])]
+        result += weight * values
+    return result
+
+
+def layers_reference(
+    volume: np.ndarray, surface: np.ndarray, count: int, spacing: float, scale: float = 1.0, origin=(0, 0, 0)
+) -> np.ndarray:
+    """Layer values (count, H, W), float64 before rounding, of a .ppm ``surface`` (H, W, 6: x, y, z, nx, ny, nz).
+
+    ``volume`` covers scroll voxels from ``origin`` (z, y, x) in steps of ``scale``; unmapped pixels are 0.
+    """
+    mapped = np.any(surface[..., 3:] != 0, axis=-1)
+    position = surface[mapped][:, [2, 1, 0]].T
+    normal = surface[mapped][:, [5, 4, 3]].T
+    out = np.zeros((count, *surface.shape[:2]))
+    for k in range(count):
+        point = position + (k - (count - 1) / 2) * spacing * normal
+        out[k][mapped] = trilinear(volume, (point - np.array(origin, dtype=float)[:, None]) / scale)
+    return out

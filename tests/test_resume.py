@@ -235,17 +235,6 @@ def test_disk_full_injected_at_the_storage_layer(stack, reference, tmp_path, mon
     assert files(out) == reference[()]
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_disk_full_on_a_real_small_file_system(stack, reference, small_tmpfs):
     out = small_tmpfs / "out.zarr"
     result = scroll_to_ome(stack, out, *ARGS, "--quiet")
