@@ -148,9 +148,12 @@ def ppm_to_layers(
     ppm = open_ppm(ppm_path)
     volume = open_volume(zarr_path, options.level)
     names = layer_names(options.layers)
-    _prepare_outputs(output_dir, stack_path, options.overwrite)
     dtype = volume.array.dtype
+    _check_outputs(output_dir, stack_path, options.overwrite)
     _check_space(output_dir, stack_path, ppm, options.layers, dtype)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if stack_path is not None:
+        stack_path.parent.mkdir(parents=True, exist_ok=True)
     report = LayerReport(
         output_dir,
         stack_path,
@@ -296,7 +299,7 @@ class _Render:
         sample_layers(self.cache.box(lo, hi), lo, p, n, offsets, self.shape, out)
 
 
-def _prepare_outputs(output_dir: Path, stack_path: Path | None, overwrite: bool) -> None:
+def _check_outputs(output_dir: Path, stack_path: Path | None, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise ScrollzarrError(f"{output_dir} is a file; OUTPUT_TIFF_DIR must be a directory for the layer TIFFs")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
@@ -309,8 +312,6 @@ def _prepare_outputs(output_dir: Path, stack_path: Path | None, overwrite: bool)
             raise ScrollzarrError(f"{stack_path} is a directory; OUTPUT_STACK_TIFF must be a file name")
         if stack_path.exists() and not overwrite:
             raise ScrollzarrError(f"{stack_path} exists; add --overwrite to replace it")
-        stack_path.parent.mkdir(parents=True, exist_ok=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _check_space(output_dir: Path, stack_path: Path | None, ppm: Ppm, layers: int, dtype: np.dtype) -> None:
@@ -320,7 +321,10 @@ def _check_space(output_dir: Path, stack_path: Path | None, ppm: Ppm, layers: in
     if stack_path is not None:
         needs.append((stack_path.parent, image, "stacked image"))
     for where, nbytes, what in needs:
-        free = shutil.disk_usage(where).free
+        existing = where
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free
         if nbytes > free:
             raise ScrollzarrError(
                 f"the {what} need {format_bytes(nbytes)} and {where} has {format_bytes(free)} free; "

@@ -258,3 +258,37 @@ def test_ctrl_c_leaves_no_file_under_a_final_name(scroll, tmp_path):
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert list(out.iterdir()) == []
     assert not (tmp_path / "s.tif").exists() and not (tmp_path / ".s.tif.partial").exists()
+
+
+def test_memory_stays_bounded_on_a_segment_larger_than_the_bound(scroll, volume, sheet, tmp_path):
+    """A 3200 x 4200 map, 65 layers: 1.7 GB of layers (and a 0.6 GB .ppm) through a process held to 1.05 GiB.
+
+    Every 64th column is mapped, so that an implementation holding the layers
+    in memory would touch every page of them.
+    """
+    _, surface = sheet
+    big = np.tile(surface, (80, 14, 1))
+    big[:, np.arange(big.shape[1]) % 64 != 0] = 0
+    write_ppm(tmp_path / "big.ppm", big)
+    cache_gb = 0.05
+    bound = (cache_gb + 1) * 2**30
+    assert 65 * big.shape[0] * big.shape[1] * 2 > 1.5 * bound
+    args = [str(tmp_path / "big.ppm"), str(scroll / "scroll.zarr"), str(tmp_path / "l"), str(tmp_path / "s.tif")]
+    args += ["--zarr_cache_max_size_gb", str(cache_gb), "--quiet"]
+    measure = (
+        "import resource, runpy, sys\n"
+        f"sys.argv = {[str(ROOT / 'ppm_to_layers.py'), *args]!r}\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as stop:\n    code = stop.code\n"
+        "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", measure], capture_output=True, text=True, timeout=600)
+    assert_ok(result)
+    peak = int(re.search(r"peak (\d+)", result.stderr).group(1))
+    assert peak <= bound, f"peak resident memory {peak / 2**30:.2f} GiB"
+    assert len(list((tmp_path / "l").iterdir())) == 65
+    middle = tifffile.imread(tmp_path / "l" / "32.tif")
+    reference = np.tile(layers_reference(volume, surface, 65, 1.0)[32], (80, 14))
+    reference[:, np.arange(big.shape[1]) % 64 != 0] = 0
+    assert_matches(middle, reference)
