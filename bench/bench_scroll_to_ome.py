@@ -19,108 +19,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import statistics
 import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tifffile
 import zarr
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-
-from scrollzarr.synthetic import write_stack  # noqa: E402
+from measure import HERE, ROOT, Sample, drop_page_cache, ensure_stack, machine, run_once, warm
 
 SCRIPT = [sys.executable, str(ROOT / "scroll_to_ome.py"), "--quiet"]
-
-
-@dataclass
-class Sample:
-    wall: float
-    cpu: float
-    peak_rss: int
-    read: int
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants."""
-    found, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        found.append(current)
-        try:
-            for task in os.listdir(f"/proc/{current}/task"):
-                children = Path(f"/proc/{current}/task/{task}/children").read_text().split()
-                queue += [int(child) for child in children]
-        except OSError:
-            continue
-    return found
-
-
-def _rss(pid: int) -> int:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    match = re.search(r"VmRSS:\s+(\d+) kB", status)
-    return int(match.group(1)) * 1024 if match else 0
-
-
-def run_once(command: list[str], durable: bool) -> Sample:
-    """Run ``command`` (then ``sync`` if ``durable``); wall, CPU, peak tree RSS, bytes read."""
-    started = time.perf_counter()
-    pid = os.posix_spawnp(
-        command[0], command, os.environ, file_actions=[(os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0)]
-    )
-    peak = 0
-    done = threading.Event()
-
-    def watch() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, sum(_rss(p) for p in _tree(pid)))
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-    io = Path(f"/proc/{pid}/io").read_text()
-    done.set()
-    _, status, usage = os.wait4(pid, 0)
-    if durable:
-        os.sync()
-    wall = time.perf_counter() - started
-    watcher.join()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"benchmark command failed: {' '.join(command)}")
-    read = int(re.search(r"rchar: (\d+)", io).group(1))
-    return Sample(wall, usage.ru_utime + usage.ru_stime, max(peak, usage.ru_maxrss * 1024), read)
-
-
-def drop_page_cache() -> bool:
-    """Drop clean page-cache pages; ``False`` where the machine does not allow it."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def warm(directory: Path) -> None:
-    for path in sorted(directory.iterdir()):
-        with path.open("rb") as handle:
-            while handle.read(1 << 24):
-                pass
 
 
 def measure(command: list[str], output: Path | None, source: Path, durable: bool, repeats: int) -> Sample:
@@ -146,17 +57,6 @@ def measure(command: list[str], output: Path | None, source: Path, durable: bool
     )
 
 
-def ensure_stack(directory: Path, shape: tuple[int, int, int], masked: bool) -> None:
-    marker = directory / ".complete"
-    if marker.exists() and marker.read_text() == repr(shape):
-        return
-    if directory.exists():
-        shutil.rmtree(directory)
-    print(f"generating {directory} {shape} ...", file=sys.stderr, flush=True)
-    write_stack(directory, shape, masked=masked, quiet=False)
-    marker.write_text(repr(shape))
-
-
 def tiffs(directory: Path) -> list[str]:
     return [str(p) for p in sorted(directory.glob("*.tif"))]
 
@@ -176,24 +76,6 @@ def check_output_matches(reference: Path, candidate: Path) -> None:
     for name in sorted(first.array_keys()):
         if not np.array_equal(first[name][...], second[name][...]):
             raise SystemExit(f"benchmark: level {name} of {candidate} differs from the default run")
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    filesystem = subprocess.run(["df", "-hT", str(HERE)], capture_output=True, text=True).stdout.splitlines()[-1]
-    return (
-        f"{cpu}, {len(os.sched_getaffinity(0))} cores, {memory:.0f} GiB memory; {platform.platform()}; "
-        f"Python {platform.python_version()}, zarr {zarr.__version__}, tifffile {tifffile.__version__}, "
-        f"numpy {np.__version__}; output file system: {' '.join(filesystem.split()[:2])}"
-    )
 
 
 def main() -> int:

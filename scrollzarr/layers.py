@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from scrollzarr.allocator import keep_freed_memory
 from scrollzarr.chunkcache import CacheStats, ChunkCache
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.layertiff import PARTIAL_SUFFIX, LayerTiff
@@ -145,6 +146,7 @@ def ppm_to_layers(
         written unless the whole run succeeds.
     """
     options.check()
+    keep_freed_memory()
     ppm = open_ppm(ppm_path)
     volume = open_volume(zarr_path, options.level)
     names = layer_names(options.layers)
@@ -277,9 +279,15 @@ class _Render:
             )
             samples = np.empty((self.options.layers, count), self.dtype)
             self._sample(p, n, self.offsets, samples)
-            layers[:, mapped] = samples
-            if stacked is not None:
-                stacked[mapped] = stack(samples, self.report.stacked, self.options.stack_filter)
+            combined = None if stacked is None else stack(samples, self.report.stacked, self.options.stack_filter)
+            if count == mapped.size:  # every pixel mapped: plain copies instead of masked scatters
+                layers[...] = samples.reshape(layers.shape)
+                if stacked is not None:
+                    stacked[...] = combined.reshape(stacked.shape)
+            else:
+                layers[:, mapped] = samples
+                if stacked is not None:
+                    stacked[mapped] = combined
         return count, int((~finite).sum()), u1 - u0
 
     def _sample(self, p: np.ndarray, n: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:

@@ -19,6 +19,8 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
+from scrollzarr.ppm import write_ppm
+
 log = logging.getLogger(__name__)
 
 SHEET_LEVEL = 24000
@@ -114,6 +116,13 @@ def sheet_surface(shape: tuple[int, int, int], zs: np.ndarray, width: int, start
     return surface
 
 
+def sheet_width(shape: tuple[int, int, int], start_turn: float = 1.0) -> int:
+    """Columns of :func:`sheet_surface` that stay inside the scroll's outer turn."""
+    _, _, _, radius, pitch = _geometry(np.float64(0), shape[1:], shape[0])
+    a = pitch / (2 * np.pi)
+    return max(1, int(a * (radius / a) ** 2 / 2 - a * (2 * np.pi * start_turn) ** 2 / 2))
+
+
 def write_stack(
     directory: Path, shape: tuple[int, int, int], masked: bool = False, seed: int = 0, quiet: bool = True
 ) -> list[Path]:
@@ -152,12 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--masked", action="store_true", help="zeros outside the scroll, zlib-compressed TIFFs")
     parser.add_argument("--seed", type=int, default=0, help="noise seed")
+    parser.add_argument(
+        "--ppm",
+        type=Path,
+        default=None,
+        help="also write a .ppm surface along the sheet, one row per slice (for ppm_to_layers)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if min(args.shape) < 1:
         print(f"{parser.prog}: error: --shape needs three positive sizes, not {args.shape}", file=sys.stderr)
         return 2
-    write_stack(args.output_dir, tuple(args.shape), args.masked, args.seed, args.quiet)
+    shape = tuple(args.shape)
+    write_stack(args.output_dir, shape, args.masked, args.seed, args.quiet)
+    if args.ppm is not None:
+        write_ppm(args.ppm, sheet_surface(shape, np.arange(shape[0], dtype=np.float64), sheet_width(shape)))
     return 0
 
 
