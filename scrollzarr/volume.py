@@ -75,9 +75,10 @@ def open_volume(path: Path, level: int = 0) -> Volume:
             f"{path} is neither a zarr array nor an OME-Zarr group ({type(error).__name__}: {error}); "
             "give the .zarr made by scroll_to_ome, or one of its levels"
         ) from None
-    if progress.exists(node.store):
+    if progress.exists(node.store) or any((parent / progress.KEY).exists() for parent in path.resolve().parents):
         raise VolumeError(
-            f"{path} is an unfinished conversion (it holds {progress.KEY}); finish it with scroll_to_ome --resume first"
+            f"{path} belongs to an unfinished conversion (its store holds {progress.KEY}); "
+            "finish it with scroll_to_ome --resume first"
         )
     if isinstance(node, zarr.Array):
         if level != 0:

@@ -140,8 +140,9 @@ def test_an_unfinished_store_is_refused(tmp_path, ppm, store):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(store, copy)
     (copy / "scrollzarr_progress.json").write_text("{}")
-    result = ppm_to_layers(ppm, copy, tmp_path / "out")
-    assert_one_line_error(result, "unfinished conversion", "scroll_to_ome --resume", code=1)
+    for path in (copy, copy / "0"):
+        result = ppm_to_layers(ppm, path, tmp_path / "out")
+        assert_one_line_error(result, "unfinished conversion", "scroll_to_ome --resume", code=1)
     assert not (tmp_path / "out").exists()
 
 
