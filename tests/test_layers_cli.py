@@ -213,3 +213,15 @@ def test_quiet_prints_nothing_and_verbose_is_accepted(tmp_path, ppm, store):
     result = ppm_to_layers(ppm, store, tmp_path / "b", "--verbose")
     assert_ok(result)
     assert "rendering" in result.stderr and "wrote 65 layers of 3 x 2 (uint16)" in result.stderr
+
+
+def test_dashed_spellings_and_the_num_threads_alias(tmp_path, ppm, store):
+    underscored = ["--number_of_layers", 3, "--number_of_stacked_layers", 1, "--layer_spacing", 2]
+    underscored += ["--stack_filter", "min", "--zarr_cache_max_size_gb", 1, "--block_size", 2, "--workers", 1]
+    dashed = ["--number-of-layers", 3, "--number-of-stacked-layers", 1, "--layer-spacing", 2]
+    dashed += ["--stack-filter", "min", "--zarr-cache-max-size-gb", 1, "--block-size", 2, "--num_threads", 1]
+    assert_ok(ppm_to_layers(ppm, store, tmp_path / "a", tmp_path / "a.tif", *underscored))
+    assert_ok(ppm_to_layers(ppm, store, tmp_path / "b", tmp_path / "b.tif", *dashed, "--num-threads", 1))
+    for name in ("00.tif", "01.tif", "02.tif"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a.tif").read_bytes() == (tmp_path / "b.tif").read_bytes()

@@ -46,3 +46,25 @@ def test_cli_seed_changes_the_noise(tmp_path):
     image = tifffile.imread(tmp_path / "s" / "00001.tif")
     np.testing.assert_array_equal(image, scroll_slice(1, (16, 16), 2, masked=False, seed=3))
     assert not np.array_equal(image, scroll_slice(1, (16, 16), 2, masked=False, seed=0))
+
+
+def test_ppm_follows_the_sheet(tmp_path):
+    """The .ppm is read here by hand: header lines, then float64 (x, y, z, nx, ny, nz) per pixel."""
+    shape = (6, 96, 112)
+    result = run_script("-m", "scrollzarr.synthetic", tmp_path / "s", "--shape", *shape, "--ppm", tmp_path / "s.ppm")
+    assert_ok(result)
+    raw = (tmp_path / "s.ppm").read_bytes()
+    end = raw.index(b"<>\n")
+    fields = dict(line.split(": ") for line in raw[:end].decode().splitlines())
+    assert fields["height"] == "6" and fields["dim"] == "6" and fields["type"] == "double"
+    width = int(fields["width"])
+    surface = np.frombuffer(raw[end + 3 :], dtype="<f8").reshape(6, width, 6)
+    assert width > 300 and np.all(np.any(surface[..., 3:] != 0, axis=-1))  # every pixel mapped
+    np.testing.assert_allclose(np.linalg.norm(surface[..., 3:], axis=-1), 1.0)
+    np.testing.assert_array_equal(surface[..., 2], np.arange(6)[:, None] * np.ones(width))
+    for z in range(6):
+        image = tifffile.imread(tmp_path / "s" / f"{z:05d}.tif")
+        x, y = np.rint(surface[z, :, 0]).astype(int), np.rint(surface[z, :, 1]).astype(int)
+        on = image[y, x].mean()
+        off = image[np.rint(y + 3 * surface[z, :, 4]).astype(int), np.rint(x + 3 * surface[z, :, 3]).astype(int)].mean()
+        assert on > 0.8 * SHEET_LEVEL and off < 0.3 * SHEET_LEVEL
