@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from scrollzarr import layers, pipeline, rebuild
+from scrollzarr import decompress, layers, pipeline, rebuild
 from scrollzarr.options import Options
 
 log = logging.getLogger(__name__)
@@ -50,3 +50,10 @@ def ppm_to_layers(
 ) -> None:
     """Everything ``ppm_to_layers`` does: render the layers (and stacked image), then print a summary."""
     log.info(layers.ppm_to_layers(ppm_path, zarr_path, output_dir, stack_path, options).summary())
+
+
+def decompress_tiffs(
+    input_dir: Path, output_dir: Path, overwrite: bool, workers: int | None, verify: bool, quiet: bool
+) -> None:
+    """Everything ``decompress_tiffs`` does: decompress the directory, then print a summary."""
+    log.info(decompress.decompress_tiffs(input_dir, output_dir, overwrite, workers, verify, quiet).summary())

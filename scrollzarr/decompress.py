@@ -1,0 +1,326 @@
+"""decompress_tiffs: a directory of compressed TIFFs becomes uncompressed TIFFs that read at disk speed.
+
+Each file is an independent unit of work: decoded (tifffile, with the
+codecs of imagecodecs) and written uncompressed and contiguous under a
+hidden temporary name, then renamed; files already uncompressed are copied
+as they are.  A file under its final name is therefore always complete, and
+running the same command again skips it: the work resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from concurrent.futures import as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+from tqdm import tqdm
+
+from scrollzarr.errors import ScrollzarrError, UsageError
+from scrollzarr.memory import format_bytes
+from scrollzarr.workers import Workers, available_cores
+
+log = logging.getLogger(__name__)
+
+TIFF_NAME = re.compile(r"\.tiff?$", re.IGNORECASE)
+NUMBER = re.compile(r"(\d+)\.tiff?$", re.IGNORECASE)
+PARTIAL_SUFFIX = ".partial"
+NO_COMPRESSION = 1
+BIGTIFF_ABOVE = 2**32 - 2**25
+# Tags copied as they are: names, dates, software, and ImageJ's binary metadata (ranges, LUTs, labels).
+KEPT_TAGS = {269, 271, 272, 285, 306, 315, 316, 33432, 50838, 50839}
+RAW_TYPES = {1, 7}  # BYTE, UNDEFINED: copied as raw bytes
+
+
+@dataclass
+class FileResult:
+    """What happened to one file.
+
+    Attributes
+    ----------
+    name : str
+    action : {"decompressed", "copied", "skipped", "failed"}
+    nbytes : int
+        Bytes of the output file (0 when failed).
+    error : str or None
+        Why the file failed.
+    verified : bool
+        Its output was read back and compared with the input.
+    """
+
+    name: str
+    action: str
+    nbytes: int = 0
+    error: str | None = None
+    verified: bool = False
+
+
+@dataclass
+class DecompressReport:
+    """A run's results, for the summary."""
+
+    output: Path
+    results: list[FileResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, action: str) -> int:
+        return sum(result.action == action for result in self.results)
+
+    @property
+    def failures(self) -> list[FileResult]:
+        return [result for result in self.results if result.action == "failed"]
+
+    def summary(self) -> str:
+        written = sum(r.nbytes for r in self.results if r.action in ("decompressed", "copied"))
+        lines = [
+            f"{self.output}: {self.count('decompressed')} files decompressed, {self.count('copied')} already "
+            f"uncompressed copied, {self.count('skipped')} finished earlier skipped; {format_bytes(written)} "
+            f"written in {self.seconds:.1f} s ({written / max(self.seconds, 1e-9) / 1e6:.0f} MB/s)"
+        ]
+        verified = sum(r.verified for r in self.results)
+        if verified:
+            lines.append(f"  verified {verified} files: pixels equal to the input's")
+        if self.failures:
+            lines.append(f"  failed: {', '.join(r.name for r in self.failures)}")
+        return "\n".join(lines)
+
+
+class SourceError(Exception):
+    """An input file that cannot be read or decoded; the run goes on with the others."""
+
+
+def list_tiffs(directory: Path) -> list[Path]:
+    """The ``.tif``/``.tiff`` files of ``directory``, by slice number (files without a number last, by name)."""
+    files = [p for p in directory.iterdir() if TIFF_NAME.search(p.name) and not p.name.startswith(".")]
+
+    def key(path: Path) -> tuple[int, int, str]:
+        match = NUMBER.search(path.name)
+        return (0, int(match.group(1)), path.name) if match else (1, 0, path.name)
+
+    return sorted((p for p in files if p.is_file()), key=key)
+
+
+def partial_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
+
+
+def check_directories(input_dir: Path, output_dir: Path) -> None:
+    """Refuse an input that is not a directory, and an output that is, or contains, the input."""
+    if not input_dir.exists():
+        raise ScrollzarrError(f"input directory {input_dir} does not exist")
+    if not input_dir.is_dir():
+        raise ScrollzarrError(f"input {input_dir} is not a directory")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ScrollzarrError(f"output {output_dir} is a file; OUTPUT_TIFF_DIR must be a directory")
+    source, target = input_dir.resolve(), output_dir.resolve()
+    if source == target:
+        raise ScrollzarrError(f"the output directory is the input directory {input_dir}; choose another one")
+    if target in source.parents:
+        raise ScrollzarrError(
+            f"the output directory {output_dir} contains the input directory {input_dir}; choose another one"
+        )
+
+
+def decompress_file(source: Path, target: Path, overwrite: bool, verify: bool) -> FileResult:
+    """Write ``target``, the uncompressed copy of ``source``, unless a finished one is there.
+
+    Problems with ``source`` give a failed result; problems writing ``target``
+    (a full disk, say) raise, since they stop every file alike.
+    """
+    name = source.name
+    try:
+        if target.exists() and not overwrite:
+            problem = _not_a_finished_copy(source, target)
+            if problem is not None:
+                return FileResult(name, "failed", error=f"{target} exists but {problem}; add --overwrite to replace it")
+            return FileResult(name, "skipped", target.stat().st_size, verified=verify and _verify(source, target))
+        pages, copy = _read(source)
+    except SourceError as error:
+        return FileResult(name, "failed", error=str(error))
+    partial = partial_path(target)
+    try:
+        if copy:
+            shutil.copyfile(source, partial)
+        else:
+            _write(partial, pages)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    try:
+        verified = verify and _verify(source, target, [data for data, _ in pages] if pages else None)
+    except SourceError as error:
+        return FileResult(name, "failed", error=str(error))
+    return FileResult(name, "copied" if copy else "decompressed", target.stat().st_size, verified=verified)
+
+
+def _read(source: Path) -> tuple[list[tuple[np.ndarray, dict[str, Any]]], bool]:
+    """Decoded pages of ``source`` with the keywords that write them again; or ``([], True)`` to copy it as is."""
+    try:
+        with tifffile.TiffFile(source) as tiff:
+            pages = list(tiff.pages)
+            if not pages:
+                raise SourceError(f"{source.name}: no image in the file")
+            _check_length(source, pages)
+            if all(p.compression == NO_COMPRESSION and not p.is_tiled for p in pages):  # type: ignore[union-attr]
+                return [], True
+            with open(source, "rb") as handle:
+                return [(page.asarray(maxworkers=1), _keywords(page, handle)) for page in pages], False  # type: ignore[union-attr]
+    except SourceError:
+        raise
+    except Exception as error:  # tifffile and each codec raise their own kinds for a damaged file
+        raise SourceError(f"{source.name}: cannot read: {type(error).__name__}: {error}") from None
+
+
+def _check_length(source: Path, pages: list[Any]) -> None:
+    size = source.stat().st_size
+    for page in pages:
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)]
+        if ends and max(ends) > size:
+            raise SourceError(
+                f"{source.name}: truncated: its pixel data runs to byte {max(ends)} of a {size}-byte file"
+            )
+
+
+def _keywords(page: Any, handle: Any) -> dict[str, Any]:
+    """What ``tifffile.TiffWriter.write`` needs to give the page its meaning again (uncompressed)."""
+    tags = page.tags
+    keywords: dict[str, Any] = {
+        "photometric": page.photometric,
+        "planarconfig": page.planarconfig if page.samplesperpixel > 1 else None,
+        "extrasamples": page.extrasamples or None,
+        "subfiletype": page.subfiletype,
+        "description": tags["ImageDescription"].value if "ImageDescription" in tags else None,
+        "software": tags["Software"].value if "Software" in tags else False,
+        "metadata": None,
+    }
+    if "XResolution" in tags and "YResolution" in tags:
+        keywords["resolution"] = (tags["XResolution"].value, tags["YResolution"].value)
+        keywords["resolutionunit"] = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else None
+    extratags = []
+    for tag in tags:
+        if tag.code not in KEPT_TAGS:
+            continue
+        if int(tag.dtype) in RAW_TYPES:
+            handle.seek(tag.valueoffset)
+            value: Any = handle.read(tag.valuebytecount)
+        else:
+            value = tag.value
+        extratags.append((tag.code, int(tag.dtype), tag.count, value, True))
+    keywords["extratags"] = extratags
+    return keywords
+
+
+def _write(path: Path, pages: list[tuple[np.ndarray, dict[str, Any]]]) -> None:
+    nbytes = sum(data.nbytes for data, _ in pages)
+    with tifffile.TiffWriter(path, bigtiff=nbytes > BIGTIFF_ABOVE) as writer:
+        for data, keywords in pages:
+            writer.write(data, **keywords)
+
+
+def _not_a_finished_copy(source: Path, target: Path) -> str | None:
+    """Why ``target`` is not an uncompressed copy of ``source`` (headers compared), or ``None`` if it is."""
+    try:
+        with tifffile.TiffFile(source) as tiff:
+            expected = [(p.shape, p.dtype) for p in tiff.pages]  # type: ignore[union-attr]
+    except Exception as error:  # as in _read
+        raise SourceError(f"{source.name}: cannot read: {type(error).__name__}: {error}") from None
+    try:
+        with tifffile.TiffFile(target) as tiff:
+            pages = list(tiff.pages)
+            found = [(p.shape, p.dtype) for p in pages]  # type: ignore[union-attr]
+            compressed = any(p.compression != NO_COMPRESSION for p in pages)  # type: ignore[union-attr]
+            _check_length(target, pages)
+    except SourceError:
+        return "is truncated"
+    except Exception:  # any file tifffile cannot read is not one of ours
+        return "is not a readable TIFF"
+    if found != expected:
+        return f"holds {len(found)} image(s) of another shape or type"
+    if compressed:
+        return "is compressed"
+    return None
+
+
+def _verify(source: Path, target: Path, decoded: list[np.ndarray] | None = None) -> bool:
+    """Read ``target`` back (memory-mapped where it is a single image) and compare its pixels with ``source``'s."""
+    try:
+        if decoded is None:
+            with tifffile.TiffFile(source) as tiff:
+                decoded = [page.asarray(maxworkers=1) for page in tiff.pages]  # type: ignore[union-attr]
+    except Exception as error:  # as in _read
+        raise SourceError(f"{source.name}: cannot read: {type(error).__name__}: {error}") from None
+    with tifffile.TiffFile(target) as tiff:
+        pages = list(tiff.pages)
+        written = [tifffile.memmap(target)] if len(pages) == 1 else [p.asarray() for p in pages]  # type: ignore[union-attr]
+    if len(written) != len(decoded) or not all(np.array_equal(a, b) for a, b in zip(written, decoded, strict=True)):
+        raise SourceError(f"{target.name}: verification failed: its pixels differ from {source}")
+    return True
+
+
+def remove_stale_partials(output_dir: Path, names: set[str]) -> int:
+    """Delete the temporary files a killed run left for these names; return how many."""
+    removed = 0
+    for name in names:
+        partial = partial_path(output_dir / name)
+        if partial.exists():
+            partial.unlink()
+            removed += 1
+    return removed
+
+
+def decompress_tiffs(
+    input_dir: Path, output_dir: Path, overwrite: bool, workers: int | None, verify: bool, quiet: bool
+) -> DecompressReport:
+    """Decompress every TIFF of ``input_dir`` into ``output_dir``.
+
+    Raises
+    ------
+    ScrollzarrError
+        For unusable directories; and, after every other file is done, if
+        any file failed (each is listed by a warning as it fails).
+    """
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {workers}")
+    check_directories(input_dir, output_dir)
+    files = list_tiffs(input_dir)
+    if not files:
+        raise ScrollzarrError(f"no .tif or .tiff files in {input_dir}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_partials(output_dir, {f.name for f in files})
+    if stale:
+        log.info(f"removed {stale} temporary file(s) of an interrupted run")
+    report = DecompressReport(output_dir)
+    started = time.perf_counter()
+    total = sum(f.stat().st_size for f in files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=quiet, desc="decompressing", mininterval=0.5)
+    with bar, Workers(workers or available_cores()) as pool:
+        futures = {pool.submit(decompress_file, f, output_dir / f.name, overwrite, verify): f for f in files}
+        for future in as_completed(futures):
+            result = future.result()
+            report.results.append(result)
+            if result.error:
+                log.warning(result.error)
+            bar.update(futures[future].stat().st_size)
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix_str(
+                f"{len(report.results)}/{len(files)} files, {len(report.results) / elapsed:.1f} files/s"
+            )
+    report.seconds = time.perf_counter() - started
+    order = {f.name: i for i, f in enumerate(files)}
+    report.results.sort(key=lambda r: order[r.name])
+    if report.failures:
+        log.info(report.summary())
+        names = [r.name for r in report.failures]
+        listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        raise ScrollzarrError(
+            f"{len(report.failures)} of {len(files)} files failed ({listed}; reasons above); "
+            "the others are done: fix or remove those files and run the same command again"
+        )
+    return report
