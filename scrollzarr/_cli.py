@@ -43,6 +43,10 @@ def setup_logging(program: str, quiet: bool, verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.propagate = False
     root.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    # tifffile logs what it finds wrong in a damaged file; the package reports such files itself, in one line.
+    tifffile_log = logging.getLogger("tifffile")
+    tifffile_log.handlers[:] = [handler] if verbose else [logging.NullHandler()]
+    tifffile_log.propagate = False
 
 
 def add_verbosity(parser: argparse.ArgumentParser) -> None:

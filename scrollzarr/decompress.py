@@ -24,6 +24,7 @@ import tifffile
 from tqdm import tqdm
 
 from scrollzarr.errors import ScrollzarrError, UsageError
+from scrollzarr.layertiff import write_at
 from scrollzarr.memory import format_bytes
 from scrollzarr.workers import Workers, available_cores
 
@@ -166,7 +167,7 @@ def _read(source: Path) -> tuple[list[tuple[np.ndarray, dict[str, Any]]], bool]:
         with tifffile.TiffFile(source) as tiff:
             pages = list(tiff.pages)
             if not pages:
-                raise SourceError(f"{source.name}: no image in the file")
+                raise SourceError(f"{source.name}: cannot read: no image in the file")
             _check_length(source, pages)
             if all(p.compression == NO_COMPRESSION and not p.is_tiled for p in pages):  # type: ignore[union-attr]
                 return [], True
@@ -218,10 +219,25 @@ def _keywords(page: Any, handle: Any) -> dict[str, Any]:
 
 
 def _write(path: Path, pages: list[tuple[np.ndarray, dict[str, Any]]]) -> None:
+    """Lay the file out with tifffile (headers and tags; pixels left sparse), then write each page's pixels.
+
+    The pixels go through plain ``pwrite`` calls, so that a full disk is an
+    OSError with its errno (tifffile reports a short write without one).
+    """
     nbytes = sum(data.nbytes for data, _ in pages)
     with tifffile.TiffWriter(path, bigtiff=nbytes > BIGTIFF_ABOVE) as writer:
         for data, keywords in pages:
-            writer.write(data, **keywords)
+            writer.write(shape=data.shape, dtype=data.dtype, **keywords)
+    with tifffile.TiffFile(path) as tiff:
+        laid_out = [(p.is_contiguous, int(p.dataoffsets[0])) for p in tiff.pages]  # type: ignore[union-attr]
+    if not all(contiguous for contiguous, _ in laid_out):
+        raise ScrollzarrError(f"tifffile did not lay {path} out contiguously; cannot write its pixels")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for (data, _), (_, offset) in zip(pages, laid_out, strict=True):
+            write_at(fd, data, offset)
+    finally:
+        os.close(fd)
 
 
 def _not_a_finished_copy(source: Path, target: Path) -> str | None:

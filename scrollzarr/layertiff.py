@@ -22,6 +22,15 @@ STRIP_BYTES = 8 * 2**20
 CLASSIC_TIFF_LIMIT = 2**32 - 2**25  # leave room for the header and tags below 4 GiB
 
 
+def write_at(fd: int, data: np.ndarray, position: int) -> None:
+    """Write all of ``data``'s bytes at ``position`` of the open file ``fd`` (an OSError says why not)."""
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    while view:
+        written = os.pwrite(fd, view, position)
+        view = view[written:]
+        position += written
+
+
 def partial_path(final: Path) -> Path:
     """Where the image is written before it is complete: ``dir/.name.partial``."""
     return final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
@@ -61,12 +70,7 @@ class LayerTiff:
 
     def write_rows(self, first: int, rows: np.ndarray) -> None:
         """Write ``rows`` (shape (r, width), C-contiguous) as rows ``first … first + r - 1``."""
-        data = memoryview(np.ascontiguousarray(rows)).cast("B")
-        position = self.offset + first * self.row_bytes
-        while data:
-            written = os.pwrite(self._fd, data, position)
-            data = data[written:]
-            position += written
+        write_at(self._fd, rows, self.offset + first * self.row_bytes)
 
     def commit(self) -> None:
         """Close the file and give it its final name."""
