@@ -1,12 +1,18 @@
-"""What each command-line script does, once its arguments are parsed."""
+"""What each command-line script does, once its arguments are parsed.
+
+Each command imports what it uses when it runs, so that a script starts
+without loading the others' dependencies (zarr, for one).
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from scrollzarr import decompress, layers, pipeline, rebuild
-from scrollzarr.options import Options
+if TYPE_CHECKING:
+    from scrollzarr.layers import LayerOptions
+    from scrollzarr.options import Options
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +37,8 @@ def scroll_to_ome(
     dry_run : bool
         Print the plan on stdout and write nothing.
     """
+    from scrollzarr import pipeline, rebuild
+
     if first_new_level is not None:
         plan = rebuild.plan_rebuild(output, first_new_level, options, chunk_size)
         if dry_run:
@@ -46,9 +54,11 @@ def scroll_to_ome(
 
 
 def ppm_to_layers(
-    ppm_path: Path, zarr_path: Path, output_dir: Path, stack_path: Path | None, options: layers.LayerOptions
+    ppm_path: Path, zarr_path: Path, output_dir: Path, stack_path: Path | None, options: LayerOptions
 ) -> None:
     """Everything ``ppm_to_layers`` does: render the layers (and stacked image), then print a summary."""
+    from scrollzarr import layers
+
     log.info(layers.ppm_to_layers(ppm_path, zarr_path, output_dir, stack_path, options).summary())
 
 
@@ -56,4 +66,6 @@ def decompress_tiffs(
     input_dir: Path, output_dir: Path, overwrite: bool, workers: int | None, verify: bool, quiet: bool
 ) -> None:
     """Everything ``decompress_tiffs`` does: decompress the directory, then print a summary."""
+    from scrollzarr import decompress
+
     log.info(decompress.decompress_tiffs(input_dir, output_dir, overwrite, workers, verify, quiet).summary())

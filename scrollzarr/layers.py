@@ -27,9 +27,9 @@ from scrollzarr.allocator import keep_freed_memory
 from scrollzarr.chunkcache import CacheStats, ChunkCache
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.layertiff import PARTIAL_SUFFIX, LayerTiff
-from scrollzarr.memory import GIB, format_bytes
 from scrollzarr.ppm import Ppm, open_ppm
 from scrollzarr.sampling import STACK_FILTERS, layer_offsets, sample_bounds, sample_layers, stack, stacked_layers
+from scrollzarr.sizes import GIB, format_bytes
 from scrollzarr.volume import Volume, open_volume
 from scrollzarr.workers import Workers, available_cores
 

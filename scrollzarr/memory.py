@@ -15,17 +15,8 @@ from dataclasses import dataclass
 from scrollzarr import downsample as ds
 from scrollzarr.blocks import Shape3
 from scrollzarr.errors import UsageError
+from scrollzarr.sizes import GIB
 from scrollzarr.streaming import STRIPE_BYTES, LevelStream
-
-GIB = 2**30
-
-
-def format_bytes(nbytes: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``: binary units, as ``--max_gb`` counts them."""
-    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= size:
-            return f"{nbytes / size:.3g} {unit}"
-    return f"{int(nbytes)} bytes"
 
 
 @dataclass(frozen=True)

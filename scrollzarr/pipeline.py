@@ -27,13 +27,13 @@ from scrollzarr import downsample as ds
 from scrollzarr import memory, progress
 from scrollzarr.blocks import Shape3
 from scrollzarr.errors import ScrollzarrError, UsageError
-from scrollzarr.memory import format_bytes
 from scrollzarr.ngff_v04 import Multiscale
 from scrollzarr.options import Options
 from scrollzarr.progress import Progress
 from scrollzarr.ranges import parse_ranges
 from scrollzarr.readback import build_from_above
 from scrollzarr.report import LevelReport, Report, chunk_count, format_numbers, progress_bar
+from scrollzarr.sizes import format_bytes
 from scrollzarr.store import (
     ChunkWriter,
     OutputError,

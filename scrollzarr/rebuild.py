@@ -14,12 +14,12 @@ from scrollzarr import downsample as ds
 from scrollzarr import memory, progress
 from scrollzarr.blocks import Shape3
 from scrollzarr.errors import ScrollzarrError, UsageError
-from scrollzarr.memory import format_bytes
 from scrollzarr.ngff_v04 import Multiscale
 from scrollzarr.options import Options
 from scrollzarr.progress import Progress
 from scrollzarr.readback import build_from_above
 from scrollzarr.report import LevelReport, Report, chunk_count, progress_bar
+from scrollzarr.sizes import format_bytes
 from scrollzarr.store import check_output_name, create_level, is_zarr_store, open_store
 from scrollzarr.workers import Workers
 

@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from scrollzarr.blocks import Shape3
-from scrollzarr.memory import format_bytes
+from scrollzarr.sizes import format_bytes
 
 
 @dataclass

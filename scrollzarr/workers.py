@@ -1,16 +1,20 @@
-"""A pool of worker threads, or none: what runs the independent tasks of a conversion.
+"""A pool of worker threads or processes, or none: what runs the independent tasks of a job.
 
 Reading and decoding TIFFs, testing and writing chunks and downsampling all
 spend their time in code that releases the GIL (file I/O, imagecodecs,
 numpy), so threads share the cores without copying data between processes.
-With one worker every task runs at once in the calling thread.
+Tasks that hold the GIL (libtiff decoding through imagecodecs) and exchange
+little data run in worker processes instead.  With one worker every task
+runs at once in the calling thread.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+import signal
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from types import TracebackType
 from typing import TypeVar
 
@@ -37,18 +41,38 @@ class _Inline(Executor):
         return future
 
 
+def _ignore_interrupts() -> None:
+    """In a worker process: leave Ctrl-C to the main process, which lets the running tasks finish."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Workers:
-    """``count`` worker threads for :meth:`run`; use as a context manager.
+    """``count`` workers for :meth:`submit` and :meth:`run`; use as a context manager.
 
     Parameters
     ----------
     count : int
-        Number of threads; 1 runs every task in the calling thread.
+        Number of workers; 1 runs every task in the calling thread.
+    processes : bool
+        Worker processes instead of threads: tasks and their arguments and
+        results must then be picklable.
+    preload : sequence of str
+        Modules the worker processes import once, before they are forked.
     """
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, processes: bool = False, preload: Sequence[str] = ()) -> None:
         self.count = count
-        self._executor: Executor = _Inline() if count == 1 else ThreadPoolExecutor(count, "scrollzarr")
+        self._executor: Executor
+        if count == 1:
+            self._executor = _Inline()
+        elif processes:
+            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+            context = multiprocessing.get_context(method)
+            if method == "forkserver":
+                context.set_forkserver_preload(list(preload))
+            self._executor = ProcessPoolExecutor(count, mp_context=context, initializer=_ignore_interrupts)
+        else:
+            self._executor = ThreadPoolExecutor(count, "scrollzarr")
 
     def submit(self, fn: Callable[..., T], /, *args: object) -> Future[T]:
         """Start ``fn(*args)`` on a worker (at once, in this thread, with one worker)."""
