@@ -10,14 +10,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Synthetic scroll (plain and masked) converted to OME-Zarr, and a surface along its sheet rendered into
-# layer TIFFs; each script prints a summary of what it wrote.
+# Synthetic scroll (plain and masked) converted to OME-Zarr, the masked TIFFs decompressed, and a surface
+# along the sheet rendered into layer TIFFs; each script prints a summary of what it wrote.
 demo: $(BIN)/python
 	$(BIN)/python -m pip install --quiet .
 	$(BIN)/python -m scrollzarr.synthetic $(DEMO)/scroll --shape 256 320 352 --ppm $(DEMO)/sheet.ppm
 	$(BIN)/python -m scrollzarr.synthetic $(DEMO)/scroll_masked --shape 256 320 352 --masked
 	$(BIN)/scroll_to_ome $(DEMO)/scroll $(DEMO)/scroll.zarr --overwrite
 	$(BIN)/scroll_to_ome $(DEMO)/scroll_masked $(DEMO)/scroll_masked.zarr --overwrite --obytes 1
+	$(BIN)/decompress_tiffs $(DEMO)/scroll_masked $(DEMO)/scroll_masked_plain --overwrite
 	$(BIN)/ppm_to_layers $(DEMO)/sheet.ppm $(DEMO)/scroll.zarr $(DEMO)/layers $(DEMO)/sheet_stack.tif --overwrite
 	@echo "demo stores: $(DEMO)/scroll.zarr (uint16) and $(DEMO)/scroll_masked.zarr (uint8); see README 'Viewing'"
 	@echo "demo layers: $(DEMO)/layers/00.tif ... 64.tif and $(DEMO)/sheet_stack.tif, the sheet unrolled"
@@ -37,12 +38,14 @@ test: lint $(ZARR2)
 	SCROLLZARR_ZARR2_PATH=$(abspath $(ZARR2)) $(BIN)/python -m pytest
 
 # Speed and memory (not part of the tests): scroll_to_ome against `cp -r` of the same TIFFs, written to
-# bench/RESULTS.md; ppm_to_layers against reading the chunks it touches, written to bench/RESULTS_ppm_to_layers.md.
+# bench/RESULTS.md; ppm_to_layers against reading the chunks it touches, written to bench/RESULTS_ppm_to_layers.md;
+# decompress_tiffs against `tiffcp -c none` (needs Debian's libtiff-tools), bench/RESULTS_decompress_tiffs.md.
 # BENCH_ARGS="--shape 512 2048 2048 --repeats 5" for a larger scroll_to_ome run.
 bench: $(BIN)/python
 	$(BIN)/python -m pip install --quiet .
 	$(BIN)/python bench/bench_scroll_to_ome.py $(BENCH_ARGS)
 	$(BIN)/python bench/bench_ppm_to_layers.py
+	$(BIN)/python bench/bench_decompress_tiffs.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info
