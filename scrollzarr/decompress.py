@@ -153,13 +153,13 @@ def decompress_file(source: Path, target: Path, overwrite: bool, verify: bool) -
             shutil.copyfile(source, partial)
         else:
             _write(partial, pages)
+        # Checked before it gets its final name, so that a file that fails is not taken for finished.
+        verified = verify and _verify(source, partial, [data for data, _ in pages] if pages else None)
         os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-    try:
-        verified = verify and _verify(source, target, [data for data, _ in pages] if pages else None)
     except SourceError as error:
         return FileResult(name, "failed", error=str(error))
+    finally:
+        partial.unlink(missing_ok=True)
     return FileResult(name, "copied" if copy else "decompressed", target.stat().st_size, verified=verified)
 
 
@@ -288,7 +288,10 @@ def _verify(source: Path, target: Path, decoded: list[np.ndarray] | None = None)
         pages = list(tiff.pages)
         written = [tifffile.memmap(target)] if len(pages) == 1 else [p.asarray() for p in pages]  # type: ignore[union-attr]
     if len(written) != len(decoded) or not all(np.array_equal(a, b) for a, b in zip(written, decoded, strict=True)):
-        raise SourceError(f"{target.name}: verification failed: its pixels differ from {source}")
+        raise SourceError(
+            f"{source.name}: verification failed: the pixels of its output differ from it; "
+            "run again with --overwrite to write it again"
+        )
     return True
 
 

@@ -224,7 +224,7 @@ def test_verify_finds_an_output_that_differs(masked, tmp_path):
     assert_ok(decompress_tiffs(source, out, "--quiet"))  # without --verify: headers match, skipped
     result = decompress_tiffs(source, out, "--verify")
     assert_one_line_error(result, "1 of 7 files failed (00001.tif", code=1)
-    assert "00001.tif: verification failed: its pixels differ" in result.stderr
+    assert "00001.tif: verification failed: the pixels of its output differ from it" in result.stderr
 
 
 def test_removes_the_temporary_files_of_a_killed_run(masked, tmp_path):
