@@ -131,6 +131,11 @@ def write_file(path: Path, data: np.ndarray) -> None:
     try:
         with open(temporary, "wb") as handle:
             handle.write(memoryview(data).cast("B"))
+            handle.flush()
+            # Start writing it to disk now (Linux starts writeback of dirty pages on this advice), so
+            # that the disk writes while the run still reads and computes instead of after it ends.
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
