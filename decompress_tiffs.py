@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from scrollzarr import commands
-from scrollzarr._cli import Parser, add_verbosity, run, setup_logging
+from scrollzarr._cli import HelpFormatter, Parser, add_verbosity, add_workers, run, setup_logging
 
 PROGRAM = "decompress_tiffs"
 
@@ -21,21 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
         "uncompressed and contiguous (memory-mappable), with the same pixels and meaningful tags. "
         "Files already uncompressed are copied. Running the same command again after an interruption "
         "skips the files that are finished.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("input_tiff_dir", type=Path, help="directory of compressed TIFFs")
     parser.add_argument("output_tiff_dir", type=Path, help="directory for the uncompressed TIFFs (created if missing)")
     parser.add_argument(
         "--overwrite", action="store_true", help="rewrite every output file, also those finished by an earlier run"
     )
-    parser.add_argument(
-        "--workers",
-        "--num_threads",
-        "--num-threads",
-        type=int,
-        default=None,
-        help="files decoded at a time (default: one per core)",
-    )
+    add_workers(parser, "files decoded at a time")
     parser.add_argument(
         "--verify", action="store_true", help="read each output back and check its pixels equal the input's"
     )

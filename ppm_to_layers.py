@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from scrollzarr import commands
-from scrollzarr._cli import Parser, add_verbosity, run, setup_logging
+from scrollzarr._cli import HelpFormatter, Parser, add_verbosity, add_workers, run, setup_logging
 from scrollzarr.layers import LayerOptions
 from scrollzarr.sampling import STACK_FILTERS
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample a zarr scroll volume along the normals of a .ppm surface (volume-cartographer's "
         "per-pixel map) into one TIFF per layer, like vc_layers_from_ppm, and optionally a stacked image, "
         "like vc_render.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("ppm_file", type=Path, help="the surface: a .ppm per-pixel map")
     parser.add_argument("zarr", type=Path, help="the volume: an OME-Zarr group (level 0 is sampled) or a zarr array")
@@ -59,14 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="OME-Zarr level to sample (coordinates divided by 2^level), for quick previews",
     )
-    parser.add_argument(
-        "--workers",
-        "--num_threads",
-        "--num-threads",
-        type=int,
-        default=None,
-        help="worker threads sampling the surface (default: one per core)",
-    )
+    add_workers(parser, "worker threads sampling the surface")
     parser.add_argument(
         "--zarr_cache_max_size_gb",
         "--zarr-cache-max-size-gb",

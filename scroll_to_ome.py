@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from scrollzarr import commands
-from scrollzarr._cli import Parser, add_verbosity, run, setup_logging
+from scrollzarr._cli import HelpFormatter, Parser, add_verbosity, add_workers, run, setup_logging
 from scrollzarr.downsample import ALGORITHMS, GAUSSIAN_SIGMA
 from scrollzarr.options import Options
 from scrollzarr.tiffstack import BAD_SLICE_POLICIES
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROGRAM,
         description="Convert a directory of z-slice TIFFs (00000.tif, 00001.tif, ...) into a "
         "multi-resolution OME-Zarr (NGFF 0.4, zarr format 2) for Neuroglancer and khartes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("input_tiff_dir", type=Path, help="directory of TIFFs named by slice number")
     parser.add_argument("output", type=Path, help="output store; the name must end in .zarr")
@@ -82,14 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="output bytes per voxel: 0 = as the input, 1 = uint8 (uint16 // 256)",
     )
-    parser.add_argument(
-        "--workers",
-        "--num_threads",
-        "--num-threads",
-        type=int,
-        default=None,
-        help="worker threads for reading, decoding, downsampling and writing (default: one per core)",
-    )
+    add_workers(parser, "worker threads for reading, decoding, downsampling and writing")
     parser.add_argument(
         "--resume",
         action="store_true",

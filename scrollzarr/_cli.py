@@ -24,6 +24,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in ``--help`` where it says something (not for None or False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C."""
 
@@ -56,6 +65,18 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
         "--quiet", "-q", action="store_true", help="no progress bar or summary; warnings and errors only"
     )
     group.add_argument("--verbose", "-v", action="store_true", help="also print debugging detail")
+
+
+def add_workers(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--workers N`` (with ``--num_threads``, as upstream users type it); ``what`` the workers do."""
+    parser.add_argument(
+        "--workers",
+        "--num_threads",
+        "--num-threads",
+        type=int,
+        default=None,
+        help=f"{what} (default: one per core)",
+    )
 
 
 def _os_error(error: OSError, resume: str | None) -> str:
