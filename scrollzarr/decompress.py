@@ -14,7 +14,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,15 +28,14 @@ from tqdm import tqdm
 
 from scrollzarr.allocator import keep_freed_memory
 from scrollzarr.errors import ScrollzarrError, UsageError
-from scrollzarr.layertiff import write_at
+from scrollzarr.layertiff import partial_path, write_at
 from scrollzarr.sizes import format_bytes
+from scrollzarr.tiffstack import NUMBERED_TIFF, pixel_data_end
 from scrollzarr.workers import Workers, available_cores
 
 log = logging.getLogger(__name__)
 
 TIFF_NAME = re.compile(r"\.tiff?$", re.IGNORECASE)
-NUMBER = re.compile(r"(\d+)\.tiff?$", re.IGNORECASE)
-PARTIAL_SUFFIX = ".partial"
 NO_COMPRESSION = 1
 BIGTIFF_ABOVE = 2**32 - 2**25
 # Tags copied as they are: names, dates, software, and ImageJ's binary metadata (ranges, LUTs, labels).
@@ -99,19 +100,26 @@ class SourceError(Exception):
     """An input file that cannot be read or decoded; the run goes on with the others."""
 
 
+@contextmanager
+def _reading(source: Path) -> Iterator[None]:
+    """Turn what tifffile and each codec raise for a damaged ``source`` into one :class:`SourceError`."""
+    try:
+        yield
+    except SourceError:
+        raise
+    except Exception as error:  # tifffile and each codec raise their own kinds
+        raise SourceError(f"{source.name}: cannot read: {type(error).__name__}: {error}") from None
+
+
 def list_tiffs(directory: Path) -> list[Path]:
     """The ``.tif``/``.tiff`` files of ``directory``, by slice number (files without a number last, by name)."""
     files = [p for p in directory.iterdir() if TIFF_NAME.search(p.name) and not p.name.startswith(".")]
 
     def key(path: Path) -> tuple[int, int, str]:
-        match = NUMBER.search(path.name)
+        match = NUMBERED_TIFF.search(path.name)
         return (0, int(match.group(1)), path.name) if match else (1, 0, path.name)
 
     return sorted((p for p in files if p.is_file()), key=key)
-
-
-def partial_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
 
 
 def check_directories(input_dir: Path, output_dir: Path) -> None:
@@ -165,21 +173,16 @@ def decompress_file(source: Path, target: Path, overwrite: bool, verify: bool) -
 
 def _read(source: Path) -> tuple[list[tuple[np.ndarray, dict[str, Any]]], bool]:
     """Decoded pages of ``source`` with the keywords that write them again; or ``([], True)`` to copy it as is."""
-    try:
-        with tifffile.TiffFile(source) as tiff:
-            pages = list(tiff.pages)
-            if not pages:
-                raise SourceError(f"{source.name}: cannot read: no image in the file")
-            _check_length(source, pages)
-            if all(p.compression == NO_COMPRESSION and not p.is_tiled for p in pages):  # type: ignore[union-attr]
-                return [], True
-            raw = source.read_bytes()
-            with open(source, "rb") as handle:
-                return [(_decode(raw, index, page), _keywords(page, handle)) for index, page in enumerate(pages)], False
-    except SourceError:
-        raise
-    except Exception as error:  # tifffile and each codec raise their own kinds for a damaged file
-        raise SourceError(f"{source.name}: cannot read: {type(error).__name__}: {error}") from None
+    with _reading(source), tifffile.TiffFile(source) as tiff:
+        pages = list(tiff.pages)
+        if not pages:
+            raise SourceError(f"{source.name}: cannot read: no image in the file")
+        _check_length(source, pages)
+        if all(p.compression == NO_COMPRESSION and not p.is_tiled for p in pages):  # type: ignore[union-attr]
+            return [], True
+        raw = source.read_bytes()
+        with open(source, "rb") as handle:
+            return [(_decode(raw, index, page), _keywords(page, handle)) for index, page in enumerate(pages)], False
 
 
 def _decode(raw: bytes, index: int, page: Any) -> np.ndarray:
@@ -196,12 +199,9 @@ def _decode(raw: bytes, index: int, page: Any) -> np.ndarray:
 
 def _check_length(source: Path, pages: list[Any]) -> None:
     size = source.stat().st_size
-    for page in pages:
-        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)]
-        if ends and max(ends) > size:
-            raise SourceError(
-                f"{source.name}: truncated: its pixel data runs to byte {max(ends)} of a {size}-byte file"
-            )
+    end = max(pixel_data_end(page) for page in pages)
+    if end > size:
+        raise SourceError(f"{source.name}: truncated: its pixel data runs to byte {end} of a {size}-byte file")
 
 
 def _keywords(page: Any, handle: Any) -> dict[str, Any]:
@@ -254,11 +254,8 @@ def _write(path: Path, pages: list[tuple[np.ndarray, dict[str, Any]]]) -> None:
 
 def _not_a_finished_copy(source: Path, target: Path) -> str | None:
     """Why ``target`` is not an uncompressed copy of ``source`` (headers compared), or ``None`` if it is."""
-    try:
-        with tifffile.TiffFile(source) as tiff:
-            expected = [(p.shape, p.dtype) for p in tiff.pages]  # type: ignore[union-attr]
-    except Exception as error:  # as in _read
-        raise SourceError(f"{source.name}: cannot read: {type(error).__name__}: {error}") from None
+    with _reading(source), tifffile.TiffFile(source) as tiff:
+        expected = [(p.shape, p.dtype) for p in tiff.pages]  # type: ignore[union-attr]
     try:
         with tifffile.TiffFile(target) as tiff:
             pages = list(tiff.pages)
@@ -278,12 +275,9 @@ def _not_a_finished_copy(source: Path, target: Path) -> str | None:
 
 def _verify(source: Path, target: Path, decoded: list[np.ndarray] | None = None) -> bool:
     """Read ``target`` back (memory-mapped where it is a single image) and compare its pixels with ``source``'s."""
-    try:
-        if decoded is None:
-            with tifffile.TiffFile(source) as tiff:
-                decoded = [page.asarray(maxworkers=1) for page in tiff.pages]  # type: ignore[union-attr]
-    except Exception as error:  # as in _read
-        raise SourceError(f"{source.name}: cannot read: {type(error).__name__}: {error}") from None
+    if decoded is None:
+        with _reading(source), tifffile.TiffFile(source) as tiff:
+            decoded = [page.asarray(maxworkers=1) for page in tiff.pages]  # type: ignore[union-attr]
     with tifffile.TiffFile(target) as tiff:
         pages = list(tiff.pages)
         written = [tifffile.memmap(target)] if len(pages) == 1 else [p.asarray() for p in pages]  # type: ignore[union-attr]

@@ -20,7 +20,7 @@ from scrollzarr.errors import ScrollzarrError
 
 log = logging.getLogger(__name__)
 
-_NUMBERED_TIFF = re.compile(r"(\d+)\.tiff?$", re.IGNORECASE)
+NUMBERED_TIFF = re.compile(r"(\d+)\.tiff?$", re.IGNORECASE)
 _NO_COMPRESSION = 1
 
 
@@ -101,7 +101,7 @@ def numbered_tiffs(directory: Path) -> dict[int, Path]:
         raise StackError(f"input directory {directory} {what}; give the folder that holds the z-slice TIFFs")
     found: dict[int, Path] = {}
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        match = _NUMBERED_TIFF.search(entry.name)
+        match = NUMBERED_TIFF.search(entry.name)
         if match is None or not entry.is_file():
             continue
         z = int(match.group(1))
@@ -118,6 +118,11 @@ def numbered_tiffs(directory: Path) -> dict[int, Path]:
     return found
 
 
+def pixel_data_end(page: tifffile.TiffPage) -> int:
+    """Byte offset just past the last strip or tile of ``page``: the file must be at least this long."""
+    return max((int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)), default=0)
+
+
 def _inspect(path: Path) -> tuple[tuple[int, int], np.dtype, str, int | None, int]:
     """Read one TIFF's header: shape, dtype, byte order, data offset if directly readable, rows decoded at once."""
     try:
@@ -129,7 +134,7 @@ def _inspect(path: Path) -> tuple[tuple[int, int], np.dtype, str, int | None, in
                     f"{path}: holds an image of shape {page.shape}, not a single-channel 2D slice; "
                     "each z slice must be one grey-scale image"
                 )
-            end = max(int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts, strict=True))
+            end = pixel_data_end(page)
             if end > size:
                 raise StackError(
                     f"{path}: truncated, its pixel data should end at byte {end} but the file has "
