@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 from scrollzarr import commands
-from scrollzarr._cli import HelpFormatter, Parser, add_verbosity, add_workers, run, setup_logging
+from scrollzarr._cli import Parser, add_verbosity, add_workers, rerun_command, run, setup_logging
 
 PROGRAM = "decompress_tiffs"
 
@@ -21,7 +20,6 @@ def build_parser() -> argparse.ArgumentParser:
         "uncompressed and contiguous (memory-mappable), with the same pixels and meaningful tags. "
         "Files already uncompressed are copied. Running the same command again after an interruption "
         "skips the files that are finished.",
-        formatter_class=HelpFormatter,
     )
     parser.add_argument("input_tiff_dir", type=Path, help="directory of compressed TIFFs")
     parser.add_argument("output_tiff_dir", type=Path, help="directory for the uncompressed TIFFs (created if missing)")
@@ -39,14 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(PROGRAM, args.quiet, args.verbose)
-    words = sys.argv[1:] if argv is None else argv
-    again = shlex.join([Path(sys.argv[0]).name, *(w for w in words if w != "--overwrite")])
     return run(
         PROGRAM,
         lambda: commands.decompress_tiffs(
             args.input_tiff_dir, args.output_tiff_dir, args.overwrite, args.workers, args.verify, args.quiet
         ),
-        f"{again} (finished files are skipped)",
+        f"{rerun_command(argv)} (finished files are skipped)",
     )
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from scrollzarr import commands
-from scrollzarr._cli import HelpFormatter, Parser, add_verbosity, add_workers, run, setup_logging
+from scrollzarr._cli import Parser, add_verbosity, add_workers, run, setup_logging
 from scrollzarr.layers import LayerOptions
 from scrollzarr.sampling import STACK_FILTERS
 
@@ -21,7 +21,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample a zarr scroll volume along the normals of a .ppm surface (volume-cartographer's "
         "per-pixel map) into one TIFF per layer, like vc_layers_from_ppm, and optionally a stacked image, "
         "like vc_render.",
-        formatter_class=HelpFormatter,
     )
     parser.add_argument("ppm_file", type=Path, help="the surface: a .ppm per-pixel map")
     parser.add_argument("zarr", type=Path, help="the volume: an OME-Zarr group (level 0 is sampled) or a zarr array")

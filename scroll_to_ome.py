@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 from scrollzarr import commands
-from scrollzarr._cli import HelpFormatter, Parser, add_verbosity, add_workers, run, setup_logging
+from scrollzarr._cli import Parser, add_verbosity, add_workers, rerun_command, run, setup_logging
 from scrollzarr.downsample import ALGORITHMS, GAUSSIAN_SIGMA
 from scrollzarr.options import Options
 from scrollzarr.tiffstack import BAD_SLICE_POLICIES
@@ -22,7 +21,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROGRAM,
         description="Convert a directory of z-slice TIFFs (00000.tif, 00001.tif, ...) into a "
         "multi-resolution OME-Zarr (NGFF 0.4, zarr format 2) for Neuroglancer and khartes.",
-        formatter_class=HelpFormatter,
     )
     parser.add_argument("input_tiff_dir", type=Path, help="directory of TIFFs named by slice number")
     parser.add_argument("output", type=Path, help="output store; the name must end in .zarr")
@@ -130,17 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             args.input_tiff_dir, args.output, options, args.first_new_level, args.chunk_size, args.dry_run
         )
 
-    return run(PROGRAM, body, None if args.dry_run else resume_command(argv))
-
-
-def resume_command(argv: list[str] | None) -> str:
-    """The command line that continues this run: the same one, with ``--resume`` and without ``--overwrite``."""
-    words = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--overwrite"]
-    if "--resume" not in words:
-        words.append("--resume")
-    program = sys.argv[0]
-    command = [sys.executable, program] if program.endswith(".py") else [Path(program).name]
-    return shlex.join([*command, *words])
+    return run(PROGRAM, body, None if args.dry_run else rerun_command(argv, "--resume"))
 
 
 if __name__ == "__main__":

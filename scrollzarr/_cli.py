@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import shlex
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from scrollzarr.errors import ScrollzarrError
 
@@ -18,7 +20,14 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr (exit code 2), pointing to ``--help``."""
+    """An argument parser whose errors are one line on stderr (exit code 2), pointing to ``--help``.
+
+    ``--help`` shows each option's default where it says something (see :class:`HelpFormatter`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
@@ -77,6 +86,18 @@ def add_workers(parser: argparse.ArgumentParser, what: str) -> None:
         default=None,
         help=f"{what} (default: one per core)",
     )
+
+
+def rerun_command(argv: list[str] | None, *extra: str) -> str:
+    """The command line that continues this run: the same one without ``--overwrite``, plus ``extra`` words.
+
+    ``argv`` is the arguments given to the script's ``main`` (``None``: those of this process).
+    """
+    words = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--overwrite"]
+    words += [word for word in extra if word not in words]
+    program = sys.argv[0]
+    command = [sys.executable, program] if program.endswith(".py") else [Path(program).name]
+    return shlex.join([*command, *words])
 
 
 def _os_error(error: OSError, resume: str | None) -> str:

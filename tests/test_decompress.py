@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -172,11 +173,20 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_continue(tmp_path, rng, sig, code)
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == code, stderr
-    assert "interrupted; to continue: decompress_tiffs.py" in stderr and "Traceback" not in stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("decompress_tiffs: interrupted; to continue: ")
+    assert last.endswith(" (finished files are skipped)")
+    command = shlex.split(last.split("to continue: ", 1)[1].removesuffix(" (finished files are skipped)"))
+    assert command[:2] == [sys.executable, str(ROOT / "decompress_tiffs.py")]
     names = [p.name for p in out.iterdir()]
     assert not [n for n in names if n.startswith(".")] and len(names) < 40
     for name in names:
         np.testing.assert_array_equal(tifffile.imread(out / name), written[name])
+    resumed = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert_ok(resumed)
+    assert f"{len(names)} finished earlier skipped" in resumed.stderr
+    assert_decompressed(out, written)
 
 
 def test_overwrite_rewrites_and_the_input_is_never_the_output(masked, tmp_path):
