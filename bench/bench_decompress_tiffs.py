@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
-from measure import HERE, ROOT, Sample, ensure_stack, machine, run_once, warm
+from measure import HERE, ROOT, Sample, ensure_stack, machine, median_sample, publish, run_once, warm
 
 SCRIPT = [sys.executable, str(ROOT / "decompress_tiffs.py"), "--quiet"]
 
@@ -47,12 +46,7 @@ def measure(command: list[str], source: Path, output: Path, repeats: int) -> Sam
         os.sync()
         warm(source)
         samples.append(run_once(command, durable=False))
-    return Sample(
-        statistics.median(s.wall for s in samples),
-        statistics.median(s.cpu for s in samples),
-        max(s.peak_rss for s in samples),
-        int(statistics.median(s.read for s in samples)),
-    )
+    return median_sample(samples)
 
 
 def same_pixels(first: Path, second: Path) -> None:
@@ -107,7 +101,7 @@ def main() -> int:
         )
         shutil.rmtree(work / "tiffcp")
         shutil.rmtree(work / "decompressed")
-    table = "\n".join(
+    publish(
         [
             f"# decompress_tiffs benchmark\n\nMachine: {machine()}\n",
             f"Input: the synthetic masked scroll, {shape[0]} slices of {shape[1]} x {shape[2]} uint16 "
@@ -118,10 +112,9 @@ def main() -> int:
             "| input | run | wall s | CPU s | peak RSS GiB | MB/s | x tiffcp |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
             *rows,
-        ]
+        ],
+        args.output,
     )
-    print(table)
-    args.output.write_text(table + "\n")
     return 0
 
 

@@ -20,7 +20,6 @@ import hashlib
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ import zarr
 from scrollzarr.ppm import write_ppm
 from scrollzarr.synthetic import sheet_surface
 
-from measure import HERE, ROOT, Sample, ensure_stack, machine, run_once
+from measure import HERE, ROOT, Sample, ensure_stack, machine, median_sample, publish, run_once, warm_file
 
 SCRIPT = [sys.executable, str(ROOT / "ppm_to_layers.py")]
 LAYERS = 65
@@ -86,12 +85,6 @@ def read_floor(store: Path, chunks: set[tuple[int, int, int]]) -> tuple[Sample, 
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(array.get_block_selection, sorted(chunks)))
     return cat, time.perf_counter() - started, nbytes
-
-
-def warm_file(path: Path) -> None:
-    with path.open("rb") as handle:
-        while handle.read(1 << 24):
-            pass
 
 
 def digest(directory: Path, stack: Path) -> str:
@@ -157,9 +150,8 @@ def main() -> int:
         reference = reference or hash_
         if hash_ != reference:
             raise SystemExit(f"benchmark: the layers of '{name}' differ from the default run's")
-        wall = statistics.median(s.wall for s in samples)
-        cpu = statistics.median(s.cpu for s in samples)
-        peak = max(s.peak_rss for s in samples)
+        sample = median_sample(samples)
+        wall, cpu, peak = sample.wall, sample.cpu, sample.peak_rss
         mapped = int(re.search(r"(\d+) of \d+ pixels mapped", text).group(1))
         reads, distinct = map(int, re.search(r"(\d+) chunk reads of (\d+) different", text).group(1, 2))
         rate = LAYERS * mapped / wall / 1e6
@@ -170,7 +162,7 @@ def main() -> int:
     output_bytes = sum(p.stat().st_size for p in layers_dir.iterdir()) + stack.stat().st_size
     shutil.rmtree(layers_dir)
     stack.unlink()
-    table = "\n".join(
+    publish(
         [
             f"# ppm_to_layers benchmark\n\nMachine: {machine()}\n",
             f"Volume: synthetic scroll {shape[0]} x {shape[1]} x {shape[2]} (z, y, x) uint16, OME-Zarr of "
@@ -184,10 +176,9 @@ def main() -> int:
             "| run | wall s | CPU s | peak RSS GiB | M samples/s | chunk reads / distinct | x floor (cat) |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows,
-        ]
+        ],
+        args.output,
     )
-    print(table)
-    args.output.write_text(table + "\n")
     return 0
 
 

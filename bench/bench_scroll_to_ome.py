@@ -21,7 +21,6 @@ import argparse
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from measure import HERE, ROOT, Sample, drop_page_cache, ensure_stack, machine, run_once, warm
+from measure import HERE, ROOT, Sample, drop_page_cache, ensure_stack, machine, median_sample, publish, run_once, warm
 
 SCRIPT = [sys.executable, str(ROOT / "scroll_to_ome.py"), "--quiet"]
 
@@ -49,12 +48,7 @@ def measure(command: list[str], output: Path | None, source: Path, durable: bool
     if output is not None and output.exists():
         shutil.rmtree(output)
     os.sync()
-    return Sample(
-        statistics.median(s.wall for s in samples),
-        statistics.median(s.cpu for s in samples),
-        max(s.peak_rss for s in samples),
-        int(statistics.median(s.read for s in samples)),
-    )
+    return median_sample(samples)
 
 
 def tiffs(directory: Path) -> list[str]:
@@ -142,7 +136,7 @@ def main() -> int:
         shutil.rmtree(other)
         print(f"{name}: output identical to the default run", file=sys.stderr)
     shutil.rmtree(out)
-    table = "\n".join(
+    publish(
         [
             f"# scroll_to_ome benchmark\n\nMachine: {machine()}\n",
             f"Input: synthetic scroll of {shape[0]} slices of {shape[1]} x {shape[2]} uint16 "
@@ -155,10 +149,9 @@ def main() -> int:
             "| mode | run | wall s | CPU s | peak RSS GiB | read GiB | MB/s | x cp -r |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows,
-        ]
+        ],
+        args.output,
     )
-    print(table)
-    args.output.write_text(table + "\n")
     return 0
 
 

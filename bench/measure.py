@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -119,11 +120,34 @@ def drop_page_cache() -> bool:
         return False
 
 
+def warm_file(path: Path) -> None:
+    """Read ``path`` once, into the page cache."""
+    with path.open("rb") as handle:
+        while handle.read(1 << 24):
+            pass
+
+
 def warm(directory: Path) -> None:
+    """Read every file of ``directory`` once, into the page cache."""
     for path in sorted(directory.iterdir()):
-        with path.open("rb") as handle:
-            while handle.read(1 << 24):
-                pass
+        warm_file(path)
+
+
+def median_sample(samples: list[Sample]) -> Sample:
+    """Median wall, CPU and bytes read of several runs, and the highest peak memory."""
+    return Sample(
+        statistics.median(s.wall for s in samples),
+        statistics.median(s.cpu for s in samples),
+        max(s.peak_rss for s in samples),
+        int(statistics.median(s.read for s in samples)),
+    )
+
+
+def publish(parts: list[str], output: Path) -> None:
+    """Print a benchmark's report (title, notes, markdown table lines) and write it to ``output``."""
+    table = "\n".join(parts)
+    print(table)
+    output.write_text(table + "\n")
 
 
 def ensure_stack(directory: Path, shape: tuple[int, int, int], masked: bool) -> None:
