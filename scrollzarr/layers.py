@@ -255,8 +255,8 @@ class _Render:
             self.report.mapped += mapped
             self.report.nonfinite += nonfinite
             bar.update(rows * columns)
-        for file, rows in zip(layer_files, layers, strict=True):
-            file.write_rows(v0, rows)
+        for file, layer in zip(layer_files, layers, strict=True):
+            file.write_rows(v0, layer)
         if stack_file is not None and stacked is not None:
             stack_file.write_rows(v0, stacked)
 

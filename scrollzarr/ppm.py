@@ -107,7 +107,7 @@ def parse_header(text: str, name: str) -> tuple[int, int]:
 
 
 def open_ppm(path: Path) -> Ppm:
-    """Check a ``.ppm`` file's header and length and map its body.
+    """Check a ``.ppm`` file's header and length; the body is read later, a block at a time.
 
     Raises
     ------

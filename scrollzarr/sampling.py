@@ -130,8 +130,9 @@ def sample_layers(
     strides = (box.shape[1] * box.shape[2], box.shape[2], 1)
     count = positions.shape[1]
     # Layers go through in groups of about BATCH samples: numpy releases the GIL
-    # for each operation, and operations that short let threads run side by side.
+    # during each operation, and operations that long keep other threads running.
     group = max(1, BATCH // max(count, 1))
+    corners = [dz + dy + dx for dz in (0, strides[0]) for dy in (0, strides[1]) for dx in (0, 1)]
     for first in range(0, len(offsets), group):
         t = offsets[first : first + group, None]
         index = np.zeros((len(t), count), np.intp)
@@ -146,7 +147,6 @@ def sample_layers(
             floor -= origin[axis]
             index += floor.astype(np.intp) * strides[axis]
         fz, fy, fx = fractions
-        corners = [dz + dy + dx for dz in (0, strides[0]) for dy in (0, strides[1]) for dx in (0, 1)]
         v = [flat[index + corner].astype(np.float32) for corner in corners]
         c00 = _lerp(v[0], v[1], fx)
         c01 = _lerp(v[2], v[3], fx)

@@ -75,7 +75,8 @@ def open_volume(path: Path, level: int = 0) -> Volume:
             f"{path} is neither a zarr array nor an OME-Zarr group ({type(error).__name__}: {error}); "
             "give the .zarr made by scroll_to_ome, or one of its levels"
         ) from None
-    if progress.exists(node.store) or any((parent / progress.KEY).exists() for parent in path.resolve().parents):
+    where = path.resolve()
+    if any((folder / progress.KEY).exists() for folder in (where, *where.parents)):
         raise VolumeError(
             f"{path} belongs to an unfinished conversion (its store holds {progress.KEY}); "
             "finish it with scroll_to_ome --resume first"
@@ -85,9 +86,9 @@ def open_volume(path: Path, level: int = 0) -> Volume:
             raise VolumeError(f"{path} is a plain zarr array with no levels; --level needs an OME-Zarr group")
         return _checked(path, Volume(node, 0, np.ones(3), np.zeros(3)))
     multiscale = _multiscale(path, dict(node.attrs))
-    paths = [dataset.path for dataset in multiscale.datasets]
-    if not 0 <= level < len(paths):
-        raise VolumeError(f"{path} has levels 0 to {len(paths) - 1}; --level {level} is not one of them")
+    count = len(multiscale.datasets)
+    if not 0 <= level < count:
+        raise VolumeError(f"{path} has levels 0 to {count - 1}; --level {level} is not one of them")
     base = multiscale.datasets[0].scale
     dataset = multiscale.datasets[level]
     if base is None or dataset.scale is None:
