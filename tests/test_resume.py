@@ -217,11 +217,11 @@ def test_disk_full_injected_at_the_storage_layer(stack, reference, tmp_path, mon
     original = store_module.write_file
     writes = {"count": 0}
 
-    def write_until_full(path, data):
+    def write_until_full(path, data, **how):
         writes["count"] += 1
         if writes["count"] >= 40:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        original(path, data)
+        original(path, data, **how)
 
     monkeypatch.setattr(store_module, "write_file", write_until_full)
     assert cli.main([str(stack), str(out), *map(str, ARGS), "--quiet"]) == 1
