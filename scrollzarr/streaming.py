@@ -14,6 +14,7 @@ independent and run on the shared :class:`~scrollzarr.workers.Workers`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, wait
 
 import numpy as np
 
@@ -107,24 +108,54 @@ class LevelStream:
             self.buffer = grown
         return self.buffer[self.count : self.count + planes]
 
-    def commit(self, planes: int) -> None:
-        """Take the ``planes`` planes just filled in; write and halve what is ready."""
+    def commit(self, planes: int, fill: Callable[[int, int], None] | None = None, stripe: int | None = None) -> None:
+        """Take the ``planes`` planes just reserved; write and halve what is ready.
+
+        Parameters
+        ----------
+        planes : int
+            Planes reserved with :meth:`reserve`.
+        fill : callable, optional
+            ``fill(r0, r1)`` fills rows ``[r0, r1)`` (band coordinates) of those
+            planes; without it they must be filled already.
+        stripe : int, optional
+            With ``fill``: fill ``stripe`` rows at a time (a multiple of the
+            chunk size, even), and hand each stripe's chunks and halves to the
+            workers as soon as it is filled, so that they are written and
+            halved while the next stripe is read.  Not for an algorithm that
+            needs context across rows (gaussian): that fills all rows at once.
+        """
         self.count += planes
         final = self.end == self.depth
-        tasks: list[Callable[[], object]] = []
+        writes: list[tuple[int, int]] = []
         rows_done = []
         while self.written < self.end and (self.written + self.chunk <= self.end or final):
             stop = min(self.written + self.chunk, self.depth)
-            tasks += self._write_tasks(self.written, stop)
+            writes.append((self.written, stop))
             rows_done.append((stop - self.written) * self.plane_shape[0] * self.plane_shape[1])
             self.written = stop
         halved_from, halved_to = self.halved, self._halvable(final)
         out = None
         if self.below is not None and halved_to > halved_from:
             out = self.below.reserve((halved_to + 1) // 2 - halved_from // 2)
-            tasks += self._halve_tasks(halved_from, halved_to, out)
             self.halved = halved_to
-        self.chunks_written += sum(1 for written in self.workers.run(tasks) if written is True)
+        height = self.plane_shape[0]
+        step = stripe if fill is not None and stripe and not self.margin else height
+        futures: list[Future[object]] = []
+        try:
+            for r0 in range(0, height, step):
+                rows = (r0, min(r0 + step, height))
+                if fill is not None:
+                    fill(*rows)
+                tasks: list[Callable[[], object]] = []
+                for z0, z1 in writes:
+                    tasks += self._write_tasks(z0, z1, rows)
+                if out is not None:
+                    tasks += self._halve_tasks(halved_from, halved_to, out, rows=rows)
+                futures += [self.workers.submit(task) for task in tasks]
+        finally:
+            wait(futures)  # no task is left writing, even when filling failed
+        self.chunks_written += sum(1 for future in futures if future.result() is True)
         for voxels in rows_done:
             self.on_written(voxels)
         if out is not None:
@@ -138,36 +169,44 @@ class LevelStream:
         ready = self.end - self.margin
         return max(ready - ready % 2, self.halved)
 
-    def _write_tasks(self, z0: int, z1: int) -> list[Callable[[], bool]]:
+    def _write_tasks(self, z0: int, z1: int, rows: tuple[int, int]) -> list[Callable[[], bool]]:
+        """Tasks that write the chunks of planes ``[z0, z1)`` in rows ``rows`` (band coordinates)."""
         planes = self.buffer[z0 - self.start : z1 - self.start]
         (y0, y1), (x0, x1) = self.rows, self.cols
         tasks = []
-        for y in range(y0, y1, self.chunk):
+        for y in range(y0 + rows[0], y0 + rows[1], self.chunk):
             for x in range(x0, x1, self.chunk):
                 piece = planes[:, y - y0 : min(y + self.chunk, y1) - y0, x - x0 : min(x + self.chunk, x1) - x0]
                 tasks.append(lambda corner=(z0, y, x), piece=piece: self.writer.write(corner, piece))
         return tasks
 
     def _halve_tasks(
-        self, z0: int, z1: int, out: np.ndarray, source: np.ndarray | None = None
+        self,
+        z0: int,
+        z1: int,
+        out: np.ndarray,
+        source: np.ndarray | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> list[Callable[[], None]]:
         """Tasks that write the halves of planes ``[z0, z1)`` into ``out``, a stripe of rows each.
 
         ``source`` holds planes ``[z0 - margin, z1 + margin)`` (clipped to the level); by default
-        they are taken from the buffer.
+        they are taken from the buffer.  ``rows`` (band coordinates, starting even) limits the
+        work to those rows; by default all.
         """
         margin = self.margin
         lo, hi = max(z0 - margin, 0), min(z1 + margin, self.depth)
         if source is None:
             source = self.buffer[lo - self.start : hi - self.start]
-        rows, cols = self.plane_shape
+        height, cols = self.plane_shape
+        first, last = rows if rows is not None else (0, height)
         per_row = (hi - lo) * cols * self.buffer.itemsize
         stripe = max(2, STRIPE_BYTES // max(per_row, 1))
         stripe += stripe % 2
         tasks = []
-        for r0 in range(0, rows, stripe):
-            r1 = min(r0 + stripe, rows)
-            a, b = max(r0 - margin, 0), min(r1 + margin, rows)
+        for r0 in range(first, last, stripe):
+            r1 = min(r0 + stripe, last)
+            a, b = max(r0 - margin, 0), min(r1 + margin, height)
             block = source[:, a:b]
             target = out[:, r0 // 2 : (r1 + 1) // 2]
             core = (slice(z0 - lo, z1 - lo), slice(r0 - a, r1 - a), slice(None))

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,33 +297,77 @@ def _read_strips(entry: SliceFile, rows: tuple[int, int], cols: tuple[int, int],
             out[a - y0 : b - y0] = strip[a - top : b - top, x0:x1]
 
 
-def prefetch(stack: TiffStack, zs: range, rows: tuple[int, int]) -> None:
-    """Ask the operating system to start reading rows ``rows`` of slices ``zs`` into its cache.
+def prefetch(stack: TiffStack, zs: range, rows: tuple[int, int], stripe: int | None = None) -> None:
+    """Ask the operating system to read rows ``rows`` of slices ``zs`` into its cache.
 
-    Returns at once with the reading under way (``posix_fadvise`` WILLNEED), so
-    that the next slab's files arrive while this one is processed.  Compressed
+    The reading is started (``posix_fadvise`` WILLNEED), not waited for, so that
+    the files arrive while other work is done.  With ``stripe``, the rows are
+    asked for ``stripe`` rows of every slice at a time, in the order a slab is
+    read stripe by stripe; otherwise each slice's rows at once.  Compressed
     slices are asked for whole.  Where the hint is not supported it does nothing.
     """
     advise = getattr(os, "posix_fadvise", None)
     if advise is None:
         return
     row_bytes = stack.shape[1] * stack.dtype.itemsize
-    for z in zs:
-        entry = stack.slices.get(z)
-        if entry is None:
-            continue
-        if entry.data_offset is None:
-            offset, length = 0, 0  # the whole file
-        else:
-            offset, length = entry.data_offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-        try:
-            descriptor = os.open(entry.path, os.O_RDONLY)
-        except OSError:
-            continue  # reported when the slice is read
-        try:
-            advise(descriptor, offset, length, os.POSIX_FADV_WILLNEED)
-        finally:
+    opened: list[tuple[int, int | None]] = []
+    try:
+        for z in zs:
+            entry = stack.slices.get(z)
+            if entry is None:
+                continue
+            try:
+                opened.append((os.open(entry.path, os.O_RDONLY), entry.data_offset))
+            except OSError:
+                continue  # reported when the slice is read
+        step = stripe or rows[1] - rows[0]
+        for first in range(rows[0], rows[1], step):
+            last = min(first + step, rows[1])
+            for descriptor, data_offset in opened:
+                if data_offset is not None:
+                    offset, length = data_offset + first * row_bytes, (last - first) * row_bytes
+                    advise(descriptor, offset, length, os.POSIX_FADV_WILLNEED)
+                elif first == rows[0]:
+                    advise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)  # the whole file
+    finally:
+        for descriptor, _ in opened:
             os.close(descriptor)
+
+
+class Lookahead:
+    """Asks for the slabs of a band one slab ahead of the work, from a thread of its own.
+
+    The first two slabs are asked for at once (:func:`prefetch`); every
+    :meth:`advance` (the work has moved on to its next slab) allows one more,
+    so the cache never holds more than the slab in work and the next.  Use as
+    a context manager.
+    """
+
+    def __init__(self, stack: TiffStack, slabs: Sequence[range], rows: tuple[int, int], stripe: int | None) -> None:
+        self._allowed = threading.Semaphore(2)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, args=(stack, slabs, rows, stripe), daemon=True)
+
+    def _run(self, stack: TiffStack, slabs: Sequence[range], rows: tuple[int, int], stripe: int | None) -> None:
+        for zs in slabs:
+            self._allowed.acquire()
+            if self._stopped:
+                return
+            prefetch(stack, zs, rows, stripe)
+
+    def advance(self) -> None:
+        """The work has moved on to its next slab: ask for the one after it."""
+        self._allowed.release()
+
+    def __enter__(self) -> Lookahead:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self._stopped = True
+        self._allowed.release()
+        if kind is None:
+            self._thread.join()
 
 
 def _native_byteorder() -> str:

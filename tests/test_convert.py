@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import zarr
 from ome_zarr_models.v04.image import Image
 
-from conftest import assert_ok, assert_one_line_error, chunk_files, read_json, scroll_to_ome, write_stack
+from conftest import ROOT, assert_ok, assert_one_line_error, chunk_files, read_json, scroll_to_ome, write_stack
 from reference import pyramid
 
 CHUNK = 16
@@ -179,6 +181,44 @@ def default_need(directory: Path, out: Path, *args: object) -> int:
     plan = scroll_to_ome(directory, out, *args, "--dry_run", "--verbose")
     assert_ok(plan)
     return int(re.search(r"memory: (\d+) bytes", plan.stderr).group(1))
+
+
+READ_COUNTER = """
+import sys
+import scroll_to_ome
+code = scroll_to_ome.main(sys.argv[1:])
+counters = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+print(counters["rchar"])
+sys.exit(code)
+"""
+
+
+def bytes_read(*args: object) -> int:
+    """Bytes the whole scroll_to_ome process read through read calls (page cache included), from /proc."""
+    completed = subprocess.run(
+        [sys.executable, "-c", READ_COUNTER, *map(str, args), "--quiet"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert_ok(completed)
+    return int(completed.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux's per-process I/O counters")
+@pytest.mark.parametrize("extra", [(), ("--max_gb", "0.015")])
+def test_every_input_byte_is_read_once(tmp_path, rng, extra):
+    """A run reads the pixel data once: read bytes minus those of a dry run (imports, headers) = the pixels."""
+    volume = rng.integers(1, 65535, size=(64, 256, 256), dtype=np.uint16)  # 2 slabs of 8 stripes each
+    write_stack(tmp_path / "slices", volume)
+    args = (tmp_path / "slices", tmp_path / "out.zarr", "--chunk_size", 32, "--nlevels", 2, *extra)
+    plan = scroll_to_ome(*args, "--dry_run")
+    assert "levels 0 to 1 built in one pass over the TIFFs" in plan.stdout  # nothing read back
+    if extra:
+        assert "level 0 read in bands of 128 x 256" in plan.stdout
+    overhead = bytes_read(*args, "--dry_run")
+    pixels = volume.nbytes
+    read = bytes_read(*args) - overhead
+    assert pixels <= read <= pixels * 1.02, (read, pixels)
+    check_level_files(tmp_path / "out.zarr" / "0", volume, 32)
 
 
 @pytest.mark.parametrize("compression", [None, "zlib"])

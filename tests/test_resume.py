@@ -18,6 +18,7 @@ import pytest
 import zarr
 
 import scroll_to_ome as cli
+from scrollzarr import pipeline as pipeline_module
 from scrollzarr import progress
 from scrollzarr import store as store_module
 
@@ -282,6 +283,33 @@ def test_a_slice_unreadable_during_the_run_becomes_zeros_when_asked(tmp_path, rn
     expected = volume.copy()
     expected[5] = 0
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][...], expected)
+
+
+def test_a_slice_that_breaks_after_its_first_stripe_is_zero_from_there_on(tmp_path, rng, monkeypatch, capsys):
+    """Slab rows are read a stripe (one chunk row) at a time: the rows read before the failure are kept."""
+    volume = rng.integers(1, 65535, size=(20, 40, 24), dtype=np.uint16)
+    paths = write_stack(tmp_path / "slices", volume)
+    original = pipeline_module.read_rows
+    header = paths[5].stat().st_size - volume[5].nbytes  # the pixels are the file's tail
+
+    def read_then_truncate(stack, z, rows, cols, out):
+        original(stack, z, rows, cols, out)
+        if z == 5 and rows[0] == 0:  # the disk loses the slice once its first stripe has been read
+            os.truncate(paths[5], header + CHUNK * 24 * 2)
+
+    monkeypatch.setattr(pipeline_module, "read_rows", read_then_truncate)
+    out = tmp_path / "out.zarr"
+    argv = [str(tmp_path / "slices"), str(out), "--chunk_size", str(CHUNK), "--nlevels", "2", "--bad_slices", "zero"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "00005.tif: cannot read slice 5" in err and f"written as zeros from row {CHUNK} on" in err
+    monkeypatch.undo()
+    assert read_json(out / ".zattrs")["scrollzarr"]["bad_slices"] == [5]
+    expected = volume.copy()
+    expected[5, CHUNK:] = 0
+    group = zarr.open_group(str(out), mode="r")
+    for index, level in enumerate(pyramid(expected, 2)):
+        np.testing.assert_array_equal(group[str(index)][...], level)
 
 
 def test_missing_slices_are_in_the_summary(tmp_path, rng):
