@@ -16,7 +16,7 @@ from scrollzarr import downsample as ds
 from scrollzarr.blocks import Shape3
 from scrollzarr.errors import UsageError
 from scrollzarr.sizes import GIB
-from scrollzarr.streaming import STRIPE_BYTES, LevelStream
+from scrollzarr.streaming import LevelStream, halving_stripe_rows
 
 
 @dataclass(frozen=True)
@@ -76,20 +76,39 @@ def band_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:
         read += rows * layout.slice_shape[1] * layout.in_itemsize  # whole rows, then cut
     if layout.in_itemsize != layout.out_itemsize:
         read += rows * cols * layout.in_itemsize  # the rows before --obytes conversion
-    halving = _stripe_cost(layout, min(STRIPE_BYTES, nbytes)) if streamed else 0
+    halving = _halving_cost(layout, rows, cols, streamed)
     return nbytes + layout.workers * (read + c**3 * layout.out_itemsize + halving)
 
 
-def _stripe_cost(layout: Layout, stripe: int) -> int:
+def _halving_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:
+    """Temporaries of one halving task (a stripe of rows of a stream), the most over the levels that halve."""
+    cost = 0
+    for level in range(streamed):
+        shape = (layout.shapes[level][0], math.ceil(rows / 2**level), math.ceil(cols / 2**level))
+        row_bytes = LevelStream.capacity(layout.chunk, layout.algorithm, True) * shape[2] * layout.out_itemsize
+        stripe = halving_stripe_rows(row_bytes) * row_bytes
+        cost = max(cost, _stripe_cost(layout, stripe, odd=any(n % 2 for n in shape)))
+    return cost
+
+
+def _stripe_cost(layout: Layout, stripe: int, odd: bool) -> int:
     """Temporaries of halving a stripe of ``stripe`` bytes.
 
-    A padded copy at odd edges, and per algorithm: for mean the sums and the rounding's
-    temporary (an eighth of the voxels each, 4 or 8 bytes), for gaussian three float64
-    copies of the stripe.
+    For gaussian three float64 copies of the stripe and a padded one; otherwise a
+    padded copy where an axis is odd, and per algorithm, an eighth of the voxels each:
+    for mean the sums, the rounding's temporary (4 or 8 bytes a voxel) and the
+    result, for nearest and max the result and its running value.
     """
+    itemsize = layout.out_itemsize
     if layout.algorithm == "gaussian":
-        return stripe * (1 + 3 * 8 // layout.out_itemsize)
-    return stripe * 2
+        return stripe * (1 + 3 * 8 // itemsize)
+    eighth = -(-stripe // itemsize // 8)
+    if layout.algorithm == "mean":
+        accumulator = 4 if itemsize <= 2 else 8
+        temporaries = eighth * (2 * accumulator + itemsize)
+    else:
+        temporaries = 2 * eighth * itemsize
+    return temporaries + (stripe if odd else 0)
 
 
 def plan_bands(layout: Layout, budget: int | None) -> BandPlan:

@@ -93,7 +93,7 @@ def chunk_count(directory: Path) -> int:
 
 
 def test_plan_of_the_read_back_reference_reads_back(stack, tmp_path):
-    plan = scroll_to_ome(stack, tmp_path / "o.zarr", *ARGS, "--max_gb", "0.004", "--dry_run")
+    plan = scroll_to_ome(stack, tmp_path / "o.zarr", *ARGS, "--max_gb", "0.002", "--dry_run")
     assert "from the stored level above each" in plan.stdout
 
 
@@ -102,8 +102,8 @@ def test_plan_of_the_read_back_reference_reads_back(stack, tmp_path):
     [
         ((), "0", 30),  # in the first pass, a few slabs in
         ((), "2", 1),  # a streamed lower level has started
-        (("--max_gb", "0.004"), "2", 1),  # a level built from the stored level above
-        (("--max_gb", "0.004"), "3", 1),
+        (("--max_gb", "0.002"), "2", 1),  # a level built from the stored level above
+        (("--max_gb", "0.002"), "3", 1),
         (("--algorithm", "gaussian"), "2", 1),  # planes held for context are rebuilt too
         (("--chunk_size", "15"), "1", 1),  # odd chunks: a plane waits for its pair across slabs
         (("--chunk_size", "15", "--algorithm", "gaussian"), "0", 700),
