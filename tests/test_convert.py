@@ -183,24 +183,32 @@ def default_need(directory: Path, out: Path, *args: object) -> int:
     return int(re.search(r"memory: (\d+) bytes", plan.stderr).group(1))
 
 
-READ_COUNTER = """
+# ru_maxrss would count the forking test process's memory too (Linux keeps it across exec); VmHWM does not
+MEASURED_RUN = """
 import sys
 import scroll_to_ome
 code = scroll_to_ome.main(sys.argv[1:])
 counters = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
-print(counters["rchar"])
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+print(counters["rchar"], int(status["VmHWM"].split()[0]) * 1024)
 sys.exit(code)
 """
 
 
-def bytes_read(*args: object) -> int:
-    """Bytes the whole scroll_to_ome process read through read calls (page cache included), from /proc."""
+def measured_run(*args: object) -> tuple[int, int]:
+    """Run scroll_to_ome in a fresh process: bytes it read through read calls (page cache included)
+    and its peak resident memory in bytes, both from /proc."""
     completed = subprocess.run(
-        [sys.executable, "-c", READ_COUNTER, *map(str, args), "--quiet"],
+        [sys.executable, "-c", MEASURED_RUN, *map(str, args), "--quiet"],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert_ok(completed)
-    return int(completed.stdout.split()[-1])
+    read, peak = map(int, completed.stdout.split()[-2:])
+    return read, peak
+
+
+def bytes_read(*args: object) -> int:
+    return measured_run(*args)[0]
 
 
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux's per-process I/O counters")
@@ -219,6 +227,26 @@ def test_every_input_byte_is_read_once(tmp_path, rng, extra):
     read = bytes_read(*args) - overhead
     assert pixels <= read <= pixels * 1.02, (read, pixels)
     check_level_files(tmp_path / "out.zarr" / "0", volume, 32)
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux's per-process I/O counters")
+def test_max_gb_bounds_the_peak_memory_of_the_run(tmp_path, rng):
+    """At 1/8 of the default need, peak resident memory <= the bound + 0.5 GiB, which the default run exceeds."""
+    tile = rng.integers(1, 65535, size=(96, 256, 256), dtype=np.uint16)
+    volume = np.tile(tile, (1, 8, 8))  # 96 slices of 2048 x 2048: 768 MiB
+    write_stack(tmp_path / "slices", volume)
+    del tile, volume
+    args = ["--chunk_size", 96, "--nlevels", 3]
+    bound = default_need(tmp_path / "slices", tmp_path / "o.zarr", *args) / 8
+    _, default_peak = measured_run(tmp_path / "slices", tmp_path / "default.zarr", *args)
+    _, peak = measured_run(tmp_path / "slices", tmp_path / "bounded.zarr", *args, "--max_gb", bound / 2**30)
+    assert peak <= bound + 2**29 < default_peak, (peak, bound, default_peak)
+    for level in range(3):  # the same chunks as the default run, itself checked against numpy in the tests above
+        bounded, default = (chunk_files(tmp_path / name / str(level)) for name in ("bounded.zarr", "default.zarr"))
+        assert [p.relative_to(tmp_path / "bounded.zarr") for p in bounded] == [
+            p.relative_to(tmp_path / "default.zarr") for p in default
+        ]
+        assert all(a.read_bytes() == b.read_bytes() for a, b in zip(bounded, default, strict=True))
 
 
 @pytest.mark.parametrize("compression", [None, "zlib"])
