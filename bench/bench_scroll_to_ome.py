@@ -6,7 +6,8 @@ and ``cp -r`` of the input, and scroll_to_ome with its defaults, with ``--max_gb
 1/4 and 1/8 of what the default run needs, with one worker, on half the slices, and
 on the masked variant. Each run is measured twice over: with the input in the page
 cache and no sync, and "durable": input dropped from the page cache (where the
-machine allows) and the run followed by ``sync``, timed together.
+machine allows) and the run followed by ``sync``, timed together.  The repeats go
+round robin over the runs, so that a slow spell of a noisy machine falls on all.
 
 For each: the median wall time, user+sys CPU, peak resident memory, bytes read
 through read calls, MB/s of input, and the ratio to ``cp -r`` of the same input.
@@ -33,22 +34,20 @@ from measure import HERE, ROOT, Sample, drop_page_cache, ensure_stack, machine, 
 SCRIPT = [sys.executable, str(ROOT / "scroll_to_ome.py"), "--quiet"]
 
 
-def measure(command: list[str], output: Path | None, source: Path, durable: bool, repeats: int) -> Sample:
-    """Median of ``repeats`` runs, each starting with no output and, if durable, a cold cache."""
-    samples = []
-    for _ in range(repeats):
-        if output is not None and output.exists():
-            shutil.rmtree(output)
-        os.sync()
-        if durable:
-            drop_page_cache()
-        else:
-            warm(source)
-        samples.append(run_once(command, durable))
+def measure_once(command: list[str], output: Path | None, source: Path, durable: bool) -> Sample:
+    """One run, starting with no output and, if durable, a cold cache (else the input read once before)."""
     if output is not None and output.exists():
         shutil.rmtree(output)
     os.sync()
-    return median_sample(samples)
+    if durable:
+        drop_page_cache()
+    else:
+        warm(source)
+    sample = run_once(command, durable)
+    if output is not None and output.exists():
+        shutil.rmtree(output)
+    os.sync()
+    return sample
 
 
 def tiffs(directory: Path) -> list[str]:
@@ -116,10 +115,15 @@ def main() -> int:
     rows = []
     for durable in (False, True):
         mode = ("durable, cold input" if can_drop else "durable, warm input") if durable else "page cache"
+        # round robin, so that a slow spell of a noisy machine is shared by every run instead of hitting one
+        samples: dict[str, list[Sample]] = {name: [] for name, *_ in runs}
+        for repeat in range(args.repeats):
+            print(f"{mode}: round {repeat + 1} of {args.repeats} ...", file=sys.stderr, flush=True)
+            for name, command, output, source in runs:
+                samples[name].append(measure_once(command, output, source, durable))
         copy_wall: dict[Path, float] = {}
-        for name, command, output, source in runs:
-            print(f"{mode}: {name} ...", file=sys.stderr, flush=True)
-            sample = measure(command, output, source, durable, args.repeats)
+        for name, _, _, source in runs:
+            sample = median_sample(samples[name])
             if name.startswith("cp -r"):
                 copy_wall[source] = sample.wall
             size = input_bytes[source] / (2 if name == "half the slices" else 1)
@@ -142,7 +146,8 @@ def main() -> int:
             f"Input: synthetic scroll of {shape[0]} slices of {shape[1]} x {shape[2]} uint16 "
             f"({input_bytes[plain] / 2**30:.2f} GiB plain; masked variant zlib-compressed, "
             f"{input_bytes[masked] / 2**30:.2f} GiB). Default need: {need / 2**30:.2f} GiB. "
-            f"Median of {args.repeats} runs; CPU = user + sys; RSS = peak resident memory of the process tree; "
+            f"Median of {args.repeats} runs, taken round robin; CPU = user + sys; "
+            "RSS = peak resident memory of the process tree; "
             "read = bytes through read calls (page cache included); MB/s = input bytes / wall; "
             "x cp = wall / wall of `cp -r` of the same input in the same mode. The lower-memory and "
             "one-worker outputs were checked equal to the default run's.\n",
