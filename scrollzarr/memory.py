@@ -182,9 +182,15 @@ def choose_block(shape: Shape3, chunk: int, cost: Callable[[Shape3], int], budge
     raise _too_small(budget, chunk, cost(candidates[-1]))
 
 
+def _chunk_buffers(layout: Layout) -> int:
+    """Chunk buffers kept while levels are built from the stored level above: one per worker
+    and one per writer thread of the streamed pass (they live as long as the workers)."""
+    return 2 * layout.workers * layout.chunk**3 * layout.out_itemsize
+
+
 def read_back_blocks(layout: Layout, first: int, budget: int) -> tuple[Shape3, ...]:
     """Blocks for building levels ``first …`` from the stored level above, ``workers`` at a time."""
-    share = budget // layout.workers
+    share = max(budget - _chunk_buffers(layout), 0) // layout.workers
     itemsize = layout.out_itemsize
     return tuple(
         choose_block(
@@ -203,7 +209,7 @@ def read_back_cost(layout: Layout, first: int, blocks: tuple[Shape3, ...]) -> in
         downsample_cost(layout.shapes[level - 1], layout.out_itemsize, layout.algorithm)(block)
         for level, block in enumerate(blocks, start=first)
     ]
-    return layout.workers * max(costs, default=0)
+    return layout.workers * max(costs, default=0) + (_chunk_buffers(layout) if costs else 0)
 
 
 def read_back_need(layout: Layout, first: int) -> int:
@@ -213,7 +219,7 @@ def read_back_need(layout: Layout, first: int) -> int:
         downsample_cost(layout.shapes[level - 1], layout.out_itemsize, layout.algorithm)(smallest)
         for level in range(first, len(layout.shapes))
     ]
-    return layout.workers * max(needs, default=0)
+    return layout.workers * max(needs, default=0) + (_chunk_buffers(layout) if needs else 0)
 
 
 def _too_small(budget: int, chunk: int, need: int) -> UsageError:

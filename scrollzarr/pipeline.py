@@ -441,7 +441,7 @@ def _describe_progress(plan: Plan, record: Progress) -> str:
 def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], record: Progress) -> Report:
     options = plan.options
     _, height, width = plan.shapes[0]
-    with progress_bar(plan.shapes, options.quiet) as bar, Workers(options.worker_count) as workers:
+    with progress_bar(plan.shapes, options.quiet) as bar, Workers(options.worker_count, writers=True) as workers:
         run = _Run(plan, arrays, record, workers, bar)
         bar.set_description(f"levels 0-{plan.bands.streamed}" if plan.bands.streamed else "level 0")
         bands = _bands(height, width, plan.bands)

@@ -130,6 +130,9 @@ def create_level(
     return zarr.create_array(str(parent), zarr_format=2, **settings)
 
 
+# Each thread's chunk buffers (reused: fresh buffers cost page faults), shared by all ChunkWriters.
+_THREAD_BUFFERS = threading.local()
+
 # Direct I/O (``O_DIRECT``) needs buffers, sizes and offsets in whole blocks of the device; 4096 bytes
 # covers the block sizes of today's disks.
 DIRECT_IO_BLOCK = 4096
@@ -210,15 +213,15 @@ class ChunkWriter:
         self._dtype = np.dtype(array.dtype).newbyteorder("<")
         self._prefix = f"{array.path}/" if array.path else ""
         self._prototype = default_buffer_prototype()
-        self._local = threading.local()
         nbytes = math.prod(self.chunks) * self._dtype.itemsize
         self._direct = bool(_O_DIRECT) and nbytes % DIRECT_IO_BLOCK == 0
 
     def write(self, corner: tuple[int, ...], piece: np.ndarray) -> bool:
         """Store ``piece``, the chunk whose first voxel is at ``corner`` (level coordinates).
 
-        The piece is copied into this thread's chunk buffer (reused: fresh
-        buffers cost page faults), tested there, and written from it.
+        The piece is copied into this thread's chunk buffer (one per thread,
+        whatever the level, reused: fresh buffers cost page faults), tested
+        there, and written from it.
 
         Returns
         -------
@@ -261,7 +264,9 @@ class ChunkWriter:
         return flat.view(np.uint64) if flat.nbytes % 8 == 0 else flat
 
     def _buffer(self) -> np.ndarray:
-        data = getattr(self._local, "data", None)
-        if data is None:
-            data = self._local.data = aligned_empty(self.chunks, self._dtype)
-        return data
+        """This thread's chunk buffer, shared by the writers of every level (one per chunk shape and dtype)."""
+        buffers = _THREAD_BUFFERS.__dict__.setdefault("by_kind", {})
+        kind = (self.chunks, self._dtype.str)
+        if kind not in buffers:
+            buffers[kind] = aligned_empty(self.chunks, self._dtype)
+        return buffers[kind]

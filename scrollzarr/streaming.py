@@ -155,12 +155,11 @@ class LevelStream:
                 rows = (r0, min(r0 + step, height))
                 if fill is not None:
                     fill(*rows)
-                tasks: list[Callable[[], object]] = []
-                for z0, z1 in writes:
-                    tasks += self._write_tasks(z0, z1, rows)
+                for z0, z1 in writes:  # to the writer threads: with direct I/O they mostly wait for the disk
+                    futures += [self.workers.submit_write(task) for task in self._write_tasks(z0, z1, rows)]
                 if out is not None:
-                    tasks += self._halve_tasks(halved_from, halved_to, out, rows=rows)
-                futures += [self.workers.submit(task) for task in tasks]
+                    halves = self._halve_tasks(halved_from, halved_to, out, rows=rows)
+                    futures += [self.workers.submit(task) for task in halves]
         finally:
             wait(futures)  # no task is left writing, even when filling failed
         self.chunks_written += sum(1 for future in futures if future.result() is True)

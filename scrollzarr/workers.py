@@ -4,8 +4,10 @@ Reading and decoding TIFFs, testing and writing chunks and downsampling all
 spend their time in code that releases the GIL (file I/O, imagecodecs,
 numpy), so threads share the cores without copying data between processes.
 Tasks that hold the GIL (libtiff decoding through imagecodecs) and exchange
-little data run in worker processes instead.  With one worker every task
-runs at once in the calling thread.
+little data run in worker processes instead.  Tasks that mostly wait for
+the disk can go to writer threads of their own, so that the waiting does
+not keep a core idle.  With one worker every task runs at once in the
+calling thread.
 """
 
 from __future__ import annotations
@@ -58,11 +60,17 @@ class Workers:
         results must then be picklable.
     preload : sequence of str
         Modules the worker processes import once, before they are forked.
+    writers : bool
+        Also ``count`` threads for :meth:`submit_write`: tasks that mostly wait
+        for the disk (direct I/O) then leave the cores to the other workers.
     """
 
-    def __init__(self, count: int, processes: bool = False, preload: Sequence[str] = ()) -> None:
+    def __init__(self, count: int, processes: bool = False, preload: Sequence[str] = (), writers: bool = False) -> None:
         self.count = count
         self._executor: Executor
+        self._writers: Executor | None = None
+        if writers and count > 1:
+            self._writers = ThreadPoolExecutor(count, "scrollzarr-write")
         if count == 1:
             self._executor = _Inline()
         elif processes:
@@ -77,6 +85,10 @@ class Workers:
     def submit(self, fn: Callable[..., T], /, *args: object) -> Future[T]:
         """Start ``fn(*args)`` on a worker (at once, in this thread, with one worker)."""
         return self._executor.submit(fn, *args)
+
+    def submit_write(self, fn: Callable[..., T], /, *args: object) -> Future[T]:
+        """Start ``fn(*args)`` on a writer thread (or as :meth:`submit` does, without writers)."""
+        return (self._writers or self._executor).submit(fn, *args)
 
     def run(self, tasks: Iterable[Callable[[], T]]) -> list[T]:
         """Run every task, wait for all of them, and return their results in order.
@@ -95,3 +107,5 @@ class Workers:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._writers is not None:
+            self._writers.shutdown(wait=True, cancel_futures=True)
