@@ -265,7 +265,9 @@ class ChunkWriter:
 
     def _buffer(self) -> np.ndarray:
         """This thread's chunk buffer, shared by the writers of every level (one per chunk shape and dtype)."""
-        buffers = _THREAD_BUFFERS.__dict__.setdefault("by_kind", {})
+        buffers = getattr(_THREAD_BUFFERS, "by_kind", None)
+        if buffers is None:
+            buffers = _THREAD_BUFFERS.by_kind = {}
         kind = (self.chunks, self._dtype.str)
         if kind not in buffers:
             buffers[kind] = aligned_empty(self.chunks, self._dtype)
