@@ -189,8 +189,17 @@ def _chunk_buffers(layout: Layout) -> int:
 
 
 def read_back_blocks(layout: Layout, first: int, budget: int) -> tuple[Shape3, ...]:
-    """Blocks for building levels ``first …`` from the stored level above, ``workers`` at a time."""
-    share = max(budget - _chunk_buffers(layout), 0) // layout.workers
+    """Blocks for building levels ``first …`` from the stored level above, ``workers`` at a time.
+
+    Raises
+    ------
+    UsageError
+        If even one chunk per worker does not fit ``budget``, saying how much is needed.
+    """
+    need = read_back_need(layout, first)
+    if budget < need:
+        raise _too_small(budget, layout.chunk, need)
+    share = (budget - _chunk_buffers(layout)) // layout.workers
     itemsize = layout.out_itemsize
     return tuple(
         choose_block(
@@ -224,6 +233,13 @@ def read_back_need(layout: Layout, first: int) -> int:
 
 def _too_small(budget: int, chunk: int, need: int) -> UsageError:
     return UsageError(
-        f"--max_gb {budget / GIB:.3g} is too small for chunks of {chunk}: at least {need / GIB:.3g} GB "
+        f"--max_gb {budget / GIB:.3g} is too small for chunks of {chunk}: at least {_gib_up(need)} GB "
         "(GiB, 2^30 bytes) is needed; raise --max_gb or lower --chunk_size (or --workers)"
     )
+
+
+def _gib_up(nbytes: int) -> str:
+    """``nbytes`` in GiB to three significant digits, rounded up (so that the figure given is enough)."""
+    value = nbytes / GIB
+    scale = 10 ** (2 - math.floor(math.log10(value)))
+    return f"{math.ceil(value * scale) / scale:.3g}"

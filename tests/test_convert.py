@@ -287,6 +287,17 @@ def test_max_gb_too_small_is_refused_before_writing(tmp_path, stack):
     assert not out.exists()
 
 
+def test_max_gb_that_fits_bands_but_not_the_read_back_names_what_is_enough(tmp_path, stack, volume):
+    out = tmp_path / "out.zarr"
+    result = scroll_to_ome(stack, out, "--chunk_size", CHUNK, "--max_gb", 0.0001)
+    assert_one_line_error(result, "--max_gb 0.0001 is too small for chunks of 16", "raise --max_gb", code=2)
+    assert not out.exists()
+    enough = re.search(r"at least ([0-9.e-]+) GB", result.stderr).group(1)
+    assert float(enough) > 0.0001
+    assert_ok(scroll_to_ome(stack, out, "--chunk_size", CHUNK, "--max_gb", enough))
+    check_ome_store(out, pyramid(volume, 6), CHUNK)
+
+
 def test_first_new_level_rebuilds_from_the_level_above(tmp_path, stack, volume):
     out = tmp_path / "out.zarr"
     assert_ok(scroll_to_ome(stack, out, "--chunk_size", CHUNK, "--nlevels", 5))

@@ -44,6 +44,16 @@ def test_a_bound_below_one_chunk_is_refused_with_the_need():
         memory.plan_bands(layout(), int(0.001 * 2**30))
 
 
+def test_read_back_below_one_chunk_per_worker_is_refused_with_the_whole_need():
+    shape_layout = layout(workers=2)
+    need = memory.read_back_need(shape_layout, 2)
+    budget = need - 1
+    with pytest.raises(UsageError, match=rf"--max_gb {budget / 2**30:.3g} is too small for chunks of 128"):
+        memory.read_back_blocks(shape_layout, 2, budget)
+    blocks = memory.read_back_blocks(shape_layout, 2, need)
+    assert memory.read_back_cost(shape_layout, 2, blocks) <= need
+
+
 def test_compressed_slices_count_one_decoded_strip_per_worker():
     plain = memory.band_cost(layout(), 256, 2048, 0)
     compressed = memory.band_cost(layout(decode_bytes=64 * 2048 * 2), 256, 2048, 0)
