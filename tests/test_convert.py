@@ -217,7 +217,7 @@ def test_every_input_byte_is_read_once(tmp_path, rng, extra):
     """A run reads the pixel data once: read bytes minus those of a dry run (imports, headers) = the pixels."""
     volume = rng.integers(1, 65535, size=(64, 256, 256), dtype=np.uint16)  # 2 slabs of 8 stripes each
     write_stack(tmp_path / "slices", volume)
-    args = (tmp_path / "slices", tmp_path / "out.zarr", "--chunk_size", 32, "--nlevels", 2, *extra)
+    args = (tmp_path / "slices", tmp_path / "out.zarr", "--chunk_size", 32, "--nlevels", 2, "--workers", 2, *extra)
     plan = scroll_to_ome(*args, "--dry_run")
     assert "levels 0 to 1 built in one pass over the TIFFs" in plan.stdout  # nothing read back
     if extra:
@@ -236,7 +236,7 @@ def test_max_gb_bounds_the_peak_memory_of_the_run(tmp_path, rng):
     volume = np.tile(tile, (1, 8, 8))  # 96 slices of 2048 x 2048: 768 MiB
     write_stack(tmp_path / "slices", volume)
     del tile, volume
-    args = ["--chunk_size", 96, "--nlevels", 3]
+    args = ["--chunk_size", 96, "--nlevels", 3, "--workers", 2]  # the bound does not depend on the cores
     bound = default_need(tmp_path / "slices", tmp_path / "o.zarr", *args) / 8
     _, default_peak = measured_run(tmp_path / "slices", tmp_path / "default.zarr", *args)
     _, peak = measured_run(tmp_path / "slices", tmp_path / "bounded.zarr", *args, "--max_gb", bound / 2**30)
