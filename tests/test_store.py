@@ -4,6 +4,7 @@ and in both cases exactly the chunk files zarr reads back."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from pathlib import Path
 
@@ -17,6 +18,10 @@ from scrollzarr.store import ChunkWriter, create_level
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
+def is_direct(flags: int) -> bool:
+    return bool(O_DIRECT and flags & O_DIRECT)
+
+
 def direct_io_allowed(directory: Path) -> bool:
     """Whether the file system of ``directory`` accepts an O_DIRECT write, tried here independently."""
     if not O_DIRECT:
@@ -27,10 +32,7 @@ def direct_io_allowed(directory: Path) -> bool:
     except OSError:
         return False
     try:
-        import mmap
-
-        block = mmap.mmap(-1, 4096)
-        os.write(descriptor, block)
+        os.write(descriptor, mmap.mmap(-1, 4096))  # a page-aligned block
         return True
     except OSError:
         return False
@@ -50,7 +52,7 @@ class OpenSpy:
         def spy(path, flags, *args, **kwargs):
             if str(path).endswith(".partial"):
                 self.flags.append(flags)
-                if refuse_direct and O_DIRECT and flags & O_DIRECT:
+                if refuse_direct and is_direct(flags):
                     self.refused += 1
                     raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(path))
             return real_open(path, flags, *args, **kwargs)
@@ -86,7 +88,7 @@ def test_chunks_go_straight_to_disk_where_allowed_and_read_back_exactly(tmp_path
     monkeypatch.undo()
     assert written == 3 * 3 * 2 - 1
     assert len(spy.flags) == written
-    uses_direct = [bool(O_DIRECT and flags & O_DIRECT) for flags in spy.flags]
+    uses_direct = [is_direct(flags) for flags in spy.flags]
     assert all(uses_direct) == direct_io_allowed(tmp_path) and len(set(uses_direct)) == 1
     assert not (tmp_path / "level.zarr" / "0" / "0" / "0").exists()
     assert not list((tmp_path / "level.zarr").rglob("*.partial"))
@@ -105,7 +107,7 @@ def test_a_file_system_that_refuses_direct_io_gets_ordinary_writes(tmp_path, rng
     monkeypatch.undo()
     assert written == 2 * 2 * 3 - 1
     assert spy.refused == (1 if O_DIRECT else 0)  # refused once, then never asked again
-    assert sum(1 for flags in spy.flags if not (O_DIRECT and flags & O_DIRECT)) == written
+    assert sum(1 for flags in spy.flags if not is_direct(flags)) == written
     assert not list((tmp_path / "level.zarr").rglob("*.partial"))
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "level.zarr"), mode="r")[...], volume)
 
@@ -118,5 +120,5 @@ def test_chunks_of_part_blocks_are_written_through_the_page_cache(tmp_path, rng,
     written = write_all_chunks(array, volume)
     monkeypatch.undo()
     assert written == 2 * 2 * 3 - 1
-    assert not any(O_DIRECT and flags & O_DIRECT for flags in spy.flags)
+    assert not any(is_direct(flags) for flags in spy.flags)
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "level.zarr"), mode="r")[...], volume)
