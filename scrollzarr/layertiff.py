@@ -4,7 +4,8 @@ The file is laid out in full (header, then the pixels contiguous in row
 order, as a sparse file) before any pixel is computed; each band of rows is
 then written at its offset, so an image larger than memory never has to be
 held whole.  Until :meth:`LayerTiff.commit` renames it, the file carries a
-hidden ``.partial`` name that no reader takes for a finished image.
+hidden ``.partial`` name that no reader takes for a finished image, and it is
+flushed to the disk before that rename.
 """
 
 from __future__ import annotations
@@ -73,7 +74,14 @@ class LayerTiff:
         write_at(self._fd, rows, self.offset + first * self.row_bytes)
 
     def commit(self) -> None:
-        """Close the file and give it its final name."""
+        """Flush the file to the disk, close it and give it its final name.
+
+        Without the flush, a power cut after the rename can bring the name
+        back with an empty file; the caller flushes the directory after the
+        renames.
+        """
+        if self._open:
+            os.fsync(self._fd)
         self._close()
         os.replace(self.path, self.final)
 
