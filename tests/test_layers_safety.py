@@ -142,15 +142,17 @@ def test_the_manifest_names_the_layers_and_overwrite_removes_only_what_it_lists_
     assert manifest["layers"] == names and manifest["count"] == 9
     assert (manifest["height"], manifest["width"], manifest["dtype"]) == (6, 5, "uint16")
     tifffile.imwrite(out / "07.tif", np.zeros((2, 2), np.uint8))  # the user's own file now, under a layer's name
+    same_size = os.urandom((out / "06.tif").stat().st_size)  # another file of the same size put in its place
+    (out / "06.tif").write_bytes(same_size)
     (out / "notes.txt").write_text("mine")
     assert_ok(ppm_to_layers(path, store, out, "--number_of_layers", 5, "--overwrite", "--quiet"))
-    assert layer_files(out) == ["00.tif", "01.tif", "02.tif", "03.tif", "04.tif", "07.tif", "notes.txt"]
-    assert tifffile.imread(out / "07.tif").shape == (2, 2)
+    assert layer_files(out) == ["00.tif", "01.tif", "02.tif", "03.tif", "04.tif", "06.tif", "07.tif", "notes.txt"]
+    assert tifffile.imread(out / "07.tif").shape == (2, 2) and (out / "06.tif").read_bytes() == same_size
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["layers"] == names[:5] and manifest["count"] == 5
-    # The manifest of this run lists its own files only: a third run leaves 07.tif too.
+    # The manifest of this run lists its own files only: a third run leaves 06.tif and 07.tif too.
     assert_ok(ppm_to_layers(path, store, out, "--number_of_layers", 2, "--overwrite", "--quiet"))
-    assert layer_files(out) == ["00.tif", "01.tif", "07.tif", "notes.txt"]
+    assert layer_files(out) == ["00.tif", "01.tif", "06.tif", "07.tif", "notes.txt"]
 
 
 # 2. Paths that collide are refused before anything is written.
