@@ -28,13 +28,9 @@ class DamagedChunkError(ScrollzarrError):
     """A chunk of the volume that cannot be read or decoded."""
 
 
-def chunk_location(array: zarr.Array, index: ChunkIndex) -> str:
-    """Where chunk ``index`` of ``array`` is stored: its file for a store on disk, else the store's URL and key."""
-    key = array.metadata.encode_chunk_key(index)
-    root = getattr(array.store, "root", None)
-    if root is not None:
-        return str(Path(root, array.path, key))
-    return f"{array.store_path}/{key}"
+def chunk_file(array: zarr.Array, index: ChunkIndex) -> Path:
+    """The file that holds chunk ``index`` of ``array`` (an array of a store on disk, as ppm_to_layers opens)."""
+    return Path(array.store.root, array.path, array.metadata.encode_chunk_key(index))
 
 
 @dataclass
@@ -139,7 +135,7 @@ class ChunkCache:
             data = np.ascontiguousarray(self.array.get_block_selection(index))
         except Exception as error:  # zarr and its codecs raise many kinds for a damaged chunk
             raise DamagedChunkError(
-                f"cannot read chunk {chunk_location(self.array, index)} of the volume "
+                f"cannot read chunk {chunk_file(self.array, index)} of the volume "
                 f"({type(error).__name__}: {error}); the store is damaged: convert the volume again with "
                 "scroll_to_ome (or finish an interrupted conversion with scroll_to_ome --resume)"
             ) from None

@@ -167,6 +167,7 @@ def collisions(tmp_path: Path, store: Path, ppm: Path) -> list[tuple[list[object
         ([out, store / "stack.tif"], "inside the zarr store"),
         ([out, store / "0" / "stack.tif"], "inside the zarr store"),
         ([out, out / "00.tif"], "is also a layer TIFF"),
+        ([out, out], "is OUTPUT_TIFF_DIR"),
         ([out, out / ".." / "out" / "02.tif"], "is also a layer TIFF"),
         ([out, tmp_path / "link"], "is also a layer TIFF"),
         ([tmp_path / "outlink", out / "01.tif"], "is also a layer TIFF"),
@@ -189,6 +190,16 @@ def test_outputs_that_collide_with_the_inputs_or_each_other_are_refused(tmp_path
         assert not (tmp_path / "out").exists(), outputs
         assert snapshot(copy) == zarr_before, outputs
         assert path.read_bytes() == ppm_before
+
+
+def test_a_ppm_named_like_a_layer_in_the_output_directory_is_refused(tmp_path, store, ppm):
+    path, _ = ppm
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(path, folder / "01.tif")
+    result = ppm_to_layers(folder / "01.tif", store, folder, "--number_of_layers", 3, "--overwrite")
+    assert_one_line_error(result, "the .ppm", "is also a layer TIFF of OUTPUT_TIFF_DIR", code=1)
+    assert [p.name for p in folder.iterdir()] == ["01.tif"] and (folder / "01.tif").read_bytes() == path.read_bytes()
 
 
 # 3. Two runs on one output directory at once.
