@@ -215,6 +215,8 @@ def ppm_to_layers(
                 files.append(stack_file)
             _Render(ppm, volume, options, report).run(files[: options.layers], stack_file)
             for file in files:
+                file.flush()
+            for file in files:
                 file.commit()
         except BaseException:
             for file in files:

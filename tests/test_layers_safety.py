@@ -261,6 +261,28 @@ def test_tiffs_are_flushed_before_their_rename_and_directories_after(tmp_path, s
     assert str(out) in after and str(stacks) in after, after
 
 
+def test_a_flush_that_fails_leaves_every_earlier_layer_as_it_was(tmp_path, store, ppm):
+    """The third fsync fails (as ENOSPC can on delayed allocation): no layer may be replaced, none half the set."""
+    path, _ = ppm
+    out = tmp_path / "out"
+    assert_ok(ppm_to_layers(path, store, out, "--number_of_layers", 5, "--layer_spacing", 2, "--quiet"))
+    before = snapshot(out)
+    patch = (
+        "import errno, os\n"
+        "calls = [0]\n"
+        "real = os.fsync\n"
+        "def failing(fd):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == 3:\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return real(fd)\n"
+        "os.fsync = failing\n"
+    )
+    result = ppm_to_layers_patched(patch, path, store, out, "--number_of_layers", 5, "--overwrite")
+    assert_one_line_error(result, "no space left on the device", code=1)
+    assert snapshot(out) == before
+
+
 # 5. A damaged chunk.
 
 
