@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from scrollzarr import layermanifest as manifest
 from scrollzarr.allocator import keep_freed_memory
 from scrollzarr.chunkcache import CacheStats, ChunkCache
 from scrollzarr.durable import fsync_directories
 from scrollzarr.errors import ScrollzarrError, UsageError
-from scrollzarr.layermanifest import MANIFEST_NAME, read_manifest, remove_stale, write_manifest
-from scrollzarr.layertiff import LayerTiff
+from scrollzarr.layertiff import LayerTiff, partial_path
 from scrollzarr.outputlock import LOCK_NAME, OutputLock
 from scrollzarr.ppm import Ppm, open_ppm
 from scrollzarr.sampling import STACK_FILTERS, layer_offsets, sample_bounds, sample_layers, stack, stacked_layers
@@ -164,11 +164,12 @@ def ppm_to_layers(
 ) -> LayerReport:
     """Render the layer TIFFs (and the stacked image, if ``stack_path``) of a surface.
 
-    The output directory is locked for the whole run.  Every TIFF is flushed
-    before it gets its final name, and the directories after the renames; the
-    run then records the layer files it wrote (see
-    :mod:`scrollzarr.layermanifest`).  With ``--overwrite``, layer files that
-    an earlier run recorded and this run does not write again are removed.
+    The output directory is locked for the whole run.  The run records its
+    partial files before it renders, and its layer TIFFs once they have their
+    final names (see :mod:`scrollzarr.layermanifest`); every TIFF is flushed
+    before any gets its final name, and the directories after the renames.
+    With ``--overwrite``, files that an earlier run recorded and this run does
+    not write again are removed.
 
     Raises
     ------
@@ -190,7 +191,7 @@ def ppm_to_layers(
     with OutputLock(output_dir, "output directory"):
         _check_outputs(output_dir, stack_path, options.overwrite)
         _check_space(output_dir, stack_path, ppm, options.layers, dtype)
-        recorded = read_manifest(output_dir) if options.overwrite else {}
+        previous = manifest.read_manifest(output_dir) if options.overwrite else None
         if stack_path is not None:
             stack_path.parent.mkdir(parents=True, exist_ok=True)
         report = LayerReport(
@@ -206,6 +207,7 @@ def ppm_to_layers(
         )
         start = time.perf_counter()
         files: list[LayerTiff] = []
+        partial_names = [partial_path(output_dir / name).name for name in names]
         try:
             for name in names:
                 files.append(LayerTiff(output_dir / name, ppm.height, ppm.width, dtype))
@@ -213,6 +215,7 @@ def ppm_to_layers(
             if stack_path is not None:
                 stack_file = LayerTiff(stack_path, ppm.height, ppm.width, dtype)
                 files.append(stack_file)
+            manifest.add_partial(output_dir, previous, partial_names)
             _Render(ppm, volume, options, report).run(files[: options.layers], stack_file)
             for file in files:
                 file.flush()
@@ -221,11 +224,12 @@ def ppm_to_layers(
         except BaseException:
             for file in files:
                 file.discard()
+            manifest.restore(output_dir, previous)
             raise
-        removed = remove_stale(output_dir, recorded, set(names))
+        removed = manifest.remove_stale(output_dir, previous, set(names) | set(partial_names))
         if removed:
-            log.info(f"removed {len(removed)} layer file(s) of an earlier run from {output_dir}")
-        write_manifest(output_dir, names, ppm.height, ppm.width, dtype)
+            log.info(f"removed {len(removed)} file(s) of earlier runs from {output_dir}")
+        manifest.write_finished(output_dir, names, ppm.height, ppm.width, dtype)
         fsync_directories([output_dir] if stack_path is None else [output_dir, stack_path.parent])
     report.seconds = time.perf_counter() - start
     return report
@@ -357,7 +361,7 @@ def _check_paths(ppm_path: Path, zarr_path: Path, output_dir: Path, stack_path: 
         raise ScrollzarrError(
             f"OUTPUT_TIFF_DIR {output_dir} is inside the zarr store {store}; write the layers elsewhere"
         )
-    ours = {out / name for name in (*names, MANIFEST_NAME, LOCK_NAME)}
+    ours = {out / name for name in (*names, manifest.MANIFEST_NAME, LOCK_NAME)}
     ppm = ppm_path.resolve()
     if ppm in ours:
         raise ScrollzarrError(

@@ -155,6 +155,35 @@ def test_the_manifest_names_the_layers_and_overwrite_removes_only_what_it_lists_
     assert layer_files(out) == ["00.tif", "01.tif", "06.tif", "07.tif", "notes.txt"]
 
 
+def test_overwrite_after_a_killed_run_removes_its_partial_files_and_the_recorded_layers(tmp_path, store):
+    """Run A: 9 layers. Run B (--overwrite, 9 layers) is killed while rendering. Run C: 3 layers.
+
+    B's hidden partial files and A's layers 03-08 were all written by this
+    tool and recorded: C leaves exactly its own 3 layers, and the user's files.
+    """
+    out = tmp_path / "out"
+    write_ppm(tmp_path / "small.ppm", surface(4, 3))
+    assert_ok(ppm_to_layers(tmp_path / "small.ppm", store, out, "--number_of_layers", 9, "--quiet"))
+    (out / ".notes").write_text("mine")
+    (out / ".07.tif.partial").write_text("mine too, whatever its name")  # not recorded: kept
+    write_ppm(tmp_path / "long.ppm", surface(1500, 1000))
+    command = [sys.executable, ROOT / "ppm_to_layers.py", tmp_path / "long.ppm", store, out, "--overwrite"]
+    command += ["--number_of_layers", 7, "--workers", 1, "--quiet"]
+    process = subprocess.Popen(list(map(str, command)), env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    deadline = time.monotonic() + 60
+    while not (out / ".06.tif.partial").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.kill()
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert (out / ".05.tif.partial").exists()
+    assert_ok(ppm_to_layers(tmp_path / "small.ppm", store, out, "--number_of_layers", 3, "--overwrite", "--quiet"))
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [".07.tif.partial", ".notes", MANIFEST, "00.tif", "01.tif", "02.tif"]
+    assert (out / ".07.tif.partial").read_text() == "mine too, whatever its name"
+
+
 # 2. Paths that collide are refused before anything is written.
 
 
