@@ -168,7 +168,7 @@ def test_overwrite_after_a_killed_run_removes_its_partial_files_and_the_recorded
     (out / ".07.tif.partial").write_text("mine too, whatever its name")  # not recorded: kept
     write_ppm(tmp_path / "long.ppm", surface(1500, 1000))
     command = [sys.executable, ROOT / "ppm_to_layers.py", tmp_path / "long.ppm", store, out, "--overwrite"]
-    command += ["--number_of_layers", 7, "--workers", 1, "--quiet"]
+    command += ["--number_of_layers", 7, "--workers", 1, "--block_size", 2, "--quiet"]  # tiles of 2: slow
     process = subprocess.Popen(list(map(str, command)), env=dict(os.environ, PYTHONPATH=str(ROOT)))
     deadline = time.monotonic() + 60
     while not (out / ".06.tif.partial").exists() and time.monotonic() < deadline:
@@ -237,7 +237,9 @@ def test_a_ppm_named_like_a_layer_in_the_output_directory_is_refused(tmp_path, s
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path, store):
     write_ppm(tmp_path / "long.ppm", surface(1500, 1000))
     out = tmp_path / "out"
+    # Tiles of 2 pixels: the first run lasts far longer than the test needs it to.
     first = [sys.executable, ROOT / "ppm_to_layers.py", tmp_path / "long.ppm", store, out, "--workers", "1"]
+    first += ["--block_size", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     process = subprocess.Popen(list(map(str, first)), stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -250,9 +252,9 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
         assert process.poll() is None, "the first run ended before the second was tried; make it longer"
         assert_one_line_error(result, "another run is writing the output directory", str(out), code=1)
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)  # not SIGINT: a shell's background job ignores that
         _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    assert process.returncode == 128 + signal.SIGTERM, stderr
     assert not out.exists()  # created by the first run, which removed it with its partial files
 
 
