@@ -291,7 +291,7 @@ class _Run:
                 out[...] = ds.to_uint8(planes)
         except StackError as error:
             if self.plan.options.bad_slices == "error":
-                raise
+                raise StackError(f"{error}, or pass --bad_slices zero to write it as zeros") from None
             out[...] = 0
             with self.bad_lock:
                 if z not in self.bad:

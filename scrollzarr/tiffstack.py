@@ -11,9 +11,11 @@ import os
 import re
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -46,12 +48,20 @@ class SliceFile:
         Rows decoded at a time to read any row: 0 for directly readable data,
         the rows per strip for compressed strips, all rows for anything else
         (tiles), which is decoded whole.
+    byteorder : str
+        ``"<"`` or ``">"``, this file's byte order (ImageJ writes big-endian
+        TIFFs, so one stack can hold both).
+    identity : (int, int, int, int)
+        Device, inode, size (bytes) and modification time (ns) of the file
+        whose header was checked; every read checks that it is still that file.
     """
 
     z: int
     path: Path
     data_offset: int | None
     decode_rows: int
+    byteorder: str
+    identity: tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -65,9 +75,7 @@ class TiffStack:
     shape : (int, int)
         Rows and columns (y, x) of every slice.
     dtype : numpy.dtype
-        Pixel type of every slice (native byte order).
-    byteorder : str
-        ``"<"`` or ``">"``, the files' byte order.
+        Pixel type of every slice (native byte order; each file's own is in its :class:`SliceFile`).
     bad : tuple of int
         Slice numbers whose files could not be used (``--bad_slices zero``).
     """
@@ -75,7 +83,6 @@ class TiffStack:
     slices: dict[int, SliceFile]
     shape: tuple[int, int]
     dtype: np.dtype
-    byteorder: str
     bad: tuple[int, ...] = ()
 
     def missing(self, z0: int, z1: int) -> list[int]:
@@ -104,8 +111,8 @@ def numbered_tiffs(directory: Path) -> dict[int, Path]:
     found: dict[int, Path] = {}
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
         match = NUMBERED_TIFF.search(entry.name)
-        if match is None or not entry.is_file():
-            continue
+        if match is None:
+            continue  # a directory or dangling link with a slice's name is kept: it is reported as a bad slice
         z = int(match.group(1))
         if z in found:
             raise StackError(
@@ -125,11 +132,31 @@ def pixel_data_end(page: tifffile.TiffPage) -> int:
     return max((int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)), default=0)
 
 
-def _inspect(path: Path) -> tuple[tuple[int, int], np.dtype, str, int | None, int]:
-    """Read one TIFF's header: shape, dtype, byte order, data offset if directly readable, rows decoded at once."""
+def _inspect(z: int, path: Path) -> tuple[tuple[int, int], np.dtype, SliceFile]:
+    """Read one TIFF's header: its shape, dtype and how to read it.
+
+    Raises
+    ------
+    StackError
+        Saying what is wrong with the file: not a readable file, not one 2D
+        grey-scale image, truncated, or compressed with an unknown codec.
+    """
+    if path.is_symlink() and not path.exists():
+        raise StackError(
+            f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; "
+            "restore the file it points to or remove the link"
+        )
+    if path.is_dir():
+        raise StackError(f"{path}: a directory, not a TIFF file; move it out of the input directory")
     try:
-        size = path.stat().st_size
-        with tifffile.TiffFile(path) as tif:
+        with open(path, "rb") as handle, tifffile.TiffFile(handle) as tif:
+            identity = _identity(os.fstat(handle.fileno()))
+            pages = len(tif.pages)
+            if pages > 1:
+                raise StackError(
+                    f"{path}: holds {pages} images (pages), which is a stack, not one z slice; "
+                    "write one image per z slice, one file each"
+                )
             page = tif.pages.first
             if len(page.shape) != 2 or page.samplesperpixel != 1:
                 raise StackError(
@@ -137,10 +164,10 @@ def _inspect(path: Path) -> tuple[tuple[int, int], np.dtype, str, int | None, in
                     "each z slice must be one grey-scale image"
                 )
             end = pixel_data_end(page)
-            if end > size:
+            if end > identity[2]:
                 raise StackError(
                     f"{path}: truncated, its pixel data should end at byte {end} but the file has "
-                    f"{size} bytes; copy or download this slice again"
+                    f"{identity[2]} bytes; copy or download this slice again"
                 )
             if page.compression != _NO_COMPRESSION:
                 try:
@@ -161,11 +188,48 @@ def _inspect(path: Path) -> tuple[tuple[int, int], np.dtype, str, int | None, in
                 offset, decode_rows = int(page.dataoffsets[0]), 0
             else:
                 offset, decode_rows = None, height if page.is_tiled else min(int(page.rowsperstrip), height)
-            return (height, int(page.shape[1])), np.dtype(page.dtype), tif.byteorder, offset, decode_rows
+            entry = SliceFile(z, path, offset, decode_rows, tif.byteorder, identity)
+            return (height, int(page.shape[1])), np.dtype(page.dtype), entry
     except StackError:
         raise
     except Exception as error:  # tifffile raises many types for damaged files
         raise StackError(f"{path}: cannot read the TIFF header ({error}); check or replace this slice") from None
+
+
+def _identity(status: os.stat_result) -> tuple[int, int, int, int]:
+    """Device, inode, size (bytes) and modification time (ns): what tells a file from its replacement."""
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+class SliceChanged(Exception):
+    """A slice's file is not the one whose header was checked."""
+
+
+@contextmanager
+def _open_checked(entry: SliceFile) -> Iterator[BinaryIO]:
+    """Open ``entry``'s file for reading, unbuffered, if it is still the file whose header was checked.
+
+    A file renamed into place (rsync, a re-export) or rewritten since has
+    another inode, size or modification time; its pixels are not where the
+    checked header said, so it must not be read with that header.
+
+    Raises
+    ------
+    SliceChanged
+        If the file is not the one checked.
+    """
+    with open(entry.path, "rb", buffering=0) as handle:
+        now = _identity(os.fstat(handle.fileno()))
+        if now != entry.identity:
+            (_, inode, size, _), (_, new_inode, new_size, _) = entry.identity, now
+            if new_inode != inode:
+                what = "it was replaced by another file"
+            elif new_size != size:
+                what = f"its size went from {size} to {new_size} bytes"
+            else:
+                what = "it was modified"
+            raise SliceChanged(f"the file changed after its header was checked: {what}")
+        yield handle
 
 
 BAD_SLICE_POLICIES = ("error", "zero")
@@ -196,11 +260,11 @@ def open_stack(files: dict[int, Path], bad_slices: str = "error") -> TiffStack:
     """
     if not files:
         raise StackError("no slice files in the selected z range; check --ranges")
-    found: dict[int, tuple[Path, tuple[int, int], np.dtype, str, int | None, int]] = {}
+    found: dict[int, tuple[Path, tuple[int, int], np.dtype, SliceFile]] = {}
     problems: dict[int, str] = {}
     for z in sorted(files):
         try:
-            found[z] = (files[z], *_inspect(files[z]))
+            found[z] = (files[z], *_inspect(z, files[z]))
         except StackError as error:
             problems[z] = str(error)
     if found:
@@ -225,8 +289,8 @@ def open_stack(files: dict[int, Path], bad_slices: str = "error") -> TiffStack:
             len(problems),
             "; ".join(problems[z] for z in sorted(problems)[:_LISTED]),
         )
-    slices = {z: SliceFile(z, entry[0], entry[4], entry[5]) for z, entry in found.items()}
-    return TiffStack(slices, shape, dtype.newbyteorder("="), reference[3], tuple(sorted(problems)))
+    slices = {z: entry[3] for z, entry in found.items()}
+    return TiffStack(slices, shape, dtype.newbyteorder("="), tuple(sorted(problems)))
 
 
 def read_rows(stack: TiffStack, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
@@ -256,7 +320,8 @@ def read_rows(stack: TiffStack, z: int, rows: tuple[int, int], cols: tuple[int, 
         elif entry.decode_rows < stack.shape[0]:
             _read_strips(entry, rows, cols, out)
         else:
-            out[...] = tifffile.imread(entry.path, maxworkers=1)[rows[0] : rows[1], cols[0] : cols[1]]
+            with _open_checked(entry) as handle:
+                out[...] = tifffile.imread(handle, maxworkers=1)[rows[0] : rows[1], cols[0] : cols[1]]
     except Exception as error:
         raise StackError(f"{entry.path}: cannot read slice {z} ({error}); check or replace this slice") from None
 
@@ -270,12 +335,12 @@ def _read_direct(
     width = stack.shape[1]
     full_width = x0 == 0 and x1 == width and out.flags.c_contiguous
     target = out if full_width else np.empty((y1 - y0, width), stack.dtype)
-    with open(entry.path, "rb", buffering=0) as handle:
+    with _open_checked(entry) as handle:
         handle.seek(entry.data_offset + y0 * width * stack.dtype.itemsize)
         got = handle.readinto(memoryview(target).cast("B"))
     if got != target.nbytes:
         raise OSError(f"read {got} of {target.nbytes} bytes, the file is shorter than its header says")
-    if stack.byteorder not in ("=", _native_byteorder()):
+    if entry.byteorder != _native_byteorder():
         target.byteswap(inplace=True)
     if not full_width:
         out[...] = target[:, x0:x1]
@@ -285,7 +350,7 @@ def _read_strips(entry: SliceFile, rows: tuple[int, int], cols: tuple[int, int],
     """Decode the strips that hold rows ``rows`` and copy the asked part of each into ``out``."""
     (y0, y1), (x0, x1) = rows, cols
     step = entry.decode_rows
-    with tifffile.TiffFile(entry.path) as tif:
+    with _open_checked(entry) as opened, tifffile.TiffFile(opened) as tif:
         page = tif.pages.first
         handle = tif.filehandle
         for index in range(y0 // step, (y1 - 1) // step + 1):

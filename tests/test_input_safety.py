@@ -1,0 +1,136 @@
+"""Nothing read from the TIFFs is silently wrong: byte order per file, files replaced during a run,
+bad slices zeroed by one rule whatever the cut of the work, the input checked on --resume, slice
+names that are not readable files, stray far-off slice numbers and multi-page files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+import scroll_to_ome as cli
+from scrollzarr import pipeline as pipeline_module
+
+from conftest import assert_ok, assert_one_line_error, read_json, scroll_to_ome, write_stack
+from reference import pyramid
+
+CHUNK = 16
+
+
+def check_levels(out: Path, expected: np.ndarray, nlevels: int) -> None:
+    """Every level of ``out`` equals the reference pyramid of ``expected``."""
+    group = zarr.open_group(str(out), mode="r")
+    for index, level in enumerate(pyramid(expected, nlevels)):
+        np.testing.assert_array_equal(group[str(index)][...], level, err_msg=f"level {index}")
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [{}, {"rowsperstrip": 5, "compression": "zlib"}, {"tile": (16, 16)}],
+    ids=["direct", "strips", "tiles"],
+)
+def test_slices_of_either_byte_order_in_one_stack(tmp_path, rng, layout):
+    """ImageJ writes big-endian TIFFs: a stack that mixes them with little-endian ones reads right."""
+    volume = rng.integers(1, 65535, size=(6, 32, 40), dtype=np.uint16)
+    directory = tmp_path / "slices"
+    write_stack(directory, volume, **layout)
+    for z in (1, 4, 5):
+        tifffile.imwrite(directory / f"{z:05d}.tif", volume[z], byteorder=">", **layout)
+    out = tmp_path / "out.zarr"
+    assert_ok(scroll_to_ome(directory, out, "--chunk_size", CHUNK, "--nlevels", 2))
+    check_levels(out, volume, 2)
+
+
+def test_a_multi_page_slice_is_a_bad_slice(tmp_path, rng):
+    """A file holding a stack of images is not one z slice: its first page is not silently taken."""
+    volume = rng.integers(1, 65535, size=(6, 32, 40), dtype=np.uint16)
+    directory = tmp_path / "slices"
+    write_stack(directory, volume)
+    tifffile.imwrite(directory / "00002.tif", volume[2:5], imagej=True)  # an ImageJ stack: three pages
+    out = tmp_path / "out.zarr"
+    refused = scroll_to_ome(directory, out, "--chunk_size", CHUNK, "--nlevels", 2)
+    assert_one_line_error(refused, "00002.tif: holds 3 images (pages)", "one image per z slice", code=1)
+    assert not out.exists()
+    assert_ok(scroll_to_ome(directory, out, "--chunk_size", CHUNK, "--nlevels", 2, "--bad_slices", "zero"))
+    assert read_json(out / ".zattrs")["scrollzarr"]["bad_slices"] == [2]
+    expected = volume.copy()
+    expected[2] = 0
+    check_levels(out, expected, 2)
+
+
+def test_numbered_names_that_are_not_readable_files_are_bad_slices(tmp_path, rng):
+    """A dangling symbolic link or a directory named like a slice is not skipped (nor, last, dropped)."""
+    volume = rng.integers(1, 65535, size=(8, 32, 40), dtype=np.uint16)
+    directory = tmp_path / "slices"
+    paths = write_stack(directory, volume[:7])
+    paths[3].unlink()
+    (directory / "00003.tif").symlink_to(tmp_path / "gone" / "00003.tif")
+    paths[5].unlink()
+    (directory / "00005.tif").mkdir()
+    (directory / "00007.tif").symlink_to("nowhere.tif")  # the last slice
+    out = tmp_path / "out.zarr"
+    refused = scroll_to_ome(directory, out, "--chunk_size", CHUNK, "--nlevels", 2)
+    assert_one_line_error(
+        refused,
+        "3 slice(s) cannot be used",
+        "00003.tif: a symbolic link to",
+        "00005.tif: a directory, not a TIFF file",
+        "00007.tif: a symbolic link to nowhere.tif, which does not exist",
+        code=1,
+    )
+    assert not out.exists()
+    result = scroll_to_ome(directory, out, "--chunk_size", CHUNK, "--nlevels", 2, "--bad_slices", "zero")
+    assert_ok(result)
+    assert read_json(out / ".zattrs")["scrollzarr"]["bad_slices"] == [3, 5, 7]
+    expected = volume.copy()
+    expected[[3, 5, 7]] = 0
+    check_levels(out, expected, 2)
+
+
+def replace_after_header_check(monkeypatch, path: Path, image: np.ndarray) -> None:
+    """Once every header is checked, ``path`` is replaced by a new file renamed into place (as rsync does).
+
+    The new file has a longer header, so its pixels start at another offset than the checked file's.
+    """
+    original = pipeline_module.open_stack
+
+    def open_then_replace(*args, **kwargs):
+        stack = original(*args, **kwargs)
+        fresh = path.with_name(".fresh.tif")
+        tifffile.imwrite(fresh, image, description="re-exported " * 50)
+        os.replace(fresh, path)
+        return stack
+
+    monkeypatch.setattr(pipeline_module, "open_stack", open_then_replace)
+
+
+@pytest.mark.parametrize("layout", [{}, {"compression": "zlib", "rowsperstrip": 8}], ids=["direct", "strips"])
+def test_a_slice_replaced_after_its_header_check_is_a_bad_slice(tmp_path, rng, monkeypatch, capsys, layout):
+    volume = rng.integers(1, 65535, size=(6, 32, 40), dtype=np.uint16)
+    directory = tmp_path / "slices"
+    paths = write_stack(directory, volume, **layout)
+    replacement = rng.integers(1, 65535, size=(32, 40), dtype=np.uint16)
+    argv = [str(directory), str(tmp_path / "a.zarr"), "--chunk_size", str(CHUNK), "--nlevels", "2", "--quiet"]
+    replace_after_header_check(monkeypatch, paths[3], replacement)
+    assert cli.main(argv) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    assert "00003.tif: cannot read slice 3 (the file changed after its header was checked" in errors[0]
+    assert "or pass --bad_slices zero" in errors[0]
+
+    write_stack(directory, volume, **layout)
+    replace_after_header_check(monkeypatch, paths[3], replacement)
+    out = tmp_path / "b.zarr"
+    assert cli.main([str(directory), str(out), *argv[2:], "--bad_slices", "zero"]) == 0
+    err = capsys.readouterr().err
+    assert "00003.tif: cannot read slice 3 (the file changed after its header was checked" in err
+    assert "written as zeros" in err
+    monkeypatch.undo()
+    assert read_json(out / ".zattrs")["scrollzarr"]["bad_slices"] == [3]
+    expected = volume.copy()
+    expected[3] = 0
+    check_levels(out, expected, 2)
