@@ -48,8 +48,10 @@ from scrollzarr.store import (
 from scrollzarr.streaming import LevelStream
 from scrollzarr.tiffstack import (
     Lookahead,
+    SliceReadError,
     StackError,
     TiffStack,
+    first_unreadable_row,
     numbered_tiffs,
     open_stack,
     read_rows,
@@ -259,7 +261,8 @@ class _Run:
         self.workers = workers
         self.bar = bar
         self.store = open_store(plan.output)
-        self.bad = set(record.bad_slices) | set(plan.stack.bad)
+        # bad slice -> its first row written as zeros (scan rows); a slice whose header is bad: row 0
+        self.bad = {z: record.bad_rows.get(str(z), 0) for z in record.bad_slices} | dict.fromkeys(plan.stack.bad, 0)
         self.bad_lock = threading.Lock()
         self.report = Report(plan.output, plan.dtype, plan.options.chunk_size, missing=plan.missing)
         for level, shape in enumerate(plan.shapes):
@@ -271,33 +274,69 @@ class _Run:
         """Record what is on disk now (every task of the last unit has finished)."""
         self.record.chunks_written = {str(k): v.chunks_written for k, v in self.report.levels.items()}
         self.record.bad_slices = sorted(self.bad)
+        self.record.bad_rows = {str(z): row for z, row in sorted(self.bad.items())}
         self.record.save(self.store)
 
     def read_slice(self, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
         """Read rows of slice ``z`` (scan numbering) into ``out``; with ``--bad_slices zero`` a failure reads zeros.
 
-        A slice that failed once reads as zeros from then on (its rows read
-        before the failure, in earlier stripes or bands, are already converted).
+        A slice that fails is zeros from its first unreadable row on
+        (:func:`first_unreadable_row`: a property of the file, so the store does
+        not depend on how the work is cut) and read as it is above that row, in
+        every band from then on, and after ``--resume`` (the row is recorded).
+        A file that changed after its header check is zeros from the first row
+        of the read that found the change (rows converted before came from the
+        file as checked).
         """
-        if z in self.bad:
-            out[...] = 0
+        first = self.bad.get(z)
+        stop = rows[1] if first is None else min(rows[1], max(first, rows[0]))
+        out[stop - rows[0] :] = 0
+        if stop == rows[0]:
             return
         try:
-            if self.plan.dtype == self.plan.stack.dtype:
-                read_rows(self.plan.stack, z, rows, cols, out)
-            else:
-                planes = np.empty(out.shape, self.plan.stack.dtype)
-                read_rows(self.plan.stack, z, rows, cols, planes)
-                out[...] = ds.to_uint8(planes)
-        except StackError as error:
+            self._read(z, (rows[0], stop), cols, out[: stop - rows[0]])
+        except SliceReadError as error:
             if self.plan.options.bad_slices == "error":
                 raise StackError(f"{error}, or pass --bad_slices zero to write it as zeros") from None
-            out[...] = 0
-            with self.bad_lock:
-                if z not in self.bad:
-                    start = rows[0] - self.plan.origin[1]
-                    log.warning("%s; written as zeros%s", error, f" from row {rows[0]} on" if start else "")
-                self.bad.add(z)
+            self._zero_from_failure(z, rows, cols, out, error)
+
+    def _read(self, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
+        if self.plan.dtype == self.plan.stack.dtype:
+            read_rows(self.plan.stack, z, rows, cols, out)
+        else:
+            planes = np.empty(out.shape, self.plan.stack.dtype)
+            read_rows(self.plan.stack, z, rows, cols, planes)
+            out[...] = ds.to_uint8(planes)
+
+    def _zero_from_failure(
+        self, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray, error: SliceReadError
+    ) -> None:
+        """Fill ``out`` (rows of slice ``z`` whose read failed with ``error``) by the bad-slice rule; record it."""
+        first = rows[0]
+        if not error.changed:
+            try:
+                first = first_unreadable_row(self.plan.stack, z)
+            except SliceReadError as again:
+                error = again
+        if first >= rows[1]:  # readable again: the failure did not last (or lies below these rows)
+            try:
+                self._read(z, rows, cols, out)
+                return
+            except SliceReadError as again:
+                error, first = again, rows[0]
+        first = max(first, rows[0])  # rows above were read before; a later failure cannot unread them
+        out[first - rows[0] :] = 0
+        if first > rows[0]:
+            try:
+                self._read(z, (rows[0], first), cols, out[: first - rows[0]])
+            except SliceReadError as again:
+                error, first = again, rows[0]
+                out[...] = 0
+        with self.bad_lock:
+            if z not in self.bad:
+                where = f" from row {first} on" if first else ""
+                log.warning("%s; written as zeros%s", error, where)
+            self.bad[z] = min(first, self.bad.get(z, first))
 
     def convert_band(self, band: Band) -> None:
         """Read one band of level 0 from the TIFFs and stream it through the streamed levels."""
@@ -368,12 +407,13 @@ class _Run:
         return lambda z0, z1: array[z0:z1, y0:y1, x0:x1]
 
 
-def _stack_attributes(plan: Plan, bad: list[int]) -> dict[str, object]:
+def _stack_attributes(plan: Plan, bad: list[int], bad_rows: dict[int, int]) -> dict[str, object]:
     return {
         "source_directory": str(plan.input_dir.resolve()),
         "origin_zyx": list(plan.origin),
         "missing_slices": plan.missing,
         "bad_slices": bad,
+        "bad_slice_rows": {str(z): row for z, row in sorted(bad_rows.items())},
         "obytes": plan.options.obytes,
     }
 
@@ -455,7 +495,7 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
                 run.checkpoint,
             )  # fmt: skip
     run.report.bad = sorted(run.bad)
-    attributes = _stack_attributes(plan, run.report.bad)
+    attributes = _stack_attributes(plan, run.report.bad, run.bad)
     if group is None:
         arrays[0].attrs["scrollzarr"] = attributes
     else:

@@ -55,6 +55,9 @@ class Progress:
         Chunk files written per level, for the summary.
     bad_slices : list of int
         Slices that could not be read and were written as zeros.
+    bad_rows : dict of str to int
+        For each bad slice, the first of its rows written as zeros (scan rows);
+        the rows above it are converted as they are.
     """
 
     fingerprint: dict[str, Any]
@@ -65,6 +68,7 @@ class Progress:
     rows_done: dict[str, int] = field(default_factory=dict)
     chunks_written: dict[str, int] = field(default_factory=dict)
     bad_slices: list[int] = field(default_factory=list)
+    bad_rows: dict[str, int] = field(default_factory=dict)
 
     def save(self, store: Store) -> None:
         """Write the record into ``store`` (the store writes it under a temporary name, then renames it)."""

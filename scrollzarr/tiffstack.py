@@ -205,6 +205,14 @@ class SliceChanged(Exception):
     """A slice's file is not the one whose header was checked."""
 
 
+class SliceReadError(StackError):
+    """A slice that cannot be read; ``changed``: because its file is not the one whose header was checked."""
+
+    def __init__(self, message: str, changed: bool) -> None:
+        super().__init__(message)
+        self.changed = changed
+
+
 @contextmanager
 def _open_checked(entry: SliceFile) -> Iterator[BinaryIO]:
     """Open ``entry``'s file for reading, unbuffered, if it is still the file whose header was checked.
@@ -307,7 +315,7 @@ def read_rows(stack: TiffStack, z: int, rows: tuple[int, int], cols: tuple[int, 
 
     Raises
     ------
-    StackError
+    SliceReadError
         If the file cannot be read, naming it.
     """
     entry = stack.slices.get(z)
@@ -323,7 +331,42 @@ def read_rows(stack: TiffStack, z: int, rows: tuple[int, int], cols: tuple[int, 
             with _open_checked(entry) as handle:
                 out[...] = tifffile.imread(handle, maxworkers=1)[rows[0] : rows[1], cols[0] : cols[1]]
     except Exception as error:
-        raise StackError(f"{entry.path}: cannot read slice {z} ({error}); check or replace this slice") from None
+        message = f"{entry.path}: cannot read slice {z} ({error}); check or replace this slice"
+        raise SliceReadError(message, isinstance(error, SliceChanged)) from None
+
+
+def first_unreadable_row(stack: TiffStack, z: int) -> int:
+    """The first row of slice ``z`` that cannot be read, found by reading the slice in order.
+
+    The row is the first of the smallest piece that is read at once: the row
+    itself in an uncompressed slice, its strip in a compressed one, row 0 in a
+    slice that is decoded whole (tiles).  It belongs to the file, not to the
+    rows that were being read when the failure showed, so a bad slice is
+    zeroed from the same row whichever way the work is cut.
+
+    Returns
+    -------
+    int
+        A row of the slice, or its height if every row can be read now.
+
+    Raises
+    ------
+    SliceReadError
+        With ``changed`` set, if the file is not the one whose header was checked.
+    """
+    entry = stack.slices[z]
+    height, width = stack.shape
+    step = min(height, 1 if entry.data_offset is not None else entry.decode_rows)
+    buffer = np.empty((step, width), stack.dtype)
+    for top in range(0, height, step):
+        bottom = min(top + step, height)
+        try:
+            read_rows(stack, z, (top, bottom), (0, width), buffer[: bottom - top])
+        except SliceReadError as error:
+            if error.changed:
+                raise
+            return top
+    return height
 
 
 def _read_direct(

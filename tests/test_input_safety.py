@@ -5,6 +5,7 @@ names that are not readable files, stray far-off slice numbers and multi-page fi
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,78 @@ def test_a_slice_replaced_after_its_header_check_is_a_bad_slice(tmp_path, rng, m
     expected = volume.copy()
     expected[3] = 0
     check_levels(out, expected, 2)
+
+
+def store_files(store: Path) -> dict[str, bytes]:
+    """Every file of a store, by path, with its bytes."""
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def corrupt_strip(path: Path, index: int) -> None:
+    """Overwrite the compressed bytes of strip ``index`` of ``path`` with garbage; the header stays intact."""
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages.first.dataoffsets[index], tif.pages.first.databytecounts[index]
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(b"\xff" * count)
+
+
+def band_shape(directory: Path, out: Path, *args: object) -> tuple[int, int]:
+    plan = scroll_to_ome(directory, out, *args, "--dry_run")
+    assert_ok(plan)
+    return tuple(map(int, re.search(r"level 0 read in bands of (\d+) x (\d+)", plan.stdout).groups()))
+
+
+def test_a_slice_failing_mid_read_is_zeros_from_the_failing_strip_whatever_the_cut(tmp_path, rng, monkeypatch):
+    """Whole planes, bands of rows, bands cut in x, and a run stopped and resumed: one store, the rule's."""
+    volume = rng.integers(1, 65535, size=(20, 48, 600), dtype=np.uint16)
+    directory = tmp_path / "slices"
+    paths = write_stack(directory, volume, compression="zlib", rowsperstrip=4)
+    corrupt_strip(paths[5], 5)  # rows 20-23
+    corrupt_strip(paths[12], 9)  # rows 36-39
+    expected = volume.copy()
+    expected[5, 20:] = 0
+    expected[12, 36:] = 0
+    args = ["--chunk_size", CHUNK, "--nlevels", 3, "--bad_slices", "zero"]
+    plan = scroll_to_ome(directory, tmp_path / "o.zarr", *args, "--workers", 1, "--dry_run", "--verbose")
+    need = int(re.search(r"memory: (\d+) bytes", plan.stderr).group(1))
+    cuts = [
+        ["--workers", 2],
+        ["--workers", 1, "--max_gb", need / 4 / 2**30],
+        ["--workers", 1, "--max_gb", need / 16 / 2**30],
+    ]
+    shapes = [band_shape(directory, tmp_path / "o.zarr", *args, *cut) for cut in cuts]
+    assert shapes == [(48, 600), (32, 600), (16, 272)]  # whole planes; bands of rows; bands cut in x too
+    stores = []
+    for index, cut in enumerate(cuts):
+        out = tmp_path / str(index) / "out.zarr"
+        result = scroll_to_ome(directory, out, *args, *cut)
+        assert_ok(result)
+        assert "00005.tif: cannot read slice 5" in result.stderr and "written as zeros from row 20 on" in result.stderr
+        assert "00012.tif: cannot read slice 12" in result.stderr and "written as zeros from row 36 on" in result.stderr
+        attributes = read_json(out / ".zattrs")["scrollzarr"]
+        assert attributes["bad_slices"] == [5, 12]
+        assert attributes["bad_slice_rows"] == {"5": 20, "12": 36}
+        check_levels(out, expected, 3)
+        stores.append(store_files(out))
+    assert stores[1] == stores[0] and stores[2] == stores[0]
+
+    # stopped in the bands of rows 16-32 (where slice 5 failed) or just after them, then resumed: rows 16-19
+    # of slice 5 are read and rows 32 on are zeros although readable, as the record says
+    original = pipeline_module._Run.convert_band
+    for stop, band in [(5, ((16, 32), (272, 544))), (7, ((32, 48), (0, 272)))]:
+        calls = []
+
+        def stop_there(run, band, calls=calls, stop=stop):
+            calls.append(band)
+            if len(calls) == stop:
+                raise KeyboardInterrupt
+            original(run, band)
+
+        monkeypatch.setattr(pipeline_module._Run, "convert_band", stop_there)
+        out = tmp_path / f"resumed{stop}" / "out.zarr"
+        assert cli.main([str(directory), str(out), *map(str, args), *map(str, cuts[2]), "--quiet"]) == 130
+        assert calls[-1] == band
+        monkeypatch.undo()
+        assert_ok(scroll_to_ome(directory, out, *args, "--resume"))
+        assert store_files(out) == stores[0]
