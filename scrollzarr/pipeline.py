@@ -32,7 +32,7 @@ from scrollzarr.options import Options
 from scrollzarr.progress import Progress
 from scrollzarr.ranges import parse_ranges
 from scrollzarr.readback import build_from_above
-from scrollzarr.report import LevelReport, Report, chunk_count, format_numbers, progress_bar
+from scrollzarr.report import LevelReport, Report, chunk_count, format_runs, progress_bar
 from scrollzarr.sizes import format_bytes
 from scrollzarr.store import (
     ChunkWriter,
@@ -51,6 +51,7 @@ from scrollzarr.tiffstack import (
     SliceReadError,
     StackError,
     TiffStack,
+    check_z_extent,
     first_unreadable_row,
     numbered_tiffs,
     open_stack,
@@ -73,8 +74,9 @@ class Plan:
         Whether ``--ranges`` was given (the metadata then carries ``origin`` as a translation).
     shapes : tuple of (int, int, int)
         Shape of each level, z, y, x.
-    missing : list of int
-        Slice numbers inside the converted z range without a file (written as zeros).
+    missing : list of (int, int)
+        Runs ``[start, stop)`` of slice numbers inside the converted z range
+        without a file (written as zeros), from the first file on.
     bands : memory.BandPlan
         How level 0 is cut, and how many levels are streamed with it.
     blocks : tuple of (int, int, int)
@@ -95,7 +97,7 @@ class Plan:
     cropped: bool
     shapes: tuple[Shape3, ...]
     dtype: np.dtype
-    missing: list[int]
+    missing: list[tuple[int, int]]
     bands: memory.BandPlan
     blocks: tuple[Shape3, ...]
     need: int
@@ -116,7 +118,9 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
     z_range, y_range, x_range = parse_ranges(options.ranges)
     files = numbered_tiffs(input_dir)
     z0, z1 = z_range.resolve(max(files) + 1)
-    stack = open_stack({z: path for z, path in files.items() if z0 <= z < z1}, options.bad_slices)
+    selected = {z: path for z, path in files.items() if z0 <= z < z1}
+    check_z_extent(selected, z0, z1)
+    stack = open_stack(selected, options.bad_slices)
     y0, y1 = y_range.resolve(stack.shape[0])
     x0, x1 = x_range.resolve(stack.shape[1])
     if options.obytes == 1 and stack.dtype not in (np.uint8, np.uint16):
@@ -167,7 +171,7 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         cropped=options.ranges is not None and options.ranges.strip() != "",
         shapes=shapes,
         dtype=out_dtype,
-        missing=stack.missing(max(z0, min(stack.slices)), z1),
+        missing=stack.missing_runs(max(z0, min(selected)), z1),
         bands=bands,
         blocks=blocks,
         need=need,
@@ -223,7 +227,7 @@ def describe_plan(plan: Plan) -> str:
         f"input: {plan.input_dir}",
         f"  {len(slices)} slice files, numbers {slices[0]} to {slices[-1]}, "
         f"each {stack.shape[0]} x {stack.shape[1]} (rows x columns) {stack.dtype}",
-        f"  missing slices (written as zeros): {format_numbers(plan.missing) or 'none'}",
+        f"  missing slices (written as zeros): {format_runs(plan.missing) or 'none'}",
         f"  converting x {x0}:{x0 + nx}, y {y0}:{y0 + ny}, z {z0}:{z0 + nz}",
         f"output: {plan.output} ({kind}), {plan.dtype}, chunks {chunk}^3, downsampling {plan.options.algorithm}",
     ]
@@ -411,7 +415,7 @@ def _stack_attributes(plan: Plan, bad: list[int], bad_rows: dict[int, int]) -> d
     return {
         "source_directory": str(plan.input_dir.resolve()),
         "origin_zyx": list(plan.origin),
-        "missing_slices": plan.missing,
+        "missing_slices": [z for start, stop in plan.missing for z in range(start, stop)],
         "bad_slices": bad,
         "bad_slice_rows": {str(z): row for z, row in sorted(bad_rows.items())},
         "obytes": plan.options.obytes,
@@ -453,7 +457,7 @@ def convert(plan: Plan) -> Report:
     """
     started = time.monotonic()
     if plan.missing:
-        log.warning("no file for slice(s) %s; they are written as zeros", format_numbers(plan.missing))
+        log.warning("no file for slice(s) %s; they are written as zeros", format_runs(plan.missing))
     group, arrays, record = _open_output(plan)
     log.debug(
         "level 0: bands of %d x %d (rows x columns), levels 1 to %d streamed",

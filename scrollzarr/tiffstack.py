@@ -6,6 +6,7 @@ number (``00000.tif``, ``scan_0123.tiff``); the number is the z index.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -85,9 +86,19 @@ class TiffStack:
     dtype: np.dtype
     bad: tuple[int, ...] = ()
 
-    def missing(self, z0: int, z1: int) -> list[int]:
-        """Slice numbers in ``[z0, z1)`` that have no file (bad slices not counted)."""
-        return [z for z in range(z0, z1) if z not in self.slices and z not in self.bad]
+    def missing_runs(self, z0: int, z1: int) -> list[tuple[int, int]]:
+        """Runs ``[start, stop)`` of slice numbers in ``[z0, z1)`` that have no file (bad slices not counted).
+
+        As many runs as gaps between files, however many numbers they hold.
+        """
+        runs, start = [], z0
+        for z in sorted({*self.slices, *self.bad}):
+            if start < z < z1:
+                runs.append((start, z))
+            start = max(start, z + 1)
+        if start < z1:
+            runs.append((start, z1))
+        return runs
 
     @property
     def decode_bytes(self) -> int:
@@ -238,6 +249,54 @@ def _open_checked(entry: SliceFile) -> Iterator[BinaryIO]:
                 what = "it was modified"
             raise SliceChanged(f"the file changed after its header was checked: {what}")
         yield handle
+
+
+# Planes without a file allowed in the z extent however few the files: a run of slices starting anywhere in
+# a scan (Scroll 1 has 14,376 slices, the largest scans some tens of thousands) keeps z = slice number.
+EMPTY_PLANES_ALLOWED = 100_000
+
+
+def check_z_extent(files: dict[int, Path], z0: int, z1: int) -> None:
+    """Refuse a z range ``[z0, z1)`` that is mostly planes without a file: a stray, far-off slice number.
+
+    The range is refused when its planes without a file outnumber both the
+    files and :data:`EMPTY_PLANES_ALLOWED`.  Only the files' numbers are used
+    (time and memory grow with the files, not with the range).
+
+    Parameters
+    ----------
+    files : dict of int to Path
+        The slice files inside the range, by number.
+
+    Raises
+    ------
+    StackError
+        Naming the outlying files, or the first slice when they all lie far
+        from ``z0``, and the ``--ranges`` that converts the rest.
+    """
+    empty = (z1 - z0) - len(files)
+    if empty <= max(len(files), EMPTY_PLANES_ALLOWED):
+        return
+    numbers = sorted(files)
+    spread = (
+        f"{len(files)} slice files would be spread over {z1 - z0} planes (z {z0} to {z1 - 1}), "
+        f"{empty} of them without a file"
+    )
+    gaps = [(b - a, i) for i, (a, b) in enumerate(itertools.pairwise(numbers), start=1)]
+    widest, cut = max(gaps, default=(0, 0))
+    if numbers[0] - z0 >= widest:
+        raise StackError(
+            f"{spread}: the first slice is number {numbers[0]}; convert with --ranges ,,{numbers[0]}: "
+            "(the store then starts at that slice and its metadata says so)"
+        )
+    before, after = numbers[:cut], numbers[cut:]
+    outliers, kept = (after, before) if len(after) <= len(before) else (before, after)
+    named = ", ".join(files[z].name for z in outliers[:5])
+    more = f" and {len(outliers) - 5} more" if len(outliers) > 5 else ""
+    raise StackError(
+        f"{spread}; far from the others: {named}{more}; move it out of the input directory "
+        f"or convert the others with --ranges ,,{kept[0]}:{kept[-1] + 1}"
+    )
 
 
 BAD_SLICE_POLICIES = ("error", "zero")

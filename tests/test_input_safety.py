@@ -15,6 +15,7 @@ import zarr
 
 import scroll_to_ome as cli
 from scrollzarr import pipeline as pipeline_module
+from scrollzarr.tiffstack import numbered_tiffs, open_stack
 
 from conftest import assert_ok, assert_one_line_error, read_json, scroll_to_ome, write_stack
 from reference import pyramid
@@ -210,3 +211,45 @@ def test_a_slice_failing_mid_read_is_zeros_from_the_failing_strip_whatever_the_c
         monkeypatch.undo()
         assert_ok(scroll_to_ome(directory, out, *args, "--resume"))
         assert store_files(out) == stores[0]
+
+
+@pytest.mark.parametrize("stray", ["scan_2000000.tif", "mask_20230205180739.tif"])
+def test_a_stray_far_off_slice_number_is_refused_before_writing(tmp_path, rng, stray):
+    """One file far from the others would make millions of empty planes (and, planned as a list, run out of memory)."""
+    volume = rng.integers(1, 65535, size=(6, 16, 20), dtype=np.uint16)
+    directory = tmp_path / "slices"
+    write_stack(directory, volume)
+    tifffile.imwrite(directory / stray, volume[0])
+    out = tmp_path / "out.zarr"
+    for dry_run in ([], ["--dry_run"]):
+        result = scroll_to_ome(directory, out, "--chunk_size", CHUNK, *dry_run)
+        assert_one_line_error(
+            result, "7 slice files would be spread over", f"far from the others: {stray}", "--ranges ,,0:6", code=1
+        )
+        assert not out.exists()
+    assert_ok(scroll_to_ome(directory, out, "--chunk_size", CHUNK, "--nlevels", 2, "--ranges", ",,0:6"))
+    check_levels(out, volume, 2)
+
+
+def test_z_stays_the_slice_number_for_a_run_of_slices_starting_far_in(tmp_path, rng):
+    """Up to 100,000 planes without a file are allowed (more only if there are more files than that)."""
+    directory = tmp_path / "slices"
+    write_stack(directory, rng.integers(1, 65535, size=(3, 8, 8), dtype=np.uint16), first=100_000, digits=6)
+    plan = scroll_to_ome(directory, tmp_path / "out.zarr", "--dry_run")
+    assert_ok(plan)
+    assert "level 0: 100003 x 8 x 8 (z, y, x)" in plan.stdout
+    (directory / "100000.tif").rename(directory / "100003.tif")  # slices 100001-100003: 100,001 empty planes
+    result = scroll_to_ome(directory, tmp_path / "out.zarr", "--dry_run")
+    assert_one_line_error(result, "the first slice is number 100001", "--ranges ,,100001:", code=1)
+
+
+def test_missing_slices_are_planned_as_runs(tmp_path, rng):
+    """A gap of 90,000 numbers inside the stack is planned, reported and stored as one run of numbers."""
+    volume = rng.integers(1, 65535, size=(4, 8, 8), dtype=np.uint16)
+    directory = tmp_path / "slices"
+    write_stack(directory, volume[:2], digits=6)
+    write_stack(directory, volume[2:], first=90_002, digits=6)
+    assert open_stack(numbered_tiffs(directory)).missing_runs(0, 90_004) == [(2, 90_002)]
+    plan = scroll_to_ome(directory, tmp_path / "out.zarr", "--dry_run")
+    assert_ok(plan)
+    assert "missing slices (written as zeros): 2-90001" in plan.stdout

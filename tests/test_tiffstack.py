@@ -27,7 +27,7 @@ def test_gaps_are_reported_by_missing(tmp_path, rng):
     paths[3].unlink()
     stack = open_stack(numbered_tiffs(tmp_path))
     assert sorted(stack.slices) == [0, 1, 4, 5]
-    assert stack.missing(0, 6) == [2, 3]
+    assert stack.missing_runs(0, 6) == [(2, 4)]
 
 
 def test_duplicate_numbers_name_both_files(tmp_path, rng):
