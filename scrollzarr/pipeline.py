@@ -52,6 +52,7 @@ from scrollzarr.tiffstack import (
     StackError,
     TiffStack,
     check_z_extent,
+    file_list,
     first_unreadable_row,
     numbered_tiffs,
     open_stack,
@@ -84,7 +85,9 @@ class Plan:
     need : int
         Bytes the buffers use at the most, by :mod:`scrollzarr.memory`'s model.
     fingerprint : dict
-        The options a resumed run must share with the stopped one.
+        The options a resumed run must share with the stopped one, and a digest of ``slice_files``.
+    slice_files : list of (str, int, int)
+        The input's slice files in the converted z range: name, size (bytes), modification time (ns).
     resume_from : Progress or None
         The progress record of the stopped run, with ``--resume``.
     """
@@ -102,6 +105,7 @@ class Plan:
     blocks: tuple[Shape3, ...]
     need: int
     fingerprint: dict[str, Any]
+    slice_files: progress.SliceFiles
     resume_from: Progress | None
 
 
@@ -121,6 +125,7 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
     selected = {z: path for z, path in files.items() if z0 <= z < z1}
     check_z_extent(selected, z0, z1)
     stack = open_stack(selected, options.bad_slices)
+    slice_files = file_list(selected, stack)
     y0, y1 = y_range.resolve(stack.shape[0])
     x0, x1 = x_range.resolve(stack.shape[1])
     if options.obytes == 1 and stack.dtype not in (np.uint8, np.uint16):
@@ -146,8 +151,15 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         "obytes": options.obytes,
         "zarr_only": options.zarr_only,
         "bad_slices": options.bad_slices,
+        "slices": progress.slices_digest(slice_files),
     }
     if record is not None:
+        changed = progress.input_change(record, slice_files, open_store(output))
+        if changed:
+            raise ScrollzarrError(
+                f"cannot resume {output}: the input changed since the stopped run: {changed}; "
+                "put the slice files back as they were, or start again with --overwrite"
+            )
         differs = record.mismatch(fingerprint)
         if differs:
             raise UsageError(f"cannot resume {output}: {differs}; resume with the options of the stopped run")
@@ -176,6 +188,7 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         blocks=blocks,
         need=need,
         fingerprint=fingerprint,
+        slice_files=slice_files,
         resume_from=record,
     )
 
@@ -437,9 +450,11 @@ def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progr
     if options.zarr_only:
         array = create_level(plan.output, None, plan.shapes[0], chunk, plan.dtype)
         record.save(open_store(plan.output))
+        progress.save_slices(open_store(plan.output), plan.slice_files)
         return None, [array], record
     group = zarr.open_group(str(plan.output), mode="w", zarr_format=2)
     record.save(open_store(plan.output))  # before any chunk: the store is unfinished from the start
+    progress.save_slices(open_store(plan.output), plan.slice_files)
     arrays = [create_level(group, str(level), shape, chunk, plan.dtype) for level, shape in enumerate(plan.shapes)]
     return group, arrays, record
 

@@ -8,6 +8,7 @@ check that the options are those of the run it continues.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,6 +20,10 @@ from zarr.core.sync import sync
 from scrollzarr.errors import ScrollzarrError
 
 KEY = "scrollzarr_progress.json"
+# The input's slice files of the run, written once when it starts: the record, saved after every slab, holds
+# only their digest (measured: a 14,376-slice list in the record made each save 80 ms and 1 MB).
+SLICES_KEY = "scrollzarr_slices.json"
+_NAMED = 5
 
 # Options whose change makes a stopped conversion impossible to continue, with their command-line names.
 FINGERPRINT_OPTIONS = {
@@ -103,9 +108,50 @@ def load(store: Store) -> Progress | None:
 
 
 def remove(store: Store) -> None:
-    """Delete the record: the store is finished."""
+    """Delete the record (and the input's list of slice files): the store is finished."""
+    sync(store.delete(SLICES_KEY))
     sync(store.delete(KEY))
 
 
 def exists(store: Store) -> bool:
     return bool(sync(store.exists(KEY)))
+
+
+SliceFiles = list[tuple[str, int, int]]
+
+
+def slices_digest(slices: SliceFiles) -> str:
+    """A digest of the input's slice files (name, size in bytes, modification time in ns), for the fingerprint."""
+    return hashlib.sha256(json.dumps(slices, separators=(",", ":")).encode()).hexdigest()
+
+
+def save_slices(store: Store, slices: SliceFiles) -> None:
+    """Keep the input's slice files in ``store``, to name what changed if a resumed run finds another input."""
+    data = json.dumps(slices, separators=(",", ":")).encode()
+    sync(store.set(SLICES_KEY, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def input_change(record: Progress, slices: SliceFiles, store: Store) -> str | None:
+    """How the input's slice files differ from the stopped run's, as text; ``None`` if they do not.
+
+    Files are told apart by name; a file of the same name whose size or
+    modification time differs has changed.
+    """
+    if "slices" not in record.fingerprint or record.fingerprint["slices"] == slices_digest(slices):
+        return None
+    raw = sync(store.get(SLICES_KEY, default_buffer_prototype()))
+    if raw is None:
+        return "its list of slice files is missing from the output, so the changed files cannot be named"
+    before = {name: (size, mtime) for name, size, mtime in json.loads(raw.to_bytes())}
+    now = {name: (size, mtime) for name, size, mtime in slices}
+    kinds = {
+        "added": [name for name in now if name not in before],
+        "removed": [name for name in before if name not in now],
+        "changed": [name for name in now if name in before and now[name] != before[name]],
+    }
+    return ", ".join(f"{len(names)} {kind} ({_named(names)})" for kind, names in kinds.items() if names)
+
+
+def _named(names: list[str]) -> str:
+    more = f" and {len(names) - _NAMED} more" if len(names) > _NAMED else ""
+    return ", ".join(sorted(names)[:_NAMED]) + more

@@ -360,6 +360,27 @@ def open_stack(files: dict[int, Path], bad_slices: str = "error") -> TiffStack:
     return TiffStack(slices, shape, dtype.newbyteorder("="), tuple(sorted(problems)))
 
 
+def file_list(files: dict[int, Path], stack: TiffStack) -> list[tuple[str, int, int]]:
+    """Name, size (bytes) and modification time (ns) of each file of ``files``, in slice order.
+
+    The size and time are those of the header check; ``-1`` for a name that
+    is not a readable file (a dangling link).
+    """
+    listed = []
+    for z in sorted(files):
+        entry = stack.slices.get(z)
+        if entry is not None:
+            size, mtime = entry.identity[2:]
+        else:
+            try:
+                status = files[z].stat()
+                size, mtime = status.st_size, status.st_mtime_ns
+            except OSError:
+                size = mtime = -1
+        listed.append((files[z].name, size, mtime))
+    return listed
+
+
 def read_rows(stack: TiffStack, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
     """Read rows ``rows[0]:rows[1]`` and columns ``cols[0]:cols[1]`` of slice ``z`` into ``out``.
 

@@ -253,3 +253,50 @@ def test_missing_slices_are_planned_as_runs(tmp_path, rng):
     plan = scroll_to_ome(directory, tmp_path / "out.zarr", "--dry_run")
     assert_ok(plan)
     assert "missing slices (written as zeros): 2-90001" in plan.stdout
+
+
+def stopped_while_finishing(monkeypatch, directory: Path, out: Path, *args: object) -> None:
+    """``out`` as a run leaves it stopped after its last chunk, before its progress record is removed."""
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline_module.progress, "remove", stop)
+    assert cli.main([str(directory), str(out), *map(str, args), "--quiet"]) == 130
+    monkeypatch.undo()
+
+
+def test_resume_after_the_input_changed_is_refused_naming_the_files(tmp_path, rng, monkeypatch):
+    volume = rng.integers(1, 65535, size=(20, 16, 20), dtype=np.uint16)
+    directory = tmp_path / "slices"
+    args = ["--chunk_size", CHUNK, "--nlevels", 2]
+    changes = {
+        "removed": lambda paths: paths[3].unlink(),
+        "added": lambda paths: tifffile.imwrite(directory / "00020.tif", volume[0]),
+        "changed": lambda paths: tifffile.imwrite(paths[7], volume[0]),
+        "many removed": lambda paths: [path.unlink() for path in paths[:12]],
+    }
+    expected = {
+        "removed": "1 removed (00003.tif)",
+        "added": "1 added (00020.tif)",
+        "changed": "1 changed (00007.tif)",
+        "many removed": "12 removed (00000.tif, 00001.tif, 00002.tif, 00003.tif, 00004.tif and 7 more)",
+    }
+    for kind, change in changes.items():
+        for path in directory.glob("*.tif"):
+            path.unlink()
+        paths = write_stack(directory, volume)
+        out = tmp_path / kind / "out.zarr"
+        stopped_while_finishing(monkeypatch, directory, out, *args)
+        before = store_files(out)
+        change(paths)
+        result = scroll_to_ome(directory, out, *args, "--resume")
+        assert_one_line_error(
+            result,
+            f"cannot resume {out}: the input changed since the stopped run",
+            expected[kind],
+            "--overwrite",
+            code=1,
+        )
+        assert store_files(out) == before
+    assert_ok(scroll_to_ome(directory, out, *args, "--overwrite"))
