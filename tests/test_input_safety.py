@@ -15,6 +15,7 @@ import zarr
 
 import scroll_to_ome as cli
 from scrollzarr import pipeline as pipeline_module
+from scrollzarr import tiffstack as tiffstack_module
 from scrollzarr.tiffstack import numbered_tiffs, open_stack
 
 from conftest import assert_ok, assert_one_line_error, read_json, scroll_to_ome, write_stack
@@ -300,3 +301,50 @@ def test_resume_after_the_input_changed_is_refused_naming_the_files(tmp_path, rn
         )
         assert store_files(out) == before
     assert_ok(scroll_to_ome(directory, out, *args, "--overwrite"))
+
+
+def test_a_tiled_slice_failing_mid_read_is_zeros_from_row_0(tmp_path, rng):
+    """A tiled slice is decoded whole: one damaged tile makes the whole slice zeros."""
+    volume = rng.integers(1, 65535, size=(6, 32, 40), dtype=np.uint16)
+    directory = tmp_path / "slices"
+    paths = write_stack(directory, volume, compression="zlib", tile=(16, 16))
+    corrupt_strip(paths[2], 4)  # a tile in the middle
+    out = tmp_path / "out.zarr"
+    result = scroll_to_ome(directory, out, "--chunk_size", CHUNK, "--nlevels", 2, "--bad_slices", "zero")
+    assert_ok(result)
+    assert "00002.tif: cannot read slice 2" in result.stderr and "written as zeros" in result.stderr
+    assert "from row" not in result.stderr
+    assert read_json(out / ".zattrs")["scrollzarr"]["bad_slice_rows"] == {"2": 0}
+    expected = volume.copy()
+    expected[2] = 0
+    check_levels(out, expected, 2)
+
+
+def test_an_uncompressed_slice_failing_mid_read_is_zeros_from_the_failing_row(tmp_path, rng, monkeypatch, capsys):
+    """A disk read error (injected: row 21 of slice 5 cannot be read) zeroes from that row, whole planes or
+    bands of 32 rows read a stripe at a time alike."""
+    volume = rng.integers(1, 65535, size=(20, 48, 40), dtype=np.uint16)
+    directory = tmp_path / "slices"
+    write_stack(directory, volume)
+    original = tiffstack_module._read_direct
+
+    def failing_read(stack, entry, rows, cols, out):
+        if entry.z == 5 and rows[0] <= 21 < rows[1]:
+            raise OSError(5, "Input/output error")
+        original(stack, entry, rows, cols, out)
+
+    monkeypatch.setattr(tiffstack_module, "_read_direct", failing_read)
+    expected = volume.copy()
+    expected[5, 21:] = 0
+    args = ["--chunk_size", str(CHUNK), "--nlevels", "3", "--bad_slices", "zero", "--quiet"]
+    stores = []
+    for cut in (["--workers", "2"], ["--workers", "1", "--max_gb", "0.0003"]):
+        out = tmp_path / cut[1] / "out.zarr"
+        assert cli.main([str(directory), str(out), *args, *cut]) == 0
+        err = capsys.readouterr().err
+        assert "00005.tif: cannot read slice 5 ([Errno 5] Input/output error)" in err
+        assert "written as zeros from row 21 on" in err
+        check_levels(out, expected, 3)
+        stores.append(store_files(out))
+    assert stores[0] == stores[1]
+    assert "bands of 32 x 40" in scroll_to_ome(directory, tmp_path / "o.zarr", *args[:-1], *cut, "--dry_run").stdout
