@@ -335,7 +335,7 @@ class _Run:
                 first = first_unreadable_row(self.plan.stack, z)
             except SliceReadError as again:
                 error = again
-        if first >= rows[1]:  # readable again: the failure did not last (or lies below these rows)
+        if first >= rows[1]:  # every row could be read this time: the failure did not last
             try:
                 self._read(z, rows, cols, out)
                 return

@@ -26,6 +26,7 @@ SLICES_KEY = "scrollzarr_slices.json"
 _NAMED = 5
 
 # Options whose change makes a stopped conversion impossible to continue, with their command-line names.
+# (The fingerprint also holds "slices", the digest of the input's slice files, which input_change checks.)
 FINGERPRINT_OPTIONS = {
     "input_directory": "the input directory",
     "chunk_size": "--chunk_size",

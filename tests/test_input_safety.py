@@ -16,7 +16,7 @@ import zarr
 import scroll_to_ome as cli
 from scrollzarr import pipeline as pipeline_module
 from scrollzarr import tiffstack as tiffstack_module
-from scrollzarr.tiffstack import numbered_tiffs, open_stack
+from scrollzarr.tiffstack import SliceReadError, StackError, check_z_extent, numbered_tiffs, open_stack, read_rows
 
 from conftest import assert_ok, assert_one_line_error, read_json, scroll_to_ome, write_stack
 from reference import pyramid
@@ -300,6 +300,9 @@ def test_resume_after_the_input_changed_is_refused_naming_the_files(tmp_path, rn
             code=1,
         )
         assert store_files(out) == before
+    (out / "scrollzarr_slices.json").unlink()  # a store of a run killed before it listed its input
+    result = scroll_to_ome(directory, out, *args, "--resume")
+    assert_one_line_error(result, "its list of slice files is missing from the output", "--overwrite", code=1)
     assert_ok(scroll_to_ome(directory, out, *args, "--overwrite"))
 
 
@@ -348,3 +351,34 @@ def test_an_uncompressed_slice_failing_mid_read_is_zeros_from_the_failing_row(tm
         stores.append(store_files(out))
     assert stores[0] == stores[1]
     assert "bands of 32 x 40" in scroll_to_ome(directory, tmp_path / "o.zarr", *args[:-1], *cut, "--dry_run").stdout
+
+
+def test_each_kind_of_change_to_a_checked_file_is_named(tmp_path, rng):
+    volume = rng.integers(1, 65535, size=(3, 8, 10), dtype=np.uint16)
+    paths = write_stack(tmp_path, volume)
+    out = np.empty((8, 10), np.uint16)
+    stack = open_stack(numbered_tiffs(tmp_path))
+    tifffile.imwrite(tmp_path / "new.tif", volume[2])
+    os.replace(tmp_path / "new.tif", paths[0])
+    with open(paths[1], "ab") as handle:
+        handle.write(b"appended")
+    status = paths[2].stat()
+    paths[2].write_bytes(paths[2].read_bytes()[::-1])  # the same size, other bytes
+    os.utime(paths[2], ns=(status.st_atime_ns, status.st_mtime_ns + 1_000_000_000))
+    for z, what in [(0, "it was replaced by another file"), (1, "its size went from"), (2, "it was modified")]:
+        with pytest.raises(
+            SliceReadError, match=f"cannot read slice {z} .the file changed after its header was checked: {what}"
+        ) as caught:
+            read_rows(stack, z, (0, 8), (0, 10), out)
+        assert caught.value.changed
+
+
+def test_many_far_off_files_are_named_a_few_and_counted(tmp_path, rng):
+    files = {z: tmp_path / f"{z:05d}.tif" for z in range(20)}
+    files |= {z: tmp_path / f"scan_{z}.tif" for z in range(500_000, 500_007)}
+    with pytest.raises(
+        StackError,
+        match=r"far from the others: scan_500000.tif, .* scan_500004.tif and 2 more; "
+        r".*--ranges ,,0:20",
+    ):
+        check_z_extent(files, 0, 500_007)
