@@ -290,6 +290,7 @@ def test_resume_after_the_input_changed_is_refused_naming_the_files(tmp_path, rn
         out = tmp_path / kind / "out.zarr"
         stopped_while_finishing(monkeypatch, directory, out, *args)
         before = store_files(out)
+        assert "scrollzarr_slices.json" in before
         change(paths)
         result = scroll_to_ome(directory, out, *args, "--resume")
         assert_one_line_error(
@@ -304,6 +305,7 @@ def test_resume_after_the_input_changed_is_refused_naming_the_files(tmp_path, rn
     result = scroll_to_ome(directory, out, *args, "--resume")
     assert_one_line_error(result, "its list of slice files is missing from the output", "--overwrite", code=1)
     assert_ok(scroll_to_ome(directory, out, *args, "--overwrite"))
+    assert not (out / "scrollzarr_slices.json").exists()  # removed with the record: the store is finished
 
 
 def test_a_tiled_slice_failing_mid_read_is_zeros_from_row_0(tmp_path, rng):
