@@ -8,6 +8,7 @@ check that the options are those of the run it continues.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,8 +20,13 @@ from zarr.core.sync import sync
 from scrollzarr.errors import ScrollzarrError
 
 KEY = "scrollzarr_progress.json"
+# The input's slice files of the run, written once when it starts: the record, saved after every slab, holds
+# only their digest (measured: a 14,376-slice list in the record made each save 80 ms and 1 MB).
+SLICES_KEY = "scrollzarr_slices.json"
+_NAMED = 5
 
 # Options whose change makes a stopped conversion impossible to continue, with their command-line names.
+# (The fingerprint also holds "slices", the digest of the input's slice files, which input_change checks.)
 FINGERPRINT_OPTIONS = {
     "input_directory": "the input directory",
     "chunk_size": "--chunk_size",
@@ -55,6 +61,9 @@ class Progress:
         Chunk files written per level, for the summary.
     bad_slices : list of int
         Slices that could not be read and were written as zeros.
+    bad_rows : dict of str to int
+        For each bad slice, the first of its rows written as zeros (scan rows);
+        the rows above it are converted as they are.
     """
 
     fingerprint: dict[str, Any]
@@ -65,6 +74,7 @@ class Progress:
     rows_done: dict[str, int] = field(default_factory=dict)
     chunks_written: dict[str, int] = field(default_factory=dict)
     bad_slices: list[int] = field(default_factory=list)
+    bad_rows: dict[str, int] = field(default_factory=dict)
 
     def save(self, store: Store) -> None:
         """Write the record into ``store`` (the store writes it under a temporary name, then renames it)."""
@@ -99,9 +109,50 @@ def load(store: Store) -> Progress | None:
 
 
 def remove(store: Store) -> None:
-    """Delete the record: the store is finished."""
+    """Delete the record (and the input's list of slice files): the store is finished."""
+    sync(store.delete(SLICES_KEY))
     sync(store.delete(KEY))
 
 
 def exists(store: Store) -> bool:
     return bool(sync(store.exists(KEY)))
+
+
+SliceFiles = list[tuple[str, int, int]]
+
+
+def slices_digest(slices: SliceFiles) -> str:
+    """A digest of the input's slice files (name, size in bytes, modification time in ns), for the fingerprint."""
+    return hashlib.sha256(json.dumps(slices, separators=(",", ":")).encode()).hexdigest()
+
+
+def save_slices(store: Store, slices: SliceFiles) -> None:
+    """Keep the input's slice files in ``store``, to name what changed if a resumed run finds another input."""
+    data = json.dumps(slices, separators=(",", ":")).encode()
+    sync(store.set(SLICES_KEY, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def input_change(record: Progress, slices: SliceFiles, store: Store) -> str | None:
+    """How the input's slice files differ from the stopped run's, as text; ``None`` if they do not.
+
+    Files are told apart by name; a file of the same name whose size or
+    modification time differs has changed.
+    """
+    if "slices" not in record.fingerprint or record.fingerprint["slices"] == slices_digest(slices):
+        return None
+    raw = sync(store.get(SLICES_KEY, default_buffer_prototype()))
+    if raw is None:
+        return "its list of slice files is missing from the output, so the changed files cannot be named"
+    before = {name: (size, mtime) for name, size, mtime in json.loads(raw.to_bytes())}
+    now = {name: (size, mtime) for name, size, mtime in slices}
+    kinds = {
+        "added": [name for name in now if name not in before],
+        "removed": [name for name in before if name not in now],
+        "changed": [name for name in now if name in before and now[name] != before[name]],
+    }
+    return ", ".join(f"{len(names)} {kind} ({_named(names)})" for kind, names in kinds.items() if names)
+
+
+def _named(names: list[str]) -> str:
+    more = f" and {len(names) - _NAMED} more" if len(names) > _NAMED else ""
+    return ", ".join(sorted(names)[:_NAMED]) + more

@@ -30,7 +30,7 @@ class Report:
     dtype: np.dtype
     chunk: int
     levels: dict[int, LevelReport] = field(default_factory=dict)
-    missing: list[int] = field(default_factory=list)
+    missing: list[tuple[int, int]] = field(default_factory=list)
     bad: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -46,7 +46,7 @@ class Report:
             )
         lines.append(f"  {written} chunk files, {format_bytes(nbytes)}, in {self.seconds:.1f} s")
         if self.missing:
-            lines.append(f"  missing slices, written as zeros: {format_numbers(self.missing)}")
+            lines.append(f"  missing slices, written as zeros: {format_runs(self.missing)}")
         if self.bad:
             lines.append(f"  bad slices, written as zeros: {format_numbers(self.bad)}")
         return "\n".join(lines)
@@ -64,6 +64,11 @@ def format_numbers(numbers: list[int]) -> str:
             runs.append(str(start) if start == previous else f"{start}-{previous}")
         start = previous = number
     return ", ".join(runs)
+
+
+def format_runs(runs: list[tuple[int, int]]) -> str:
+    """``[(1, 4), (7, 8)]`` (half-open runs) -> ``"1-3, 7"``."""
+    return ", ".join(str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in runs)
 
 
 def chunk_count(shape: Shape3, chunk: int) -> int:
