@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from scrollzarr.allocator import keep_freed_memory
 from scrollzarr.durable import fsync_path
-from scrollzarr.errors import ScrollzarrError, UsageError
+from scrollzarr.errors import ScrollzarrError
 from scrollzarr.layertiff import partial_path, write_at
+from scrollzarr.options import check_workers
 from scrollzarr.outputlock import OutputLock
 from scrollzarr.sizes import format_bytes
 from scrollzarr.tiffstack import NUMBERED_TIFF, pixel_data_end
@@ -352,8 +353,8 @@ def decompress_tiffs(
         For unusable directories; and, after every other file is done, if
         any file failed (each is listed by a warning as it fails).
     """
-    if workers is not None and workers < 1:
-        raise UsageError(f"--workers must be at least 1, not {workers}")
+    if workers is not None:
+        check_workers(workers)
     check_directories(input_dir, output_dir)
     keep_freed_memory()
     files = list_tiffs(input_dir)

@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 
-from conftest import ROOT, assert_one_line_error, scroll_to_ome, write_stack
+from conftest import ROOT, assert_ok, assert_one_line_error, run_script, scroll_to_ome, write_stack
 
 
 def many_slices(directory: Path, count: int) -> None:
@@ -65,3 +66,47 @@ def test_an_output_that_cannot_be_created_does_not_suggest_resume(tmp_path, rng)
     assert_one_line_error(result, "out.zarr", code=1)
     assert "--resume" not in result.stderr and "continue" not in result.stderr
     assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--max_gb", "nan"], ["--max_gb must be a finite number of GB, not nan"]),
+        (["--max_gb", "inf"], ["--max_gb must be a finite number of GB, not inf"]),
+        (
+            ["--max_gb", "1e300"],
+            ["--max_gb must be at most 1048576 (1 PiB, more than any machine's memory), not 1e+300"],
+        ),
+        (["--max_gb", "1e-12"], ["--max_gb must be at least 0.001 (1 MiB), not 1e-12; it is in GB"]),
+        (["--chunk_size", "5000"], ["--chunk_size must be at most 1024, not 5000", "1024^3 uint16 voxels are 2 GiB"]),
+        (["--nlevels", "100000"], ["--nlevels must be at most 32, not 100000", "after 31 halvings"]),
+        (["--workers", "100000"], ["--workers must be at most 1024, not 100000"]),
+    ],
+)
+def test_absurd_numbers_are_refused_with_the_reason(tmp_path, rng, args, fragments):
+    source = tmp_path / "slices"
+    write_stack(source, rng.integers(0, 60000, size=(4, 20, 30), dtype=np.uint16))
+    for dry_run in ([], ["--dry_run"]):
+        result = scroll_to_ome(source, tmp_path / "out.zarr", *args, *dry_run)
+        assert_one_line_error(result, *fragments, code=2)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "out.zarr").exists()
+
+
+def test_the_largest_sane_values_are_accepted(tmp_path, rng):
+    source = tmp_path / "slices"
+    write_stack(source, rng.integers(0, 60000, size=(4, 20, 30), dtype=np.uint16))
+    args = ["--max_gb", "1048576", "--nlevels", "32", "--workers", "1024", "--dry_run"]
+    result = scroll_to_ome(source, tmp_path / "out.zarr", *args)
+    assert_ok(result)
+    assert "level 31: 1 x 1 x 1" in result.stdout
+    result = scroll_to_ome(source, tmp_path / "out.zarr", "--max_gb", "0.001", "--chunk_size", "1024", "--dry_run")
+    assert_one_line_error(result, "--max_gb 0.001 is too small for chunks of 1024", code=2)
+
+
+def test_decompress_tiffs_refuses_absurd_workers(tmp_path, rng):
+    source = tmp_path / "slices"
+    write_stack(source, rng.integers(0, 60000, size=(2, 20, 30), dtype=np.uint16))
+    result = run_script("decompress_tiffs.py", source, tmp_path / "out", "--workers", 100000)
+    assert_one_line_error(result, "--workers must be at most 1024, not 100000", code=2)
+    assert not (tmp_path / "out").exists()
