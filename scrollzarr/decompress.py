@@ -25,7 +25,6 @@ from typing import Any
 import imagecodecs
 import numpy as np
 import tifffile
-from tqdm import tqdm
 
 from scrollzarr.allocator import keep_freed_memory
 from scrollzarr.durable import fsync_path
@@ -33,6 +32,7 @@ from scrollzarr.errors import ScrollzarrError
 from scrollzarr.layertiff import partial_path, write_at
 from scrollzarr.options import check_workers
 from scrollzarr.outputlock import OutputLock
+from scrollzarr.report import progress
 from scrollzarr.sizes import format_bytes
 from scrollzarr.tiffstack import NUMBERED_TIFF, pixel_data_end
 from scrollzarr.workers import Workers, available_cores
@@ -383,7 +383,7 @@ def _decompress_all(
     report = DecompressReport(output_dir)
     started = time.perf_counter()
     sizes = [_file_size(f) for f in files]
-    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, disable=quiet, desc="decompressing", mininterval=0.5)
+    bar = progress(sum(sizes), "B", "decompressing", quiet)
     # Files are handed out and reported in slice-number order, two per worker in flight, so that every
     # worker stays busy while the oldest file is awaited.
     window = 2 * workers

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import fcntl
+import io
+import logging
 import os
+import pty
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+
+from scrollzarr import report
 
 from conftest import ROOT, assert_ok, assert_one_line_error, run_script, scroll_to_ome, write_stack
 
@@ -110,3 +118,95 @@ def test_decompress_tiffs_refuses_absurd_workers(tmp_path, rng):
     result = run_script("decompress_tiffs.py", source, tmp_path / "out", "--workers", 100000)
     assert_one_line_error(result, "--workers must be at most 1024, not 100000", code=2)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    """A small synthetic scroll, plain and masked, with a .ppm along its sheet."""
+    root = tmp_path_factory.mktemp("synthetic")
+    for extra in ([], ["--masked"]):
+        name = "masked" if extra else "scroll"
+        args = [root / name, "--shape", 32, 64, 64, "--quiet", *extra]
+        assert_ok(run_script("-m", "scrollzarr.synthetic", *args, "--ppm", root / f"{name}.ppm"))
+    return root
+
+
+def test_progress_written_to_a_pipe_has_no_carriage_return_updates(synthetic, tmp_path):
+    results = [
+        scroll_to_ome(synthetic / "scroll", tmp_path / "s.zarr", "--chunk_size", 16, "--nlevels", 2),
+        run_script(
+            "ppm_to_layers.py", synthetic / "scroll.ppm", tmp_path / "s.zarr", tmp_path / "layers", "--block_size", 8
+        ),
+        run_script("decompress_tiffs.py", synthetic / "masked", tmp_path / "plain"),
+    ]
+    for result in results:
+        assert_ok(result)
+        assert "\r" not in result.stderr, result.stderr
+        assert len(result.stderr.splitlines()) < 12, result.stderr  # the summary, no stream of updates
+
+
+def on_a_terminal(script: str, *args: object) -> bytes:
+    """Run ``script`` with its stderr on a terminal (a pseudo-terminal of 100 columns); what it wrote there."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 rows of 100 columns
+    command = [sys.executable, str(ROOT / script), *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(command, stderr=follower, stdout=subprocess.DEVNULL, env=env)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not data:
+            break
+        seen += data
+    os.close(leader)
+    assert process.wait(timeout=300) == 0, seen
+    return seen
+
+
+def test_progress_on_a_terminal_is_the_bar(synthetic, tmp_path):
+    seen = on_a_terminal(
+        "scroll_to_ome.py", synthetic / "scroll", tmp_path / "s.zarr", "--chunk_size", 16, "--nlevels", 2
+    )
+    assert b"\r" in seen and b"level 0" in seen and b"vox/s" in seen and b"100%" in seen, seen
+    seen = on_a_terminal("ppm_to_layers.py", synthetic / "scroll.ppm", tmp_path / "s.zarr", tmp_path / "layers")
+    assert b"\r" in seen and b"rendering" in seen and b"px/s" in seen and b"100%" in seen, seen
+    seen = on_a_terminal("decompress_tiffs.py", synthetic / "masked", tmp_path / "plain")
+    assert b"\r" in seen and b"decompressing" in seen and b"files/s" in seen and b"100%" in seen, seen
+
+
+def test_quiet_shows_neither_bar_nor_progress_lines(synthetic, tmp_path):
+    result = run_script("decompress_tiffs.py", synthetic / "masked", tmp_path / "plain", "--quiet")
+    assert_ok(result)
+    assert result.stderr == ""
+
+
+def test_without_a_terminal_progress_is_one_line_a_minute_with_fraction_and_eta(caplog):
+    now = [1000.0]
+    bar = report.progress(400, "vox", "converting", quiet=False, stream=io.StringIO(), clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="scrollzarr")
+    with bar:
+        for seconds, done in [(10, 50), (59, 50), (61, 100), (100, 50), (120, 50), (122, 50)]:
+            now[0] = 1000.0 + seconds
+            bar.update(done)
+            if seconds == 100:
+                bar.set_description("level 1")
+                bar.set_postfix_str("9/10 files")
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == [
+        "converting: 50.0 % done in 0:01:01, about 0:01:01 left",
+        "level 1: 87.5 % done in 0:02:02, about 0:00:17 left; 9/10 files",
+    ]
+
+
+def test_quiet_progress_logs_nothing(caplog):
+    now = [0.0]
+    caplog.set_level(logging.DEBUG, logger="scrollzarr")
+    with report.progress(10, "B", "decompressing", quiet=True, stream=io.StringIO(), clock=lambda: now[0]) as bar:
+        for _ in range(10):
+            now[0] += 100
+            bar.update(1)
+    assert caplog.records == []
