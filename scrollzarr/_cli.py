@@ -8,6 +8,7 @@ import logging
 import shlex
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -65,6 +66,19 @@ def setup_logging(program: str, quiet: bool, verbose: bool) -> None:
     tifffile_log = logging.getLogger("tifffile")
     tifffile_log.handlers[:] = [handler] if verbose else [logging.NullHandler()]
     tifffile_log.propagate = False
+    # The libraries' own warnings (zarr's about metadata quirks, say) are one line like the tools' messages,
+    # and silenced by ``quiet``, which keeps only the tools' warnings and errors.
+    if quiet:
+        warnings.simplefilter("ignore")
+    else:
+        warnings.showwarning = _show_warning
+
+
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """Show a library's warning as one ``program: Category: message`` line (not its source file and line)."""
+    logging.getLogger("scrollzarr.warnings").warning(f"{category.__name__}: {message}")
 
 
 def add_verbosity(parser: argparse.ArgumentParser) -> None:

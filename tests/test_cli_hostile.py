@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import logging
 import os
 import pty
@@ -210,3 +211,27 @@ def test_quiet_progress_logs_nothing(caplog):
             now[0] += 100
             bar.update(1)
     assert caplog.records == []
+
+
+def with_empty_filters(store: Path) -> Path:
+    """``store`` with ``"filters": []`` in level 0's metadata, as some writers put it: zarr warns on reading it."""
+    metadata = json.loads((store / "0" / ".zarray").read_text())
+    metadata["filters"] = []
+    (store / "0" / ".zarray").write_text(json.dumps(metadata))
+    return store
+
+
+def test_quiet_silences_zarrs_own_warnings(synthetic, tmp_path):
+    store = tmp_path / "s.zarr"
+    assert_ok(scroll_to_ome(synthetic / "scroll", store, "--chunk_size", 16, "--nlevels", 2, "--quiet"))
+    with_empty_filters(store)
+    loud = run_script("ppm_to_layers.py", synthetic / "scroll.ppm", store, tmp_path / "a")
+    assert_ok(loud)
+    warned = [line for line in loud.stderr.splitlines() if "empty list of filters" in line]
+    assert len(warned) == 1 and warned[0].startswith("ppm_to_layers: ZarrUserWarning: Found an empty list"), loud.stderr
+    for result in (
+        run_script("ppm_to_layers.py", synthetic / "scroll.ppm", store, tmp_path / "b", "--quiet"),
+        scroll_to_ome("unused", store, "--first_new_level", 2, "--nlevels", 3, "--quiet"),
+    ):
+        assert_ok(result)
+        assert result.stderr == ""
