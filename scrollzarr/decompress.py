@@ -202,6 +202,10 @@ def decompress_file(source: Path, target: Path, overwrite: bool, verify: bool) -
         else:
             _write(partial, pages)
         # Flushed before it gets its final name: after a power cut a name must not come back with its data lost.
+        # Cost, measured on 48 masked zlib slices of 2048 x 2048 (384 MiB written, input in the page cache,
+        # this project's loaded 2-core VM, medians of 3): --workers 1 takes 2.16 s against 1.71 s without it
+        # (1.81 s counting a sync after the run); two workers 2.87 s against 3.01 s, within the noise, since one
+        # worker's flush overlaps the other's decoding.
         fsync_path(partial)
         # Checked before it gets its final name, so that a file that fails is not taken for finished.
         verified = verify and _verify(source, partial, [data for data, _ in pages] if pages else None)
