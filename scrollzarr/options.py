@@ -13,7 +13,7 @@ from scrollzarr.workers import available_cores
 # Bounds past which a value is a typo, not a wish; each error says why.
 MAX_CHUNK_SIZE = 1024  # a chunk is read, held and written whole: 1024^3 uint16 voxels are already 2 GiB
 MAX_NLEVELS = 32  # 31 halvings take any axis of fewer than 2^31 voxels (every scan) to one voxel
-MIN_MAX_GB = 2.0**-10  # 1 MiB; anything smaller is a bound in bytes or MB given as GB
+MIN_MAX_GB = 2.0**-20  # 1 KiB: less is no bound for image data, but a bound in bytes or MB given as GB
 MAX_MAX_GB = 2.0**20  # 1 PiB
 MAX_WORKERS = 1024
 
@@ -101,7 +101,9 @@ def check_max_gb(max_gb: float) -> None:
     if max_gb <= 0:
         raise UsageError(f"--max_gb must be a positive number of GB, not {max_gb:g}")
     if max_gb < MIN_MAX_GB:
-        raise UsageError(f"--max_gb must be at least 0.001 (1 MiB), not {max_gb!r}; it is in GB (2^30 bytes)")
+        raise UsageError(
+            f"--max_gb must be at least {MIN_MAX_GB:.3g} (1 KiB), not {max_gb!r}; it is in GB (2^30 bytes)"
+        )
     if max_gb > MAX_MAX_GB:
         raise UsageError(
             f"--max_gb must be at most {MAX_MAX_GB:.0f} (1 PiB, more than any machine's memory), not {max_gb:g}; "

@@ -86,7 +86,7 @@ def test_an_output_that_cannot_be_created_does_not_suggest_resume(tmp_path, rng)
             ["--max_gb", "1e300"],
             ["--max_gb must be at most 1048576 (1 PiB, more than any machine's memory), not 1e+300"],
         ),
-        (["--max_gb", "1e-12"], ["--max_gb must be at least 0.001 (1 MiB), not 1e-12; it is in GB"]),
+        (["--max_gb", "1e-12"], ["--max_gb must be at least 9.54e-07 (1 KiB), not 1e-12; it is in GB"]),
         (["--chunk_size", "5000"], ["--chunk_size must be at most 1024, not 5000", "1024^3 uint16 voxels are 2 GiB"]),
         (["--nlevels", "100000"], ["--nlevels must be at most 32, not 100000", "after 31 halvings"]),
         (["--workers", "100000"], ["--workers must be at most 1024, not 100000"]),
@@ -109,8 +109,8 @@ def test_the_largest_sane_values_are_accepted(tmp_path, rng):
     result = scroll_to_ome(source, tmp_path / "out.zarr", *args)
     assert_ok(result)
     assert "level 31: 1 x 1 x 1" in result.stdout
-    result = scroll_to_ome(source, tmp_path / "out.zarr", "--max_gb", "0.001", "--chunk_size", "1024", "--dry_run")
-    assert_one_line_error(result, "--max_gb 0.001 is too small for chunks of 1024", code=2)
+    result = scroll_to_ome(source, tmp_path / "out.zarr", "--max_gb", 2**-20, "--chunk_size", "1024", "--dry_run")
+    assert_one_line_error(result, "--max_gb 9.54e-07 is too small for chunks of 1024", code=2)
 
 
 def test_decompress_tiffs_refuses_absurd_workers(tmp_path, rng):
