@@ -175,3 +175,17 @@ def test_a_full_disk_after_some_files_suggests_the_command_that_continues(tmp_pa
         tifffile.imwrite(source / f"{z:05d}.tif", data, compression="zlib")
     result = decompress_tiffs(source, small_tmpfs / "out", "--workers", 1)
     assert_one_line_error(result, "no space left on the device", "then continue with:", code=1)
+
+
+def test_a_directory_or_a_fifo_under_a_tiff_name_is_a_failed_file(tmp_path, rng):
+    source = tmp_path / "in"
+    written = write_inputs(source, ["00000.tif", "00003.tif"], rng)
+    (source / "00001.tif").mkdir()
+    os.mkfifo(source / "00002.tif")  # never opened: reading it would wait for a writer forever
+    out = tmp_path / "out"
+    result = decompress_tiffs(source, out, "--workers", 2)
+    assert_one_line_error(result, "2 of 4 files failed (00001.tif, 00002.tif", code=1)
+    assert "00001.tif: cannot read: it is a directory" in result.stderr
+    assert "00002.tif: cannot read: it is not a regular file" in result.stderr
+    assert_same_pixels(out, written)
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tif", "00003.tif"]
