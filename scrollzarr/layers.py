@@ -31,6 +31,7 @@ from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.layertiff import LayerTiff, partial_path
 from scrollzarr.outputlock import LOCK_NAME, OutputLock
 from scrollzarr.ppm import Ppm, open_ppm
+from scrollzarr.report import progress
 from scrollzarr.sampling import STACK_FILTERS, layer_offsets, sample_bounds, sample_layers, stack, stacked_layers
 from scrollzarr.sizes import GIB, format_bytes
 from scrollzarr.volume import Volume, open_volume
@@ -260,9 +261,7 @@ class _Render:
     def run(self, layer_files: Sequence[LayerTiff], stack_file: LayerTiff | None) -> None:
         ppm, block = self.ppm, self.options.block_size
         workers = self.options.workers or available_cores()
-        bar = tqdm(
-            total=ppm.width * ppm.height, unit="px", unit_scale=True, disable=self.options.quiet, desc="rendering"
-        )
+        bar = progress(ppm.width * ppm.height, "px", "rendering", self.options.quiet)
         with bar, Workers(workers) as pool:
             pending = None
             for number, v0 in enumerate(range(0, ppm.height, self.band_rows)):

@@ -86,7 +86,7 @@ def test_layers_and_stack_match_the_definition(scroll, volume, sheet, tmp_path):
     assert max(layers[29][mapped].mean(), layers[35][mapped].mean()) < 0.25 * SHEET_LEVEL
     stack = tifffile.imread(tmp_path / "stack.tif")
     np.testing.assert_array_equal(stack, layers[20:45].max(axis=0))
-    assert "pixels mapped" in result.stderr and "rendering" in result.stderr
+    assert "pixels mapped" in result.stderr  # the progress bar, on terminals only: test_cli_hostile.py
 
 
 def test_even_layer_count_and_spacing(scroll, volume, sheet, tmp_path):
