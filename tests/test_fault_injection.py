@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 from scrollzarr import progress
+from scrollzarr.outputlock import LOCK_NAME
 from scrollzarr.ppm import write_ppm
 
 from conftest import ROOT, assert_ok, read_json, run_script, scroll_to_ome, write_stack
@@ -126,6 +127,12 @@ def files(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def left_behind(directory: Path) -> dict[str, bytes]:
+    """:func:`files` of what a stopped run left, but for the lock file a killed run cannot remove (the
+    kernel frees the lock itself; the next run takes it over and removes the file when it ends)."""
+    return {name: data for name, data in files(directory).items() if Path(name).name != LOCK_NAME}
+
+
 def stopped_run(script: str, args: list[object], root: Path, at: int) -> tuple[int, str]:
     """Run ``script`` under the wrapper, stopped at change ``at`` (0: not stopped) under ``root``.
 
@@ -212,7 +219,7 @@ def unfinished_conversion(out: Path) -> bool:
 
 def recover_conversion(stack: Path, out: Path, args: list[object], reference: dict[str, bytes]) -> str | None:
     """Check what a stopped conversion left and continue it as the tool says; ``None`` if all is well."""
-    left = files(out) if out.exists() else {}
+    left = left_behind(out) if out.exists() else {}
     wrong = wrong_final_files(left, reference, {".zattrs", progress.KEY})
     if wrong:
         return f"left files under their final names that differ from the uninterrupted run's: {wrong[:5]}"
@@ -316,7 +323,7 @@ def test_a_rebuild_stopped_at_every_change_resumes_to_the_same_bytes(tiny_stack,
         return None if problem is None else f"stopped before {what or 'nothing'}: {problem}"
 
     def recover_rebuild(n: int) -> str | None:
-        left = files(out)
+        left = left_behind(out)
         wrong = wrong_final_files(left, reference, {".zattrs", progress.KEY})
         if wrong:
             return f"left files under their final names that differ from the finished rebuild's: {wrong[:5]}"
@@ -376,7 +383,7 @@ def test_a_render_stopped_at_every_change_gives_the_same_files_when_run_again(ti
     out.mkdir()
     seen = changes("ppm_to_layers", render(), out)
     assert files(out) == reference
-    assert len(seen) > 20
+    assert sum(what.startswith("os.pwrite") for what in seen) >= 6 * 3  # three bands of rows in each of six files
 
     def stop_and_recover(n: int) -> str | None:
         subprocess.run(["rm", "-rf", str(out)], check=True)
