@@ -76,10 +76,18 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
+    """A 3 MiB tmpfs of its own, to fill up or remount read-only (``mount -o remount,size=…|ro|rw``).
+
+    Mounting needs root.  Not root: the test is skipped, saying so.  Root (as in CI) and the mount
+    fails anyway: the test fails, because the full-disk and read-only promises would go unchecked.
+    """
     mount = tmp_path / "small"
     mount.mkdir()
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.decode().strip()}")
+        reason = f"cannot mount a small tmpfs at {mount}: {result.stderr.decode().strip()}"
+        if os.geteuid() == 0:
+            pytest.fail(f"{reason} (running as root, so the file system tests must run)")
+        pytest.skip(f"{reason} (mounting needs root; running as uid {os.geteuid()})")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)

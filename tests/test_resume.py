@@ -92,6 +92,33 @@ def chunk_count(directory: Path) -> int:
     )
 
 
+def recorded_chunks(out: Path, zarr_only: bool) -> dict[Path, tuple[int, int]]:
+    """The chunk files the progress record says are finished, with their inode and mtime_ns.
+
+    Worked out for bands of whole planes (the default): the chunk rows in z of each streamed level below
+    the record's written planes, or every chunk of the streamed levels once the band is done.  Empty
+    for narrower bands (``--max_gb``).
+    """
+    record = read_json(out / progress.KEY)
+    rows, cols, streamed = record["bands"]
+    directories = [out] if zarr_only else [out / str(level) for level in range(streamed + 1)]
+    meta = read_json(directories[0] / ".zarray")
+    chunk, (_, height, width) = meta["chunks"][0], meta["shape"]
+    if rows < height or cols < width:
+        return {}
+    kept = {}
+    for level, directory in enumerate(directories):
+        if record["bands_done"]:
+            limit = float("inf")
+        else:
+            limit = record["streams"][level][2] // chunk if record["streams"] else 0
+        for path in directory.rglob("*"):
+            name = path.relative_to(directory).parts
+            if path.is_file() and name[0].isdigit() and not path.name.endswith(".partial") and int(name[0]) < limit:
+                kept[path] = (path.stat().st_ino, path.stat().st_mtime_ns)
+    return kept
+
+
 def test_plan_of_the_read_back_reference_reads_back(stack, tmp_path):
     plan = scroll_to_ome(stack, tmp_path / "o.zarr", *ARGS, "--max_gb", "0.002", "--dry_run")
     assert "from the stored level above each" in plan.stdout
@@ -121,8 +148,13 @@ def test_sigkill_then_resume_gives_the_same_files(stack, reference, tmp_path, ex
     assert (out / progress.KEY).exists()  # visibly unfinished
     refused = scroll_to_ome(stack, out, *ARGS, *extra)
     assert_one_line_error(refused, "is an unfinished conversion", "--resume", "--overwrite", code=1)
+    kept = recorded_chunks(out, "--zarr_only" in extra)
+    record = read_json(out / progress.KEY)
+    nothing_finished = record["bands_done"] == record["slabs_done"] == 0
+    assert kept or nothing_finished or "--max_gb" in extra, record
     assert_ok(scroll_to_ome(stack, out, *ARGS, *extra, "--resume"))
     assert files(out) == reference[extra]
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept} == kept  # continued, not redone
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
