@@ -40,9 +40,10 @@ from scrollzarr.store import (
     check_output_name,
     check_replaceable,
     create_level,
+    empty_output,
+    is_abandoned,
     is_zarr_store,
     open_store,
-    remove_existing,
     remove_partial_files,
 )
 from scrollzarr.streaming import LevelStream
@@ -184,6 +185,9 @@ def _existing_output(output: Path, options: Options, input_dir: Path) -> Progres
     """
     if options.resume:
         record = progress.load(open_store(output)) if is_zarr_store(output) else None
+        if record is None and is_abandoned(output) and any(output.glob(f"{progress.KEY}.*.partial")):
+            log.info("the stopped run wrote nothing; starting from the beginning")
+            return None
         if record is None:
             raise ScrollzarrError(
                 f"nothing to resume: {output} is not an unfinished scroll_to_ome conversion; "
@@ -258,7 +262,6 @@ class _Run:
         self.record = record
         self.workers = workers
         self.bar = bar
-        self.store = open_store(plan.output)
         self.bad = set(record.bad_slices) | set(plan.stack.bad)
         self.bad_lock = threading.Lock()
         self.report = Report(plan.output, plan.dtype, plan.options.chunk_size, missing=plan.missing)
@@ -271,7 +274,7 @@ class _Run:
         """Record what is on disk now (every task of the last unit has finished)."""
         self.record.chunks_written = {str(k): v.chunks_written for k, v in self.report.levels.items()}
         self.record.bad_slices = sorted(self.bad)
-        self.record.save(self.store)
+        self.record.save(self.plan.output)
 
     def read_slice(self, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
         """Read rows of slice ``z`` (scan numbering) into ``out``; with ``--bad_slices zero`` a failure reads zeros.
@@ -379,32 +382,52 @@ def _stack_attributes(plan: Plan, bad: list[int]) -> dict[str, object]:
 
 
 def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progress]:
-    """Create the store (or, resuming, open it and drop the temporary files of the stopped run)."""
-    options, chunk = plan.options, plan.options.chunk_size
-    if plan.resume_from is not None:
+    """Create the store, or, resuming, open it, repair what the record cannot vouch for, and drop temporary files.
+
+    A new store gets its progress record first, so that at every instant it is
+    recognisably unfinished and resumable; then the group and the level arrays
+    (a stop before those are written leaves levels that ``--resume`` creates).
+    """
+    record = plan.resume_from
+    if record is None:
+        empty_output(plan.output)
+        record = Progress(plan.fingerprint, [plan.bands.rows, plan.bands.cols, plan.bands.streamed])
+        record.save(plan.output)
+    else:
         leftovers = remove_partial_files(plan.output)
         log.debug("removed %d temporary files of the stopped run", leftovers)
-        if options.zarr_only:
-            return None, [zarr.open_array(str(plan.output), mode="r+")], plan.resume_from
-        group = zarr.open_group(str(plan.output), mode="r+")
-        return group, [group[str(level)] for level in range(len(plan.shapes))], plan.resume_from  # type: ignore[misc]
-    remove_existing(plan.output)
-    record = Progress(plan.fingerprint, [plan.bands.rows, plan.bands.cols, plan.bands.streamed])
-    if options.zarr_only:
-        array = create_level(plan.output, None, plan.shapes[0], chunk, plan.dtype)
-        record.save(open_store(plan.output))
-        return None, [array], record
-    group = zarr.open_group(str(plan.output), mode="w", zarr_format=2)
-    record.save(open_store(plan.output))  # before any chunk: the store is unfinished from the start
-    arrays = [create_level(group, str(level), shape, chunk, plan.dtype) for level, shape in enumerate(plan.shapes)]
-    return group, arrays, record
+    if plan.options.zarr_only:
+        return None, [_level(plan.output, None, plan)], record
+    group = zarr.open_group(str(plan.output), mode="a", zarr_format=2)
+    return group, [_level(group, str(level), plan) for level in range(len(plan.shapes))], record
+
+
+def _level(parent: zarr.Group | Path, name: str | None, plan: Plan) -> zarr.Array:
+    """Level ``name`` of the store (the array at ``parent`` for ``--zarr_only``), created if it is not whole yet.
+
+    zarr writes an array's ``.zarray`` and then its ``.zattrs``; a stop between
+    them leaves the level half described, so both are written again.  Its
+    chunks, if any, are kept: those the record vouches for are valid, the
+    others are written again.
+    """
+    directory = plan.output if name is None else plan.output / name
+    metadata = [directory / ".zarray", directory / ".zattrs"]
+    if not all(path.is_file() for path in metadata):
+        for path in metadata:
+            path.unlink(missing_ok=True)
+        shape = plan.shapes[0 if name is None else int(name)]
+        return create_level(parent, name, shape, plan.options.chunk_size, plan.dtype, overwrite=False)
+    array = parent[name] if isinstance(parent, zarr.Group) else zarr.open_array(str(parent), mode="r+")
+    assert isinstance(array, zarr.Array)
+    return array
 
 
 def convert(plan: Plan) -> Report:
     """Carry out ``plan`` (or continue it, with ``--resume``): write the store, metadata last.
 
     After every unit of work the progress record in the store says what is on
-    disk; it is removed once the metadata is written.
+    disk; it is removed once the metadata is written.  The caller holds the
+    output's :class:`~scrollzarr.outputlock.OutputLock` from before planning.
 
     Returns
     -------
@@ -416,8 +439,8 @@ def convert(plan: Plan) -> Report:
         log.warning("no file for slice(s) %s; they are written as zeros", format_numbers(plan.missing))
     group, arrays, record = _open_output(plan)
     log.debug(
-        "level 0: bands of %d x %d (rows x columns), levels 1 to %d streamed",
-        plan.bands.rows, plan.bands.cols, plan.bands.streamed,
+        "level 0: bands of %d x %d (rows x columns), %s",
+        plan.bands.rows, plan.bands.cols, _describe_streamed(plan.bands.streamed),
     )  # fmt: skip
     try:
         report = _convert(plan, group, arrays, record)
@@ -426,6 +449,10 @@ def convert(plan: Plan) -> Report:
         raise
     report.seconds = time.monotonic() - started
     return report
+
+
+def _describe_streamed(streamed: int) -> str:
+    return f"{_levels_text(1, streamed)} streamed with it" if streamed else "no other level streamed with it"
 
 
 def _describe_progress(plan: Plan, record: Progress) -> str:
@@ -467,7 +494,7 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
             ds.parameters(options.algorithm),
         )
         group.attrs.update({"scrollzarr": attributes, "multiscales": [multiscale.to_json()]})
-    progress.remove(run.store)
+    progress.remove(plan.output)
     return run.report
 
 
