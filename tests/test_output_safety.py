@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -310,3 +311,92 @@ def test_nothing_to_resume_for_a_finished_rebuild(converted, stack, tmp_path):
     out = copy_store(converted, tmp_path / "out.zarr")
     result = scroll_to_ome(stack, out, *REBUILD, "--resume")
     assert_one_line_error(result, "nothing to resume", "run without --resume", code=1)
+
+
+# --- item 4: what the record vouches for is on the disk before the record says so
+
+TRACED = "syncfs,sync,fsync,fdatasync,rename,renameat,renameat2,link,linkat,unlink,unlinkat"
+CALL = re.compile(r"^(\d+) +(\w+)\((.*)")
+RESUMED = re.compile(r"^(\d+) +<\.\.\. (\w+) resumed>")
+
+
+def traced_events(log: str) -> list[tuple[str, str]]:
+    """(kind, path) in the order the calls completed: "sync" (syncfs, sync), "fsync", "named" (a file
+    took its final name: the target of a rename or link) and "unlink"."""
+    events, pending = [], {}
+    for line in log.splitlines():
+        if call := CALL.match(line):
+            pid, name, rest = call.groups()
+            if "<unfinished ...>" in rest:
+                pending[pid] = (name, rest)
+                continue
+        elif resumed := RESUMED.match(line):
+            pid = resumed.group(1)
+            name, rest = pending.pop(pid)
+            rest += line.split("resumed>", 1)[1]
+        else:
+            continue
+        if re.search(r"= -1 ", rest):
+            continue
+        paths = re.findall(r'"([^"]*)"', rest)
+        if name in ("syncfs", "sync"):
+            events.append(("sync", ""))
+        elif name in ("fsync", "fdatasync"):
+            events.append(("fsync", ""))
+        elif name.startswith(("rename", "link")):
+            events.append(("named", paths[-1]))
+        elif name.startswith("unlink"):
+            events.append(("unlink", paths[-1]))
+    return events
+
+
+def strace(*args: object) -> list[tuple[str, str]]:
+    if not Path("/usr/bin/strace").exists():
+        pytest.skip("strace is not installed")
+    log = Path(str(args[1]) + ".trace")
+    command = ["strace", "-f", "-qq", "-e", f"trace={TRACED}", "-o", str(log), sys.executable]
+    result = subprocess.run(
+        [*command, str(ROOT / "scroll_to_ome.py"), *map(str, args), "--quiet"],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600,
+    )  # fmt: skip
+    assert_ok(result)
+    return traced_events(log.read_text())
+
+
+def assert_flushed_before_the_record(events: list[tuple[str, str]]) -> int:
+    """Every record save and the record's removal come after a flush of all files named before them; the
+    record itself is flushed before it is renamed and its directory after.  Returns the number of saves."""
+    unflushed, saves, removals = False, 0, 0
+    for index, (kind, path) in enumerate(events):
+        record = Path(path).name == progress.KEY
+        if kind == "sync":
+            unflushed = False
+        elif kind == "named" and not record:
+            unflushed = True
+        elif kind in ("named", "unlink") and record:
+            assert not unflushed, f"the record is {'saved' if kind == 'named' else 'removed'} before a flush"
+            assert events[index + 1][0] == "fsync", "the record's directory is not flushed after it"
+            if kind == "named":
+                assert events[index - 1][0] == "fsync", "the record's data is not flushed before its rename"
+                saves += 1
+            else:
+                removals += 1
+    assert removals == 1  # the store is finished, after its metadata was flushed
+    return saves
+
+
+@pytest.mark.parametrize("extra", [(), ("--max_gb", "0.0008")])
+def test_chunks_and_metadata_are_flushed_before_the_record_vouches_for_them(stack, tmp_path, extra):
+    events = strace(stack, tmp_path / "out.zarr", *ARGS, "--workers", 2, *extra)
+    assert assert_flushed_before_the_record(events) >= 5  # one a slab at least
+
+
+def test_a_rebuild_flushes_before_its_record_and_before_it_deletes_a_level(converted, stack, tmp_path):
+    out = copy_store(converted, tmp_path / "out.zarr")
+    events = strace(stack, out, *REBUILD)
+    assert assert_flushed_before_the_record(events) >= 3
+    # the old level 1 goes with shutil.rmtree, which unlinks by names relative to its directory
+    first_delete = next(i for i, (kind, path) in enumerate(events) if kind == "unlink" and not path.startswith("/"))
+    multiscales_removed = next(i for i, (kind, path) in enumerate(events) if path.endswith("/.zattrs"))
+    assert multiscales_removed < first_delete
+    assert "sync" in [kind for kind, _ in events[multiscales_removed:first_delete]]
