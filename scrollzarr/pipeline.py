@@ -40,10 +40,12 @@ from scrollzarr.store import (
     check_output_name,
     check_replaceable,
     create_level,
+    damaged_chunks,
     empty_output,
     is_abandoned,
     is_zarr_store,
     open_store,
+    read_checked,
     remove_partial_files,
 )
 from scrollzarr.streaming import LevelStream
@@ -251,6 +253,9 @@ def _describe_passes(streamed: int, last: int) -> str:
 
 Band = tuple[tuple[int, int], tuple[int, int]]
 
+# What to do about a damaged chunk found while converting: --resume finds every damaged chunk and writes it again.
+RESUME_ADVICE = "run the same command with --resume, which writes damaged chunks again from the TIFFs"
+
 
 class _Run:
     """One conversion under way: its arrays, workers, progress bar, report and progress record."""
@@ -368,7 +373,7 @@ class _Run:
     def _stored(self, level: int, stream: LevelStream) -> Callable[[int, int], np.ndarray]:
         array = self.arrays[level]
         (y0, y1), (x0, x1) = stream.rows, stream.cols
-        return lambda z0, z1: array[z0:z1, y0:y1, x0:x1]
+        return lambda z0, z1: read_checked(array, (slice(z0, z1), slice(y0, y1), slice(x0, x1)), RESUME_ADVICE)
 
 
 def _stack_attributes(plan: Plan, bad: list[int]) -> dict[str, object]:
@@ -397,9 +402,43 @@ def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progr
         leftovers = remove_partial_files(plan.output)
         log.debug("removed %d temporary files of the stopped run", leftovers)
     if plan.options.zarr_only:
-        return None, [_level(plan.output, None, plan)], record
-    group = zarr.open_group(str(plan.output), mode="a", zarr_format=2)
-    return group, [_level(group, str(level), plan) for level in range(len(plan.shapes))], record
+        arrays, group = [_level(plan.output, None, plan)], None
+    else:
+        group = zarr.open_group(str(plan.output), mode="a", zarr_format=2)
+        arrays = [_level(group, str(level), plan) for level in range(len(plan.shapes))]
+    if plan.resume_from is not None:
+        _rewrite_damaged(plan, arrays, record)
+    return group, arrays, record
+
+
+def _rewrite_damaged(plan: Plan, arrays: list[zarr.Array], record: Progress) -> None:
+    """Find the chunk files of the wrong size, take the record back to before the first unit that wrote each,
+    save it, then delete them: the resumed run writes them again.
+
+    A damaged chunk of a streamed level goes back to the start of its band (the
+    streams cannot be restored from damaged planes); one of a level built from
+    the level above, to its row of blocks.
+    """
+    damaged = []
+    for level, array in enumerate(arrays):
+        for path, size in damaged_chunks(array, plan.output):
+            log.warning("chunk file %s is damaged (%d bytes); it is written again", path, size)
+            z, y, x = (int(part) * plan.options.chunk_size for part in path.relative_to(path.parents[2]).parts)
+            if level <= plan.bands.streamed:
+                _, height, width = plan.shapes[0]
+                scale = 2**level
+                bands = _bands(height, width, plan.bands)
+                band = next(i for i, ((_, r1), (_, c1)) in enumerate(bands) if y * scale < r1 and x * scale < c1)
+                if band < record.bands_done or (band == record.bands_done and record.slabs_done):
+                    record.bands_done, record.slabs_done, record.streams = band, 0, []
+            else:
+                row = z // plan.blocks[level - plan.bands.streamed - 1][0]
+                record.rows_done[str(level)] = min(record.rows_done.get(str(level), 0), row)
+            damaged.append(path)
+    if damaged:
+        record.save(plan.output)  # before the files go: a stop now still finds them, not zeros in their place
+        for path in damaged:
+            path.unlink()
 
 
 def _level(parent: zarr.Group | Path, name: str | None, plan: Plan) -> zarr.Array:
@@ -479,7 +518,7 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
         if group is not None:
             build_from_above(
                 group, plan.bands.streamed + 1, plan.blocks, options.algorithm, workers, bar, run.report, record,
-                run.checkpoint,
+                run.checkpoint, lambda level: RESUME_ADVICE,
             )  # fmt: skip
     run.report.bad = sorted(run.bad)
     attributes = _stack_attributes(plan, run.report.bad)

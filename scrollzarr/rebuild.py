@@ -26,6 +26,7 @@ from scrollzarr.sizes import format_bytes
 from scrollzarr.store import (
     check_output_name,
     create_level,
+    damaged_chunks,
     is_zarr_store,
     open_store,
     remove_partial_files,
@@ -219,7 +220,7 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     with progress_bar(plan.shapes[plan.first :], plan.quiet) as bar, Workers(plan.workers) as workers:
         build_from_above(
             group, plan.first, plan.blocks, plan.algorithm, workers, bar, report, record,
-            lambda: record.save(plan.output),
+            lambda: record.save(plan.output), lambda level: _advice(plan, level),
         )  # fmt: skip
     multiscale = Multiscale.pyramid(
         plan.output.stem,
@@ -232,6 +233,14 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     progress.remove(plan.output)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _advice(plan: RebuildPlan, level: int) -> str:
+    """What to do about a damaged chunk of ``level``, read to build the level below."""
+    if level >= plan.first:
+        return "run the same command with --resume, which writes damaged chunks of the new levels again"
+    again = f" or rebuild it from level {level - 1} with --first_new_level {level}" if level else ""
+    return f"this rebuild reads level {level}: convert the TIFFs again with --overwrite{again}"
 
 
 def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> Report:
@@ -247,10 +256,22 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
         if ours and not record.rows_done.get(path.name):
             shutil.rmtree(path)
     report = Report(plan.output, plan.dtype, plan.chunk)
+    damaged = []
     for level in range(plan.first, len(plan.shapes)):
         if not (plan.output / str(level) / ".zarray").is_file():
             create_level(group, str(level), plan.shapes[level], plan.chunk, plan.dtype, overwrite=False)
         report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], plan.chunk))
+        array = group[str(level)]
+        assert isinstance(array, zarr.Array)
+        for path, size in damaged_chunks(array, plan.output):
+            log.warning("chunk file %s is damaged (%d bytes); it is written again", path, size)
+            row = int(path.relative_to(path.parents[2]).parts[0]) * plan.chunk // plan.blocks[level - plan.first][0]
+            record.rows_done[str(level)] = min(record.rows_done.get(str(level), 0), row)
+            damaged.append(path)
+    if damaged:
+        record.save(plan.output)  # before the files go: a stop now still finds them, not zeros in their place
+        for path in damaged:
+            path.unlink()
     return report
 
 

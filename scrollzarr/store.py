@@ -100,6 +100,46 @@ def check_replaceable(output: Path, overwrite: bool, input_dir: Path | None) -> 
         )
 
 
+class DamagedChunkError(OutputError):
+    """A chunk file of a level has the wrong size."""
+
+
+def chunk_files(directory: Path) -> list[Path]:
+    """The chunk files of the level array in ``directory`` (nested ``z/y/x`` keys), not those of other levels."""
+    return [
+        path
+        for path in directory.glob("*/*/*")
+        if path.is_file() and all(part.isdigit() for part in path.relative_to(directory).parts)
+    ]
+
+
+def damaged_chunks(array: zarr.Array, root: Path) -> list[tuple[Path, int]]:
+    """The chunk files of ``array`` (in the store at ``root``) whose size is not a whole chunk's, with their sizes.
+
+    Every chunk this project writes is uncompressed and whole (padded at the
+    far edges), so any other size is damage: a write cut off under its final
+    name by a power cut before it was flushed, or a disk fault.
+    """
+    nbytes = math.prod(array.chunks) * np.dtype(array.dtype).itemsize
+    directory = root / array.path if array.path else root
+    sizes = ((path, path.stat().st_size) for path in chunk_files(directory))
+    return [(path, size) for path, size in sizes if size != nbytes]
+
+
+def read_checked(array: zarr.Array, region: tuple[slice, ...], advice: str) -> np.ndarray:
+    """``array[region]``; a damaged chunk in it is a :class:`DamagedChunkError` naming the file, with ``advice``."""
+    try:
+        return array[region]
+    except ValueError:
+        store = array.store
+        damaged = damaged_chunks(array, Path(store.root)) if isinstance(store, LocalStore) else []
+        if not damaged:
+            raise
+        path, size = damaged[0]
+        nbytes = math.prod(array.chunks) * np.dtype(array.dtype).itemsize
+        raise DamagedChunkError(f"chunk file {path} is damaged ({size} bytes, not {nbytes}); {advice}") from None
+
+
 def open_store(output: Path) -> LocalStore:
     """The zarr store of the output directory."""
     return LocalStore(output)

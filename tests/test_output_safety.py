@@ -400,3 +400,75 @@ def test_a_rebuild_flushes_before_its_record_and_before_it_deletes_a_level(conve
     multiscales_removed = next(i for i, (kind, path) in enumerate(events) if path.endswith("/.zattrs"))
     assert multiscales_removed < first_delete
     assert "sync" in [kind for kind, _ in events[multiscales_removed:first_delete]]
+
+
+# --- item 5: damaged chunks are named, and --resume writes them again
+
+
+def renames_of_a_whole_run(*args: object) -> list[str]:
+    log = run_stopped_at_rename(0, *args, "--quiet").stderr.splitlines()
+    return [line.split(" ", 1)[1] for line in log if line.startswith("renamed ")]
+
+
+def damage(path: Path) -> None:
+    assert path.stat().st_size == CHUNK**3 * 2
+    path.write_bytes(path.read_bytes()[:1000])  # as a power cut before the flush, or a disk fault, leaves it
+
+
+def test_resume_writes_damaged_chunks_of_the_band_in_progress_again(stack, reference, tmp_path):
+    out = tmp_path / "out.zarr"
+    assert run_stopped_at_rename(250, stack, out, *ARGS, "--quiet").returncode == 9
+    assert read_json(out / progress.KEY)["slabs_done"] >= 2  # chunk rows 0 of levels 0 and 1 are vouched for
+    damage(out / "0" / "0" / "3" / "3")
+    damage(out / "1" / "0" / "1" / "1")
+    resumed = scroll_to_ome(stack, out, *ARGS, "--resume")
+    assert_ok(resumed)
+    assert f"chunk file {out / '0' / '0' / '3' / '3'} is damaged (1000 bytes); it is written again" in resumed.stderr
+    assert f"{out / '1' / '0' / '1' / '1'} is damaged" in resumed.stderr
+    assert files(out) == reference
+
+
+def test_resume_writes_damaged_chunks_of_finished_bands_and_read_back_levels_again(stack, tmp_path):
+    extra = ["--max_gb", "0.0008"]
+    assert "from the stored level above" in scroll_to_ome(stack, tmp_path / "p.zarr", *ARGS, *extra, "--dry_run").stdout
+    expected = tmp_path / "expected" / "out.zarr"
+    assert_ok(scroll_to_ome(stack, expected, *ARGS, *extra))
+    out = tmp_path / "out.zarr"
+    total = len(renames_of_a_whole_run(stack, tmp_path / "trial" / "out.zarr", *ARGS, *extra))
+    assert run_stopped_at_rename(total - 1, stack, out, *ARGS, *extra, "--quiet").returncode == 9
+    record = read_json(out / progress.KEY)
+    assert record["bands_done"] >= 2 and record["rows_done"]["2"] >= 1
+    damage(out / "0" / "0" / "3" / "3")  # in the first band
+    damage(out / "2" / "0" / "1" / "3")  # a read-back level
+    resumed = scroll_to_ome(stack, out, *ARGS, *extra, "--resume")
+    assert_ok(resumed)
+    assert resumed.stderr.count("is damaged") == 2
+    assert files(out) == files(expected)
+
+
+@pytest.mark.parametrize(
+    ("first", "level", "advice"),
+    [
+        (1, 0, "convert the TIFFs again with --overwrite"),
+        (2, 1, "or rebuild it from level 0 with --first_new_level 1"),
+    ],
+)
+def test_a_rebuild_names_a_damaged_chunk_of_the_level_it_reads(stack, tmp_path, first, level, advice):
+    out = tmp_path / "out.zarr"
+    assert_ok(scroll_to_ome(stack, out, "--chunk_size", CHUNK, "--nlevels", 2))
+    chunk = out / str(level) / "0" / ("3" if level == 0 else "1") / "3"
+    damage(chunk)
+    result = scroll_to_ome(stack, out, "--first_new_level", first, "--nlevels", 4)
+    assert_one_line_error(result, f"chunk file {chunk} is damaged (1000 bytes, not 8192)", advice, code=1)
+
+
+def test_a_resumed_rebuild_writes_damaged_chunks_of_its_new_levels_again(converted, stack, rebuilt, tmp_path):
+    total = len(renames_of_a_whole_run(stack, copy_store(converted, tmp_path / "trial" / "out.zarr"), *REBUILD))
+    out = copy_store(converted, tmp_path / "out.zarr")
+    assert run_stopped_at_rename(total - 1, stack, out, *REBUILD, "--quiet").returncode == 9
+    assert read_json(out / progress.KEY)["rows_done"]["1"] >= 1
+    damage(out / "1" / "0" / "1" / "3")
+    resumed = scroll_to_ome(stack, out, *REBUILD, "--resume")
+    assert_ok(resumed)
+    assert f"chunk file {out / '1' / '0' / '1' / '3'} is damaged (1000 bytes); it is written again" in resumed.stderr
+    assert files(out) == rebuilt
