@@ -145,9 +145,11 @@ def test_verbose_names_the_levels_streamed_and_says_when_there_are_none(stack, t
 
 
 def test_a_second_run_with_overwrite_is_refused_while_the_first_writes(big_stack, big_reference, tmp_path):
+    """The first run replaces a store too: emptying it must keep the directory and the lock."""
     out = tmp_path / "out.zarr"
-    first = start(big_stack, out, *ARGS)
-    wait_for(lambda: chunk_count(out / "0") >= 20, first)
+    assert_ok(scroll_to_ome(big_stack, out, *ARGS, "--algorithm", "max"))
+    first = start(big_stack, out, *ARGS, "--overwrite")
+    wait_for(lambda: (out / progress.KEY).exists() and chunk_count(out / "0") >= 20, first)
     second = scroll_to_ome(big_stack, out, *ARGS, "--overwrite")
     assert_one_line_error(second, "another run is writing the output store", str(out), code=1)
     assert_ok(finish(first))
@@ -472,3 +474,16 @@ def test_a_resumed_rebuild_writes_damaged_chunks_of_its_new_levels_again(convert
     assert_ok(resumed)
     assert f"chunk file {out / '1' / '0' / '1' / '3'} is damaged (1000 bytes); it is written again" in resumed.stderr
     assert files(out) == rebuilt
+
+
+def test_a_run_killed_before_its_record_leaves_an_output_that_a_plain_run_takes(stack, reference, tmp_path):
+    out = tmp_path / "out.zarr"
+    assert run_stopped_at_rename(1, stack, out, *ARGS).returncode == 9  # the record's rename
+    assert sorted(p.name == LOCK_NAME or p.name.endswith(".partial") for p in out.iterdir()) == [True, True]
+    assert_ok(scroll_to_ome(stack, out, *ARGS))
+    assert files(out) == reference
+    empty = tmp_path / "second" / "out.zarr"  # the same name: it is in the metadata
+    empty.mkdir(parents=True)
+    (empty / LOCK_NAME).touch()  # killed before even the record's temporary file was made
+    assert_ok(scroll_to_ome(stack, empty, *ARGS))
+    assert files(empty) == reference
