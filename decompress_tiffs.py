@@ -37,12 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(PROGRAM, args.quiet, args.verbose)
+
+    def resume() -> str | None:
+        """The command that continues, once some file is written (finished files are then skipped)."""
+        if not commands.has_decompressed(args.input_tiff_dir, args.output_tiff_dir):
+            return None
+        return f"{rerun_command(argv)} (finished files are skipped)"
+
     return run(
         PROGRAM,
         lambda: commands.decompress_tiffs(
             args.input_tiff_dir, args.output_tiff_dir, args.overwrite, args.workers, args.verify, args.quiet
         ),
-        f"{rerun_command(argv)} (finished files are skipped)",
+        resume,
     )
 
 

@@ -128,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             args.input_tiff_dir, args.output, options, args.first_new_level, args.chunk_size, args.dry_run
         )
 
-    return run(PROGRAM, body, None if args.dry_run else rerun_command(argv, "--resume"))
+    def resume() -> str | None:
+        """``--resume`` once the store holds a progress record (a run that wrote nothing has none to resume)."""
+        if args.dry_run or not commands.is_resumable(args.output):
+            return None
+        return rerun_command(argv, "--resume")
+
+    return run(PROGRAM, body, resume)
 
 
 if __name__ == "__main__":

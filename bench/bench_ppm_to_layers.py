@@ -89,7 +89,7 @@ def read_floor(store: Path, chunks: set[tuple[int, int, int]]) -> tuple[Sample, 
 
 def digest(directory: Path, stack: Path) -> str:
     sha = hashlib.sha256()
-    for path in [*sorted(directory.iterdir()), stack]:
+    for path in [*sorted(directory.glob("*.tif")), stack]:  # not the run's manifest, which holds file times
         sha.update(path.read_bytes())
     return sha.hexdigest()
 

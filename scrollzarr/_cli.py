@@ -8,6 +8,7 @@ import logging
 import shlex
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -65,6 +66,19 @@ def setup_logging(program: str, quiet: bool, verbose: bool) -> None:
     tifffile_log = logging.getLogger("tifffile")
     tifffile_log.handlers[:] = [handler] if verbose else [logging.NullHandler()]
     tifffile_log.propagate = False
+    # The libraries' own warnings (zarr's about metadata quirks, say) are one line like the tools' messages,
+    # and silenced by ``quiet``, which keeps only the tools' warnings and errors.
+    if quiet:
+        warnings.simplefilter("ignore")
+    else:
+        warnings.showwarning = _show_warning
+
+
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """Show a library's warning as one ``program: Category: message`` line (not its source file and line)."""
+    logging.getLogger("scrollzarr.warnings").warning(f"{category.__name__}: {message}")
 
 
 def add_verbosity(parser: argparse.ArgumentParser) -> None:
@@ -110,13 +124,14 @@ def _os_error(error: OSError, resume: str | None) -> str:
     return f"{error.strerror or error}{where}{then}"
 
 
-def run(program: str, body: Callable[[], None], resume: str | None = None) -> int:
+def run(program: str, body: Callable[[], None], resume: Callable[[], str | None] | None = None) -> int:
     """Call ``body``; map a :class:`ScrollzarrError`, an OSError or Ctrl-C/SIGTERM to stderr lines and an exit code.
 
     Parameters
     ----------
-    resume : str or None
-        The command that continues the work if it stops half-way, shown to the user.
+    resume : callable or None
+        Asked when the work stops half-way: the command that continues it, shown to the user, or ``None``
+        when the output holds nothing to continue (the run stopped before writing anything).
     """
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -125,11 +140,12 @@ def run(program: str, body: Callable[[], None], resume: str | None = None) -> in
         print(f"{program}: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt as interrupt:
-        then = f"; to continue: {resume}" if resume else ""
+        command = resume() if resume else None
+        then = f"; to continue: {command}" if command else ""
         print(f"{program}: interrupted{then}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
     except OSError as error:
-        print(f"{program}: error: {_os_error(error, resume)}", file=sys.stderr)
+        print(f"{program}: error: {_os_error(error, resume() if resume else None)}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)

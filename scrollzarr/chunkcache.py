@@ -1,7 +1,8 @@
 """A bounded, thread-safe cache of a zarr array's decoded chunks, and boxes of voxels cut from them.
 
 Chunks are read through the array (so any zarr store and codec works),
-each at most once while it stays cached; all-zero chunks are remembered
+each at most once while it stays cached (a chunk that cannot be read is
+reported by its file); all-zero chunks are remembered
 without their voxels.  The least recently used chunks leave first once the
 cached voxels exceed the bound.
 """
@@ -13,11 +14,23 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import zarr
 
+from scrollzarr.errors import ScrollzarrError
+
 ChunkIndex = tuple[int, int, int]
+
+
+class DamagedChunkError(ScrollzarrError):
+    """A chunk of the volume that cannot be read or decoded."""
+
+
+def chunk_file(array: zarr.Array, index: ChunkIndex) -> Path:
+    """The file that holds chunk ``index`` of ``array`` (an array of a store on disk, as ppm_to_layers opens)."""
+    return Path(array.store.root, array.path, array.metadata.encode_chunk_key(index))
 
 
 @dataclass
@@ -118,7 +131,14 @@ class ChunkCache:
         return out
 
     def _read(self, index: ChunkIndex) -> np.ndarray | None:
-        data = np.ascontiguousarray(self.array.get_block_selection(index))
+        try:
+            data = np.ascontiguousarray(self.array.get_block_selection(index))
+        except Exception as error:  # zarr and its codecs raise many kinds for a damaged chunk
+            raise DamagedChunkError(
+                f"cannot read chunk {chunk_file(self.array, index)} of the volume "
+                f"({type(error).__name__}: {error}); the store is damaged: convert the volume again with "
+                "scroll_to_ome (or finish an interrupted conversion with scroll_to_ome --resume)"
+            ) from None
         with self._lock:
             self.stats.reads += 1
             self.stats.distinct.add(index)

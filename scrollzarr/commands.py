@@ -80,3 +80,17 @@ def decompress_tiffs(
     from scrollzarr import decompress
 
     log.info(decompress.decompress_tiffs(input_dir, output_dir, overwrite, workers, verify, quiet).summary())
+
+
+def has_decompressed(input_dir: Path, output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds a file under an input TIFF's name, so that running again continues a run."""
+    from scrollzarr import decompress
+
+    return decompress.has_output(input_dir, output_dir)
+
+
+def is_resumable(output: Path) -> bool:
+    """Whether ``output`` holds scroll_to_ome's progress record: a stopped conversion that ``--resume`` continues."""
+    from scrollzarr import progress
+
+    return (output / progress.KEY).is_file()

@@ -14,8 +14,9 @@ import os
 import re
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import as_completed
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +25,14 @@ from typing import Any
 import imagecodecs
 import numpy as np
 import tifffile
-from tqdm import tqdm
 
 from scrollzarr.allocator import keep_freed_memory
-from scrollzarr.errors import ScrollzarrError, UsageError
+from scrollzarr.durable import fsync_path
+from scrollzarr.errors import ScrollzarrError
 from scrollzarr.layertiff import partial_path, write_at
+from scrollzarr.options import check_workers
+from scrollzarr.outputlock import OutputLock
+from scrollzarr.report import progress
 from scrollzarr.sizes import format_bytes
 from scrollzarr.tiffstack import NUMBERED_TIFF, pixel_data_end
 from scrollzarr.workers import Workers, available_cores
@@ -112,14 +116,47 @@ def _reading(source: Path) -> Iterator[None]:
 
 
 def list_tiffs(directory: Path) -> list[Path]:
-    """The ``.tif``/``.tiff`` files of ``directory``, by slice number (files without a number last, by name)."""
+    """The ``.tif``/``.tiff`` names of ``directory``, by slice number (names without a number last, by name).
+
+    Every such name is listed, also one that cannot be read (a dangling symbolic link, a directory), so
+    that it is reported as a failed file rather than skipped in silence.
+    """
     files = [p for p in directory.iterdir() if TIFF_NAME.search(p.name) and not p.name.startswith(".")]
 
     def key(path: Path) -> tuple[int, int, str]:
         match = NUMBERED_TIFF.search(path.name)
         return (0, int(match.group(1)), path.name) if match else (1, 0, path.name)
 
-    return sorted((p for p in files if p.is_file()), key=key)
+    return sorted(files, key=key)
+
+
+def has_output(input_dir: Path, output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds a file under one of the input TIFFs' names: a run to continue."""
+    try:
+        return any((output_dir / path.name).is_file() for path in list_tiffs(input_dir))
+    except OSError:
+        return False
+
+
+def _file_size(path: Path) -> int:
+    """Bytes of ``path``, 0 if it cannot be read (it is then reported as a failed file)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _check_source(source: Path) -> None:
+    """Refuse, as a failed file, an input name that is not a readable regular file."""
+    if source.is_file():
+        return
+    if source.is_symlink() and not source.exists():
+        why = f"it is a symbolic link to {os.readlink(source)}, which does not exist"
+    elif source.is_dir():
+        why = "it is a directory"
+    else:
+        why = "it is not a regular file"
+    raise SourceError(f"{source.name}: cannot read: {why}")
 
 
 def check_directories(input_dir: Path, output_dir: Path) -> None:
@@ -146,7 +183,10 @@ def decompress_file(source: Path, target: Path, overwrite: bool, verify: bool) -
     (a full disk, say) raise, since they stop every file alike.
     """
     name = source.name
+    if target.is_dir():  # never replaced, not even with --overwrite: it may hold anything
+        return FileResult(name, "failed", error=f"{target} is a directory; move or rename it, then run again")
     try:
+        _check_source(source)
         if target.exists() and not overwrite:
             problem = _not_a_finished_copy(source, target)
             if problem is not None:
@@ -161,6 +201,12 @@ def decompress_file(source: Path, target: Path, overwrite: bool, verify: bool) -
             shutil.copyfile(source, partial)
         else:
             _write(partial, pages)
+        # Flushed before it gets its final name: after a power cut a name must not come back with its data lost.
+        # Cost, measured on 48 masked zlib slices of 2048 x 2048 (384 MiB written, input in the page cache,
+        # this project's loaded 2-core VM, medians of 3): --workers 1 takes 2.16 s against 1.71 s without it
+        # (1.81 s counting a sync after the run); two workers 2.87 s against 3.01 s, within the noise, since one
+        # worker's flush overlaps the other's decoding.
+        fsync_path(partial)
         # Checked before it gets its final name, so that a file that fails is not taken for finished.
         verified = verify and _verify(source, partial, [data for data, _ in pages] if pages else None)
         os.replace(partial, target)
@@ -311,36 +357,15 @@ def decompress_tiffs(
         For unusable directories; and, after every other file is done, if
         any file failed (each is listed by a warning as it fails).
     """
-    if workers is not None and workers < 1:
-        raise UsageError(f"--workers must be at least 1, not {workers}")
+    if workers is not None:
+        check_workers(workers)
     check_directories(input_dir, output_dir)
     keep_freed_memory()
     files = list_tiffs(input_dir)
     if not files:
         raise ScrollzarrError(f"no .tif or .tiff files in {input_dir}")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    stale = remove_stale_partials(output_dir, {f.name for f in files})
-    if stale:
-        log.info(f"removed {stale} temporary file(s) of an interrupted run")
-    report = DecompressReport(output_dir)
-    started = time.perf_counter()
-    total = sum(f.stat().st_size for f in files)
-    bar = tqdm(total=total, unit="B", unit_scale=True, disable=quiet, desc="decompressing", mininterval=0.5)
-    with Workers(workers or available_cores(), processes=True, preload=[__name__]) as pool, bar:
-        futures = {pool.submit(decompress_file, f, output_dir / f.name, overwrite, verify): f for f in files}
-        for future in as_completed(futures):
-            result = future.result()
-            report.results.append(result)
-            if result.error:
-                log.warning(result.error)
-            bar.update(futures[future].stat().st_size)
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix_str(
-                f"{len(report.results)}/{len(files)} files, {len(report.results) / elapsed:.1f} files/s"
-            )
-    report.seconds = time.perf_counter() - started
-    order = {f.name: i for i, f in enumerate(files)}
-    report.results.sort(key=lambda r: order[r.name])
+    with OutputLock(output_dir, "output directory"):
+        report = _decompress_all(files, output_dir, overwrite, workers or available_cores(), verify, quiet)
     if report.failures:
         log.info(report.summary())
         names = [r.name for r in report.failures]
@@ -349,4 +374,44 @@ def decompress_tiffs(
             f"{len(report.failures)} of {len(files)} files failed ({listed}; reasons above); "
             "the others are done: fix or remove those files and run the same command again"
         )
+    return report
+
+
+def _decompress_all(
+    files: list[Path], output_dir: Path, overwrite: bool, workers: int, verify: bool, quiet: bool
+) -> DecompressReport:
+    """Decompress ``files`` into ``output_dir`` (held by this run) in their order, each reported as it is done."""
+    stale = remove_stale_partials(output_dir, {f.name for f in files})
+    if stale:
+        log.info(f"removed {stale} temporary file(s) of an interrupted run")
+    report = DecompressReport(output_dir)
+    started = time.perf_counter()
+    sizes = [_file_size(f) for f in files]
+    bar = progress(sum(sizes), "B", "decompressing", quiet)
+    # Files are handed out and reported in slice-number order, two per worker in flight, so that every
+    # worker stays busy while the oldest file is awaited.
+    window = 2 * workers
+    pending: deque[tuple[int, Future[FileResult]]] = deque()
+
+    def report_oldest() -> None:
+        index, future = pending.popleft()
+        result = future.result()
+        report.results.append(result)
+        if result.error:
+            log.warning(result.error)
+        bar.update(sizes[index])
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix_str(f"{len(report.results)}/{len(files)} files, {len(report.results) / elapsed:.1f} files/s")
+
+    with Workers(workers, processes=True, preload=[__name__]) as pool, bar:
+        for index, source in enumerate(files):
+            pending.append((index, pool.submit(decompress_file, source, output_dir / source.name, overwrite, verify)))
+            if len(pending) >= window:
+                report_oldest()
+        while pending:
+            report_oldest()
+    # The renames into the directory are flushed once, before the run says it is done; a power cut before
+    # this loses at most finished files, whose data was flushed, and a rerun writes them again.
+    fsync_path(output_dir)
+    report.seconds = time.perf_counter() - started
     return report

@@ -12,7 +12,7 @@ the segment.
 from __future__ import annotations
 
 import logging
-import re
+import resource
 import shutil
 import time
 from collections.abc import Sequence
@@ -23,11 +23,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from scrollzarr import layermanifest as manifest
 from scrollzarr.allocator import keep_freed_memory
 from scrollzarr.chunkcache import CacheStats, ChunkCache
+from scrollzarr.durable import fsync_directories
 from scrollzarr.errors import ScrollzarrError, UsageError
-from scrollzarr.layertiff import PARTIAL_SUFFIX, LayerTiff
+from scrollzarr.layertiff import LayerTiff, partial_path
+from scrollzarr.outputlock import LOCK_NAME, OutputLock
 from scrollzarr.ppm import Ppm, open_ppm
+from scrollzarr.report import progress
 from scrollzarr.sampling import STACK_FILTERS, layer_offsets, sample_bounds, sample_layers, stack, stacked_layers
 from scrollzarr.sizes import GIB, format_bytes
 from scrollzarr.volume import Volume, open_volume
@@ -38,7 +42,13 @@ log = logging.getLogger(__name__)
 BAND_BYTES = 64 * 2**20  # one band of rows of every output image
 MAX_BOX_VOXELS = 2**25  # voxels one worker cuts from the volume at a time
 DEFAULT_STACKED = 25
-LAYER_NAME = re.compile(r"^\d+\.tif$")
+MAX_CACHE_GB = 2**20  # 1 PiB: more memory than any machine has
+MAX_SPACING = 100_000  # voxels: wider than any scroll (scroll 1 is 14376 x 7888 x 8096)
+MAX_BLOCK_SIZE = 2**16  # pixels: a band is at most BAND_BYTES anyway, a wider tile only takes more memory
+# Files a run holds open besides its TIFFs: 9 measured with 2 workers (standard streams, the lock, zarr's event
+# loop, the .ppm and chunk files being read), and each worker may have a chunk file and the .ppm open at once.
+OTHER_FILES = 16
+FILES_PER_WORKER = 2
 
 
 @dataclass(frozen=True)
@@ -72,14 +82,37 @@ class LayerOptions:
             )
         if not (np.isfinite(self.spacing) and self.spacing > 0):
             raise UsageError(f"--layer_spacing must be a positive number of voxels, not {self.spacing}")
+        if self.spacing > MAX_SPACING:
+            raise UsageError(
+                f"--layer_spacing must be at most {MAX_SPACING} voxels (wider than any scroll), not {self.spacing}"
+            )
         if self.stack_filter not in STACK_FILTERS:
             raise UsageError(f"--stack_filter must be one of {', '.join(STACK_FILTERS)}, not {self.stack_filter}")
         if self.workers is not None and self.workers < 1:
             raise UsageError(f"--workers must be at least 1, not {self.workers}")
+        open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        workers = self.workers or available_cores()
+        needed = self.layers + 1 + OTHER_FILES + FILES_PER_WORKER * workers
+        if open_files != resource.RLIM_INFINITY and needed > open_files:
+            raise UsageError(
+                f"--number_of_layers {self.layers} with {workers} workers needs {needed} files open at once "
+                f"(every layer TIFF stays open while it is written) and this process may open {open_files} "
+                "(ulimit -n); raise that limit, or render fewer layers or with fewer workers"
+            )
         if not (np.isfinite(self.cache_gb) and self.cache_gb > 0):
             raise UsageError(f"--zarr_cache_max_size_gb must be a positive number of GB, not {self.cache_gb}")
+        if self.cache_gb > MAX_CACHE_GB:
+            raise UsageError(
+                f"--zarr_cache_max_size_gb must be at most {MAX_CACHE_GB} (1 PiB, more than any machine's memory), "
+                f"not {self.cache_gb}"
+            )
         if self.block_size < 1:
             raise UsageError(f"--block_size must be at least 1, not {self.block_size}")
+        if self.block_size > MAX_BLOCK_SIZE:
+            raise UsageError(
+                f"--block_size must be at most {MAX_BLOCK_SIZE} pixels (rows go in bands of at most "
+                f"{BAND_BYTES // 2**20} MiB; a wider tile only takes more memory), not {self.block_size}"
+            )
         if self.level < 0:
             raise UsageError(f"--level must be 0 or more, not {self.level}")
 
@@ -138,12 +171,20 @@ def ppm_to_layers(
 ) -> LayerReport:
     """Render the layer TIFFs (and the stacked image, if ``stack_path``) of a surface.
 
+    The output directory is locked for the whole run.  The run records its
+    partial files before it renders, and its layer TIFFs once they have their
+    final names (see :mod:`scrollzarr.layermanifest`); every TIFF is flushed
+    before any gets its final name, and the directories after the renames.
+    With ``--overwrite``, files that an earlier run recorded and this run does
+    not write again are removed.
+
     Raises
     ------
     ScrollzarrError
-        For bad options, a bad ``.ppm`` or volume, or outputs that would
-        replace files without ``--overwrite``.  Nothing under a final name is
-        written unless the whole run succeeds.
+        For bad options, a bad ``.ppm`` or volume, outputs that collide with
+        the inputs or each other, another run writing the same directory, or
+        outputs that would replace files without ``--overwrite``.  Nothing
+        under a final name is written unless the whole run succeeds.
     """
     options.check()
     keep_freed_memory()
@@ -151,40 +192,52 @@ def ppm_to_layers(
     volume = open_volume(zarr_path, options.level)
     names = layer_names(options.layers)
     dtype = volume.array.dtype
-    _check_outputs(output_dir, stack_path, options.overwrite)
-    _check_space(output_dir, stack_path, ppm, options.layers, dtype)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if stack_path is not None:
-        stack_path.parent.mkdir(parents=True, exist_ok=True)
-    report = LayerReport(
-        output_dir,
-        stack_path,
-        ppm.width,
-        ppm.height,
-        options.layers,
-        stacked_layers(options.layers, options.stacked_count),
-        options.stack_filter,
-        dtype,
-        options.level,
-    )
-    start = time.perf_counter()
-    files: list[LayerTiff] = []
-    try:
-        for name in names:
-            files.append(LayerTiff(output_dir / name, ppm.height, ppm.width, dtype))
-        stack_file = None
+    _check_paths(ppm_path, zarr_path, output_dir, stack_path, names)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ScrollzarrError(f"{output_dir} is a file; OUTPUT_TIFF_DIR must be a directory for the layer TIFFs")
+    with OutputLock(output_dir, "output directory"):
+        _check_outputs(output_dir, stack_path, options.overwrite)
+        _check_space(output_dir, stack_path, ppm, options.layers, dtype)
+        previous = manifest.read_manifest(output_dir) if options.overwrite else None
         if stack_path is not None:
-            stack_file = LayerTiff(stack_path, ppm.height, ppm.width, dtype)
-            files.append(stack_file)
-        _Render(ppm, volume, options, report).run(files[: options.layers], stack_file)
-        for file in files:
-            file.commit()
-    except BaseException:
-        for file in files:
-            file.discard()
-        raise
-    if options.overwrite:
-        _remove_stale(output_dir, names)
+            stack_path.parent.mkdir(parents=True, exist_ok=True)
+        report = LayerReport(
+            output_dir,
+            stack_path,
+            ppm.width,
+            ppm.height,
+            options.layers,
+            stacked_layers(options.layers, options.stacked_count),
+            options.stack_filter,
+            dtype,
+            options.level,
+        )
+        start = time.perf_counter()
+        files: list[LayerTiff] = []
+        partial_names = [partial_path(output_dir / name).name for name in names]
+        try:
+            for name in names:
+                files.append(LayerTiff(output_dir / name, ppm.height, ppm.width, dtype))
+            stack_file = None
+            if stack_path is not None:
+                stack_file = LayerTiff(stack_path, ppm.height, ppm.width, dtype)
+                files.append(stack_file)
+            manifest.add_partial(output_dir, previous, partial_names)
+            _Render(ppm, volume, options, report).run(files[: options.layers], stack_file)
+            for file in files:
+                file.flush()
+            for file in files:
+                file.commit()
+        except BaseException:
+            for file in files:
+                file.discard()
+            manifest.restore(output_dir, previous)
+            raise
+        removed = manifest.remove_stale(output_dir, previous, set(names) | set(partial_names))
+        if removed:
+            log.info(f"removed {len(removed)} file(s) of earlier runs from {output_dir}")
+        manifest.write_finished(output_dir, names, ppm.height, ppm.width, dtype)
+        fsync_directories([output_dir] if stack_path is None else [output_dir, stack_path.parent])
     report.seconds = time.perf_counter() - start
     return report
 
@@ -208,9 +261,7 @@ class _Render:
     def run(self, layer_files: Sequence[LayerTiff], stack_file: LayerTiff | None) -> None:
         ppm, block = self.ppm, self.options.block_size
         workers = self.options.workers or available_cores()
-        bar = tqdm(
-            total=ppm.width * ppm.height, unit="px", unit_scale=True, disable=self.options.quiet, desc="rendering"
-        )
+        bar = progress(ppm.width * ppm.height, "px", "rendering", self.options.quiet)
         with bar, Workers(workers) as pool:
             pending = None
             for number, v0 in enumerate(range(0, ppm.height, self.band_rows)):
@@ -307,10 +358,47 @@ class _Render:
         sample_layers(self.cache.box(lo, hi), lo, p, n, offsets, self.shape, out)
 
 
+def _check_paths(ppm_path: Path, zarr_path: Path, output_dir: Path, stack_path: Path | None, names: list[str]) -> None:
+    """Refuse outputs that would overwrite the inputs or each other (paths resolved, so ``..`` and links count)."""
+    store = _store_root(zarr_path.resolve())
+    out = output_dir.resolve()
+    if out == store or store in out.parents:
+        raise ScrollzarrError(
+            f"OUTPUT_TIFF_DIR {output_dir} is inside the zarr store {store}; write the layers elsewhere"
+        )
+    ours = {out / name for name in (*names, manifest.MANIFEST_NAME, LOCK_NAME)}
+    ppm = ppm_path.resolve()
+    if ppm in ours:
+        raise ScrollzarrError(
+            f"the .ppm {ppm_path} is also a layer TIFF of OUTPUT_TIFF_DIR; move it or write the layers elsewhere"
+        )
+    if stack_path is None:
+        return
+    stack = stack_path.resolve()
+    if stack == ppm:
+        raise ScrollzarrError(f"OUTPUT_STACK_TIFF {stack_path} is the .ppm; give the stacked image another name")
+    if stack == store or store in stack.parents:
+        raise ScrollzarrError(
+            f"OUTPUT_STACK_TIFF {stack_path} is inside the zarr store {store}; write the stacked image elsewhere"
+        )
+    if stack in ours:
+        raise ScrollzarrError(
+            f"OUTPUT_STACK_TIFF {stack_path} is also a layer TIFF ({stack}); give the stacked image another name"
+        )
+    if stack == out:
+        raise ScrollzarrError(f"OUTPUT_STACK_TIFF {stack_path} is OUTPUT_TIFF_DIR; give the stacked image a file name")
+
+
+def _store_root(path: Path) -> Path:
+    """The zarr store that holds ``path``: the outermost enclosing directory of zarr groups."""
+    root = path
+    while root != root.parent and any((root.parent / key).exists() for key in (".zgroup", "zarr.json")):
+        root = root.parent
+    return root
+
+
 def _check_outputs(output_dir: Path, stack_path: Path | None, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ScrollzarrError(f"{output_dir} is a file; OUTPUT_TIFF_DIR must be a directory for the layer TIFFs")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+    if any(path.name != LOCK_NAME for path in output_dir.iterdir()) and not overwrite:
         raise ScrollzarrError(
             f"{output_dir} is not empty; add --overwrite to replace its layer TIFFs (other files are kept), "
             "or choose an empty directory"
@@ -338,20 +426,3 @@ def _check_space(output_dir: Path, stack_path: Path | None, ppm: Ppm, layers: in
                 f"the {what} need {format_bytes(nbytes)} and {where} has {format_bytes(free)} free; "
                 "free some space or write them elsewhere"
             )
-
-
-def _remove_stale(output_dir: Path, names: list[str]) -> None:
-    """After an ``--overwrite`` run: delete layer TIFFs of an earlier run with more layers, and its partial files."""
-    keep = set(names)
-    stale = [path for path in output_dir.iterdir() if path.is_file() and _is_stale(path.name, keep)]
-    for path in stale:
-        path.unlink()
-    if stale:
-        log.info(f"removed {len(stale)} layer file(s) of an earlier run from {output_dir}")
-
-
-def _is_stale(name: str, keep: set[str]) -> bool:
-    """A layer TIFF not in ``keep``, or the partial file of any layer TIFF."""
-    if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
-        return bool(LAYER_NAME.match(name[1 : -len(PARTIAL_SUFFIX)]))
-    return bool(LAYER_NAME.match(name)) and name not in keep

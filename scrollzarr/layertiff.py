@@ -4,7 +4,8 @@ The file is laid out in full (header, then the pixels contiguous in row
 order, as a sparse file) before any pixel is computed; each band of rows is
 then written at its offset, so an image larger than memory never has to be
 held whole.  Until :meth:`LayerTiff.commit` renames it, the file carries a
-hidden ``.partial`` name that no reader takes for a finished image.
+hidden ``.partial`` name that no reader takes for a finished image; :meth:`LayerTiff.flush`
+puts it on the disk before that rename.
 """
 
 from __future__ import annotations
@@ -72,9 +73,18 @@ class LayerTiff:
         """Write ``rows`` (shape (r, width), C-contiguous) as rows ``first … first + r - 1``."""
         write_at(self._fd, rows, self.offset + first * self.row_bytes)
 
-    def commit(self) -> None:
-        """Close the file and give it its final name."""
+    def flush(self) -> None:
+        """Flush the file to the disk and close it (an OSError says why not, e.g. no space left).
+
+        Without the flush, a power cut after the rename can bring the name
+        back with an empty file.  Flush every file of a run before renaming
+        any: a flush that fails then leaves no final name replaced.
+        """
+        os.fsync(self._fd)
         self._close()
+
+    def commit(self) -> None:
+        """Give the flushed file its final name (the caller flushes the directory after the renames)."""
         os.replace(self.path, self.final)
 
     def discard(self) -> None:

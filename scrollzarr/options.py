@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from scrollzarr import downsample as ds
 from scrollzarr.errors import UsageError
 from scrollzarr.tiffstack import BAD_SLICE_POLICIES
 from scrollzarr.workers import available_cores
+
+# Bounds past which a value is a typo, not a wish; each error says why.
+MAX_CHUNK_SIZE = 1024  # a chunk is read, held and written whole: 1024^3 uint16 voxels are already 2 GiB
+MAX_NLEVELS = 32  # 31 halvings take any axis of fewer than 2^31 voxels (every scan) to one voxel
+MIN_MAX_GB = 2.0**-20  # 1 KiB: less is no bound for image data, but a bound in bytes or MB given as GB
+MAX_MAX_GB = 2.0**20  # 1 PiB
+MAX_WORKERS = 1024
 
 
 @dataclass(frozen=True)
@@ -56,16 +64,26 @@ class Options:
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise UsageError(f"--chunk_size must be at least 1, not {self.chunk_size}")
+        if self.chunk_size > MAX_CHUNK_SIZE:
+            raise UsageError(
+                f"--chunk_size must be at most {MAX_CHUNK_SIZE}, not {self.chunk_size}: chunks are read, held in "
+                f"memory and written whole, and {MAX_CHUNK_SIZE}^3 uint16 voxels are 2 GiB"
+            )
         if self.nlevels < 1:
             raise UsageError(f"--nlevels must be at least 1, not {self.nlevels}")
+        if self.nlevels > MAX_NLEVELS:
+            raise UsageError(
+                f"--nlevels must be at most {MAX_NLEVELS}, not {self.nlevels}: each level halves every axis, and "
+                f"after {MAX_NLEVELS - 1} halvings any scan is a single voxel"
+            )
         if self.algorithm not in ds.ALGORITHMS:
             raise UsageError(f"--algorithm must be one of {', '.join(ds.ALGORITHMS)}, not {self.algorithm!r}")
         if self.obytes not in (0, 1):
             raise UsageError(f"--obytes must be 0 (same as input) or 1 (uint8), not {self.obytes}")
-        if self.max_gb is not None and self.max_gb <= 0:
-            raise UsageError(f"--max_gb must be a positive number of GB, not {self.max_gb}")
-        if self.workers is not None and self.workers < 1:
-            raise UsageError(f"--workers must be at least 1, not {self.workers}")
+        if self.max_gb is not None:
+            check_max_gb(self.max_gb)
+        if self.workers is not None:
+            check_workers(self.workers)
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the output and --overwrite replaces it: give one of them")
         if self.bad_slices not in BAD_SLICE_POLICIES:
@@ -74,3 +92,31 @@ class Options:
     @property
     def worker_count(self) -> int:
         return self.workers or available_cores()
+
+
+def check_max_gb(max_gb: float) -> None:
+    """Refuse a ``--max_gb`` (GiB) that is not a number, not positive, or outside what a machine can have."""
+    if not math.isfinite(max_gb):
+        raise UsageError(f"--max_gb must be a finite number of GB, not {max_gb}")
+    if max_gb <= 0:
+        raise UsageError(f"--max_gb must be a positive number of GB, not {max_gb:g}")
+    if max_gb < MIN_MAX_GB:
+        raise UsageError(
+            f"--max_gb must be at least {MIN_MAX_GB:.3g} (1 KiB), not {max_gb!r}; it is in GB (2^30 bytes)"
+        )
+    if max_gb > MAX_MAX_GB:
+        raise UsageError(
+            f"--max_gb must be at most {MAX_MAX_GB:.0f} (1 PiB, more than any machine's memory), not {max_gb:g}; "
+            "leave it out for no bound"
+        )
+
+
+def check_workers(workers: int) -> None:
+    """Refuse a ``--workers`` count below 1 or above :data:`MAX_WORKERS`."""
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {workers}")
+    if workers > MAX_WORKERS:
+        raise UsageError(
+            f"--workers must be at most {MAX_WORKERS}, not {workers}: each worker holds its own buffers; "
+            "leave it out for one per core"
+        )

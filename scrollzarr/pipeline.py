@@ -32,7 +32,7 @@ from scrollzarr.options import Options
 from scrollzarr.progress import Progress
 from scrollzarr.ranges import parse_ranges
 from scrollzarr.readback import build_from_above
-from scrollzarr.report import LevelReport, Report, chunk_count, format_numbers, progress_bar
+from scrollzarr.report import LevelReport, Report, chunk_count, format_runs, progress_bar
 from scrollzarr.sizes import format_bytes
 from scrollzarr.store import (
     ChunkWriter,
@@ -51,8 +51,12 @@ from scrollzarr.store import (
 from scrollzarr.streaming import LevelStream
 from scrollzarr.tiffstack import (
     Lookahead,
+    SliceReadError,
     StackError,
     TiffStack,
+    check_z_extent,
+    file_list,
+    first_unreadable_row,
     numbered_tiffs,
     open_stack,
     read_rows,
@@ -74,8 +78,9 @@ class Plan:
         Whether ``--ranges`` was given (the metadata then carries ``origin`` as a translation).
     shapes : tuple of (int, int, int)
         Shape of each level, z, y, x.
-    missing : list of int
-        Slice numbers inside the converted z range without a file (written as zeros).
+    missing : list of (int, int)
+        Runs ``[start, stop)`` of slice numbers inside the converted z range
+        without a file (written as zeros), from the first file on.
     bands : memory.BandPlan
         How level 0 is cut, and how many levels are streamed with it.
     blocks : tuple of (int, int, int)
@@ -83,7 +88,9 @@ class Plan:
     need : int
         Bytes the buffers use at the most, by :mod:`scrollzarr.memory`'s model.
     fingerprint : dict
-        The options a resumed run must share with the stopped one.
+        The options a resumed run must share with the stopped one, and a digest of ``slice_files``.
+    slice_files : list of (str, int, int)
+        The input's slice files in the converted z range: name, size (bytes), modification time (ns).
     resume_from : Progress or None
         The progress record of the stopped run, with ``--resume``.
     """
@@ -96,11 +103,12 @@ class Plan:
     cropped: bool
     shapes: tuple[Shape3, ...]
     dtype: np.dtype
-    missing: list[int]
+    missing: list[tuple[int, int]]
     bands: memory.BandPlan
     blocks: tuple[Shape3, ...]
     need: int
     fingerprint: dict[str, Any]
+    slice_files: progress.SliceFiles
     resume_from: Progress | None
 
 
@@ -117,7 +125,10 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
     z_range, y_range, x_range = parse_ranges(options.ranges)
     files = numbered_tiffs(input_dir)
     z0, z1 = z_range.resolve(max(files) + 1)
-    stack = open_stack({z: path for z, path in files.items() if z0 <= z < z1}, options.bad_slices)
+    selected = {z: path for z, path in files.items() if z0 <= z < z1}
+    check_z_extent(selected, z0, z1)
+    stack = open_stack(selected, options.bad_slices)
+    slice_files = file_list(selected, stack)
     y0, y1 = y_range.resolve(stack.shape[0])
     x0, x1 = x_range.resolve(stack.shape[1])
     if options.obytes == 1 and stack.dtype not in (np.uint8, np.uint16):
@@ -143,8 +154,15 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         "obytes": options.obytes,
         "zarr_only": options.zarr_only,
         "bad_slices": options.bad_slices,
+        "slices": progress.slices_digest(slice_files),
     }
     if record is not None:
+        changed = progress.input_change(record, slice_files, open_store(output))
+        if changed:
+            raise ScrollzarrError(
+                f"cannot resume {output}: the input changed since the stopped run: {changed}; "
+                "put the slice files back as they were, or start again with --overwrite"
+            )
         differs = record.mismatch(fingerprint)
         if differs:
             raise UsageError(f"cannot resume {output}: {differs}; resume with the options of the stopped run")
@@ -168,11 +186,12 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         cropped=options.ranges is not None and options.ranges.strip() != "",
         shapes=shapes,
         dtype=out_dtype,
-        missing=stack.missing(max(z0, min(stack.slices)), z1),
+        missing=stack.missing_runs(max(z0, min(selected)), z1),
         bands=bands,
         blocks=blocks,
         need=need,
         fingerprint=fingerprint,
+        slice_files=slice_files,
         resume_from=record,
     )
 
@@ -227,7 +246,7 @@ def describe_plan(plan: Plan) -> str:
         f"input: {plan.input_dir}",
         f"  {len(slices)} slice files, numbers {slices[0]} to {slices[-1]}, "
         f"each {stack.shape[0]} x {stack.shape[1]} (rows x columns) {stack.dtype}",
-        f"  missing slices (written as zeros): {format_numbers(plan.missing) or 'none'}",
+        f"  missing slices (written as zeros): {format_runs(plan.missing) or 'none'}",
         f"  converting x {x0}:{x0 + nx}, y {y0}:{y0 + ny}, z {z0}:{z0 + nz}",
         f"output: {plan.output} ({kind}), {plan.dtype}, chunks {chunk}^3, downsampling {plan.options.algorithm}",
     ]
@@ -267,7 +286,8 @@ class _Run:
         self.record = record
         self.workers = workers
         self.bar = bar
-        self.bad = set(record.bad_slices) | set(plan.stack.bad)
+        # bad slice -> its first row written as zeros (scan rows); a slice whose header is bad: row 0
+        self.bad = {z: record.bad_rows.get(str(z), 0) for z in record.bad_slices} | dict.fromkeys(plan.stack.bad, 0)
         self.bad_lock = threading.Lock()
         self.report = Report(plan.output, plan.dtype, plan.options.chunk_size, missing=plan.missing)
         for level, shape in enumerate(plan.shapes):
@@ -279,33 +299,69 @@ class _Run:
         """Record what is on disk now (every task of the last unit has finished)."""
         self.record.chunks_written = {str(k): v.chunks_written for k, v in self.report.levels.items()}
         self.record.bad_slices = sorted(self.bad)
+        self.record.bad_rows = {str(z): row for z, row in sorted(self.bad.items())}
         self.record.save(self.plan.output)
 
     def read_slice(self, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
         """Read rows of slice ``z`` (scan numbering) into ``out``; with ``--bad_slices zero`` a failure reads zeros.
 
-        A slice that failed once reads as zeros from then on (its rows read
-        before the failure, in earlier stripes or bands, are already converted).
+        A slice that fails is zeros from its first unreadable row on
+        (:func:`first_unreadable_row`: a property of the file, so the store does
+        not depend on how the work is cut) and read as it is above that row, in
+        every band from then on, and after ``--resume`` (the row is recorded).
+        A file that changed after its header check is zeros from the first row
+        of the read that found the change (rows converted before came from the
+        file as checked).
         """
-        if z in self.bad:
-            out[...] = 0
+        first = self.bad.get(z)
+        stop = rows[1] if first is None else min(rows[1], max(first, rows[0]))
+        out[stop - rows[0] :] = 0
+        if stop == rows[0]:
             return
         try:
-            if self.plan.dtype == self.plan.stack.dtype:
-                read_rows(self.plan.stack, z, rows, cols, out)
-            else:
-                planes = np.empty(out.shape, self.plan.stack.dtype)
-                read_rows(self.plan.stack, z, rows, cols, planes)
-                out[...] = ds.to_uint8(planes)
-        except StackError as error:
+            self._read(z, (rows[0], stop), cols, out[: stop - rows[0]])
+        except SliceReadError as error:
             if self.plan.options.bad_slices == "error":
-                raise
-            out[...] = 0
-            with self.bad_lock:
-                if z not in self.bad:
-                    start = rows[0] - self.plan.origin[1]
-                    log.warning("%s; written as zeros%s", error, f" from row {rows[0]} on" if start else "")
-                self.bad.add(z)
+                raise StackError(f"{error}, or pass --bad_slices zero to write it as zeros") from None
+            self._zero_from_failure(z, rows, cols, out, error)
+
+    def _read(self, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
+        if self.plan.dtype == self.plan.stack.dtype:
+            read_rows(self.plan.stack, z, rows, cols, out)
+        else:
+            planes = np.empty(out.shape, self.plan.stack.dtype)
+            read_rows(self.plan.stack, z, rows, cols, planes)
+            out[...] = ds.to_uint8(planes)
+
+    def _zero_from_failure(
+        self, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray, error: SliceReadError
+    ) -> None:
+        """Fill ``out`` (rows of slice ``z`` whose read failed with ``error``) by the bad-slice rule; record it."""
+        first = rows[0]
+        if not error.changed:
+            try:
+                first = first_unreadable_row(self.plan.stack, z)
+            except SliceReadError as again:
+                error = again
+        if first >= rows[1]:  # every row could be read this time: the failure did not last
+            try:
+                self._read(z, rows, cols, out)
+                return
+            except SliceReadError as again:
+                error, first = again, rows[0]
+        first = max(first, rows[0])  # rows above were read before; a later failure cannot unread them
+        out[first - rows[0] :] = 0
+        if first > rows[0]:
+            try:
+                self._read(z, (rows[0], first), cols, out[: first - rows[0]])
+            except SliceReadError as again:
+                error, first = again, rows[0]
+                out[...] = 0
+        with self.bad_lock:
+            if z not in self.bad:
+                where = f" from row {first} on" if first else ""
+                log.warning("%s; written as zeros%s", error, where)
+            self.bad[z] = min(first, self.bad.get(z, first))
 
     def convert_band(self, band: Band) -> None:
         """Read one band of level 0 from the TIFFs and stream it through the streamed levels."""
@@ -376,12 +432,13 @@ class _Run:
         return lambda z0, z1: read_checked(array, (slice(z0, z1), slice(y0, y1), slice(x0, x1)), RESUME_ADVICE)
 
 
-def _stack_attributes(plan: Plan, bad: list[int]) -> dict[str, object]:
+def _stack_attributes(plan: Plan, bad: list[int], bad_rows: dict[int, int]) -> dict[str, object]:
     return {
         "source_directory": str(plan.input_dir.resolve()),
         "origin_zyx": list(plan.origin),
-        "missing_slices": plan.missing,
+        "missing_slices": [z for start, stop in plan.missing for z in range(start, stop)],
         "bad_slices": bad,
+        "bad_slice_rows": {str(z): row for z, row in sorted(bad_rows.items())},
         "obytes": plan.options.obytes,
     }
 
@@ -398,6 +455,7 @@ def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progr
         empty_output(plan.output)
         record = Progress(plan.fingerprint, [plan.bands.rows, plan.bands.cols, plan.bands.streamed])
         record.save(plan.output)
+        progress.save_slices(plan.output, plan.slice_files)  # after the record: its digest suffices to resume
     else:
         leftovers = remove_partial_files(plan.output)
         log.debug("removed %d temporary files of the stopped run", leftovers)
@@ -475,7 +533,7 @@ def convert(plan: Plan) -> Report:
     """
     started = time.monotonic()
     if plan.missing:
-        log.warning("no file for slice(s) %s; they are written as zeros", format_numbers(plan.missing))
+        log.warning("no file for slice(s) %s; they are written as zeros", format_runs(plan.missing))
     group, arrays, record = _open_output(plan)
     log.debug(
         "level 0: bands of %d x %d (rows x columns), %s",
@@ -521,7 +579,7 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
                 run.checkpoint, lambda level: RESUME_ADVICE,
             )  # fmt: skip
     run.report.bad = sorted(run.bad)
-    attributes = _stack_attributes(plan, run.report.bad)
+    attributes = _stack_attributes(plan, run.report.bad, run.bad)
     if group is None:
         arrays[0].attrs["scrollzarr"] = attributes
     else:

@@ -123,6 +123,11 @@ def open_ppm(path: Path) -> Ppm:
     except OSError as error:
         raise PpmError(f"cannot read the .ppm {name}: {error.strerror or error}") from None
     ends = _header_end(head)
+    if ends is None and len(head) == MAX_HEADER_BYTES and head.isascii():
+        raise PpmError(
+            f"{name}: the header is longer than 64 KiB (no '<>' line in its first {MAX_HEADER_BYTES} bytes); "
+            "a .ppm header is a few lines: is this a .ppm per-pixel map?"
+        )
     if ends is None:
         raise PpmError(f"{name}: no '<>' line ends the header; is this a .ppm per-pixel map?")
     text_end, end = ends

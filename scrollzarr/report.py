@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TextIO
 
 import numpy as np
 from tqdm import tqdm
 
 from scrollzarr.blocks import Shape3
 from scrollzarr.sizes import format_bytes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,7 +36,7 @@ class Report:
     dtype: np.dtype
     chunk: int
     levels: dict[int, LevelReport] = field(default_factory=dict)
-    missing: list[int] = field(default_factory=list)
+    missing: list[tuple[int, int]] = field(default_factory=list)
     bad: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -46,7 +52,7 @@ class Report:
             )
         lines.append(f"  {written} chunk files, {format_bytes(nbytes)}, in {self.seconds:.1f} s")
         if self.missing:
-            lines.append(f"  missing slices, written as zeros: {format_numbers(self.missing)}")
+            lines.append(f"  missing slices, written as zeros: {format_runs(self.missing)}")
         if self.bad:
             lines.append(f"  bad slices, written as zeros: {format_numbers(self.bad)}")
         return "\n".join(lines)
@@ -66,6 +72,11 @@ def format_numbers(numbers: list[int]) -> str:
     return ", ".join(runs)
 
 
+def format_runs(runs: list[tuple[int, int]]) -> str:
+    """``[(1, 4), (7, 8)]`` (half-open runs) -> ``"1-3, 7"``."""
+    return ", ".join(str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in runs)
+
+
 def chunk_count(shape: Shape3, chunk: int) -> int:
     """Chunks of edge ``chunk`` that tile ``shape``."""
     count = 1
@@ -74,7 +85,103 @@ def chunk_count(shape: Shape3, chunk: int) -> int:
     return count
 
 
-def progress_bar(shapes: Iterable[Shape3], quiet: bool) -> tqdm:
-    """A bar over all the voxels of ``shapes``, with an ETA; none with ``quiet``."""
-    total = sum(s[0] * s[1] * s[2] for s in shapes)
-    return tqdm(total=total, unit="vox", unit_scale=True, disable=quiet, mininterval=1.0, desc="converting")
+def progress_bar(shapes: Iterable[Shape3], quiet: bool) -> ProgressBar:
+    """Progress over all the voxels of ``shapes``, with an ETA (see :func:`progress`)."""
+    return progress(sum(s[0] * s[1] * s[2] for s in shapes), "vox", "converting", quiet)
+
+
+class ProgressBar(Protocol):
+    """What the tools call on their progress display: a tqdm bar, or :class:`ProgressLines`."""
+
+    def update(self, n: float = 1) -> object: ...
+    def set_description(self, desc: str) -> None: ...
+    def set_postfix_str(self, s: str) -> None: ...
+    def __enter__(self) -> ProgressBar: ...
+    def __exit__(self, *exc: object) -> object: ...
+
+
+def progress(
+    total: float,
+    unit: str,
+    description: str,
+    quiet: bool,
+    stream: TextIO | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> ProgressBar:
+    """The progress display of a run of ``total`` ``unit``: the same for the three tools.
+
+    A tqdm bar where ``stream`` (standard error by default) is a terminal;
+    elsewhere (a log file, a pipe) its carriage-return updates would fill the
+    file, so one line a minute is logged instead (:class:`ProgressLines`).
+    Nothing with ``quiet``.
+
+    Parameters
+    ----------
+    total : float
+        Units of work in the whole run (voxels, bytes, pixels).
+    clock : callable
+        Seconds, monotonic; for tests.
+    """
+    stream = sys.stderr if stream is None else stream
+    if quiet:
+        return tqdm(total=total, disable=True)
+    if stream.isatty():
+        return tqdm(total=total, unit=unit, unit_scale=True, desc=description, mininterval=0.5, file=stream)
+    return ProgressLines(total, description, clock)
+
+
+class ProgressLines:
+    """Progress logged as one line a minute: the fraction done, the time taken and the time left.
+
+    Parameters
+    ----------
+    total : float
+        Units of work in the whole run.
+    description : str
+        What is being done, at the start of each line.
+    clock : callable
+        Seconds, monotonic.
+    interval : float
+        Seconds between lines.
+    """
+
+    def __init__(
+        self, total: float, description: str, clock: Callable[[], float] = time.monotonic, interval: float = 60.0
+    ) -> None:
+        self.total = total
+        self.description = description
+        self.postfix = ""
+        self.clock = clock
+        self.interval = interval
+        self.n = 0.0
+        self.started = self.last = clock()
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        now = self.clock()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.started
+        fraction = min(self.n / self.total, 1.0) if self.total else 1.0
+        left = f", about {_duration(elapsed * (1 - fraction) / fraction)} left" if fraction > 0 else ""
+        postfix = f"; {self.postfix}" if self.postfix else ""
+        log.info(f"{self.description}: {100 * fraction:.1f} % done in {_duration(elapsed)}{left}{postfix}")
+
+    def set_description(self, desc: str) -> None:
+        self.description = desc
+
+    def set_postfix_str(self, s: str) -> None:
+        self.postfix = s
+
+    def __enter__(self) -> ProgressLines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _duration(seconds: float) -> str:
+    """``3723.4`` -> ``"1:02:03"``."""
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"

@@ -6,14 +6,17 @@ number (``00000.tif``, ``scan_0123.tiff``); the number is the z index.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -46,12 +49,20 @@ class SliceFile:
         Rows decoded at a time to read any row: 0 for directly readable data,
         the rows per strip for compressed strips, all rows for anything else
         (tiles), which is decoded whole.
+    byteorder : str
+        ``"<"`` or ``">"``, this file's byte order (ImageJ writes big-endian
+        TIFFs, so one stack can hold both).
+    identity : (int, int, int, int)
+        Device, inode, size (bytes) and modification time (ns) of the file
+        whose header was checked; every read checks that it is still that file.
     """
 
     z: int
     path: Path
     data_offset: int | None
     decode_rows: int
+    byteorder: str
+    identity: tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -65,9 +76,7 @@ class TiffStack:
     shape : (int, int)
         Rows and columns (y, x) of every slice.
     dtype : numpy.dtype
-        Pixel type of every slice (native byte order).
-    byteorder : str
-        ``"<"`` or ``">"``, the files' byte order.
+        Pixel type of every slice (native byte order; each file's own is in its :class:`SliceFile`).
     bad : tuple of int
         Slice numbers whose files could not be used (``--bad_slices zero``).
     """
@@ -75,12 +84,21 @@ class TiffStack:
     slices: dict[int, SliceFile]
     shape: tuple[int, int]
     dtype: np.dtype
-    byteorder: str
     bad: tuple[int, ...] = ()
 
-    def missing(self, z0: int, z1: int) -> list[int]:
-        """Slice numbers in ``[z0, z1)`` that have no file (bad slices not counted)."""
-        return [z for z in range(z0, z1) if z not in self.slices and z not in self.bad]
+    def missing_runs(self, z0: int, z1: int) -> list[tuple[int, int]]:
+        """Runs ``[start, stop)`` of slice numbers in ``[z0, z1)`` that have no file (bad slices not counted).
+
+        As many runs as gaps between files, however many numbers they hold.
+        """
+        runs, start = [], z0
+        for z in sorted({*self.slices, *self.bad}):
+            if start < z < z1:
+                runs.append((start, z))
+            start = max(start, z + 1)
+        if start < z1:
+            runs.append((start, z1))
+        return runs
 
     @property
     def decode_bytes(self) -> int:
@@ -104,8 +122,8 @@ def numbered_tiffs(directory: Path) -> dict[int, Path]:
     found: dict[int, Path] = {}
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
         match = NUMBERED_TIFF.search(entry.name)
-        if match is None or not entry.is_file():
-            continue
+        if match is None:
+            continue  # a directory or dangling link with a slice's name is kept: it is reported as a bad slice
         z = int(match.group(1))
         if z in found:
             raise StackError(
@@ -125,11 +143,31 @@ def pixel_data_end(page: tifffile.TiffPage) -> int:
     return max((int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)), default=0)
 
 
-def _inspect(path: Path) -> tuple[tuple[int, int], np.dtype, str, int | None, int]:
-    """Read one TIFF's header: shape, dtype, byte order, data offset if directly readable, rows decoded at once."""
+def _inspect(z: int, path: Path) -> tuple[tuple[int, int], np.dtype, SliceFile]:
+    """Read one TIFF's header: its shape, dtype and how to read it.
+
+    Raises
+    ------
+    StackError
+        Saying what is wrong with the file: not a readable file, not one 2D
+        grey-scale image, truncated, or compressed with an unknown codec.
+    """
+    if path.is_symlink() and not path.exists():
+        raise StackError(
+            f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; "
+            "restore the file it points to or remove the link"
+        )
+    if path.is_dir():
+        raise StackError(f"{path}: a directory, not a TIFF file; move it out of the input directory")
     try:
-        size = path.stat().st_size
-        with tifffile.TiffFile(path) as tif:
+        with open(path, "rb") as handle, tifffile.TiffFile(handle) as tif:
+            identity = _identity(os.fstat(handle.fileno()))
+            pages = len(tif.pages)
+            if pages > 1:
+                raise StackError(
+                    f"{path}: holds {pages} images (pages), which is a stack, not one z slice; "
+                    "write one image per z slice, one file each"
+                )
             page = tif.pages.first
             if len(page.shape) != 2 or page.samplesperpixel != 1:
                 raise StackError(
@@ -137,10 +175,10 @@ def _inspect(path: Path) -> tuple[tuple[int, int], np.dtype, str, int | None, in
                     "each z slice must be one grey-scale image"
                 )
             end = pixel_data_end(page)
-            if end > size:
+            if end > identity[2]:
                 raise StackError(
                     f"{path}: truncated, its pixel data should end at byte {end} but the file has "
-                    f"{size} bytes; copy or download this slice again"
+                    f"{identity[2]} bytes; copy or download this slice again"
                 )
             if page.compression != _NO_COMPRESSION:
                 try:
@@ -161,11 +199,104 @@ def _inspect(path: Path) -> tuple[tuple[int, int], np.dtype, str, int | None, in
                 offset, decode_rows = int(page.dataoffsets[0]), 0
             else:
                 offset, decode_rows = None, height if page.is_tiled else min(int(page.rowsperstrip), height)
-            return (height, int(page.shape[1])), np.dtype(page.dtype), tif.byteorder, offset, decode_rows
+            entry = SliceFile(z, path, offset, decode_rows, tif.byteorder, identity)
+            return (height, int(page.shape[1])), np.dtype(page.dtype), entry
     except StackError:
         raise
     except Exception as error:  # tifffile raises many types for damaged files
         raise StackError(f"{path}: cannot read the TIFF header ({error}); check or replace this slice") from None
+
+
+def _identity(status: os.stat_result) -> tuple[int, int, int, int]:
+    """Device, inode, size (bytes) and modification time (ns): what tells a file from its replacement."""
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+class SliceChanged(Exception):
+    """A slice's file is not the one whose header was checked."""
+
+
+class SliceReadError(StackError):
+    """A slice that cannot be read; ``changed``: because its file is not the one whose header was checked."""
+
+    def __init__(self, message: str, changed: bool) -> None:
+        super().__init__(message)
+        self.changed = changed
+
+
+@contextmanager
+def _open_checked(entry: SliceFile) -> Iterator[BinaryIO]:
+    """Open ``entry``'s file for reading, unbuffered, if it is still the file whose header was checked.
+
+    A file renamed into place (rsync, a re-export) or rewritten since has
+    another inode, size or modification time; its pixels are not where the
+    checked header said, so it must not be read with that header.
+
+    Raises
+    ------
+    SliceChanged
+        If the file is not the one checked.
+    """
+    with open(entry.path, "rb", buffering=0) as handle:
+        now = _identity(os.fstat(handle.fileno()))
+        if now != entry.identity:
+            (_, inode, size, _), (_, new_inode, new_size, _) = entry.identity, now
+            if new_inode != inode:
+                what = "it was replaced by another file"
+            elif new_size != size:
+                what = f"its size went from {size} to {new_size} bytes"
+            else:
+                what = "it was modified"
+            raise SliceChanged(f"the file changed after its header was checked: {what}")
+        yield handle
+
+
+# Planes without a file allowed in the z extent however few the files: a run of slices starting anywhere in
+# a scan (Scroll 1 has 14,376 slices, the largest scans some tens of thousands) keeps z = slice number.
+EMPTY_PLANES_ALLOWED = 100_000
+
+
+def check_z_extent(files: dict[int, Path], z0: int, z1: int) -> None:
+    """Refuse a z range ``[z0, z1)`` that is mostly planes without a file: a stray, far-off slice number.
+
+    The range is refused when its planes without a file outnumber both the
+    files and :data:`EMPTY_PLANES_ALLOWED`.  Only the files' numbers are used
+    (time and memory grow with the files, not with the range).
+
+    Parameters
+    ----------
+    files : dict of int to Path
+        The slice files inside the range, by number.
+
+    Raises
+    ------
+    StackError
+        Naming the outlying files, or the first slice when they all lie far
+        from ``z0``, and the ``--ranges`` that converts the rest.
+    """
+    empty = (z1 - z0) - len(files)
+    if empty <= max(len(files), EMPTY_PLANES_ALLOWED):
+        return
+    numbers = sorted(files)
+    spread = (
+        f"{len(files)} slice files would be spread over {z1 - z0} planes (z {z0} to {z1 - 1}), "
+        f"{empty} of them without a file"
+    )
+    gaps = [(b - a, i) for i, (a, b) in enumerate(itertools.pairwise(numbers), start=1)]
+    widest, cut = max(gaps, default=(0, 0))
+    if numbers[0] - z0 >= widest:
+        raise StackError(
+            f"{spread}: the first slice is number {numbers[0]}; convert with --ranges ,,{numbers[0]}: "
+            "(the store then starts at that slice and its metadata says so)"
+        )
+    before, after = numbers[:cut], numbers[cut:]
+    outliers, kept = (after, before) if len(after) <= len(before) else (before, after)
+    named = ", ".join(files[z].name for z in outliers[:5])
+    more = f" and {len(outliers) - 5} more" if len(outliers) > 5 else ""
+    raise StackError(
+        f"{spread}; far from the others: {named}{more}; move it out of the input directory "
+        f"or convert the others with --ranges ,,{kept[0]}:{kept[-1] + 1}"
+    )
 
 
 BAD_SLICE_POLICIES = ("error", "zero")
@@ -196,11 +327,11 @@ def open_stack(files: dict[int, Path], bad_slices: str = "error") -> TiffStack:
     """
     if not files:
         raise StackError("no slice files in the selected z range; check --ranges")
-    found: dict[int, tuple[Path, tuple[int, int], np.dtype, str, int | None, int]] = {}
+    found: dict[int, tuple[Path, tuple[int, int], np.dtype, SliceFile]] = {}
     problems: dict[int, str] = {}
     for z in sorted(files):
         try:
-            found[z] = (files[z], *_inspect(files[z]))
+            found[z] = (files[z], *_inspect(z, files[z]))
         except StackError as error:
             problems[z] = str(error)
     if found:
@@ -225,8 +356,29 @@ def open_stack(files: dict[int, Path], bad_slices: str = "error") -> TiffStack:
             len(problems),
             "; ".join(problems[z] for z in sorted(problems)[:_LISTED]),
         )
-    slices = {z: SliceFile(z, entry[0], entry[4], entry[5]) for z, entry in found.items()}
-    return TiffStack(slices, shape, dtype.newbyteorder("="), reference[3], tuple(sorted(problems)))
+    slices = {z: entry[3] for z, entry in found.items()}
+    return TiffStack(slices, shape, dtype.newbyteorder("="), tuple(sorted(problems)))
+
+
+def file_list(files: dict[int, Path], stack: TiffStack) -> list[tuple[str, int, int]]:
+    """Name, size (bytes) and modification time (ns) of each file of ``files``, in slice order.
+
+    The size and time are those of the header check; ``-1`` for a name that
+    is not a readable file (a dangling link).
+    """
+    listed = []
+    for z in sorted(files):
+        entry = stack.slices.get(z)
+        if entry is not None:
+            size, mtime = entry.identity[2:]
+        else:
+            try:
+                status = files[z].stat()
+                size, mtime = status.st_size, status.st_mtime_ns
+            except OSError:
+                size = mtime = -1
+        listed.append((files[z].name, size, mtime))
+    return listed
 
 
 def read_rows(stack: TiffStack, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
@@ -243,7 +395,7 @@ def read_rows(stack: TiffStack, z: int, rows: tuple[int, int], cols: tuple[int, 
 
     Raises
     ------
-    StackError
+    SliceReadError
         If the file cannot be read, naming it.
     """
     entry = stack.slices.get(z)
@@ -256,9 +408,45 @@ def read_rows(stack: TiffStack, z: int, rows: tuple[int, int], cols: tuple[int, 
         elif entry.decode_rows < stack.shape[0]:
             _read_strips(entry, rows, cols, out)
         else:
-            out[...] = tifffile.imread(entry.path, maxworkers=1)[rows[0] : rows[1], cols[0] : cols[1]]
+            with _open_checked(entry) as handle:
+                out[...] = tifffile.imread(handle, maxworkers=1)[rows[0] : rows[1], cols[0] : cols[1]]
     except Exception as error:
-        raise StackError(f"{entry.path}: cannot read slice {z} ({error}); check or replace this slice") from None
+        message = f"{entry.path}: cannot read slice {z} ({error}); check or replace this slice"
+        raise SliceReadError(message, isinstance(error, SliceChanged)) from None
+
+
+def first_unreadable_row(stack: TiffStack, z: int) -> int:
+    """The first row of slice ``z`` that cannot be read, found by reading the slice in order.
+
+    The row is the first of the smallest piece that is read at once: the row
+    itself in an uncompressed slice, its strip in a compressed one, row 0 in a
+    slice that is decoded whole (tiles).  It belongs to the file, not to the
+    rows that were being read when the failure showed, so a bad slice is
+    zeroed from the same row whichever way the work is cut.
+
+    Returns
+    -------
+    int
+        A row of the slice, or its height if every row can be read now.
+
+    Raises
+    ------
+    SliceReadError
+        With ``changed`` set, if the file is not the one whose header was checked.
+    """
+    entry = stack.slices[z]
+    height, width = stack.shape
+    step = min(height, 1 if entry.data_offset is not None else entry.decode_rows)
+    buffer = np.empty((step, width), stack.dtype)
+    for top in range(0, height, step):
+        bottom = min(top + step, height)
+        try:
+            read_rows(stack, z, (top, bottom), (0, width), buffer[: bottom - top])
+        except SliceReadError as error:
+            if error.changed:
+                raise
+            return top
+    return height
 
 
 def _read_direct(
@@ -270,12 +458,12 @@ def _read_direct(
     width = stack.shape[1]
     full_width = x0 == 0 and x1 == width and out.flags.c_contiguous
     target = out if full_width else np.empty((y1 - y0, width), stack.dtype)
-    with open(entry.path, "rb", buffering=0) as handle:
+    with _open_checked(entry) as handle:
         handle.seek(entry.data_offset + y0 * width * stack.dtype.itemsize)
         got = handle.readinto(memoryview(target).cast("B"))
     if got != target.nbytes:
         raise OSError(f"read {got} of {target.nbytes} bytes, the file is shorter than its header says")
-    if stack.byteorder not in ("=", _native_byteorder()):
+    if entry.byteorder != _native_byteorder():
         target.byteswap(inplace=True)
     if not full_width:
         out[...] = target[:, x0:x1]
@@ -285,7 +473,7 @@ def _read_strips(entry: SliceFile, rows: tuple[int, int], cols: tuple[int, int],
     """Decode the strips that hold rows ``rows`` and copy the asked part of each into ``out``."""
     (y0, y1), (x0, x1) = rows, cols
     step = entry.decode_rows
-    with tifffile.TiffFile(entry.path) as tif:
+    with _open_checked(entry) as opened, tifffile.TiffFile(opened) as tif:
         page = tif.pages.first
         handle = tif.filehandle
         for index in range(y0 // step, (y1 - 1) // step + 1):

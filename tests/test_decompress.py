@@ -89,7 +89,7 @@ def test_pixels_equal_uncompressed_memory_mappable_tags_kept(masked, tmp_path):
         assert page.tags["Artist"].value == "Vesuvius Challenge"
     assert "6 files decompressed, 1 already uncompressed copied" in result.stderr
     assert "verified 7 files" in result.stderr
-    assert "files/s" in result.stderr and "B/s" in result.stderr
+    assert "MB/s" in result.stderr  # the bar, shown on a terminal only, is tested in test_cli_hostile.py
 
 
 def test_tiff_and_upper_case_names_in_slice_order(tmp_path, rng):

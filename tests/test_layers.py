@@ -57,7 +57,7 @@ def sheet(scroll) -> tuple[Path, np.ndarray]:
 
 
 def read_layers(directory: Path) -> tuple[list[str], np.ndarray]:
-    names = sorted(p.name for p in directory.iterdir())
+    names = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))  # not the run's manifest
     return names, np.stack([tifffile.imread(directory / name) for name in names])
 
 
@@ -86,7 +86,7 @@ def test_layers_and_stack_match_the_definition(scroll, volume, sheet, tmp_path):
     assert max(layers[29][mapped].mean(), layers[35][mapped].mean()) < 0.25 * SHEET_LEVEL
     stack = tifffile.imread(tmp_path / "stack.tif")
     np.testing.assert_array_equal(stack, layers[20:45].max(axis=0))
-    assert "pixels mapped" in result.stderr and "rendering" in result.stderr
+    assert "pixels mapped" in result.stderr  # the progress bar, on terminals only: test_cli_hostile.py
 
 
 def test_even_layer_count_and_spacing(scroll, volume, sheet, tmp_path):
@@ -236,7 +236,8 @@ def test_overwrite_replaces_layers_keeps_other_files_and_removes_stale_layers(sc
     first = (out / "04.tif").read_bytes()
     options = ["--number_of_layers", 5, "--layer_spacing", 2, "--overwrite", "--quiet"]
     assert_ok(ppm_to_layers(ppm, scroll / "scroll.zarr", out, tmp_path / "s.tif", *options))
-    assert sorted(p.name for p in out.iterdir()) == ["00.tif", "01.tif", "02.tif", "03.tif", "04.tif", "notes.txt"]
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert names == ["00.tif", "01.tif", "02.tif", "03.tif", "04.tif", "notes.txt"]
     assert (out / "notes.txt").read_text() == "mine"
     assert (out / "04.tif").read_bytes() != first
 
@@ -256,7 +257,7 @@ def test_ctrl_c_leaves_no_file_under_a_final_name(scroll, tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # the run created it and removed it with its partial files
     assert not (tmp_path / "s.tif").exists() and not (tmp_path / ".s.tif.partial").exists()
 
 
@@ -287,7 +288,7 @@ def test_memory_stays_bounded_on_a_segment_larger_than_the_bound(scroll, volume,
     assert_ok(result)
     peak = int(re.search(r"peak (\d+)", result.stderr).group(1))
     assert peak <= bound, f"peak resident memory {peak / 2**30:.2f} GiB"
-    assert len(list((tmp_path / "l").iterdir())) == 65
+    assert len([p for p in (tmp_path / "l").iterdir() if p.name != ".scrollzarr-layers.json"]) == 65
     middle = tifffile.imread(tmp_path / "l" / "32.tif")
     reference = np.tile(layers_reference(volume, surface, 65, 1.0)[32], (80, 14))
     reference[:, np.arange(big.shape[1]) % 64 != 0] = 0

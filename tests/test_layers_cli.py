@@ -79,7 +79,7 @@ def test_header_errors(tmp_path, store, header, fragments):
 def test_comments_and_unknown_keys_in_any_order_are_accepted(tmp_path, store):
     header = "# made by hand\nversion: 1\ntype: double\nheight: 2\nsource: test\ndim: 6\nwidth: 3\nordered: true\n<>\n"
     assert_ok(ppm_to_layers(raw_ppm(tmp_path, header), store, tmp_path / "out", "--quiet"))
-    assert len(list((tmp_path / "out").iterdir())) == 65
+    assert len([p for p in (tmp_path / "out").iterdir() if p.name != ".scrollzarr-layers.json"]) == 65
 
 
 @pytest.mark.parametrize(
@@ -212,7 +212,7 @@ def test_quiet_prints_nothing_and_verbose_is_accepted(tmp_path, ppm, store):
     assert result.stderr == ""
     result = ppm_to_layers(ppm, store, tmp_path / "b", "--verbose")
     assert_ok(result)
-    assert "rendering" in result.stderr and "wrote 65 layers of 3 x 2 (uint16)" in result.stderr
+    assert "wrote 65 layers of 3 x 2 (uint16)" in result.stderr  # the bar, on terminals only: test_cli_hostile.py
 
 
 def test_dashed_spellings_and_the_num_threads_alias(tmp_path, ppm, store):

@@ -15,9 +15,9 @@ def test_numbers_come_from_names_and_other_files_are_ignored(tmp_path, rng):
     image = rng.integers(0, 100, (4, 5), dtype=np.uint16)
     for name in ["00000.tif", "scan_0002.tiff", "7.TIF", "notes.txt", "preview.tif", "00003.tif.bak", "mask.png"]:
         tifffile.imwrite(tmp_path / name, image) if "tif" in name.lower() else (tmp_path / name).write_text("x")
-    (tmp_path / "00009.tif").mkdir()  # a directory with a slice-like name is not a slice
+    (tmp_path / "00009.tif").mkdir()  # a directory with a slice-like name is kept, to be reported as bad
     found = numbered_tiffs(tmp_path)
-    assert {z: p.name for z, p in found.items()} == {0: "00000.tif", 2: "scan_0002.tiff", 7: "7.TIF"}
+    assert {z: p.name for z, p in found.items()} == {0: "00000.tif", 2: "scan_0002.tiff", 7: "7.TIF", 9: "00009.tif"}
 
 
 def test_gaps_are_reported_by_missing(tmp_path, rng):
@@ -27,7 +27,7 @@ def test_gaps_are_reported_by_missing(tmp_path, rng):
     paths[3].unlink()
     stack = open_stack(numbered_tiffs(tmp_path))
     assert sorted(stack.slices) == [0, 1, 4, 5]
-    assert stack.missing(0, 6) == [2, 3]
+    assert stack.missing_runs(0, 6) == [(2, 4)]
 
 
 def test_duplicate_numbers_name_both_files(tmp_path, rng):
