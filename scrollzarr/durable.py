@@ -44,9 +44,14 @@ def replace_durably(source: Path, target: Path) -> None:
 def sync_file_system(path: Path) -> None:
     """Flush every file and directory of the file system that holds ``path`` (Linux ``syncfs``).
 
-    One call makes a whole slab's chunk files durable, their names included: much
-    cheaper than an ``fsync`` per file, each of which commits the journal (see
-    bench/RESULTS.md).  Where ``syncfs`` is missing, ``sync`` (every file system).
+    One call after a slab makes every chunk file of it durable, names and
+    directories included, from one place, instead of an ``fsync`` per file in the
+    writer threads and one per directory.  Measured on this project's build
+    machine (512 direct-I/O chunk files of 4 MiB, 2 writer threads, medians of 4):
+    1.7 s with one ``syncfs``, 1.6 s with an ``fsync`` per file and directory,
+    1.25 s without flushing: the same within the machine's noise.  It also
+    flushes other programs' unwritten data on that file system.  Where
+    ``syncfs`` is missing, ``sync`` (every file system).
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
