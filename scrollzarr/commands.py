@@ -38,19 +38,30 @@ def scroll_to_ome(
         Print the plan on stdout and write nothing.
     """
     from scrollzarr import pipeline, rebuild
+    from scrollzarr.outputlock import OutputLock
+    from scrollzarr.store import check_output_name
 
-    if first_new_level is not None:
-        plan = rebuild.plan_rebuild(output, first_new_level, options, chunk_size)
-        if dry_run:
-            print(rebuild.describe_rebuild(plan))
-        else:
-            log.info(rebuild.rebuild_levels(plan).summary())
-        return
-    conversion = pipeline.plan_conversion(input_dir, output, options)
     if dry_run:
-        print(pipeline.describe_plan(conversion))
-    else:
-        log.info(pipeline.convert(conversion).summary())
+        if first_new_level is not None:
+            print(rebuild.describe_rebuild(rebuild.plan_rebuild(output, first_new_level, options, chunk_size)))
+        else:
+            print(pipeline.describe_plan(pipeline.plan_conversion(input_dir, output, options)))
+        return
+
+    def work() -> None:
+        if first_new_level is not None:
+            plan = rebuild.plan_rebuild(output, first_new_level, options, chunk_size)
+            log.info(rebuild.rebuild_levels(plan).summary())
+        else:
+            log.info(pipeline.convert(pipeline.plan_conversion(input_dir, output, options)).summary())
+
+    check_output_name(output)
+    if output.exists() and not output.is_dir():
+        work()  # planning refuses a file (it is never written over), which could not hold the lock anyway
+        return
+    # One run per store, from before the output is looked at (so that what is planned stays true) to the end.
+    with OutputLock(output, "output store"):
+        work()
 
 
 def ppm_to_layers(

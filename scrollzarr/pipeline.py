@@ -40,9 +40,12 @@ from scrollzarr.store import (
     check_output_name,
     check_replaceable,
     create_level,
+    damaged_chunks,
+    empty_output,
+    is_abandoned,
     is_zarr_store,
     open_store,
-    remove_existing,
+    read_checked,
     remove_partial_files,
 )
 from scrollzarr.streaming import LevelStream
@@ -203,6 +206,9 @@ def _existing_output(output: Path, options: Options, input_dir: Path) -> Progres
     """
     if options.resume:
         record = progress.load(open_store(output)) if is_zarr_store(output) else None
+        if record is None and is_abandoned(output) and any(output.glob(f"{progress.KEY}.*.partial")):
+            log.info("the stopped run wrote nothing; starting from the beginning")
+            return None
         if record is None:
             raise ScrollzarrError(
                 f"nothing to resume: {output} is not an unfinished scroll_to_ome conversion; "
@@ -266,6 +272,9 @@ def _describe_passes(streamed: int, last: int) -> str:
 
 Band = tuple[tuple[int, int], tuple[int, int]]
 
+# What to do about a damaged chunk found while converting: --resume finds every damaged chunk and writes it again.
+RESUME_ADVICE = "run the same command with --resume, which writes damaged chunks again from the TIFFs"
+
 
 class _Run:
     """One conversion under way: its arrays, workers, progress bar, report and progress record."""
@@ -277,7 +286,6 @@ class _Run:
         self.record = record
         self.workers = workers
         self.bar = bar
-        self.store = open_store(plan.output)
         # bad slice -> its first row written as zeros (scan rows); a slice whose header is bad: row 0
         self.bad = {z: record.bad_rows.get(str(z), 0) for z in record.bad_slices} | dict.fromkeys(plan.stack.bad, 0)
         self.bad_lock = threading.Lock()
@@ -292,7 +300,7 @@ class _Run:
         self.record.chunks_written = {str(k): v.chunks_written for k, v in self.report.levels.items()}
         self.record.bad_slices = sorted(self.bad)
         self.record.bad_rows = {str(z): row for z, row in sorted(self.bad.items())}
-        self.record.save(self.store)
+        self.record.save(self.plan.output)
 
     def read_slice(self, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
         """Read rows of slice ``z`` (scan numbering) into ``out``; with ``--bad_slices zero`` a failure reads zeros.
@@ -421,7 +429,7 @@ class _Run:
     def _stored(self, level: int, stream: LevelStream) -> Callable[[int, int], np.ndarray]:
         array = self.arrays[level]
         (y0, y1), (x0, x1) = stream.rows, stream.cols
-        return lambda z0, z1: array[z0:z1, y0:y1, x0:x1]
+        return lambda z0, z1: read_checked(array, (slice(z0, z1), slice(y0, y1), slice(x0, x1)), RESUME_ADVICE)
 
 
 def _stack_attributes(plan: Plan, bad: list[int], bad_rows: dict[int, int]) -> dict[str, object]:
@@ -436,34 +444,87 @@ def _stack_attributes(plan: Plan, bad: list[int], bad_rows: dict[int, int]) -> d
 
 
 def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progress]:
-    """Create the store (or, resuming, open it and drop the temporary files of the stopped run)."""
-    options, chunk = plan.options, plan.options.chunk_size
-    if plan.resume_from is not None:
+    """Create the store, or, resuming, open it, repair what the record cannot vouch for, and drop temporary files.
+
+    A new store gets its progress record first, so that at every instant it is
+    recognisably unfinished and resumable; then the group and the level arrays
+    (a stop before those are written leaves levels that ``--resume`` creates).
+    """
+    record = plan.resume_from
+    if record is None:
+        empty_output(plan.output)
+        record = Progress(plan.fingerprint, [plan.bands.rows, plan.bands.cols, plan.bands.streamed])
+        record.save(plan.output)
+        progress.save_slices(plan.output, plan.slice_files)  # after the record: its digest suffices to resume
+    else:
         leftovers = remove_partial_files(plan.output)
         log.debug("removed %d temporary files of the stopped run", leftovers)
-        if options.zarr_only:
-            return None, [zarr.open_array(str(plan.output), mode="r+")], plan.resume_from
-        group = zarr.open_group(str(plan.output), mode="r+")
-        return group, [group[str(level)] for level in range(len(plan.shapes))], plan.resume_from  # type: ignore[misc]
-    remove_existing(plan.output)
-    record = Progress(plan.fingerprint, [plan.bands.rows, plan.bands.cols, plan.bands.streamed])
-    if options.zarr_only:
-        array = create_level(plan.output, None, plan.shapes[0], chunk, plan.dtype)
-        record.save(open_store(plan.output))
-        progress.save_slices(open_store(plan.output), plan.slice_files)
-        return None, [array], record
-    group = zarr.open_group(str(plan.output), mode="w", zarr_format=2)
-    record.save(open_store(plan.output))  # before any chunk: the store is unfinished from the start
-    progress.save_slices(open_store(plan.output), plan.slice_files)
-    arrays = [create_level(group, str(level), shape, chunk, plan.dtype) for level, shape in enumerate(plan.shapes)]
+    if plan.options.zarr_only:
+        arrays, group = [_level(plan.output, None, plan)], None
+    else:
+        group = zarr.open_group(str(plan.output), mode="a", zarr_format=2)
+        arrays = [_level(group, str(level), plan) for level in range(len(plan.shapes))]
+    if plan.resume_from is not None:
+        _rewrite_damaged(plan, arrays, record)
     return group, arrays, record
+
+
+def _rewrite_damaged(plan: Plan, arrays: list[zarr.Array], record: Progress) -> None:
+    """Find the chunk files of the wrong size, take the record back to before the first unit that wrote each,
+    save it, then delete them: the resumed run writes them again.
+
+    A damaged chunk of a streamed level goes back to the start of its band (the
+    streams cannot be restored from damaged planes); one of a level built from
+    the level above, to its row of blocks.
+    """
+    damaged = []
+    for level, array in enumerate(arrays):
+        for path, size in damaged_chunks(array, plan.output):
+            log.warning("chunk file %s is damaged (%d bytes); it is written again", path, size)
+            z, y, x = (int(part) * plan.options.chunk_size for part in path.relative_to(path.parents[2]).parts)
+            if level <= plan.bands.streamed:
+                _, height, width = plan.shapes[0]
+                scale = 2**level
+                bands = _bands(height, width, plan.bands)
+                band = next(i for i, ((_, r1), (_, c1)) in enumerate(bands) if y * scale < r1 and x * scale < c1)
+                if band < record.bands_done or (band == record.bands_done and record.slabs_done):
+                    record.bands_done, record.slabs_done, record.streams = band, 0, []
+            else:
+                row = z // plan.blocks[level - plan.bands.streamed - 1][0]
+                record.rows_done[str(level)] = min(record.rows_done.get(str(level), 0), row)
+            damaged.append(path)
+    if damaged:
+        record.save(plan.output)  # before the files go: a stop now still finds them, not zeros in their place
+        for path in damaged:
+            path.unlink()
+
+
+def _level(parent: zarr.Group | Path, name: str | None, plan: Plan) -> zarr.Array:
+    """Level ``name`` of the store (the array at ``parent`` for ``--zarr_only``), created if it is not whole yet.
+
+    zarr writes an array's ``.zarray`` and then its ``.zattrs``; a stop between
+    them leaves the level half described, so both are written again.  Its
+    chunks, if any, are kept: those the record vouches for are valid, the
+    others are written again.
+    """
+    directory = plan.output if name is None else plan.output / name
+    metadata = [directory / ".zarray", directory / ".zattrs"]
+    if not all(path.is_file() for path in metadata):
+        for path in metadata:
+            path.unlink(missing_ok=True)
+        shape = plan.shapes[0 if name is None else int(name)]
+        return create_level(parent, name, shape, plan.options.chunk_size, plan.dtype, overwrite=False)
+    array = parent[name] if isinstance(parent, zarr.Group) else zarr.open_array(str(parent), mode="r+")
+    assert isinstance(array, zarr.Array)
+    return array
 
 
 def convert(plan: Plan) -> Report:
     """Carry out ``plan`` (or continue it, with ``--resume``): write the store, metadata last.
 
     After every unit of work the progress record in the store says what is on
-    disk; it is removed once the metadata is written.
+    disk; it is removed once the metadata is written.  The caller holds the
+    output's :class:`~scrollzarr.outputlock.OutputLock` from before planning.
 
     Returns
     -------
@@ -475,8 +536,8 @@ def convert(plan: Plan) -> Report:
         log.warning("no file for slice(s) %s; they are written as zeros", format_runs(plan.missing))
     group, arrays, record = _open_output(plan)
     log.debug(
-        "level 0: bands of %d x %d (rows x columns), levels 1 to %d streamed",
-        plan.bands.rows, plan.bands.cols, plan.bands.streamed,
+        "level 0: bands of %d x %d (rows x columns), %s",
+        plan.bands.rows, plan.bands.cols, _describe_streamed(plan.bands.streamed),
     )  # fmt: skip
     try:
         report = _convert(plan, group, arrays, record)
@@ -485,6 +546,10 @@ def convert(plan: Plan) -> Report:
         raise
     report.seconds = time.monotonic() - started
     return report
+
+
+def _describe_streamed(streamed: int) -> str:
+    return f"{_levels_text(1, streamed)} streamed with it" if streamed else "no other level streamed with it"
 
 
 def _describe_progress(plan: Plan, record: Progress) -> str:
@@ -511,7 +576,7 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
         if group is not None:
             build_from_above(
                 group, plan.bands.streamed + 1, plan.blocks, options.algorithm, workers, bar, run.report, record,
-                run.checkpoint,
+                run.checkpoint, lambda level: RESUME_ADVICE,
             )  # fmt: skip
     run.report.bad = sorted(run.bad)
     attributes = _stack_attributes(plan, run.report.bad, run.bad)
@@ -526,7 +591,7 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
             ds.parameters(options.algorithm),
         )
         group.attrs.update({"scrollzarr": attributes, "multiscales": [multiscale.to_json()]})
-    progress.remove(run.store)
+    progress.remove(plan.output)
     return run.report
 
 

@@ -1,8 +1,9 @@
 """The progress record: what a conversion has finished, kept inside the store it writes.
 
-Its presence marks the store as unfinished; it is written (atomically, through
-the store) after each unit of work is on disk, and removed once the metadata
-is complete.  ``--resume`` reads it to continue where the run stopped and to
+Its presence marks the store as unfinished; it is written after each unit of
+work is on disk, and removed once the metadata is complete.  Each save first
+flushes the store's file system, so that what the record vouches for survives
+a power cut, then replaces the record durably.  ``--resume`` reads it to continue where the run stopped and to
 check that the options are those of the run it continues.
 """
 
@@ -11,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from scrollzarr.durable import remove_durably, sync_file_system, write_durably
 from scrollzarr.errors import ScrollzarrError
 
 KEY = "scrollzarr_progress.json"
@@ -76,14 +79,21 @@ class Progress:
     bad_slices: list[int] = field(default_factory=list)
     bad_rows: dict[str, int] = field(default_factory=dict)
 
-    def save(self, store: Store) -> None:
-        """Write the record into ``store`` (the store writes it under a temporary name, then renames it)."""
-        data = json.dumps(asdict(self), indent=1).encode()
-        sync(store.set(KEY, default_buffer_prototype().buffer.from_bytes(data)))
+    def save(self, output: Path) -> None:
+        """Write the record into the store at ``output``, once everything written before it is on the disk.
 
-    def mismatch(self, fingerprint: dict[str, Any]) -> str | None:
-        """The first option that differs from the recorded run, as a sentence; ``None`` if all agree."""
-        for key, name in FINGERPRINT_OPTIONS.items():
+        One ``syncfs`` of the store's file system makes every chunk and metadata
+        file written so far durable, names included; then the record is replaced
+        durably (temporary file, flush, rename, flush of the directory).  So after
+        a power cut the record never vouches for data that is not on the disk.
+        """
+        sync_file_system(output)
+        write_durably(output / KEY, json.dumps(asdict(self), indent=1).encode())
+
+    def mismatch(self, fingerprint: dict[str, Any], options: dict[str, str] = FINGERPRINT_OPTIONS) -> str | None:
+        """The first of ``options`` (fingerprint key: its name) that differs from the recorded run, as a sentence;
+        ``None`` if all agree."""
+        for key, name in options.items():
             if self.fingerprint.get(key) != fingerprint.get(key):
                 return f"{name} was {self.fingerprint.get(key)!r} in the stopped run, now {fingerprint.get(key)!r}"
         return None
@@ -108,10 +118,14 @@ def load(store: Store) -> Progress | None:
         ) from None
 
 
-def remove(store: Store) -> None:
-    """Delete the record (and the input's list of slice files): the store is finished."""
-    sync(store.delete(SLICES_KEY))
-    sync(store.delete(KEY))
+def remove(output: Path) -> None:
+    """Delete the list of slice files, then the record, once the metadata that finishes the store is on the disk.
+
+    In that order: a stop between them leaves a resumable store (the list only names changed files).
+    """
+    sync_file_system(output)
+    (output / SLICES_KEY).unlink(missing_ok=True)
+    remove_durably(output / KEY)
 
 
 def exists(store: Store) -> bool:
@@ -126,10 +140,10 @@ def slices_digest(slices: SliceFiles) -> str:
     return hashlib.sha256(json.dumps(slices, separators=(",", ":")).encode()).hexdigest()
 
 
-def save_slices(store: Store, slices: SliceFiles) -> None:
-    """Keep the input's slice files in ``store``, to name what changed if a resumed run finds another input."""
-    data = json.dumps(slices, separators=(",", ":")).encode()
-    sync(store.set(SLICES_KEY, default_buffer_prototype().buffer.from_bytes(data)))
+def save_slices(output: Path, slices: SliceFiles) -> None:
+    """Keep the input's slice files in the store at ``output``, to name what changed if a resumed run finds
+    another input (written durably, like the record)."""
+    write_durably(output / SLICES_KEY, json.dumps(slices, separators=(",", ":")).encode())
 
 
 def input_change(record: Progress, slices: SliceFiles, store: Store) -> str | None:

@@ -13,7 +13,7 @@ from scrollzarr import downsample as ds
 from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
 from scrollzarr.progress import Progress
 from scrollzarr.report import Report
-from scrollzarr.store import ChunkWriter
+from scrollzarr.store import ChunkWriter, read_checked
 from scrollzarr.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,12 @@ def build_from_above(
     report: Report,
     record: Progress,
     checkpoint: Callable[[], None],
+    advice: Callable[[int], str],
 ) -> None:
     """Fill levels ``first …`` from the stored level above each, in ``blocks``, a chunk row in z at a time.
 
     Rows that ``record`` lists as done are skipped; ``checkpoint`` is called after each row.
+    ``advice(level)`` says what to do about a damaged chunk of ``level`` (read to build the one below).
     """
     for level, block in enumerate(blocks, start=first):
         source, target = group[str(level - 1)], group[str(level)]
@@ -42,8 +44,8 @@ def build_from_above(
         bar.set_description(f"level {level}")
         done = record.rows_done.get(str(level), 0)
 
-        def work(box: Box, source: zarr.Array = source, writer: ChunkWriter = writer) -> int:
-            written = write_downsampled_block(source, writer, box, algorithm)
+        def work(box: Box, source: zarr.Array = source, writer: ChunkWriter = writer, level: int = level) -> int:
+            written = write_downsampled_block(source, writer, box, algorithm, advice(level - 1))
             bar.update(box_size(box))
             return written
 
@@ -64,13 +66,18 @@ def _rows(boxes: list[Box]) -> list[list[Box]]:
     return list(rows.values())
 
 
-def write_downsampled_block(source: zarr.Array, writer: ChunkWriter, box: Box, algorithm: ds.Algorithm) -> int:
-    """Build ``box`` of a level from the stored level above, ``source``; write its non-zero chunks."""
+def write_downsampled_block(
+    source: zarr.Array, writer: ChunkWriter, box: Box, algorithm: ds.Algorithm, advice: str
+) -> int:
+    """Build ``box`` of a level from the stored level above, ``source``; write its non-zero chunks.
+
+    ``advice`` ends the message if a chunk of ``source`` is damaged.
+    """
     margin = ds.halo(algorithm)
     read = tuple(
         slice(max(2 * a - margin, 0), min(2 * b + margin, n)) for (a, b), n in zip(box, source.shape, strict=True)
     )
-    data = source[read]
+    data = read_checked(source, read, advice)
     if algorithm == "gaussian":
         core = tuple(
             slice(2 * a - r.start, min(2 * b, n) - r.start)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -13,6 +15,7 @@ import zarr
 from scrollzarr import downsample as ds
 from scrollzarr import memory, progress
 from scrollzarr.blocks import Shape3
+from scrollzarr.durable import sync_file_system
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.ngff_v04 import Multiscale
 from scrollzarr.options import Options
@@ -20,15 +23,40 @@ from scrollzarr.progress import Progress
 from scrollzarr.readback import build_from_above
 from scrollzarr.report import LevelReport, Report, chunk_count, progress_bar
 from scrollzarr.sizes import format_bytes
-from scrollzarr.store import check_output_name, create_level, is_zarr_store, open_store
+from scrollzarr.store import (
+    check_output_name,
+    create_level,
+    damaged_chunks,
+    is_zarr_store,
+    open_store,
+    remove_partial_files,
+)
 from scrollzarr.workers import Workers
 
 log = logging.getLogger(__name__)
 
+# The options a resumed rebuild must share with the stopped one (fingerprint key: command-line name).
+REBUILD_OPTIONS = {
+    "rebuild_from_level": "--first_new_level",
+    "nlevels": "--nlevels",
+    "chunk_size": "--chunk_size",
+    "algorithm": "--algorithm",
+}
+
 
 @dataclass(frozen=True)
 class RebuildPlan:
-    """``--first_new_level``: levels to rebuild in an existing OME-Zarr."""
+    """``--first_new_level``: levels to rebuild in an existing OME-Zarr.
+
+    Attributes
+    ----------
+    fingerprint : dict
+        The options (keys of :data:`REBUILD_OPTIONS`) and, under ``"multiscales"``,
+        the store's ``multiscales`` metadata as it was before the rebuild (the
+        rebuild removes it first; a resumed rebuild takes it from the record).
+    resume_from : Progress or None
+        The record of the stopped rebuild, with ``--resume``.
+    """
 
     output: Path
     first: int
@@ -41,6 +69,8 @@ class RebuildPlan:
     blocks: tuple[Shape3, ...]
     workers: int
     quiet: bool
+    fingerprint: dict[str, Any]
+    resume_from: Progress | None
 
 
 def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | None) -> RebuildPlan:
@@ -63,19 +93,13 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
             f"--first_new_level {first} leaves nothing to build with --nlevels {options.nlevels}; "
             f"raise --nlevels above {first}"
         )
-    record = progress.load(open_store(output)) if is_zarr_store(output) else None
-    if record is not None and "rebuild_from_level" not in record.fingerprint:
-        raise ScrollzarrError(
-            f"{output} is an unfinished conversion; finish it first with the same command and --resume"
-        )
-    if record is not None and record.fingerprint["rebuild_from_level"] < first:
-        raise UsageError(
-            f"{output} is unfinished: rebuilding from level {record.fingerprint['rebuild_from_level']} stopped; "
-            f"run --first_new_level {record.fingerprint['rebuild_from_level']} again"
-        )
+    record = _existing_rebuild(output, options.resume)
+    asked = {"rebuild_from_level": first, "nlevels": options.nlevels, "algorithm": options.algorithm}
+    _check_resumable(output, record, asked)
     try:
         group = zarr.open_group(str(output), mode="r")
-        multiscale = Multiscale.from_json(group.attrs["multiscales"][0])  # type: ignore[index,arg-type]
+        multiscales = group.attrs["multiscales"] if record is None else record.fingerprint["multiscales"]
+        multiscale = Multiscale.from_json(multiscales[0])  # type: ignore[index,arg-type]
     except Exception:
         raise ScrollzarrError(
             f"{output} is not a finished OME-Zarr (no readable multiscales metadata); "
@@ -111,6 +135,14 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         budget = max(plane, memory.read_back_need(layout, first))
     else:
         budget = int(options.max_gb * memory.GIB)
+    fingerprint = {
+        "rebuild_from_level": first,
+        "nlevels": options.nlevels,
+        "chunk_size": chunk,
+        "algorithm": options.algorithm,
+        "multiscales": multiscales,
+    }
+    _check_resumable(output, record, fingerprint)
     return RebuildPlan(
         output=output,
         first=first,
@@ -123,27 +155,73 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         blocks=memory.read_back_blocks(layout, first, budget),
         workers=options.worker_count,
         quiet=options.quiet,
+        fingerprint=fingerprint,
+        resume_from=record,
     )
 
 
+def _check_resumable(output: Path, record: Progress | None, fingerprint: dict[str, Any]) -> None:
+    """Refuse to resume ``record`` with options (those of ``fingerprint``) other than the stopped rebuild's."""
+    if record is None:
+        return
+    differs = record.mismatch(fingerprint, {key: REBUILD_OPTIONS[key] for key in fingerprint if key in REBUILD_OPTIONS})
+    if differs:
+        raise UsageError(f"cannot resume {output}: {differs}; resume with the options of the stopped rebuild")
+
+
+def _existing_rebuild(output: Path, resume: bool) -> Progress | None:
+    """The record of a stopped rebuild of ``output`` to continue (with ``resume``); checks it may be continued.
+
+    Raises
+    ------
+    ScrollzarrError
+        If the store is an unfinished conversion, an unfinished rebuild without
+        ``resume``, or not unfinished with ``resume``.
+    """
+    record = progress.load(open_store(output)) if is_zarr_store(output) else None
+    if record is not None and "rebuild_from_level" not in record.fingerprint:
+        raise ScrollzarrError(
+            f"{output} is an unfinished conversion; finish it first with the same command and --resume"
+        )
+    if record is not None and not resume:
+        raise ScrollzarrError(
+            f"{output} is an unfinished rebuild (--first_new_level {record.fingerprint['rebuild_from_level']}); "
+            "continue it with the same command and --resume"
+        )
+    if record is None and resume:
+        raise ScrollzarrError(
+            f"nothing to resume: {output} is not an unfinished --first_new_level rebuild; run without --resume"
+        )
+    return record
+
+
 def rebuild_levels(plan: RebuildPlan) -> Report:
-    """Delete levels ``plan.first …`` of the store, build them again, and rewrite the metadata."""
+    """Delete levels ``plan.first …`` of the store, build them again, and rewrite the metadata.
+
+    Before any level is touched, the store is marked unfinished: the progress
+    record (holding the old ``multiscales``) is written and the ``multiscales``
+    metadata removed, durably.  With ``plan.resume_from`` the stopped rebuild
+    continues: the levels whose rows the record vouches for are kept.  The
+    caller holds the output's :class:`~scrollzarr.outputlock.OutputLock` from
+    before planning.
+    """
     started = time.monotonic()
-    store = open_store(plan.output)
-    record = Progress({"rebuild_from_level": plan.first}, [])
-    record.save(store)  # unfinished until the metadata lists the new levels; running the rebuild again finishes it
     group = zarr.open_group(str(plan.output), mode="r+")
-    for name in list(group.array_keys()):
-        if name.isdigit() and int(name) >= plan.first:
-            del group[name]
-    report = Report(plan.output, plan.dtype, plan.chunk)
-    for level in range(plan.first, len(plan.shapes)):
-        create_level(group, str(level), plan.shapes[level], plan.chunk, plan.dtype)
-        report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], plan.chunk))
+    log.debug("removed %d temporary files of a stopped run", remove_partial_files(plan.output))
+    record = plan.resume_from
+    if record is None:
+        record = Progress(plan.fingerprint, [])
+        record.save(plan.output)
+        attributes = group.attrs.asdict()
+        attributes.pop("multiscales", None)
+        group.attrs.put(attributes)
+        sync_file_system(plan.output)
+    report = _prepare_levels(plan, group, record)
     with progress_bar(plan.shapes[plan.first :], plan.quiet) as bar, Workers(plan.workers) as workers:
         build_from_above(
-            group, plan.first, plan.blocks, plan.algorithm, workers, bar, report, record, lambda: record.save(store)
-        )
+            group, plan.first, plan.blocks, plan.algorithm, workers, bar, report, record,
+            lambda: record.save(plan.output), lambda level: _advice(plan, level),
+        )  # fmt: skip
     multiscale = Multiscale.pyramid(
         plan.output.stem,
         len(plan.shapes),
@@ -152,8 +230,48 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
         ds.parameters(plan.algorithm),
     )
     group.attrs["multiscales"] = [multiscale.to_json()]
-    progress.remove(store)
+    progress.remove(plan.output)
     report.seconds = time.monotonic() - started
+    return report
+
+
+def _advice(plan: RebuildPlan, level: int) -> str:
+    """What to do about a damaged chunk of ``level``, read to build the level below."""
+    if level >= plan.first:
+        return "run the same command with --resume, which writes damaged chunks of the new levels again"
+    again = f" or rebuild it from level {level - 1} with --first_new_level {level}" if level else ""
+    return f"this rebuild reads level {level}: convert the TIFFs again with --overwrite{again}"
+
+
+def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> Report:
+    """Delete the levels from ``plan.first`` on that the record does not vouch for, and create the planned ones.
+
+    A level with recorded rows was created by this rebuild (its old version was
+    deleted before any row was recorded): it is kept, the chunks beyond the
+    record are written again.  Any other level may still hold old chunks, so
+    it goes, chunks and all.
+    """
+    for path in sorted(plan.output.iterdir()):
+        ours = path.is_dir() and path.name.isdigit() and int(path.name) >= plan.first
+        if ours and not record.rows_done.get(path.name):
+            shutil.rmtree(path)
+    report = Report(plan.output, plan.dtype, plan.chunk)
+    damaged = []
+    for level in range(plan.first, len(plan.shapes)):
+        if not (plan.output / str(level) / ".zarray").is_file():
+            create_level(group, str(level), plan.shapes[level], plan.chunk, plan.dtype, overwrite=False)
+        report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], plan.chunk))
+        array = group[str(level)]
+        assert isinstance(array, zarr.Array)
+        for path, size in damaged_chunks(array, plan.output):
+            log.warning("chunk file %s is damaged (%d bytes); it is written again", path, size)
+            row = int(path.relative_to(path.parents[2]).parts[0]) * plan.chunk // plan.blocks[level - plan.first][0]
+            record.rows_done[str(level)] = min(record.rows_done.get(str(level), 0), row)
+            damaged.append(path)
+    if damaged:
+        record.save(plan.output)  # before the files go: a stop now still finds them, not zeros in their place
+        for path in damaged:
+            path.unlink()
     return report
 
 

@@ -24,11 +24,14 @@ from zarr.core.metadata import ArrayV2Metadata
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from scrollzarr import progress
 from scrollzarr.errors import ScrollzarrError, UsageError
+from scrollzarr.outputlock import LOCK_NAME
 
 log = logging.getLogger(__name__)
 
-_ZARR_MARKERS = (".zgroup", ".zarray", "zarr.json")
+# A directory with a progress record is a conversion stopped before it wrote the zarr metadata.
+_ZARR_MARKERS = (".zgroup", ".zarray", "zarr.json", progress.KEY)
 # All-zero chunks are skipped by the pipeline itself (one cheap ``any()``), so zarr's
 # own, much slower, emptiness test is switched off.
 _ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -45,12 +48,26 @@ def check_output_name(output: Path) -> None:
 
 
 def is_zarr_store(path: Path) -> bool:
-    """Whether ``path`` is a zarr array or group directory (format 2 or 3)."""
+    """Whether ``path`` is a zarr array or group directory (format 2 or 3), or a store begun by scroll_to_ome."""
     return path.is_dir() and any((path / marker).is_file() for marker in _ZARR_MARKERS)
+
+
+def is_abandoned(output: Path) -> bool:
+    """Whether ``output`` holds nothing but a run's lock file (and temporary files): killed before it wrote anything.
+
+    Our own run, holding the lock, sees its output so too until it writes.
+    """
+    if not output.is_dir() or output.is_symlink():
+        return False
+    names = [path.name for path in output.iterdir()]
+    return LOCK_NAME in names and all(name == LOCK_NAME or name.endswith(".partial") for name in names)
 
 
 def check_replaceable(output: Path, overwrite: bool, input_dir: Path | None) -> None:
     """Check, before anything is written, that ``output`` may be created or replaced.
+
+    A directory that holds nothing but a lock file (a run killed before its
+    first write, or this run holding the lock) counts as absent.
 
     Raises
     ------
@@ -58,7 +75,7 @@ def check_replaceable(output: Path, overwrite: bool, input_dir: Path | None) -> 
         If the output exists and ``overwrite`` is false, or it exists but is
         not a zarr store or an empty directory, or it is or contains the input.
     """
-    if not output.exists() and not output.is_symlink():
+    if (not output.exists() and not output.is_symlink()) or is_abandoned(output):
         return
     if not overwrite:
         raise OutputError(f"output {output} already exists; pass --overwrite to replace it, or choose another name")
@@ -83,6 +100,46 @@ def check_replaceable(output: Path, overwrite: bool, input_dir: Path | None) -> 
         )
 
 
+class DamagedChunkError(OutputError):
+    """A chunk file of a level has the wrong size."""
+
+
+def chunk_files(directory: Path) -> list[Path]:
+    """The chunk files of the level array in ``directory`` (nested ``z/y/x`` keys), not those of other levels."""
+    return [
+        path
+        for path in directory.glob("*/*/*")
+        if path.is_file() and all(part.isdigit() for part in path.relative_to(directory).parts)
+    ]
+
+
+def damaged_chunks(array: zarr.Array, root: Path) -> list[tuple[Path, int]]:
+    """The chunk files of ``array`` (in the store at ``root``) whose size is not a whole chunk's, with their sizes.
+
+    Every chunk this project writes is uncompressed and whole (padded at the
+    far edges), so any other size is damage: a write cut off under its final
+    name by a power cut before it was flushed, or a disk fault.
+    """
+    nbytes = math.prod(array.chunks) * np.dtype(array.dtype).itemsize
+    directory = root / array.path if array.path else root
+    sizes = ((path, path.stat().st_size) for path in chunk_files(directory))
+    return [(path, size) for path, size in sizes if size != nbytes]
+
+
+def read_checked(array: zarr.Array, region: tuple[slice, ...], advice: str) -> np.ndarray:
+    """``array[region]``; a damaged chunk in it is a :class:`DamagedChunkError` naming the file, with ``advice``."""
+    try:
+        return array[region]
+    except ValueError:
+        store = array.store
+        damaged = damaged_chunks(array, Path(store.root)) if isinstance(store, LocalStore) else []
+        if not damaged:
+            raise
+        path, size = damaged[0]
+        nbytes = math.prod(array.chunks) * np.dtype(array.dtype).itemsize
+        raise DamagedChunkError(f"chunk file {path} is damaged ({size} bytes, not {nbytes}); {advice}") from None
+
+
 def open_store(output: Path) -> LocalStore:
     """The zarr store of the output directory."""
     return LocalStore(output)
@@ -96,14 +153,28 @@ def remove_partial_files(output: Path) -> int:
     return len(leftovers)
 
 
-def remove_existing(output: Path) -> None:
-    """Delete ``output`` if it exists; call only after :func:`check_replaceable`."""
-    if output.exists():
-        shutil.rmtree(output)
+def empty_output(output: Path) -> None:
+    """Delete everything in the directory ``output`` but the lock file; call only after :func:`check_replaceable`.
+
+    The directory and the lock stay: deleting them would let another run take
+    the output while this one writes it.
+    """
+    for path in output.iterdir():
+        if path.name == LOCK_NAME:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def create_level(
-    parent: zarr.Group | Path, name: str | None, shape: tuple[int, ...], chunk: int, dtype: np.dtype
+    parent: zarr.Group | Path,
+    name: str | None,
+    shape: tuple[int, ...],
+    chunk: int,
+    dtype: np.dtype,
+    overwrite: bool = True,
 ) -> zarr.Array:
     """Create one level: zarr format 2, cubic chunks, no compression, fill 0, ``/`` chunk keys.
 
@@ -112,6 +183,10 @@ def create_level(
     parent : zarr.Group or Path
         A group to create the array ``name`` in, or a path for a plain array
         (``name`` then ``None``).
+    overwrite : bool
+        In a group: delete an existing array ``name`` with its chunks first.
+        ``False`` writes only the metadata, keeping any chunks already there
+        (``--resume`` repairing a level whose metadata a stop prevented).
     """
     settings: dict[str, Any] = {
         "shape": shape,
@@ -126,7 +201,7 @@ def create_level(
     }
     if isinstance(parent, zarr.Group):
         assert name is not None
-        return parent.create_array(name, overwrite=True, **settings)
+        return parent.create_array(name, overwrite=overwrite, **settings)
     return zarr.create_array(str(parent), zarr_format=2, **settings)
 
 

@@ -21,6 +21,7 @@ import scroll_to_ome as cli
 from scrollzarr import pipeline as pipeline_module
 from scrollzarr import progress
 from scrollzarr import store as store_module
+from scrollzarr.outputlock import LOCK_NAME
 
 from conftest import ROOT, assert_ok, assert_one_line_error, read_json, scroll_to_ome, write_stack
 from reference import pyramid
@@ -190,6 +191,7 @@ def test_ctrl_c_and_sigterm_stop_and_print_the_command_to_resume(stack, referenc
 )
 def test_resume_with_another_option_is_refused(stack, tmp_path, change, option):
     out = killed_run(stack, tmp_path / "out.zarr")
+    (out / LOCK_NAME).unlink()  # the killed run's lock file: any later run takes the lock and removes it
     before = files(out)
     args = [*ARGS, *change]  # the later value of a repeated option wins
     result = scroll_to_ome(stack, out, *args, "--resume")
@@ -374,7 +376,7 @@ def test_every_file_is_written_under_a_temporary_name_first(stack, tmp_path):
     assert not list(out.rglob("*.partial"))
 
 
-def test_a_stopped_rebuild_is_unfinished_and_running_it_again_finishes(stack, tmp_path):
+def test_a_stopped_rebuild_is_unfinished_and_resume_finishes_it(stack, tmp_path):
     rebuild = ["--first_new_level", "1", "--nlevels", "4", "--chunk_size", str(CHUNK), "--workers", "1"]
     expected = tmp_path / "a" / "out.zarr"
     assert_ok(scroll_to_ome(stack, expected, "--chunk_size", CHUNK, "--nlevels", 1))
@@ -388,8 +390,10 @@ def test_a_stopped_rebuild_is_unfinished_and_running_it_again_finishes(stack, tm
     process.communicate()
     assert (out / progress.KEY).exists()
     result = scroll_to_ome(stack, out, "--first_new_level", 2, "--nlevels", 4)
-    assert_one_line_error(result, "rebuilding from level 1 stopped", "run --first_new_level 1 again", code=2)
-    assert_ok(scroll_to_ome(stack, out, *rebuild))
+    assert_one_line_error(result, "is an unfinished rebuild (--first_new_level 1)", "--resume", code=1)
+    result = scroll_to_ome(stack, out, "--first_new_level", 2, "--nlevels", 4, "--resume")
+    assert_one_line_error(result, "--first_new_level was 1 in the stopped run, now 2", code=2)
+    assert_ok(scroll_to_ome(stack, out, *rebuild, "--resume"))
     assert files(out) == files(expected)
 
 
