@@ -166,7 +166,7 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         differs = record.mismatch(fingerprint)
         if differs:
             raise UsageError(f"cannot resume {output}: {differs}; resume with the options of the stopped run")
-    limit = None if options.max_gb is None else int(options.max_gb * memory.GIB)
+    limit = None if options.max_gb is None else round(options.max_gb * memory.GIB)  # nearest byte: quoted back as given
     bands = memory.plan_bands(layout, limit)
     if record is not None and record.bands != [bands.rows, bands.cols, bands.streamed]:
         rows, cols, streamed = record.bands  # the stopped run's bands, so that its work fits

@@ -134,7 +134,7 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
     if options.max_gb is None:
         budget = max(plane, memory.read_back_need(layout, first))
     else:
-        budget = int(options.max_gb * memory.GIB)
+        budget = round(options.max_gb * memory.GIB)
     fingerprint = {
         "rebuild_from_level": first,
         "nlevels": options.nlevels,

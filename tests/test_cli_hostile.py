@@ -111,6 +111,9 @@ def test_the_largest_sane_values_are_accepted(tmp_path, rng):
     assert "level 31: 1 x 1 x 1" in result.stdout
     result = scroll_to_ome(source, tmp_path / "out.zarr", "--max_gb", 2**-20, "--chunk_size", "1024", "--dry_run")
     assert_one_line_error(result, "--max_gb 9.54e-07 is too small for chunks of 1024", code=2)
+    # a bound that is not a whole number of bytes is quoted as given, not as the bytes below it (9.99e-07)
+    result = scroll_to_ome(source, tmp_path / "out.zarr", "--max_gb", "1e-6", "--chunk_size", "1024", "--dry_run")
+    assert_one_line_error(result, "--max_gb 1e-06 is too small for chunks of 1024", code=2)
 
 
 def test_decompress_tiffs_refuses_absurd_workers(tmp_path, rng):
