@@ -493,10 +493,7 @@ def _rewrite_damaged(plan: Plan, arrays: list[zarr.Array], record: Progress) -> 
                 row = z // plan.blocks[level - plan.bands.streamed - 1][0]
                 record.rows_done[str(level)] = min(record.rows_done.get(str(level), 0), row)
             damaged.append(path)
-    if damaged:
-        record.save(plan.output)  # before the files go: a stop now still finds them, not zeros in their place
-        for path in damaged:
-            path.unlink()
+    record.forget(plan.output, damaged)
 
 
 def _level(parent: zarr.Group | Path, name: str | None, plan: Plan) -> zarr.Array:

@@ -90,6 +90,17 @@ class Progress:
         sync_file_system(output)
         write_durably(output / KEY, json.dumps(asdict(self), indent=1).encode())
 
+    def forget(self, output: Path, damaged: list[Path]) -> None:
+        """Save this record, wound back by the caller to before the units that wrote ``damaged``, then delete them.
+
+        The record goes first: a stop in between still finds the damaged files
+        (and deletes them again), never zeros where the record vouches for data.
+        """
+        if damaged:
+            self.save(output)
+            for path in damaged:
+                path.unlink()
+
     def mismatch(self, fingerprint: dict[str, Any], options: dict[str, str] = FINGERPRINT_OPTIONS) -> str | None:
         """The first of ``options`` (fingerprint key: its name) that differs from the recorded run, as a sentence;
         ``None`` if all agree."""

@@ -268,10 +268,7 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
             row = int(path.relative_to(path.parents[2]).parts[0]) * plan.chunk // plan.blocks[level - plan.first][0]
             record.rows_done[str(level)] = min(record.rows_done.get(str(level), 0), row)
             damaged.append(path)
-    if damaged:
-        record.save(plan.output)  # before the files go: a stop now still finds them, not zeros in their place
-        for path in damaged:
-            path.unlink()
+    record.forget(plan.output, damaged)
     return report
 
 

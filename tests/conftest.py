@@ -65,6 +65,18 @@ def chunk_files(array_dir: Path) -> list[Path]:
     return sorted(p for p in array_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
+def store_files(store: Path) -> dict[str, bytes]:
+    """Every file of a store, by path relative to it, with its bytes."""
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def chunk_count(directory: Path) -> int:
+    """Chunk files under ``directory`` (every file but the dot-files); 0 if it does not exist yet."""
+    if not directory.exists():
+        return 0
+    return sum(1 for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 

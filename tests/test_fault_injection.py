@@ -38,7 +38,7 @@ from scrollzarr import progress
 from scrollzarr.outputlock import LOCK_NAME
 from scrollzarr.ppm import write_ppm
 
-from conftest import ROOT, assert_ok, read_json, run_script, scroll_to_ome, write_stack
+from conftest import ROOT, assert_ok, read_json, run_script, scroll_to_ome, store_files, write_stack
 
 WRAPPER = r"""
 import importlib, json, os, re, sys, threading
@@ -126,15 +126,10 @@ sys.exit(code)
 """
 
 
-def files(directory: Path) -> dict[str, bytes]:
-    """Every file under ``directory``, by relative path, with its bytes."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 def left_behind(directory: Path) -> dict[str, bytes]:
-    """:func:`files` of what a stopped run left, but for the lock file a killed run cannot remove (the
+    """:func:`store_files` of what a stopped run left, but for the lock file a killed run cannot remove (the
     kernel frees the lock itself; the next run takes it over and removes the file when it ends)."""
-    return {name: data for name, data in files(directory).items() if Path(name).name != LOCK_NAME}
+    return {name: data for name, data in store_files(directory).items() if Path(name).name != LOCK_NAME}
 
 
 def stopped_run(script: str, args: list[object], root: Path, at: int, match: str = "") -> tuple[int, str]:
@@ -239,7 +234,7 @@ def recover_conversion(stack: Path, out: Path, args: list[object], reference: di
         result = scroll_to_ome(stack, out, *args, "--overwrite", "--quiet")
     if result.returncode != 0:
         return f"recovery failed, {brief(result)}"
-    after = files(out)
+    after = store_files(out)
     if after != reference:
         differ = sorted(k for k in after.keys() | reference.keys() if after.get(k) != reference.get(k))
         return f"the recovered store differs from the uninterrupted run's in {differ[:5]}"
@@ -261,11 +256,11 @@ def test_a_conversion_stopped_at_every_change_resumes_to_the_same_bytes(tiny_sta
         plan = scroll_to_ome(tiny_stack, expected, *args, "--dry_run")
         assert "level 1 from the stored level above" in plan.stdout, plan.stdout
     assert_ok(scroll_to_ome(tiny_stack, expected, *args, "--quiet"))
-    reference = files(expected)
+    reference = store_files(expected)
     out = tmp_path / "run" / "out.zarr"
     out.parent.mkdir()
     seen = changes("scroll_to_ome", [tiny_stack, out, *args], out)
-    assert files(out) == reference  # the wrapper itself changes nothing
+    assert store_files(out) == reference  # the wrapper itself changes nothing
     assert len(seen) > 50
 
     def stop_and_recover(n: int) -> str | None:
@@ -283,7 +278,7 @@ def test_the_default_layout_stopped_at_changes_resumes_to_the_same_bytes(tiny_st
     args = [*CONVERT, "--workers", 2]
     expected = tmp_path / "expected" / "out.zarr"
     assert_ok(scroll_to_ome(tiny_stack, expected, *args, "--quiet"))
-    reference = files(expected)
+    reference = store_files(expected)
     out = tmp_path / "run" / "out.zarr"
     out.parent.mkdir()
     total = count_changes("scroll_to_ome", [tiny_stack, out, *args], out)
@@ -308,11 +303,11 @@ def test_a_rebuild_stopped_at_every_change_resumes_to_the_same_bytes(tiny_stack,
     rebuild = ["--first_new_level", 1, "--nlevels", 2, "--workers", 1]
     base = tmp_path / "base" / "out.zarr"
     assert_ok(scroll_to_ome(tiny_stack, base, "--chunk_size", 8, "--nlevels", 1, "--quiet"))
-    before = files(base)
+    before = store_files(base)
     expected = tmp_path / "expected" / "out.zarr"
     shutil.copytree(base, expected)
     assert_ok(scroll_to_ome(tiny_stack, expected, *rebuild, "--quiet"))
-    reference = files(expected)
+    reference = store_files(expected)
     out = tmp_path / "run" / "out.zarr"
     out.parent.mkdir()
 
@@ -322,7 +317,7 @@ def test_a_rebuild_stopped_at_every_change_resumes_to_the_same_bytes(tiny_stack,
 
     fresh()
     seen = changes("scroll_to_ome", [tiny_stack, out, *rebuild], out)
-    assert files(out) == reference
+    assert store_files(out) == reference
 
     def stop_and_recover(n: int) -> str | None:
         fresh()
@@ -345,7 +340,7 @@ def test_a_rebuild_stopped_at_every_change_resumes_to_the_same_bytes(tiny_stack,
             return "no progress record, yet the store is neither the one before nor the one after the rebuild"
         if result.returncode != 0:
             return f"recovery failed, {brief(result)}"
-        after = files(out)
+        after = store_files(out)
         if after != reference:
             differ = sorted(k for k in after.keys() | reference.keys() if after.get(k) != reference.get(k))
             return f"the recovered store differs from the finished rebuild's in {differ[:5]}"
@@ -377,7 +372,7 @@ def tiny_surface(tiny_stack, tmp_path_factory) -> tuple[Path, Path]:
 
 def images(directory: Path) -> dict[str, bytes]:
     """:func:`files`, but for the record a run keeps of its layer TIFFs (it holds their modification times)."""
-    return {name: data for name, data in files(directory).items() if Path(name).name != ".scrollzarr-layers.json"}
+    return {name: data for name, data in store_files(directory).items() if Path(name).name != ".scrollzarr-layers.json"}
 
 
 def test_a_render_stopped_at_every_change_gives_the_same_files_when_run_again(tiny_surface, tmp_path):

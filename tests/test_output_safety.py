@@ -17,24 +17,22 @@ import zarr
 from scrollzarr import progress
 from scrollzarr.outputlock import LOCK_NAME
 
-from conftest import ROOT, assert_ok, assert_one_line_error, read_json, scroll_to_ome, write_stack
+from conftest import (
+    ROOT,
+    assert_ok,
+    assert_one_line_error,
+    chunk_count,
+    read_json,
+    scroll_to_ome,
+    store_files,
+    write_stack,
+)
 from reference import pyramid
 
 CHUNK = 16
 ARGS = ["--chunk_size", CHUNK, "--nlevels", 3, "--workers", 1]
 REBUILD = ["--first_new_level", 1, "--nlevels", 4, "--workers", 1]
 RANGES = ["--ranges", "8:232,4:100,2:62"]  # a crop: the metadata has a translation to keep
-
-
-def files(store: Path) -> dict[str, bytes]:
-    """Every file of a store, by path, with its bytes."""
-    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
-
-
-def chunk_count(directory: Path) -> int:
-    if not directory.exists():
-        return 0
-    return sum(1 for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +58,7 @@ def reference(stack, tmp_path_factory, volume) -> dict[str, bytes]:
     group = zarr.open_group(str(out), mode="r")
     for level, expected in enumerate(pyramid(volume, 3)):
         np.testing.assert_array_equal(group[str(level)][...], expected)
-    return files(out)
+    return store_files(out)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +74,7 @@ def big_stack(tmp_path_factory) -> Path:
 def big_reference(big_stack, tmp_path_factory) -> dict[str, bytes]:
     out = tmp_path_factory.mktemp("big_reference") / "out.zarr"
     assert_ok(scroll_to_ome(big_stack, out, *ARGS))
-    return files(out)
+    return store_files(out)
 
 
 def start(*args: object) -> subprocess.Popen[str]:
@@ -153,7 +151,7 @@ def test_a_second_run_with_overwrite_is_refused_while_the_first_writes(big_stack
     second = scroll_to_ome(big_stack, out, *ARGS, "--overwrite")
     assert_one_line_error(second, "another run is writing the output store", str(out), code=1)
     assert_ok(finish(first))
-    assert files(out) == big_reference
+    assert store_files(out) == big_reference
 
 
 @pytest.mark.parametrize("overwrite", [(), ("--overwrite",)])
@@ -168,7 +166,7 @@ def test_two_runs_started_together_never_mix(big_stack, big_reference, tmp_path,
             assert "another run is writing the output store" in result.stderr or "already exists" in result.stderr
     if not overwrite:
         assert sorted(result.returncode for result in results) == [0, 1]
-    assert files(out) == big_reference
+    assert store_files(out) == big_reference
 
 
 def test_a_resume_is_refused_while_a_run_writes(big_stack, tmp_path):
@@ -192,7 +190,7 @@ def test_a_dry_run_takes_no_lock(big_stack, big_reference, tmp_path):
     assert_ok(plan)
     assert "output:" in plan.stdout
     assert_ok(finish(first))
-    assert files(out) == big_reference
+    assert store_files(out) == big_reference
 
 
 # --- item 3: every instant of a conversion is resumable
@@ -209,7 +207,7 @@ def test_a_stop_at_any_rename_before_the_first_chunks_resumes(stack, tmp_path, e
         assert stopped.returncode == 9, stopped.stderr
         resumed = scroll_to_ome(stack, out, *ARGS, *extra, "--resume")
         assert_ok(resumed)
-        assert files(out) == files(expected), n
+        assert store_files(out) == store_files(expected), n
 
 
 def test_a_new_run_on_a_store_stopped_before_any_chunk_points_to_resume(stack, tmp_path):
@@ -247,7 +245,7 @@ def rebuilt(converted, stack, tmp_path_factory, volume) -> dict[str, bytes]:
     datasets = read_json(out / ".zattrs")["multiscales"][0]["datasets"]
     assert datasets[3]["coordinateTransformations"][1] == {"type": "translation", "translation": [2, 4, 8]}
     assert not (out / progress.KEY).exists() and not (out / LOCK_NAME).exists()
-    return files(out)
+    return store_files(out)
 
 
 def test_a_rebuild_removes_the_old_multiscales_before_it_touches_a_level(converted, stack, tmp_path):
@@ -273,10 +271,10 @@ def test_a_rebuild_stopped_at_any_point_resumes_to_the_same_bytes(converted, sta
         assert_one_line_error(again, "is an unfinished rebuild", "--resume", code=1)
         assert_ok(scroll_to_ome(stack, out, *REBUILD, "--resume"))
     else:  # stopped before the record took its name: nothing was touched but the lock and a temporary file
-        left = {name for name in files(out) if name == LOCK_NAME or name.endswith(".partial")}
-        assert {name: data for name, data in files(out).items() if name not in left} == files(converted)
+        left = {name for name in store_files(out) if name == LOCK_NAME or name.endswith(".partial")}
+        assert {name: data for name, data in store_files(out).items() if name not in left} == store_files(converted)
         assert_ok(scroll_to_ome(stack, out, *REBUILD))
-    assert files(out) == rebuilt
+    assert store_files(out) == rebuilt
 
 
 def test_a_rebuild_killed_mid_level_resumes_to_the_same_bytes(converted, stack, rebuilt, tmp_path):
@@ -287,7 +285,7 @@ def test_a_rebuild_killed_mid_level_resumes_to_the_same_bytes(converted, stack, 
     process.communicate()
     assert "multiscales" not in read_json(out / ".zattrs")
     assert_ok(scroll_to_ome(stack, out, *REBUILD, "--resume"))
-    assert files(out) == rebuilt
+    assert store_files(out) == rebuilt
 
 
 @pytest.mark.parametrize(
@@ -303,10 +301,10 @@ def test_resuming_a_rebuild_with_another_option_is_refused(converted, stack, tmp
     out = copy_store(converted, tmp_path / "out.zarr")
     assert run_stopped_at_rename(9, stack, out, *REBUILD).returncode == 9
     (out / LOCK_NAME).unlink()  # the killed run's; a later run may remove it
-    before = files(out)
+    before = store_files(out)
     result = scroll_to_ome(stack, out, *REBUILD, *change, "--resume")
     assert_one_line_error(result, f"cannot resume {out}", option, code=2)
-    assert files(out) == before
+    assert store_files(out) == before
 
 
 def test_nothing_to_resume_for_a_finished_rebuild(converted, stack, tmp_path):
@@ -427,7 +425,7 @@ def test_resume_writes_damaged_chunks_of_the_band_in_progress_again(stack, refer
     assert_ok(resumed)
     assert f"chunk file {out / '0' / '0' / '3' / '3'} is damaged (1000 bytes); it is written again" in resumed.stderr
     assert f"{out / '1' / '0' / '1' / '1'} is damaged" in resumed.stderr
-    assert files(out) == reference
+    assert store_files(out) == reference
 
 
 def test_resume_writes_damaged_chunks_of_finished_bands_and_read_back_levels_again(stack, tmp_path):
@@ -445,7 +443,7 @@ def test_resume_writes_damaged_chunks_of_finished_bands_and_read_back_levels_aga
     resumed = scroll_to_ome(stack, out, *ARGS, *extra, "--resume")
     assert_ok(resumed)
     assert resumed.stderr.count("is damaged") == 2
-    assert files(out) == files(expected)
+    assert store_files(out) == store_files(expected)
 
 
 @pytest.mark.parametrize(
@@ -473,7 +471,7 @@ def test_a_resumed_rebuild_writes_damaged_chunks_of_its_new_levels_again(convert
     resumed = scroll_to_ome(stack, out, *REBUILD, "--resume")
     assert_ok(resumed)
     assert f"chunk file {out / '1' / '0' / '1' / '3'} is damaged (1000 bytes); it is written again" in resumed.stderr
-    assert files(out) == rebuilt
+    assert store_files(out) == rebuilt
 
 
 def test_a_run_killed_before_its_record_leaves_an_output_that_a_plain_run_takes(stack, reference, tmp_path):
@@ -481,9 +479,9 @@ def test_a_run_killed_before_its_record_leaves_an_output_that_a_plain_run_takes(
     assert run_stopped_at_rename(1, stack, out, *ARGS).returncode == 9  # the record's rename
     assert sorted(p.name == LOCK_NAME or p.name.endswith(".partial") for p in out.iterdir()) == [True, True]
     assert_ok(scroll_to_ome(stack, out, *ARGS))
-    assert files(out) == reference
+    assert store_files(out) == reference
     empty = tmp_path / "second" / "out.zarr"  # the same name: it is in the metadata
     empty.mkdir(parents=True)
     (empty / LOCK_NAME).touch()  # killed before even the record's temporary file was made
     assert_ok(scroll_to_ome(stack, empty, *ARGS))
-    assert files(empty) == reference
+    assert store_files(empty) == reference

@@ -22,7 +22,17 @@ from test_convert import bytes_read, check_ome_store, default_need, make_volume
 from scrollzarr import progress
 from scrollzarr.ppm import write_ppm
 
-from conftest import ROOT, assert_ok, assert_one_line_error, read_json, run_script, scroll_to_ome, write_stack
+from conftest import (
+    ROOT,
+    assert_ok,
+    assert_one_line_error,
+    chunk_count,
+    read_json,
+    run_script,
+    scroll_to_ome,
+    store_files,
+    write_stack,
+)
 from reference import pyramid
 
 # --- --resume continues; it does not start over ----------------------------------------------------------
@@ -38,16 +48,6 @@ def slices(tmp_path_factory) -> Path:
     volume[:40, :100] = 0  # whole chunks never written
     write_stack(directory, volume)
     return directory
-
-
-def files(store: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
-
-
-def chunk_count(directory: Path) -> int:
-    if not directory.exists():
-        return 0
-    return sum(1 for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 def killed(stack: Path, out: Path, args: list[object], when: Callable[[], bool]) -> None:
@@ -141,7 +141,7 @@ def test_resume_keeps_the_chunks_of_every_streamed_level(slices, tmp_path):
     assert {p.relative_to(out).parts[0] for p in kept} == {"0", "1", "2"}, "some level had no finished chunk row"
     assert_ok(scroll_to_ome(slices, out, *args, "--resume", "--quiet"))
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept} == kept
-    assert files(out) == files(expected)
+    assert store_files(out) == store_files(expected)
 
 
 # --- the default layout, stopped, resumed with other --workers and --max_gb ------------------------------
@@ -152,7 +152,7 @@ def default_reference(slices, tmp_path_factory) -> dict[str, bytes]:
     """An uninterrupted run with worker and writer threads."""
     out = tmp_path_factory.mktemp("default") / "out.zarr"  # the same name as below: it is in the metadata
     assert_ok(scroll_to_ome(slices, out, "--chunk_size", CHUNK, "--nlevels", 4, "--workers", 2, "--quiet"))
-    return files(out)
+    return store_files(out)
 
 
 @pytest.mark.parametrize(
@@ -173,7 +173,7 @@ def test_the_default_layout_killed_mid_write_resumes_with_other_workers_and_max_
     killed(slices, out, [*args, "--workers", 2], chunks_at_least(out / "0", 2 * 320 + 150))  # third slab, writers busy
     assert (out / progress.KEY).exists()
     assert_ok(scroll_to_ome(slices, out, *args, *resume_with, "--resume", "--quiet"))
-    assert files(out) == default_reference
+    assert store_files(out) == default_reference
 
 
 # --- a full disk and a read-only output, for ppm_to_layers and decompress_tiffs --------------------------

@@ -23,16 +23,20 @@ from scrollzarr import progress
 from scrollzarr import store as store_module
 from scrollzarr.outputlock import LOCK_NAME
 
-from conftest import ROOT, assert_ok, assert_one_line_error, read_json, scroll_to_ome, write_stack
+from conftest import (
+    ROOT,
+    assert_ok,
+    assert_one_line_error,
+    chunk_count,
+    read_json,
+    scroll_to_ome,
+    store_files,
+    write_stack,
+)
 from reference import pyramid
 
 CHUNK = 16
 ARGS = ["--chunk_size", CHUNK, "--nlevels", 4, "--workers", 1]
-
-
-def files(store: Path) -> dict[str, bytes]:
-    """Every file of a store, by path, with its bytes."""
-    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,7 @@ class References:
         if extra not in self.stores:
             out = self.root / str(len(self.stores)) / "out.zarr"  # the same name: it is in the metadata
             assert_ok(scroll_to_ome(self.stack, out, *ARGS, *extra))
-            self.stores[extra] = files(out)
+            self.stores[extra] = store_files(out)
         return self.stores[extra]
 
 
@@ -85,12 +89,6 @@ def killed_run(stack: Path, out: Path, chunks: int = 10) -> Path:
     process.kill()
     process.communicate()
     return out
-
-
-def chunk_count(directory: Path) -> int:
-    return (
-        sum(1 for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")) if directory.exists() else 0
-    )
 
 
 def recorded_chunks(out: Path, zarr_only: bool) -> dict[Path, tuple[int, int]]:
@@ -154,7 +152,7 @@ def test_sigkill_then_resume_gives_the_same_files(stack, reference, tmp_path, ex
     nothing_finished = record["bands_done"] == record["slabs_done"] == 0
     assert kept or nothing_finished or "--max_gb" in extra, record
     assert_ok(scroll_to_ome(stack, out, *ARGS, *extra, "--resume"))
-    assert files(out) == reference[extra]
+    assert store_files(out) == reference[extra]
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept} == kept  # continued, not redone
 
 
@@ -174,7 +172,7 @@ def test_ctrl_c_and_sigterm_stop_and_print_the_command_to_resume(stack, referenc
     assert command[-1] == "--resume"
     resumed = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert_ok(resumed)
-    assert files(out) == reference[()]
+    assert store_files(out) == reference[()]
 
 
 @pytest.mark.parametrize(
@@ -192,11 +190,11 @@ def test_ctrl_c_and_sigterm_stop_and_print_the_command_to_resume(stack, referenc
 def test_resume_with_another_option_is_refused(stack, tmp_path, change, option):
     out = killed_run(stack, tmp_path / "out.zarr")
     (out / LOCK_NAME).unlink()  # the killed run's lock file: any later run takes the lock and removes it
-    before = files(out)
+    before = store_files(out)
     args = [*ARGS, *change]  # the later value of a repeated option wins
     result = scroll_to_ome(stack, out, *args, "--resume")
     assert_one_line_error(result, f"cannot resume {out}", option, "resume with the options of the stopped run", code=2)
-    assert files(out) == before
+    assert store_files(out) == before
 
 
 def test_resume_from_another_input_directory_is_refused(stack, tmp_path):
@@ -243,7 +241,7 @@ def test_stop_while_finishing_resumes(stack, reference, tmp_path, monkeypatch, c
     monkeypatch.undo()
     assert (out / progress.KEY).exists()
     assert_ok(scroll_to_ome(stack, out, *ARGS, "--resume"))
-    assert files(out) == reference[()]
+    assert store_files(out) == reference[()]
 
 
 def test_disk_full_injected_at_the_storage_layer(stack, reference, tmp_path, monkeypatch, capsys):
@@ -267,7 +265,7 @@ def test_disk_full_injected_at_the_storage_layer(stack, reference, tmp_path, mon
     assert "free some space; then continue with:" in errors[0] and errors[0].endswith("--resume")
     monkeypatch.undo()
     assert_ok(scroll_to_ome(stack, out, *ARGS, "--resume"))
-    assert files(out) == reference[()]
+    assert store_files(out) == reference[()]
 
 
 def test_disk_full_on_a_real_small_file_system(stack, reference, small_tmpfs):
@@ -277,7 +275,7 @@ def test_disk_full_on_a_real_small_file_system(stack, reference, small_tmpfs):
     assert (out / progress.KEY).exists()
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)  # space is back
     assert_ok(scroll_to_ome(stack, out, *ARGS, "--resume"))
-    assert files(out) == reference[()]
+    assert store_files(out) == reference[()]
 
 
 def test_bad_slices_zero_records_them(tmp_path, rng):
@@ -394,7 +392,7 @@ def test_a_stopped_rebuild_is_unfinished_and_resume_finishes_it(stack, tmp_path)
     result = scroll_to_ome(stack, out, "--first_new_level", 2, "--nlevels", 4, "--resume")
     assert_one_line_error(result, "--first_new_level was 1 in the stopped run, now 2", code=2)
     assert_ok(scroll_to_ome(stack, out, *rebuild, "--resume"))
-    assert files(out) == files(expected)
+    assert store_files(out) == store_files(expected)
 
 
 def test_read_only_output_is_one_message_and_stays_resumable(stack, reference, small_tmpfs):
@@ -405,4 +403,4 @@ def test_read_only_output_is_one_message_and_stays_resumable(stack, reference, s
     assert_one_line_error(result, "cannot write", "Read-only file system", "make the output writable", code=1)
     subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True)
     assert_ok(scroll_to_ome(stack, out, *ARGS, "--resume"))
-    assert files(out) == reference[()]
+    assert store_files(out) == reference[()]
