@@ -124,6 +124,22 @@ def _os_error(error: OSError, resume: str | None) -> str:
     return f"{error.strerror or error}{where}{then}"
 
 
+def _continue_command(resume: Callable[[], str | None] | None) -> str | None:
+    """``resume()``, or ``None`` where it cannot be worked out.
+
+    A stop can come at any instant, also in the middle of importing a module the
+    answer needs (SIGTERM during ``import zarr`` leaves it half-initialised, and
+    importing it again fails): nothing is written then, and the stop is reported
+    without a command instead of as a traceback.
+    """
+    if resume is None:
+        return None
+    try:
+        return resume()
+    except Exception:
+        return None
+
+
 def run(program: str, body: Callable[[], None], resume: Callable[[], str | None] | None = None) -> int:
     """Call ``body``; map a :class:`ScrollzarrError`, an OSError or Ctrl-C/SIGTERM to stderr lines and an exit code.
 
@@ -140,12 +156,12 @@ def run(program: str, body: Callable[[], None], resume: Callable[[], str | None]
         print(f"{program}: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt as interrupt:
-        command = resume() if resume else None
+        command = _continue_command(resume)
         then = f"; to continue: {command}" if command else ""
         print(f"{program}: interrupted{then}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
     except OSError as error:
-        print(f"{program}: error: {_os_error(error, resume() if resume else None)}", file=sys.stderr)
+        print(f"{program}: error: {_os_error(error, _continue_command(resume))}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -208,3 +208,18 @@ def test_installed_command_is_on_path():
     assert command.exists(), "pip install . must put scroll_to_ome beside the interpreter"
     result = subprocess.run([command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--first_new_level" in result.stdout
+
+
+def test_a_stop_while_the_resume_command_cannot_be_worked_out_is_still_one_line(capsys):
+    """SIGTERM in the middle of ``import zarr`` leaves zarr half-imported, and working out the command that
+    continues (which reads the store with zarr) then raises: the stop is still reported in one line, exit 143."""
+    from scrollzarr._cli import EXIT_TERMINATED, Terminated, run
+
+    def body() -> None:
+        raise Terminated
+
+    def resume() -> str | None:
+        raise ImportError("cannot import name 'Store' from partially initialized module 'zarr.abc.store'")
+
+    assert run("scroll_to_ome", body, resume) == EXIT_TERMINATED
+    assert capsys.readouterr().err == "scroll_to_ome: interrupted\n"
