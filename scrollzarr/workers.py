@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import signal
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from types import TracebackType
@@ -43,9 +46,31 @@ class _Inline(Executor):
         return future
 
 
-def _ignore_interrupts() -> None:
-    """In a worker process: leave Ctrl-C to the main process, which lets the running tasks finish."""
+def _start_worker(main: int) -> None:
+    """In a worker process: leave Ctrl-C to the main process, which lets the running tasks finish, and exit
+    when the main process ``main`` (a pid) is gone.
+
+    A pool's workers hold both ends of its task queue, so a main process killed
+    with SIGKILL (or by the kernel's OOM killer) left them, and the forkserver
+    whose pipe they hold, waiting for tasks for ever, holding the terminal's
+    output open (``decompress_tiffs … | tee log`` never returned).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_without, args=(main,), name="scrollzarr-watch", daemon=True).start()
+
+
+def _exit_without(main: int) -> None:
+    """Wait until process ``main`` ends (a pidfd wakes at once; else ask every second), then exit this process."""
+    try:
+        select.select([os.pidfd_open(main)], [], [])
+    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+): poll
+        while True:
+            try:
+                os.kill(main, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(1)
+    os._exit(1)
 
 
 class Workers:
@@ -78,7 +103,9 @@ class Workers:
             context = multiprocessing.get_context(method)
             if method == "forkserver":
                 context.set_forkserver_preload(list(preload))
-            self._executor = ProcessPoolExecutor(count, mp_context=context, initializer=_ignore_interrupts)
+            self._executor = ProcessPoolExecutor(
+                count, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
+            )
         else:
             self._executor = ThreadPoolExecutor(count, "scrollzarr")
 

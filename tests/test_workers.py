@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
+
+import numpy as np
 
 from scrollzarr.workers import Workers
+
+from conftest import ROOT, write_stack
 
 
 def test_writers_that_wait_leave_every_worker_free():
@@ -26,3 +36,40 @@ def test_writer_threads_are_their_own():
 def test_one_worker_runs_writes_at_once_in_the_calling_thread():
     with Workers(1, writers=True) as workers:
         assert workers.submit_write(threading.current_thread).result() is threading.current_thread()
+
+
+def processes_naming(marker: str) -> list[int]:
+    """Pids of the processes whose command line holds ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue  # ended meanwhile
+    return found
+
+
+def test_worker_processes_end_when_the_main_process_is_killed(tmp_path):
+    """kill -9 of decompress_tiffs must not leave its worker processes (and their forkserver) behind: they held
+    the terminal's output open for ever, so that `decompress_tiffs … | tee log` never returned."""
+    rng = np.random.default_rng(3)
+    write_stack(tmp_path / "in", rng.integers(0, 4000, size=(40, 512, 512), dtype=np.uint16), compression="zlib")
+    marker = str(tmp_path / "marker")  # on the forkserver's and workers' command lines, through sys.path
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{marker}")
+    command = [sys.executable, str(ROOT / "decompress_tiffs.py"), str(tmp_path / "in"), str(tmp_path / "out")]
+    main = subprocess.Popen([*command, "--workers", "2", "--quiet"], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(processes_naming(marker)) < 3 and main.poll() is None:  # the forkserver and two workers
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert main.poll() is None, "the run ended before it could be killed"
+    main.send_signal(signal.SIGKILL)
+    main.wait()
+    deadline = time.monotonic() + 20
+    while processes_naming(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = processes_naming(marker)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left running after the main process was killed: {left}"
