@@ -29,6 +29,7 @@ from scrollzarr.chunkcache import CacheStats, ChunkCache
 from scrollzarr.durable import fsync_directories
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.layertiff import LayerTiff, partial_path
+from scrollzarr.options import check_workers
 from scrollzarr.outputlock import LOCK_NAME, OutputLock
 from scrollzarr.ppm import Ppm, open_ppm
 from scrollzarr.report import progress
@@ -88,8 +89,8 @@ class LayerOptions:
             )
         if self.stack_filter not in STACK_FILTERS:
             raise UsageError(f"--stack_filter must be one of {', '.join(STACK_FILTERS)}, not {self.stack_filter}")
-        if self.workers is not None and self.workers < 1:
-            raise UsageError(f"--workers must be at least 1, not {self.workers}")
+        if self.workers is not None:
+            check_workers(self.workers)
         open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         workers = self.workers or available_cores()
         needed = self.layers + 1 + OTHER_FILES + FILES_PER_WORKER * workers
