@@ -26,9 +26,9 @@ from tqdm import tqdm
 from scrollzarr import layermanifest as manifest
 from scrollzarr.allocator import keep_freed_memory
 from scrollzarr.chunkcache import CacheStats, ChunkCache
-from scrollzarr.durable import fsync_directories
+from scrollzarr.durable import fsync_directories, hidden_partial_path
 from scrollzarr.errors import ScrollzarrError, UsageError
-from scrollzarr.layertiff import LayerTiff, partial_path
+from scrollzarr.layertiff import LayerTiff
 from scrollzarr.options import check_workers
 from scrollzarr.outputlock import LOCK_NAME, OutputLock
 from scrollzarr.ppm import Ppm, open_ppm
@@ -173,10 +173,11 @@ def ppm_to_layers(
     """Render the layer TIFFs (and the stacked image, if ``stack_path``) of a surface.
 
     The output directory is locked for the whole run.  The run records its
-    partial files before it renders, and its layer TIFFs once they have their
-    final names (see :mod:`scrollzarr.layermanifest`); every TIFF is flushed
-    before any gets its final name, and the directories after the renames.
-    With ``--overwrite``, files that an earlier run recorded and this run does
+    partial files before it creates them and again, with their sizes, before
+    it renders, their final names before the first rename, and its layer
+    TIFFs once they have their final names (see :mod:`scrollzarr.layermanifest`);
+    every TIFF is flushed before any gets its final name, and the directories
+    after the renames.  With ``--overwrite``, files that an earlier run recorded and this run does
     not write again are removed.
 
     Raises
@@ -199,6 +200,7 @@ def ppm_to_layers(
     with OutputLock(output_dir, "output directory"):
         _check_outputs(output_dir, stack_path, options.overwrite)
         _check_space(output_dir, stack_path, ppm, options.layers, dtype)
+        manifest.remove_leftovers(output_dir)
         previous = manifest.read_manifest(output_dir) if options.overwrite else None
         if stack_path is not None:
             stack_path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,24 +217,29 @@ def ppm_to_layers(
         )
         start = time.perf_counter()
         files: list[LayerTiff] = []
-        partial_names = [partial_path(output_dir / name).name for name in names]
+        partial_names = [hidden_partial_path(output_dir / name).name for name in names]
+        restored = previous  # the record a failed run puts back
         try:
+            creating = manifest.add_pending(output_dir, previous, dict.fromkeys(partial_names))
             for name in names:
                 files.append(LayerTiff(output_dir / name, ppm.height, ppm.width, dtype))
             stack_file = None
             if stack_path is not None:
                 stack_file = LayerTiff(stack_path, ppm.height, ppm.width, dtype)
                 files.append(stack_file)
-            manifest.add_partial(output_dir, previous, partial_names)
+            pending = manifest.add_pending(output_dir, creating, {name: name for name in partial_names})
             _Render(ppm, volume, options, report).run(files[: options.layers], stack_file)
             for file in files:
                 file.flush()
+            # The final names too, before the first rename: a run stopped during the renames or after them
+            # leaves a record of every file it wrote, and a failed one keeps it.
+            restored = manifest.add_pending(output_dir, pending, dict(zip(names, partial_names, strict=True)))
             for file in files:
                 file.commit()
         except BaseException:
             for file in files:
                 file.discard()
-            manifest.restore(output_dir, previous)
+            manifest.restore(output_dir, restored)
             raise
         removed = manifest.remove_stale(output_dir, previous, set(names) | set(partial_names))
         if removed:

@@ -6,19 +6,28 @@ run as ``kill -9`` would) and compares with references computed here.
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+import zarr
+from test_fault_injection import changes, stopped_run, sweep
+from test_layers_safety import strace
 
 from scrollzarr.ppm import write_ppm
 
-from conftest import assert_one_line_error, run_script, write_stack
+from conftest import ROOT, assert_ok, assert_one_line_error, run_script, write_stack
+
+MANIFEST = ".scrollzarr-layers.json"
 
 
 @pytest.fixture(scope="module")
 def volume_store(tmp_path_factory):
     """A small one-level OME-Zarr and a 4 x 3 surface through it."""
-    import zarr
-
     root = tmp_path_factory.mktemp("review")
     store = root / "v.zarr"
     data = np.random.default_rng(11).integers(1, 60000, size=(16, 20, 24), dtype=np.uint16)
@@ -52,3 +61,99 @@ def test_workers_out_of_bounds_is_the_same_message_in_the_three_tools(tmp_path, 
     for result in results:
         assert_one_line_error(result, f"--workers must be {bound}", code=2)
     assert not (tmp_path / "layers").exists()
+
+
+# 1. A run stopped while its TIFFs get their final names leaves a record that explains every file it wrote.
+
+
+def test_a_render_stopped_at_or_after_its_renames_is_cleaned_up_by_the_next_overwrite(tmp_path, volume_store):
+    """Run A: 8 layers, and the user's files beside them.  Run B (--overwrite, 6 layers of another size) is
+    stopped at each change from its first rename on.  Run C (--overwrite, 3 layers) must leave exactly its
+    own layers and the user's files, and warn about none of the files the tool wrote."""
+    ppm, store = volume_store
+    other = tmp_path / "other.ppm"
+    rng = np.random.default_rng(8)
+    points = rng.uniform((3, 3, 3), (21, 17, 13), size=(5, 4, 3))
+    write_ppm(other, np.concatenate([points, np.tile([0.0, 0.0, 1.0], (5, 4, 1))], axis=-1))
+    template = tmp_path / "template"
+    assert_ok(run_script("ppm_to_layers.py", ppm, store, template, "--number_of_layers", 8, "--quiet"))
+    (template / "notes.txt").write_text("mine")
+    (template / ".notes").write_text("mine too")
+    expected = tmp_path / "expected"
+    assert_ok(run_script("ppm_to_layers.py", ppm, store, expected, "--number_of_layers", 3, "--quiet"))
+    reference = {name: (expected / name).read_bytes() for name in ("00.tif", "01.tif", "02.tif")}
+    out = tmp_path / "out"
+    second = [other, store, out, "--number_of_layers", 6, "--overwrite", "--workers", 1]
+
+    def fresh() -> None:
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        subprocess.run(["cp", "-a", str(template), str(out)], check=True)  # -a: the recorded times too
+
+    fresh()
+    seen = changes("ppm_to_layers", second, out)
+    first_rename = next(i for i, what in enumerate(seen) if re.fullmatch(r"os\.rename \S+\.tif\.partial -> \S+", what))
+
+    def stop_and_recover(n: int) -> str | None:
+        fresh()
+        _, what = stopped_run("ppm_to_layers", second, out, n)
+        result = run_script("ppm_to_layers.py", ppm, store, out, "--number_of_layers", 3, "--overwrite")
+        if result.returncode != 0:
+            return f"stopped before {what or 'nothing'}: the next run failed: {result.stderr}"
+        names = sorted(p.name for p in out.iterdir())
+        if names != [".notes", MANIFEST, "00.tif", "01.tif", "02.tif", "notes.txt"]:
+            return f"stopped before {what or 'nothing'}: the next run left {names}"
+        if any((out / name).read_bytes() != data for name, data in reference.items()):
+            return f"stopped before {what or 'nothing'}: the next run's layers differ from a clean run's"
+        if "kept" in result.stderr:
+            return f"stopped before {what or 'nothing'}: the next run warned: {result.stderr}"
+        return None
+
+    assert len(seen) - first_rename > 6  # the renames, the removals, the record
+    sweep(range(first_rename + 1, len(seen) + 2), stop_and_recover)  # len(seen) + 1: not stopped
+
+
+# 2. Every record is flushed with its directory before the run goes on.
+
+
+def traced(log: Path, *command: object) -> list[str]:
+    """Run ``command`` under strace (file flushes, renames, writes at offsets, new directories); its calls."""
+    trace = [
+        strace(),
+        "-f",
+        "-y",
+        "-qq",
+        "-e",
+        "trace=fsync,fdatasync,rename,renameat,renameat2,pwrite64,mkdir,mkdirat,openat",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(list(map(str, [*trace, "-o", log, *command])), capture_output=True, text=True, env=env)
+    assert_ok(result)
+    return log.read_text().splitlines()
+
+
+def flushed(line: str) -> str | None:
+    found = re.search(r"\bf(?:data)?sync\(\d+<([^>]*)>\)\s*=\s*0", line)
+    return found.group(1) if found else None
+
+
+def test_every_record_of_the_render_is_flushed_with_its_directory_before_the_render_goes_on(tmp_path, volume_store):
+    """After a power cut, the record must list every hidden partial file that survived: it is written before
+    they are created, and flushed with its directory before the run goes on, every time it is written."""
+    ppm, store = volume_store
+    out = tmp_path / "out"
+    command = [sys.executable, ROOT / "ppm_to_layers.py", ppm, store, out, "--number_of_layers", 3, "--workers", 1]
+    calls = traced(tmp_path / "trace", *command)
+    record = re.compile(rf'rename(?:at2?)?\(.*"{re.escape(str(out / MANIFEST))}"')
+    directory = re.escape(str(out))
+    tiffs = re.compile(  # a TIFF created, written or renamed
+        rf'openat\(.*"{directory}/\.\d+\.tif\.partial", [^)]*O_CREAT|pwrite64\(\d+<{directory}/|rename.*\.tif\.partial'
+    )
+    renames = [i for i, line in enumerate(calls) if record.search(line)]
+    assert len(renames) >= 2 and all(not tiffs.search(line) for line in calls[: renames[0]])
+    for i in renames:
+        # the first of: the directory flushed, a pixel written, a TIFF renamed, the record written again
+        after = (
+            line for line in calls[i + 1 :] if flushed(line) == str(out) or tiffs.search(line) or record.search(line)
+        )
+        first = next(after, "the end of the run")
+        assert flushed(first) == str(out), f"the record renamed by {calls[i]} is followed by {first}, not a flush"
