@@ -27,7 +27,7 @@ import numpy as np
 import tifffile
 
 from scrollzarr.allocator import keep_freed_memory
-from scrollzarr.durable import fsync_path, hidden_partial_path
+from scrollzarr.durable import fsync_directories, fsync_path, hidden_partial_path
 from scrollzarr.errors import ScrollzarrError
 from scrollzarr.layertiff import write_at
 from scrollzarr.options import check_workers
@@ -364,8 +364,9 @@ def decompress_tiffs(
     files = list_tiffs(input_dir)
     if not files:
         raise ScrollzarrError(f"no .tif or .tiff files in {input_dir}")
-    with OutputLock(output_dir, "output directory"):
+    with OutputLock(output_dir, "output directory") as lock:
         report = _decompress_all(files, output_dir, overwrite, workers or available_cores(), verify, quiet)
+        fsync_directories(directory.parent for directory in lock.created)
     if report.failures:
         log.info(report.summary())
         names = [r.name for r in report.failures]

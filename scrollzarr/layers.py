@@ -197,12 +197,14 @@ def ppm_to_layers(
     _check_paths(ppm_path, zarr_path, output_dir, stack_path, names)
     if output_dir.exists() and not output_dir.is_dir():
         raise ScrollzarrError(f"{output_dir} is a file; OUTPUT_TIFF_DIR must be a directory for the layer TIFFs")
-    with OutputLock(output_dir, "output directory"):
+    with OutputLock(output_dir, "output directory") as lock:
         _check_outputs(output_dir, stack_path, options.overwrite)
         _check_space(output_dir, stack_path, ppm, options.layers, dtype)
         manifest.remove_leftovers(output_dir)
         previous = manifest.read_manifest(output_dir) if options.overwrite else None
+        created = list(lock.created)
         if stack_path is not None:
+            created += [path for path in (stack_path.parent, *stack_path.parent.parents) if not path.exists()]
             stack_path.parent.mkdir(parents=True, exist_ok=True)
         report = LayerReport(
             output_dir,
@@ -245,7 +247,10 @@ def ppm_to_layers(
         if removed:
             log.info(f"removed {len(removed)} file(s) of earlier runs from {output_dir}")
         manifest.write_finished(output_dir, names, ppm.height, ppm.width, dtype)
-        fsync_directories([output_dir] if stack_path is None else [output_dir, stack_path.parent])
+        # The directories written in, and the parents of those this run created (else a power cut can lose a
+        # new directory's entry, and the files in it with it).
+        written = [output_dir] if stack_path is None else [output_dir, stack_path.parent]
+        fsync_directories([*written, *(directory.parent for directory in created)])
     report.seconds = time.perf_counter() - start
     return report
 

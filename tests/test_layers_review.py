@@ -112,7 +112,8 @@ def test_a_render_stopped_at_or_after_its_renames_is_cleaned_up_by_the_next_over
     sweep(range(first_rename + 1, len(seen) + 2), stop_and_recover)  # len(seen) + 1: not stopped
 
 
-# 2. Every record is flushed with its directory before the run goes on.
+# 2, 3. Every record is flushed with its directory before the run goes on; every directory a run creates is
+# flushed in its parent.
 
 
 def traced(log: Path, *command: object) -> list[str]:
@@ -157,3 +158,28 @@ def test_every_record_of_the_render_is_flushed_with_its_directory_before_the_ren
         )
         first = next(after, "the end of the run")
         assert flushed(first) == str(out), f"the record renamed by {calls[i]} is followed by {first}, not a flush"
+
+
+@pytest.mark.parametrize("script", ["ppm_to_layers", "decompress_tiffs"])
+def test_the_directories_a_run_creates_are_flushed_in_their_parents(tmp_path, volume_store, script):
+    ppm, store = volume_store
+    write_stack(tmp_path / "slices", np.ones((2, 4, 4), np.uint16), compression="zlib")
+    out = tmp_path / "new" / "deeper" / "out"
+    stack = tmp_path / "stacks" / "more" / "s.tif"
+    if script == "ppm_to_layers":
+        arguments = [ppm, store, out, stack, "--number_of_layers", 3]
+    else:
+        arguments = [tmp_path / "slices", out]
+    calls = traced(tmp_path / "trace", sys.executable, ROOT / f"{script}.py", *arguments, "--workers", 1)
+    made = {
+        re.search(r'mkdir(?:at)?\(.*?"([^"]*)"', line).group(1)
+        for line in calls
+        if re.search(r"mkdir(at)?\(.*= 0$", line)
+    }
+    created = {out, out.parent, out.parent.parent}
+    if script == "ppm_to_layers":
+        created |= {stack.parent, stack.parent.parent}
+    assert {Path(path) for path in made} >= created
+    flushes = {flushed(line) for line in calls} - {None}
+    missing = sorted(str(directory.parent) for directory in created if str(directory.parent) not in flushes)
+    assert not missing, f"the parents of new directories never flushed: {missing}"
