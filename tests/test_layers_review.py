@@ -6,10 +6,15 @@ run as ``kill -9`` would) and compares with references computed here.
 
 from __future__ import annotations
 
+import io
+import itertools
+import logging
 import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +23,7 @@ import zarr
 from test_fault_injection import changes, stopped_run, sweep
 from test_layers_safety import strace
 
+from scrollzarr import report
 from scrollzarr.ppm import write_ppm
 
 from conftest import ROOT, assert_ok, assert_one_line_error, run_script, write_stack
@@ -183,3 +189,32 @@ def test_the_directories_a_run_creates_are_flushed_in_their_parents(tmp_path, vo
     flushes = {flushed(line) for line in calls} - {None}
     missing = sorted(str(directory.parent) for directory in created if str(directory.parent) not in flushes)
     assert not missing, f"the parents of new directories never flushed: {missing}"
+
+
+# 5. The progress display is updated from several threads at once.
+
+
+def test_progress_lines_updated_from_eight_threads_are_those_of_one(monkeypatch, caplog):
+    """A clock that lets another thread run while it is read (as any real one may): the lines logged must be
+    those of the same updates made one after another, one a minute of the clock, none twice or lost."""
+    ticks = itertools.count()
+
+    def clock() -> float:
+        time.sleep(0)  # let another thread run here
+        return 60.0 / 8 * next(ticks)  # 8 updates a minute
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: lines, not the bar
+    monkeypatch.setattr(report, "monotonic", clock)
+    caplog.set_level(logging.INFO, logger="scrollzarr")
+    threads, updates = 8, 400
+    total = threads * updates
+    with report.progress(total, "px", "rendering", quiet=False) as bar:
+        workers = [threading.Thread(target=lambda: [bar.update(1) for _ in range(updates)]) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    # One after another: update k reads the clock at k * 7.5 s, so every 8th logs a line, with k units done.
+    expected = [f"rendering: {100 * (k / total):.1f} % done in" for k in range(8, total + 1, 8)]
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == len(expected) and all(line.startswith(e) for line, e in zip(lines, expected, strict=True))
