@@ -27,9 +27,9 @@ import numpy as np
 import tifffile
 
 from scrollzarr.allocator import keep_freed_memory
-from scrollzarr.durable import fsync_path
+from scrollzarr.durable import fsync_directories, fsync_path, hidden_partial_path
 from scrollzarr.errors import ScrollzarrError
-from scrollzarr.layertiff import partial_path, write_at
+from scrollzarr.layertiff import write_at
 from scrollzarr.options import check_workers
 from scrollzarr.outputlock import OutputLock
 from scrollzarr.report import progress
@@ -195,7 +195,7 @@ def decompress_file(source: Path, target: Path, overwrite: bool, verify: bool) -
         pages, copy = _read(source)
     except SourceError as error:
         return FileResult(name, "failed", error=str(error))
-    partial = partial_path(target)
+    partial = hidden_partial_path(target)
     try:
         if copy:
             shutil.copyfile(source, partial)
@@ -339,7 +339,7 @@ def remove_stale_partials(output_dir: Path, names: set[str]) -> int:
     """Delete the temporary files a killed run left for these names; return how many."""
     removed = 0
     for name in names:
-        partial = partial_path(output_dir / name)
+        partial = hidden_partial_path(output_dir / name)
         if partial.exists():
             partial.unlink()
             removed += 1
@@ -364,8 +364,9 @@ def decompress_tiffs(
     files = list_tiffs(input_dir)
     if not files:
         raise ScrollzarrError(f"no .tif or .tiff files in {input_dir}")
-    with OutputLock(output_dir, "output directory"):
+    with OutputLock(output_dir, "output directory") as lock:
         report = _decompress_all(files, output_dir, overwrite, workers or available_cores(), verify, quiet)
+        fsync_directories(directory.parent for directory in lock.created)
     if report.failures:
         log.info(report.summary())
         names = [r.name for r in report.failures]

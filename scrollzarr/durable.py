@@ -65,12 +65,31 @@ def sync_file_system(path: Path) -> None:
         os.close(fd)
 
 
+# Files are written under a temporary name and renamed when whole, with one of two kinds of name:
+# * ``name.<random>.partial`` (:func:`temporary_path`) for files written whole at once (records, metadata):
+#   unique, so that writers in several threads never share one; the tool that left one removes it by pattern.
+# * ``.name.partial`` (:func:`hidden_partial_path`) for images a user lists in a folder and that take long to
+#   write: hidden, so that no viewer or script takes a half-written TIFF for a finished one, and always the
+#   same, so that the next run finds the one a killed run left under its input's or layer's name.
+PARTIAL_SUFFIX = ".partial"
+
+
+def temporary_path(path: Path) -> Path:
+    """A unique temporary name beside ``path``: ``dir/name.<32 hex digits>.partial``."""
+    return path.with_name(f"{path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+
+
+def hidden_partial_path(final: Path) -> Path:
+    """Where an image is written before it is complete: ``dir/.name.partial``."""
+    return final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
+
+
 def write_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that after a power cut it is there whole or the old file is.
 
-    A temporary ``*.partial`` file beside it, flushed, renamed over ``path``, and the directory flushed.
+    A temporary file beside it (:func:`temporary_path`), flushed, renamed over ``path``, and the directory flushed.
     """
-    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    temporary = temporary_path(path)
     try:
         with open(temporary, "wb") as file:
             file.write(data)

@@ -4,14 +4,21 @@ A layer TIFF's name (``00.tif`` …) says nothing about who wrote it: a segment
 folder holds ``20230929220926.tif``, a folder of slices ``00000.tif`` ….  Each
 run therefore writes ``OUTPUT_TIFF_DIR/.scrollzarr-layers.json``:
 
-* once its hidden partial files are laid out, adding them (with their sizes) to
-  the record, so that a later run can remove them if this one is killed;
-* once its TIFFs have their final names, naming them (with each file's size and
-  modification time), the layer count, height, width and type.
+* before it creates its hidden partial files, adding their names to the record,
+  and once they are laid out in full, their sizes, so that a later run can
+  remove them if this one is killed;
+* once every TIFF is flushed, before the first gets its final name, adding the
+  final names (with the sizes they are about to have), so that a run stopped
+  during the renames or after them leaves a record of every file it wrote;
+* once its TIFFs have their final names, naming them alone (with each file's
+  size and modification time), the layer count, height, width and type.
 
-A run that fails puts the record back as it found it.  A later ``--overwrite``
-run removes a recorded file only if it does not write that name again and the
-file is still the one recorded.  No record: nothing is removed.
+Every version of the record is written durably (:func:`scrollzarr.durable.write_durably`,
+directory flushed), so that after a power cut it lists every file that survived.
+A run that fails before the renames puts the record back as it found it.  A
+later ``--overwrite`` run removes a recorded file only if it does not write
+that name again and the file is still the one recorded (either entry, where a
+name is both finished and pending).  No record: nothing is removed.
 """
 
 from __future__ import annotations
@@ -28,15 +35,19 @@ from typing import Any
 
 import numpy as np
 
+from scrollzarr.durable import remove_durably, write_durably
+
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = ".scrollzarr-layers.json"
 LAYER_NAME = re.compile(r"^\d+\.tif$")
 PARTIAL_NAME = re.compile(r"^\.\d+\.tif\.partial$")
+# write_durably's temporary file of the record, left by a run stopped while it wrote it
+LEFTOVER_NAME = re.compile(rf"^{re.escape(MANIFEST_NAME)}\.[0-9a-f]{{32}}\.partial$")
 
-# file name -> (size in bytes, modification time in ns, or None where it is not kept: a partial file's
-# changes while it is written)
-Recorded = dict[str, tuple[int, int | None]]
+# file name -> (size in bytes, or None for a file about to be created, of a size not yet known; modification
+# time in ns, or None where it is not kept: a file still being written or renamed changes it)
+Recorded = dict[str, tuple[int | None, int | None]]
 
 
 @dataclass
@@ -50,7 +61,8 @@ class Record:
     files : Recorded
         Its layer TIFFs.
     partial : Recorded
-        Partial files of runs that started since and may not have finished.
+        Files of runs that started since and may not have finished: their partial files, and the final
+        names they were renaming them to (sizes only).
     """
 
     description: dict[str, Any] = field(default_factory=dict)
@@ -61,39 +73,52 @@ class Record:
 def write_finished(directory: Path, names: list[str], height: int, width: int, dtype: np.dtype) -> None:
     """Record the finished layer TIFFs ``names`` of ``directory``, each ``height x width`` of ``dtype``."""
     description = {"layers": names, "count": len(names), "height": height, "width": width, "dtype": str(dtype)}
-    write_manifest(directory, Record(description, _current(directory, names, with_time=True)))
+    write_manifest(directory, Record(description, _current(directory, names)))
 
 
-def add_partial(directory: Path, previous: Record | None, names: list[str]) -> None:
-    """Add the partial files ``names`` (laid out in full, so of their final size) to the record ``previous``."""
+def add_pending(directory: Path, previous: Record | None, names: dict[str, str | None]) -> Record:
+    """Add to the record ``previous`` the files ``names`` (keys), each of the size its file (value) has now.
+
+    A value of ``None`` records a file about to be created, of any size: a run
+    records its partial files before it creates them (so that a power cut
+    cannot leave one unrecorded), then again with their sizes once they are
+    laid out in full.  A final name is given the partial file about to be
+    renamed to it.  Returns the record written.
+    """
     record = previous or Record()
-    pending = record.partial | _current(directory, names, with_time=False)
-    write_manifest(directory, Record(record.description, record.files, pending))
+    now = {
+        name: (None if source is None else os.stat(directory / source).st_size, None) for name, source in names.items()
+    }
+    updated = Record(record.description, record.files, record.partial | now)
+    write_manifest(directory, updated)
+    return updated
 
 
 def restore(directory: Path, previous: Record | None) -> None:
     """Put back the record ``previous`` after a run that failed (``None``: there was none)."""
     if previous is None:
-        (directory / MANIFEST_NAME).unlink(missing_ok=True)
+        remove_durably(directory / MANIFEST_NAME)
     else:
         write_manifest(directory, previous)
 
 
 def write_manifest(directory: Path, record: Record) -> None:
-    """Write ``record``, flushed and renamed into place (the caller flushes the directory where it matters)."""
+    """Write ``record`` durably: whole or not at all, and the directory flushed, after a power cut."""
     content = {
         "written_by": "ppm_to_layers",
         **record.description,
         "files": {name: {"size": size, "mtime_ns": mtime} for name, (size, mtime) in record.files.items()},
         "partial": {name: {"size": size} for name, (size, _) in record.partial.items()},
     }
-    final = directory / MANIFEST_NAME
-    partial = final.with_name(f"{final.name}.partial")
-    with open(partial, "w") as file:
-        json.dump(content, file, indent=1)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, final)
+    write_durably(directory / MANIFEST_NAME, json.dumps(content, indent=1).encode())
+
+
+def remove_leftovers(directory: Path) -> int:
+    """Delete the temporary files of the record that runs stopped while writing it left; return how many."""
+    leftovers = [path for path in directory.iterdir() if LEFTOVER_NAME.match(path.name)]
+    for path in leftovers:
+        path.unlink()
+    return len(leftovers)
 
 
 def read_manifest(directory: Path) -> Record | None:
@@ -103,7 +128,7 @@ def read_manifest(directory: Path) -> Record | None:
         content = json.loads(path.read_text())
         description = {key: content[key] for key in ("layers", "count", "height", "width", "dtype") if key in content}
         files = {name: (int(entry["size"]), int(entry["mtime_ns"])) for name, entry in content["files"].items()}
-        partial = {name: (int(entry["size"]), None) for name, entry in content.get("partial", {}).items()}
+        partial = {name: (_size(entry["size"]), None) for name, entry in content.get("partial", {}).items()}
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -112,7 +137,7 @@ def read_manifest(directory: Path) -> Record | None:
     return Record(
         description,
         {name: entry for name, entry in files.items() if LAYER_NAME.match(name)},
-        {name: entry for name, entry in partial.items() if PARTIAL_NAME.match(name)},
+        {name: entry for name, entry in partial.items() if PARTIAL_NAME.match(name) or LAYER_NAME.match(name)},
     )
 
 
@@ -121,7 +146,7 @@ def remove_stale(directory: Path, previous: Record | None, keep: set[str]) -> li
     if previous is None:
         return []
     removed = []
-    for name, (size, mtime_ns) in sorted((previous.files | previous.partial).items()):
+    for name in sorted(previous.files.keys() | previous.partial.keys()):
         if name in keep:
             continue
         path = directory / name
@@ -129,7 +154,10 @@ def remove_stale(directory: Path, previous: Record | None, keep: set[str]) -> li
             status = os.lstat(path)
         except FileNotFoundError:
             continue
-        same = status.st_size == size and mtime_ns in (None, status.st_mtime_ns)
+        entries = [entry for entry in (previous.files.get(name), previous.partial.get(name)) if entry is not None]
+        same = any(
+            size in (None, status.st_size) and mtime_ns in (None, status.st_mtime_ns) for size, mtime_ns in entries
+        )
         if stat.S_ISREG(status.st_mode) and same:
             path.unlink()
             removed.append(name)
@@ -138,10 +166,15 @@ def remove_stale(directory: Path, previous: Record | None, keep: set[str]) -> li
     return removed
 
 
-def _current(directory: Path, names: Iterable[str], with_time: bool) -> Recorded:
-    """Size (and modification time) of the files ``names`` in ``directory`` now."""
+def _size(value: Any) -> int | None:
+    """A recorded size: a number of bytes, or ``None`` (null) for a file whose size was not yet known."""
+    return None if value is None else int(value)
+
+
+def _current(directory: Path, names: Iterable[str]) -> Recorded:
+    """Size and modification time of the files ``names`` in ``directory`` now."""
     recorded: Recorded = {}
     for name in names:
         status = os.stat(directory / name)
-        recorded[name] = (status.st_size, status.st_mtime_ns if with_time else None)
+        recorded[name] = (status.st_size, status.st_mtime_ns)
     return recorded

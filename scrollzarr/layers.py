@@ -26,9 +26,10 @@ from tqdm import tqdm
 from scrollzarr import layermanifest as manifest
 from scrollzarr.allocator import keep_freed_memory
 from scrollzarr.chunkcache import CacheStats, ChunkCache
-from scrollzarr.durable import fsync_directories
+from scrollzarr.durable import fsync_directories, hidden_partial_path
 from scrollzarr.errors import ScrollzarrError, UsageError
-from scrollzarr.layertiff import LayerTiff, partial_path
+from scrollzarr.layertiff import LayerTiff
+from scrollzarr.options import check_workers
 from scrollzarr.outputlock import LOCK_NAME, OutputLock
 from scrollzarr.ppm import Ppm, open_ppm
 from scrollzarr.report import progress
@@ -88,8 +89,8 @@ class LayerOptions:
             )
         if self.stack_filter not in STACK_FILTERS:
             raise UsageError(f"--stack_filter must be one of {', '.join(STACK_FILTERS)}, not {self.stack_filter}")
-        if self.workers is not None and self.workers < 1:
-            raise UsageError(f"--workers must be at least 1, not {self.workers}")
+        if self.workers is not None:
+            check_workers(self.workers)
         open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         workers = self.workers or available_cores()
         needed = self.layers + 1 + OTHER_FILES + FILES_PER_WORKER * workers
@@ -172,10 +173,11 @@ def ppm_to_layers(
     """Render the layer TIFFs (and the stacked image, if ``stack_path``) of a surface.
 
     The output directory is locked for the whole run.  The run records its
-    partial files before it renders, and its layer TIFFs once they have their
-    final names (see :mod:`scrollzarr.layermanifest`); every TIFF is flushed
-    before any gets its final name, and the directories after the renames.
-    With ``--overwrite``, files that an earlier run recorded and this run does
+    partial files before it creates them and again, with their sizes, before
+    it renders, their final names before the first rename, and its layer
+    TIFFs once they have their final names (see :mod:`scrollzarr.layermanifest`);
+    every TIFF is flushed before any gets its final name, and the directories
+    after the renames.  With ``--overwrite``, files that an earlier run recorded and this run does
     not write again are removed.
 
     Raises
@@ -195,11 +197,14 @@ def ppm_to_layers(
     _check_paths(ppm_path, zarr_path, output_dir, stack_path, names)
     if output_dir.exists() and not output_dir.is_dir():
         raise ScrollzarrError(f"{output_dir} is a file; OUTPUT_TIFF_DIR must be a directory for the layer TIFFs")
-    with OutputLock(output_dir, "output directory"):
+    with OutputLock(output_dir, "output directory") as lock:
         _check_outputs(output_dir, stack_path, options.overwrite)
         _check_space(output_dir, stack_path, ppm, options.layers, dtype)
+        manifest.remove_leftovers(output_dir)
         previous = manifest.read_manifest(output_dir) if options.overwrite else None
+        created = list(lock.created)
         if stack_path is not None:
+            created += [path for path in (stack_path.parent, *stack_path.parent.parents) if not path.exists()]
             stack_path.parent.mkdir(parents=True, exist_ok=True)
         report = LayerReport(
             output_dir,
@@ -214,30 +219,38 @@ def ppm_to_layers(
         )
         start = time.perf_counter()
         files: list[LayerTiff] = []
-        partial_names = [partial_path(output_dir / name).name for name in names]
+        partial_names = [hidden_partial_path(output_dir / name).name for name in names]
+        restored = previous  # the record a failed run puts back
         try:
+            creating = manifest.add_pending(output_dir, previous, dict.fromkeys(partial_names))
             for name in names:
                 files.append(LayerTiff(output_dir / name, ppm.height, ppm.width, dtype))
             stack_file = None
             if stack_path is not None:
                 stack_file = LayerTiff(stack_path, ppm.height, ppm.width, dtype)
                 files.append(stack_file)
-            manifest.add_partial(output_dir, previous, partial_names)
+            pending = manifest.add_pending(output_dir, creating, {name: name for name in partial_names})
             _Render(ppm, volume, options, report).run(files[: options.layers], stack_file)
             for file in files:
                 file.flush()
+            # The final names too, before the first rename: a run stopped during the renames or after them
+            # leaves a record of every file it wrote, and a failed one keeps it.
+            restored = manifest.add_pending(output_dir, pending, dict(zip(names, partial_names, strict=True)))
             for file in files:
                 file.commit()
         except BaseException:
             for file in files:
                 file.discard()
-            manifest.restore(output_dir, previous)
+            manifest.restore(output_dir, restored)
             raise
         removed = manifest.remove_stale(output_dir, previous, set(names) | set(partial_names))
         if removed:
             log.info(f"removed {len(removed)} file(s) of earlier runs from {output_dir}")
         manifest.write_finished(output_dir, names, ppm.height, ppm.width, dtype)
-        fsync_directories([output_dir] if stack_path is None else [output_dir, stack_path.parent])
+        # The directories written in, and the parents of those this run created (else a power cut can lose a
+        # new directory's entry, and the files in it with it).
+        written = [output_dir] if stack_path is None else [output_dir, stack_path.parent]
+        fsync_directories([*written, *(directory.parent for directory in created)])
     report.seconds = time.perf_counter() - start
     return report
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from scrollzarr.durable import hidden_partial_path
 from scrollzarr.errors import ScrollzarrError
 
-PARTIAL_SUFFIX = ".partial"
 STRIP_BYTES = 8 * 2**20
 CLASSIC_TIFF_LIMIT = 2**32 - 2**25  # leave room for the header and tags below 4 GiB
 
@@ -30,11 +30,6 @@ def write_at(fd: int, data: np.ndarray, position: int) -> None:
         written = os.pwrite(fd, view, position)
         view = view[written:]
         position += written
-
-
-def partial_path(final: Path) -> Path:
-    """Where the image is written before it is complete: ``dir/.name.partial``."""
-    return final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
 
 
 class LayerTiff:
@@ -50,7 +45,7 @@ class LayerTiff:
 
     def __init__(self, final: Path, height: int, width: int, dtype: np.dtype) -> None:
         self.final = final
-        self.path = partial_path(final)
+        self.path = hidden_partial_path(final)
         self.row_bytes = width * dtype.itemsize
         tifffile.imwrite(
             self.path,

@@ -82,6 +82,15 @@ class OutputLock:
     ) -> None:
         self.release()
 
+    @property
+    def created(self) -> tuple[Path, ...]:
+        """The directories this lock created (the output and missing parents), outermost first.
+
+        A run flushes the parent of each before it reports success: else a power cut can lose the new
+        directory's own entry, and every file in it with it.
+        """
+        return tuple(self._created)
+
     def release(self) -> None:
         """Remove the lock file and release the lock (and the directory, if this run created it and left it empty)."""
         if self._fd is None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TextIO
+from time import monotonic
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -17,6 +18,8 @@ from scrollzarr.blocks import Shape3
 from scrollzarr.sizes import format_bytes
 
 log = logging.getLogger(__name__)
+
+INTERVAL = 60.0  # seconds between two lines of ProgressLines
 
 
 @dataclass
@@ -100,38 +103,63 @@ class ProgressBar(Protocol):
     def __exit__(self, *exc: object) -> object: ...
 
 
-def progress(
-    total: float,
-    unit: str,
-    description: str,
-    quiet: bool,
-    stream: TextIO | None = None,
-    clock: Callable[[], float] = time.monotonic,
-) -> ProgressBar:
+def progress(total: float, unit: str, description: str, quiet: bool) -> ProgressBar:
     """The progress display of a run of ``total`` ``unit``: the same for the three tools.
 
-    A tqdm bar where ``stream`` (standard error by default) is a terminal;
-    elsewhere (a log file, a pipe) its carriage-return updates would fill the
-    file, so one line a minute is logged instead (:class:`ProgressLines`).
-    Nothing with ``quiet``.
+    A tqdm bar where standard error is a terminal; elsewhere (a log file, a
+    pipe) its carriage-return updates would fill the file, so one line a
+    minute is logged instead (:class:`ProgressLines`).  Nothing with ``quiet``.
+    Either may be updated from several threads (:class:`SharedProgress`).
 
     Parameters
     ----------
     total : float
         Units of work in the whole run (voxels, bytes, pixels).
-    clock : callable
-        Seconds, monotonic; for tests.
     """
-    stream = sys.stderr if stream is None else stream
     if quiet:
         return tqdm(total=total, disable=True)
-    if stream.isatty():
-        return tqdm(total=total, unit=unit, unit_scale=True, desc=description, mininterval=0.5, file=stream)
-    return ProgressLines(total, description, clock)
+    if sys.stderr.isatty():
+        bar = tqdm(total=total, unit=unit, unit_scale=True, desc=description, mininterval=0.5, file=sys.stderr)
+        return SharedProgress(bar)
+    return SharedProgress(ProgressLines(total, description))
+
+
+class SharedProgress:
+    """A progress display that threads update at once: every call made under one lock.
+
+    Worker threads report the work they finish (readback.py, the streamed
+    levels); neither tqdm's ``update`` nor :meth:`ProgressLines.update` is safe
+    from several threads (each reads and writes the count and the time of the
+    last display without a lock), so two threads could log a line twice or
+    lose one.
+    """
+
+    def __init__(self, bar: ProgressBar) -> None:
+        self._bar = bar
+        self._lock = threading.Lock()
+
+    def update(self, n: float = 1) -> None:
+        with self._lock:
+            self._bar.update(n)
+
+    def set_description(self, desc: str) -> None:
+        with self._lock:
+            self._bar.set_description(desc)
+
+    def set_postfix_str(self, s: str) -> None:
+        with self._lock:
+            self._bar.set_postfix_str(s)
+
+    def __enter__(self) -> SharedProgress:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.__exit__(*exc)
 
 
 class ProgressLines:
-    """Progress logged as one line a minute: the fraction done, the time taken and the time left.
+    """Progress logged as one line a minute (:data:`INTERVAL`): the fraction done, the time taken and the time left.
 
     Parameters
     ----------
@@ -139,27 +167,19 @@ class ProgressLines:
         Units of work in the whole run.
     description : str
         What is being done, at the start of each line.
-    clock : callable
-        Seconds, monotonic.
-    interval : float
-        Seconds between lines.
     """
 
-    def __init__(
-        self, total: float, description: str, clock: Callable[[], float] = time.monotonic, interval: float = 60.0
-    ) -> None:
+    def __init__(self, total: float, description: str) -> None:
         self.total = total
         self.description = description
         self.postfix = ""
-        self.clock = clock
-        self.interval = interval
         self.n = 0.0
-        self.started = self.last = clock()
+        self.started = self.last = monotonic()
 
     def update(self, n: float = 1) -> None:
         self.n += n
-        now = self.clock()
-        if now - self.last < self.interval:
+        now = monotonic()
+        if now - self.last < INTERVAL:
             return
         self.last = now
         elapsed = now - self.started

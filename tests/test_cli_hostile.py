@@ -188,9 +188,11 @@ def test_quiet_shows_neither_bar_nor_progress_lines(synthetic, tmp_path):
     assert result.stderr == ""
 
 
-def test_without_a_terminal_progress_is_one_line_a_minute_with_fraction_and_eta(caplog):
+def test_without_a_terminal_progress_is_one_line_a_minute_with_fraction_and_eta(caplog, monkeypatch):
     now = [1000.0]
-    bar = report.progress(400, "vox", "converting", quiet=False, stream=io.StringIO(), clock=lambda: now[0])
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    monkeypatch.setattr(report, "monotonic", lambda: now[0])
+    bar = report.progress(400, "vox", "converting", quiet=False)
     caplog.set_level(logging.INFO, logger="scrollzarr")
     with bar:
         for seconds, done in [(10, 50), (59, 50), (61, 100), (100, 50), (120, 50), (122, 50)]:
@@ -206,10 +208,12 @@ def test_without_a_terminal_progress_is_one_line_a_minute_with_fraction_and_eta(
     ]
 
 
-def test_quiet_progress_logs_nothing(caplog):
+def test_quiet_progress_logs_nothing(caplog, monkeypatch):
     now = [0.0]
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    monkeypatch.setattr(report, "monotonic", lambda: now[0])
     caplog.set_level(logging.DEBUG, logger="scrollzarr")
-    with report.progress(10, "B", "decompressing", quiet=True, stream=io.StringIO(), clock=lambda: now[0]) as bar:
+    with report.progress(10, "B", "decompressing", quiet=True) as bar:
         for _ in range(10):
             now[0] += 100
             bar.update(1)

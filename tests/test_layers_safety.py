@@ -37,6 +37,16 @@ MANIFEST = ".scrollzarr-layers.json"
 STRACE = shutil.which("strace")
 
 
+def strace() -> str:
+    """strace's path.  Missing: the test is skipped where the user is not root, and fails as root (as in CI,
+    which installs it), so that the system-call checks cannot go unchecked in silence."""
+    if STRACE is None:
+        if os.geteuid() == 0:
+            pytest.fail("strace is not installed (running as root, so the system-call tests must run)")
+        pytest.skip(f"strace is not installed (running as uid {os.geteuid()})")
+    return STRACE
+
+
 def ppm_to_layers(*args: object) -> subprocess.CompletedProcess[str]:
     return run_script("ppm_to_layers.py", *args)
 
@@ -261,7 +271,6 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
 # 4. Each TIFF is flushed before its rename, each directory after the renames.
 
 
-@pytest.mark.skipif(STRACE is None, reason="strace is not installed")
 def test_tiffs_are_flushed_before_their_rename_and_directories_after(tmp_path, store, ppm):
     path, _ = ppm
     out = tmp_path / "out"
@@ -269,7 +278,7 @@ def test_tiffs_are_flushed_before_their_rename_and_directories_after(tmp_path, s
     stacks.mkdir()
     log = tmp_path / "trace"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    command = [STRACE, "-f", "-y", "-qq", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2", "-o", log]
+    command = [strace(), "-f", "-y", "-qq", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2", "-o", log]
     command += [sys.executable, ROOT / "ppm_to_layers.py", path, store, out, stacks / "s.tif", "--number_of_layers", 3]
     assert_ok(subprocess.run(list(map(str, command)), capture_output=True, text=True, env=env, timeout=600))
     calls = log.read_text().splitlines()
@@ -293,7 +302,8 @@ def test_tiffs_are_flushed_before_their_rename_and_directories_after(tmp_path, s
 
 
 def test_a_flush_that_fails_leaves_every_earlier_layer_as_it_was(tmp_path, store, ppm):
-    """The third fsync fails (as ENOSPC can on delayed allocation): no layer may be replaced, none half the set."""
+    """The third TIFF's fsync fails (as ENOSPC can on delayed allocation): no layer may be replaced, none half
+    the set.  (Only the TIFFs' flushes are counted: the record's flushes come before them.)"""
     path, _ = ppm
     out = tmp_path / "out"
     assert_ok(ppm_to_layers(path, store, out, "--number_of_layers", 5, "--layer_spacing", 2, "--quiet"))
@@ -303,8 +313,9 @@ def test_a_flush_that_fails_leaves_every_earlier_layer_as_it_was(tmp_path, store
         "calls = [0]\n"
         "real = os.fsync\n"
         "def failing(fd):\n"
-        "    calls[0] += 1\n"
-        "    if calls[0] == 3:\n"
+        "    tiff = os.readlink(f'/proc/self/fd/{fd}').endswith('.tif.partial')\n"
+        "    calls[0] += tiff\n"
+        "    if tiff and calls[0] == 3:\n"
         "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
         "    return real(fd)\n"
         "os.fsync = failing\n"
@@ -343,7 +354,7 @@ def test_a_damaged_chunk_is_one_line_naming_it(tmp_path, store, ppm):
         (["--layer_spacing", "-1"], "--layer_spacing must be a positive number of voxels, not -1.0"),
         (["--block_size", 10**21], "--block_size must be at most"),
         (["--number_of_layers", 10**9], "--number_of_layers 1000000000 with"),
-        (["--workers", 10**9], "with 1000000000 workers needs"),
+        (["--workers", 10**9], "--workers must be at most 1024, not 1000000000"),
     ],
 )
 def test_absurd_numbers_are_refused(tmp_path, store, ppm, options, fragment):
@@ -388,14 +399,13 @@ def test_normals_are_not_renormalised(tmp_path, store, volume):
     assert np.abs(layers - layers_reference(volume, unit, 5, 0.7)).max() > 100
 
 
-@pytest.mark.skipif(STRACE is None, reason="strace is not installed")
 def test_each_chunk_is_read_once_while_it_stays_cached(tmp_path, store, volume):
     """Tiles of 2 pixels over one small region: every tile needs the same chunks again."""
     data = surface(12, 12, seed=5)
     write_ppm(tmp_path / "r.ppm", data)
     log = tmp_path / "trace"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    command = [STRACE, "-f", "-y", "-qq", "-e", "trace=openat", "-o", log, sys.executable, ROOT / "ppm_to_layers.py"]
+    command = [strace(), "-f", "-y", "-qq", "-e", "trace=openat", "-o", log, sys.executable, ROOT / "ppm_to_layers.py"]
     command += [tmp_path / "r.ppm", store, tmp_path / "out", "--number_of_layers", 3, "--block_size", 2]
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=env, timeout=600)
     assert_ok(result)
