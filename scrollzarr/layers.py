@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,15 +198,17 @@ def ppm_to_layers(
     _check_paths(ppm_path, zarr_path, output_dir, stack_path, names)
     if output_dir.exists() and not output_dir.is_dir():
         raise ScrollzarrError(f"{output_dir} is a file; OUTPUT_TIFF_DIR must be a directory for the layer TIFFs")
-    with OutputLock(output_dir, "output directory") as lock:
+    with ExitStack() as locks:
+        created = list(locks.enter_context(OutputLock(output_dir, "output directory")).created)
+        if stack_path is not None:
+            # The stacked image may lie outside the directory: held on its own, so that two runs writing it
+            # (with other layer directories) never share its partial file (measured: one exited 0 with a mix).
+            held = OutputLock(stack_path.parent, "stacked image", _stack_lock_name(stack_path), stack_path)
+            created += locks.enter_context(held).created
         _check_outputs(output_dir, stack_path, options.overwrite)
         _check_space(output_dir, stack_path, ppm, options.layers, dtype)
         manifest.remove_leftovers(output_dir)
         previous = manifest.read_manifest(output_dir) if options.overwrite else None
-        created = list(lock.created)
-        if stack_path is not None:
-            created += [path for path in (stack_path.parent, *stack_path.parent.parents) if not path.exists()]
-            stack_path.parent.mkdir(parents=True, exist_ok=True)
         report = LayerReport(
             output_dir,
             stack_path,
@@ -395,8 +398,9 @@ def _check_paths(ppm_path: Path, zarr_path: Path, output_dir: Path, stack_path: 
             f"OUTPUT_STACK_TIFF {stack_path} is inside the zarr store {store}; write the stacked image elsewhere"
         )
     if stack in ours:
+        what = "a layer TIFF" if stack.name in names else "a record ppm_to_layers keeps in OUTPUT_TIFF_DIR"
         raise ScrollzarrError(
-            f"OUTPUT_STACK_TIFF {stack_path} is also a layer TIFF ({stack}); give the stacked image another name"
+            f"OUTPUT_STACK_TIFF {stack_path} is also {what} ({stack}); give the stacked image another name"
         )
     if stack == out:
         raise ScrollzarrError(f"OUTPUT_STACK_TIFF {stack_path} is OUTPUT_TIFF_DIR; give the stacked image a file name")
@@ -410,8 +414,14 @@ def _store_root(path: Path) -> Path:
     return root
 
 
+def _stack_lock_name(stack_path: Path) -> str:
+    """The lock file that holds the stacked image, beside it."""
+    return f".{stack_path.name}.lock"
+
+
 def _check_outputs(output_dir: Path, stack_path: Path | None, overwrite: bool) -> None:
-    if any(path.name != LOCK_NAME for path in output_dir.iterdir()) and not overwrite:
+    locks = {LOCK_NAME} if stack_path is None else {LOCK_NAME, _stack_lock_name(stack_path)}
+    if any(path.name not in locks for path in output_dir.iterdir()) and not overwrite:
         raise ScrollzarrError(
             f"{output_dir} is not empty; add --overwrite to replace its layer TIFFs (other files are kept), "
             "or choose an empty directory"

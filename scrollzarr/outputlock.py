@@ -39,6 +39,11 @@ class OutputLock:
         The output directory (a zarr store, or a folder of TIFFs).
     what : str
         How the error calls the output, e.g. ``"output store"``.
+    name : str
+        The lock file's name in ``directory``: :data:`LOCK_NAME` to hold the
+        whole directory, another to hold one file of it (``subject``).
+    subject : Path or None
+        What the error names as held: ``directory`` unless given.
 
     Raises
     ------
@@ -46,10 +51,13 @@ class OutputLock:
         On entry, if another process holds the lock.
     """
 
-    def __init__(self, directory: Path, what: str = "output") -> None:
+    def __init__(
+        self, directory: Path, what: str = "output", name: str = LOCK_NAME, subject: Path | None = None
+    ) -> None:
         self.directory = directory
         self.what = what
-        self.path = directory / LOCK_NAME
+        self.subject = directory if subject is None else subject
+        self.path = directory / name
         self._fd: int | None = None
         self._created: list[Path] = []
 
@@ -65,7 +73,7 @@ class OutputLock:
                     raise
                 self._remove_created()
                 raise LockedError(
-                    f"another run is writing the {self.what} {self.directory} (it holds {self.path}); "
+                    f"another run is writing the {self.what} {self.subject} (it holds {self.path}); "
                     "wait for it to finish or stop it, then run again"
                 ) from None
             try:

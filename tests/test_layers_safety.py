@@ -210,6 +210,8 @@ def collisions(tmp_path: Path, store: Path, ppm: Path) -> list[tuple[list[object
         ([out, out / ".." / "out" / "02.tif"], "is also a layer TIFF"),
         ([out, tmp_path / "link"], "is also a layer TIFF"),
         ([tmp_path / "outlink", out / "01.tif"], "is also a layer TIFF"),
+        ([out, out / ".scrollzarr-layers.json"], "is also a record ppm_to_layers keeps in OUTPUT_TIFF_DIR"),
+        ([out, out / ".scrollzarr.lock"], "is also a record ppm_to_layers keeps in OUTPUT_TIFF_DIR"),
         ([store], "inside the zarr store"),
         ([store / "layers"], "inside the zarr store"),
         ([store / "0"], "inside the zarr store"),
@@ -266,6 +268,41 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert not out.exists()  # created by the first run, which removed it with its partial files
+
+
+def test_two_runs_writing_one_stacked_image_from_other_layer_directories_never_share_it(tmp_path, store):
+    """The stacked image may lie outside OUTPUT_TIFF_DIR: a second run writing it is refused while the first
+    does (before, both wrote one partial file, and one exited 0 with a stacked image mixed from the two)."""
+    write_ppm(tmp_path / "long.ppm", surface(1500, 1000))
+    stack = tmp_path / "stacks" / "st.tif"
+    first = [sys.executable, ROOT / "ppm_to_layers.py", tmp_path / "long.ppm", store, tmp_path / "A", stack]
+    first += ["--workers", "1", "--block_size", "2"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(list(map(str, first)), stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(stack.parent.glob(".*.partial")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        small = tmp_path / "small.ppm"
+        write_ppm(small, surface(2, 3))
+        result = ppm_to_layers(small, store, tmp_path / "B", stack, "--number_of_layers", 3, "--overwrite")
+        assert process.poll() is None, "the first run ended before the second was tried; make it longer"
+        assert_one_line_error(result, "another run is writing the stacked image", str(stack), code=1)
+        assert not (tmp_path / "B").exists()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert not stack.parent.exists()  # made by the first run, which removed it with its partial file and lock
+    # one after the other, both run; a stacked image in OUTPUT_TIFF_DIR itself holds no lock against its own run
+    assert_ok(ppm_to_layers(small, store, tmp_path / "B", tmp_path / "B" / "st.tif", "--number_of_layers", 3))
+    assert sorted(p.name for p in (tmp_path / "B").iterdir()) == [
+        ".scrollzarr-layers.json",
+        "00.tif",
+        "01.tif",
+        "02.tif",
+        "st.tif",
+    ]
 
 
 # 4. Each TIFF is flushed before its rename, each directory after the renames.
