@@ -189,3 +189,15 @@ def test_a_directory_or_a_fifo_under_a_tiff_name_is_a_failed_file(tmp_path, rng)
     assert "00002.tif: cannot read: it is not a regular file" in result.stderr
     assert_same_pixels(out, written)
     assert sorted(p.name for p in out.iterdir()) == ["00000.tif", "00003.tif"]
+
+
+def test_an_output_inside_a_zarr_store_is_refused(tmp_path, rng):
+    """TIFFs written into a store would be taken for its files, and deleted with it by scroll_to_ome --overwrite."""
+    write_inputs(tmp_path / "in", ["00000.tif", "00001.tif"], rng, compression="zlib")
+    store = tmp_path / "scroll.zarr"
+    assert_ok(run_script("scroll_to_ome.py", tmp_path / "in", store, "--chunk_size", 16, "--nlevels", 2))
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
+    for output in (store, store / "0", store / "0" / "new"):
+        result = decompress_tiffs(tmp_path / "in", output)
+        assert_one_line_error(result, f"is inside the zarr store {store}", "write the TIFFs elsewhere", code=1)
+        assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
