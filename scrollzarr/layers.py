@@ -234,6 +234,12 @@ def ppm_to_layers(
                 files.append(stack_file)
             pending = manifest.add_pending(output_dir, creating, {name: name for name in partial_names})
             _Render(ppm, volume, options, report).run(files[: options.layers], stack_file)
+            changed = volume.changed()
+            if changed:  # chunks read meanwhile may have been missing (zeros) or another volume's
+                raise ScrollzarrError(
+                    f"the volume {zarr_path} changed while it was read ({changed}); nothing was written: "
+                    "render again once the run writing it has finished"
+                )
             for file in files:
                 file.flush()
             # The final names too, before the first rename: a run stopped during the renames or after them

@@ -9,12 +9,14 @@ that is ``(c - corner) / 2^level``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.storage import LocalStore
 
 from scrollzarr import progress
 from scrollzarr.errors import ScrollzarrError
@@ -45,6 +47,23 @@ class Volume:
     level: int
     scale: np.ndarray
     translation: np.ndarray
+    metadata: tuple[tuple[Path, tuple[int, int, int] | None], ...] = field(default=())
+
+    def changed(self) -> str | None:
+        """What tells that the array was replaced since it was opened, or ``None``.
+
+        scroll_to_ome ``--overwrite`` (or ``--first_new_level``) writing the store
+        while it is read makes chunks vanish, which read as zeros: the array's
+        metadata file (its identity: device, inode, modification time) and the
+        store's progress record tell.
+        """
+        for path, identity in self.metadata:
+            if _identity(path) != identity:
+                return f"{path} was replaced or removed"
+            record = _unfinished(path.parent)
+            if record is not None:
+                return f"{record} appeared: the store is being written"
+        return None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -75,8 +94,7 @@ def open_volume(path: Path, level: int = 0) -> Volume:
             f"{path} is neither a zarr array nor an OME-Zarr group ({type(error).__name__}: {error}); "
             "give the .zarr made by scroll_to_ome, or one of its levels"
         ) from None
-    where = path.resolve()
-    if any((folder / progress.KEY).exists() for folder in (where, *where.parents)):
+    if _unfinished(path.resolve()) is not None:
         raise VolumeError(
             f"{path} belongs to an unfinished conversion (its store holds {progress.KEY}); "
             "finish it with scroll_to_ome --resume first"
@@ -123,6 +141,20 @@ def _multiscale(path: Path, attrs: dict[str, Any]) -> Multiscale:
         raise VolumeError(f"{path}: malformed OME 'multiscales' metadata ({error})") from None
 
 
+def _unfinished(where: Path) -> Path | None:
+    """The progress record of a conversion in ``where`` or a directory above it, if there is one."""
+    return next((folder / progress.KEY for folder in (where, *where.parents) if (folder / progress.KEY).exists()), None)
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Device, inode and modification time (ns) of ``path``; ``None`` if it does not exist."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino, status.st_mtime_ns
+
+
 def _checked(path: Path, volume: Volume) -> Volume:
     array = volume.array
     if array.ndim != 3:
@@ -131,4 +163,9 @@ def _checked(path: Path, volume: Volume) -> Volume:
         raise VolumeError(f"{path}: voxels are {array.dtype}; ppm_to_layers renders unsigned integer volumes")
     if volume.scale.shape != (3,) or volume.translation.shape != (3,) or not np.all(volume.scale > 0):
         raise VolumeError(f"{path}: level {volume.level}'s scale/translation are not three positive numbers")
-    return volume
+    store = array.store
+    if not isinstance(store, LocalStore):
+        return volume
+    folder = Path(store.root) / array.path
+    files = [folder / name for name in (".zarray", "zarr.json") if (folder / name).is_file()]
+    return replace(volume, metadata=tuple((file, _identity(file)) for file in files))

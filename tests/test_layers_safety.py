@@ -29,7 +29,7 @@ import zarr
 
 from scrollzarr.ppm import write_ppm
 
-from conftest import ROOT, assert_ok, assert_one_line_error, run_script
+from conftest import ROOT, assert_ok, assert_one_line_error, run_script, write_stack
 from reference import layers_reference
 
 SHAPE = (16, 20, 24)  # z, y, x
@@ -303,6 +303,36 @@ def test_two_runs_writing_one_stacked_image_from_other_layer_directories_never_s
         "02.tif",
         "st.tif",
     ]
+
+
+@pytest.mark.parametrize("zarr_only", [False, True])
+def test_a_volume_rewritten_while_it_is_read_fails_the_render_and_writes_nothing(tmp_path, volume, zarr_only):
+    """scroll_to_ome --overwrite of the store a render reads: chunks vanish and read as zeros, so the render
+    must not exit 0 with its layers (before: 48 of 64 rows wrong in every layer, exit 0)."""
+    write_stack(tmp_path / "slices", volume)
+    store = tmp_path / "v.zarr"
+    convert = ["--chunk_size", 8, "--nlevels", 1, "--quiet", *(["--zarr_only"] if zarr_only else [])]
+    assert_ok(run_script("scroll_to_ome.py", tmp_path / "slices", store, *convert))
+    write_ppm(tmp_path / "long.ppm", surface(120, 100))  # stopped once laid out: it need not be long
+    out = tmp_path / "out"
+    command = [sys.executable, ROOT / "ppm_to_layers.py", tmp_path / "long.ppm", store, out, "--workers", "1"]
+    command += ["--block_size", "2", "--number_of_layers", 3]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    render = subprocess.Popen(list(map(str, command)), stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not any(out.glob(".*.partial")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    render.send_signal(signal.SIGSTOP)  # the store is rewritten while the render is in the middle of reading it
+    try:
+        assert_ok(run_script("scroll_to_ome.py", tmp_path / "slices", store, *convert, "--overwrite"))
+    finally:
+        render.send_signal(signal.SIGCONT)
+    _, stderr = render.communicate(timeout=600)
+    assert render.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    assert f"error: the volume {store} changed while it was read" in stderr, stderr
+    assert "nothing was written: render again" in stderr
+    assert not out.exists() or layer_files(out) == []
 
 
 # 4. Each TIFF is flushed before its rename, each directory after the renames.
