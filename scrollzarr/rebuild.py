@@ -29,6 +29,7 @@ from scrollzarr.store import (
     damaged_chunks,
     is_zarr_store,
     open_store,
+    readable_metadata,
     remove_partial_files,
 )
 from scrollzarr.workers import Workers
@@ -212,8 +213,9 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     if record is None:
         record = Progress(plan.fingerprint, [])
         record.save(plan.output)
+    if "multiscales" in group.attrs:  # also resuming: a stop between the record and this left it there
         attributes = group.attrs.asdict()
-        attributes.pop("multiscales", None)
+        attributes.pop("multiscales")
         group.attrs.put(attributes)
         sync_file_system(plan.output)
     report = _prepare_levels(plan, group, record)
@@ -258,7 +260,10 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
     report = Report(plan.output, plan.dtype, plan.chunk)
     damaged = []
     for level in range(plan.first, len(plan.shapes)):
-        if not (plan.output / str(level) / ".zarray").is_file():
+        metadata = [plan.output / str(level) / name for name in (".zarray", ".zattrs")]
+        if not all(readable_metadata(path) for path in metadata):  # missing, or empty after a power cut
+            for path in metadata:
+                path.unlink(missing_ok=True)
             create_level(group, str(level), plan.shapes[level], plan.chunk, plan.dtype, overwrite=False)
         report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], plan.chunk))
         array = group[str(level)]
