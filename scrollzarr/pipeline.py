@@ -40,6 +40,7 @@ from scrollzarr.store import (
     OutputError,
     check_output_name,
     check_replaceable,
+    chunk_index,
     create_level,
     damaged_chunks,
     empty_output,
@@ -504,9 +505,9 @@ def _rewrite_damaged(plan: Plan, arrays: list[zarr.Array], record: Progress) -> 
     """
     damaged = []
     for level, array in enumerate(arrays):
-        for path, size in damaged_chunks(array, plan.output):
+        for path, size in damaged_chunks(array):
             log.warning("chunk file %s is damaged (%d bytes); it is written again", path, size)
-            z, y, x = (int(part) * plan.options.chunk_size for part in path.relative_to(path.parents[2]).parts)
+            z, y, x = (i * plan.options.chunk_size for i in chunk_index(array, path))
             if level <= plan.bands.streamed:
                 _, height, width = plan.shapes[0]
                 scale = 2**level

@@ -25,6 +25,7 @@ from scrollzarr.report import LevelReport, Report, chunk_count, progress_bar
 from scrollzarr.sizes import format_bytes
 from scrollzarr.store import (
     check_output_name,
+    chunk_index,
     create_level,
     damaged_chunks,
     is_zarr_store,
@@ -268,9 +269,9 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
         report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], plan.chunk))
         array = group[str(level)]
         assert isinstance(array, zarr.Array)
-        for path, size in damaged_chunks(array, plan.output):
+        for path, size in damaged_chunks(array):
             log.warning("chunk file %s is damaged (%d bytes); it is written again", path, size)
-            row = int(path.relative_to(path.parents[2]).parts[0]) * plan.chunk // plan.blocks[level - plan.first][0]
+            row = chunk_index(array, path)[0] * plan.chunk // plan.blocks[level - plan.first][0]
             record.rows_done[str(level)] = min(record.rows_done.get(str(level), 0), row)
             damaged.append(path)
     record.forget(plan.output, damaged)

@@ -118,43 +118,60 @@ def check_replaceable(output: Path, overwrite: bool, input_dir: Path | None) -> 
 
 
 class DamagedChunkError(OutputError):
-    """A chunk file of a level has the wrong size."""
+    """A chunk file that cannot be read as a chunk: the wrong size, or (compressed) not decodable."""
 
 
-def chunk_files(directory: Path) -> list[Path]:
-    """The chunk files of the level array in ``directory`` (nested ``z/y/x`` keys), not those of other levels."""
+ChunkIndex = tuple[int, ...]
+
+
+def chunk_nbytes(array: zarr.Array) -> int:
+    """Bytes of one whole chunk of ``array``, uncompressed."""
+    return math.prod(array.chunks) * np.dtype(array.dtype).itemsize
+
+
+def chunk_file(array: zarr.Array, index: ChunkIndex) -> Path:
+    """The file that holds chunk ``index`` of ``array`` (an array of a store on disk)."""
+    return Path(array.store.root, array.path, array.metadata.encode_chunk_key(index))
+
+
+def chunk_index(array: zarr.Array, path: Path) -> ChunkIndex:
+    """The index of the chunk of ``array`` whose file is ``path`` (nested ``z/y/x`` keys, as this project writes)."""
+    return tuple(int(part) for part in path.relative_to(Path(array.store.root, array.path)).parts)
+
+
+def chunk_files(array: zarr.Array) -> list[Path]:
+    """The chunk files of ``array`` (nested ``z/y/x`` keys), not those of the levels beside or below it."""
+    directory = Path(array.store.root, array.path)
     return [
         path
-        for path in directory.glob("*/*/*")
+        for path in directory.glob("/".join("*" * array.ndim))
         if path.is_file() and all(part.isdigit() for part in path.relative_to(directory).parts)
     ]
 
 
-def damaged_chunks(array: zarr.Array, root: Path) -> list[tuple[Path, int]]:
-    """The chunk files of ``array`` (in the store at ``root``) whose size is not a whole chunk's, with their sizes.
+def damaged_chunks(array: zarr.Array) -> list[tuple[Path, int]]:
+    """The chunk files of ``array`` (a level in a store on disk) whose size is not a whole chunk's, with their sizes.
 
     Every chunk this project writes is uncompressed and whole (padded at the
     far edges), so any other size is damage: a write cut off under its final
     name by a power cut before it was flushed, or a disk fault.
     """
-    nbytes = math.prod(array.chunks) * np.dtype(array.dtype).itemsize
-    directory = root / array.path if array.path else root
-    sizes = ((path, path.stat().st_size) for path in chunk_files(directory))
-    return [(path, size) for path, size in sizes if size != nbytes]
+    sizes = ((path, path.stat().st_size) for path in chunk_files(array))
+    return [(path, size) for path, size in sizes if size != chunk_nbytes(array)]
 
 
 def read_checked(array: zarr.Array, region: tuple[slice, ...], advice: str) -> np.ndarray:
     """``array[region]``; a damaged chunk in it is a :class:`DamagedChunkError` naming the file, with ``advice``."""
     try:
         return array[region]
-    except ValueError:
-        store = array.store
-        damaged = damaged_chunks(array, Path(store.root)) if isinstance(store, LocalStore) else []
+    except ValueError:  # what zarr raises for an uncompressed chunk of the wrong size
+        damaged = damaged_chunks(array) if isinstance(array.store, LocalStore) else []
         if not damaged:
             raise
         path, size = damaged[0]
-        nbytes = math.prod(array.chunks) * np.dtype(array.dtype).itemsize
-        raise DamagedChunkError(f"chunk file {path} is damaged ({size} bytes, not {nbytes}); {advice}") from None
+        raise DamagedChunkError(
+            f"chunk file {path} is damaged ({size} bytes, not {chunk_nbytes(array)}); {advice}"
+        ) from None
 
 
 def readable_metadata(path: Path) -> bool:

@@ -9,9 +9,11 @@ a pattern).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,9 @@ import pytest
 from test_fault_injection import brief, changes, distinct_stops, left_behind, stopped_run, sweep
 
 from scrollzarr import progress
+from scrollzarr.ppm import write_ppm
 
-from conftest import assert_ok, assert_one_line_error, scroll_to_ome, store_files, write_stack
+from conftest import ROOT, assert_ok, assert_one_line_error, run_script, scroll_to_ome, store_files, write_stack
 
 CONVERT = ["--chunk_size", 8, "--nlevels", 2, "--workers", 1]
 LAYOUTS = {"group": [], "zarr_only": ["--zarr_only"]}
@@ -60,12 +63,8 @@ def final_files(left: dict[str, bytes]) -> dict[str, bytes]:
     return {name: data for name, data in left.items() if not name.endswith(".partial")}
 
 
-def last_index(seen: list[str], pattern: str) -> int:
-    """The 1-based N of the last change matching ``pattern``."""
-    return max(n for n, what in enumerate(seen, start=1) if re.fullmatch(pattern, what))
-
-
 def first_index(seen: list[str], pattern: str) -> int:
+    """The 1-based N of the first change matching ``pattern``."""
     return next(n for n, what in enumerate(seen, start=1) if re.fullmatch(pattern, what))
 
 
@@ -89,8 +88,8 @@ def differ(after: dict[str, bytes], expected: dict[str, bytes]) -> list[str]:
 @pytest.mark.parametrize("old", ["finished", "unfinished"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
 def test_an_overwrite_stopped_at_every_change_never_looks_finished_and_overwrites_again(stacks, tmp_path, old, layout):
-    """The store replaced is a finished one, or one stopped just before its last metadata write (its record
-    vouches for every chunk).  Every stop up to the new run's first record save (the rest is the conversion
+    """The store replaced is a finished one, or one stopped at its last chunk (its record vouches for the first
+    of two slabs).  Every stop up to the new run's first record save (the rest is the conversion
     sweep of test_fault_injection): a store that looks finished is the old or the new one, byte for byte; a
     store with a record resumes to the run's bytes the record belongs to; what is neither is refused by
     --resume with one line; and --overwrite again gives the new store's bytes."""
@@ -104,11 +103,8 @@ def test_an_overwrite_stopped_at_every_change_never_looks_finished_and_overwrite
     if old == "finished":
         assert_ok(scroll_to_ome(old_stack, base, *args, "--quiet"))
     else:
-        seen = changes("scroll_to_ome", [old_stack, base, *args], base)
-        subprocess.run(["rm", "-rf", str(base)], check=True)
-        code, _ = stopped_run(
-            "scroll_to_ome", [old_stack, base, *args], base, last_index(seen, renamed_to(base / ".zattrs"))
-        )
+        last_chunk = renamed_to(base / ("1/1/1" if zarr_only else "0/1/1/1"))  # of the second slab, level 0
+        code, _ = stopped_run("scroll_to_ome", [old_stack, base, *args], base, 0, match=last_chunk)
         assert code == 9 and (base / progress.KEY).exists() and not looks_finished(base, zarr_only)
     out = tmp_path / "run" / "out.zarr"
     out.parent.mkdir()
@@ -256,3 +252,52 @@ def test_a_run_killed_before_its_first_record_resumes_from_the_beginning(stacks,
     assert_ok(result)
     assert "the stopped run wrote nothing; starting from the beginning" in result.stderr
     assert store_files(out) == expected
+
+
+# --- item: ppm_to_layers meeting a chunk it cannot read -----------------------------------------------------
+
+
+@pytest.fixture
+def volume_and_surface(stacks, tmp_path) -> tuple[Path, Path]:
+    """A finished one-level store of the first stack, and a 6 x 5 surface through its chunks."""
+    store = tmp_path / "volume.zarr"
+    assert_ok(scroll_to_ome(stacks[0], store, "--chunk_size", 8, "--nlevels", 1, "--quiet"))
+    surface = np.zeros((6, 5, 6))
+    v, u = np.mgrid[0:6, 0:5]
+    surface[..., 0] = 3.25 + u * 2.5  # x
+    surface[..., 1] = 9.5  # y
+    surface[..., 2] = 1.0 + v * 1.75  # z
+    surface[..., 4] = 1.0  # normal along y
+    ppm = tmp_path / "surface.ppm"
+    write_ppm(ppm, surface)
+    return store, ppm
+
+
+def test_a_chunk_of_the_wrong_size_is_damage_to_convert_again(volume_and_surface, tmp_path):
+    store, ppm = volume_and_surface
+    for chunk in (store / "0").glob("*/*/*"):
+        with open(chunk, "r+b") as file:
+            file.truncate(100)
+    result = run_script("ppm_to_layers.py", ppm, store, tmp_path / "layers", "--number_of_layers", 3)
+    assert_one_line_error(result, str(store / "0"), "damaged", "convert the volume again with scroll_to_ome", code=1)
+    assert "--resume" not in result.stderr  # volume.py refuses unfinished stores: there is nothing to resume
+
+
+def test_a_read_error_on_a_whole_chunk_is_not_called_damage(volume_and_surface, tmp_path):
+    """EIO reading a chunk file (injected in the child): the disk's error, not a damaged store."""
+    store, ppm = volume_and_surface
+    patch = (
+        "import errno, pathlib\n"
+        "original = pathlib.Path.read_bytes\n"
+        "def failing(self):\n"
+        f"    if str(self).startswith({str(store / '0')!r} + '/') and self.name.isdigit():\n"
+        "        raise OSError(errno.EIO, 'Input/output error', str(self))\n"
+        "    return original(self)\n"
+        "pathlib.Path.read_bytes = failing\n"
+    )
+    argv = [str(ROOT / "ppm_to_layers.py"), str(ppm), str(store), str(tmp_path / "layers"), "--number_of_layers", "3"]
+    code = f"import runpy, sys\n{patch}sys.argv = {argv!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert_one_line_error(result, "Input/output error", code=1)
+    assert "damaged" not in result.stderr
