@@ -48,7 +48,6 @@ from scrollzarr.store import (
     is_emptied,
     is_zarr_store,
     open_store,
-    read_checked,
     readable_metadata,
     remove_partial_files,
     remove_unreadable_metadata,
@@ -294,9 +293,6 @@ def _describe_passes(streamed: int, last: int) -> str:
 
 Band = tuple[tuple[int, int], tuple[int, int]]
 
-# What to do about a damaged chunk found while converting: --resume finds every damaged chunk and writes it again.
-RESUME_ADVICE = "run the same command with --resume, which writes damaged chunks again from the TIFFs"
-
 
 class _Run:
     """One conversion under way: its arrays, workers, progress bar, report and progress record."""
@@ -451,7 +447,7 @@ class _Run:
     def _stored(self, level: int, stream: LevelStream) -> Callable[[int, int], np.ndarray]:
         array = self.arrays[level]
         (y0, y1), (x0, x1) = stream.rows, stream.cols
-        return lambda z0, z1: read_checked(array, (slice(z0, z1), slice(y0, y1), slice(x0, x1)), RESUME_ADVICE)
+        return lambda z0, z1: array[z0:z1, y0:y1, x0:x1]  # its damaged chunks were written again first
 
 
 def _stack_attributes(plan: Plan, bad: list[int], bad_rows: dict[int, int]) -> dict[str, object]:
@@ -600,7 +596,7 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
         if group is not None:
             build_from_above(
                 group, plan.bands.streamed + 1, plan.blocks, options.algorithm, workers, bar, run.report, record,
-                run.checkpoint, lambda level: RESUME_ADVICE,
+                run.checkpoint, None,
             )  # fmt: skip
     run.report.bad = sorted(run.bad)
     attributes = _stack_attributes(plan, run.report.bad, run.bad)

@@ -223,7 +223,7 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     with progress_bar(plan.shapes[plan.first :], plan.quiet) as bar, Workers(plan.workers) as workers:
         build_from_above(
             group, plan.first, plan.blocks, plan.algorithm, workers, bar, report, record,
-            lambda: record.save(plan.output), lambda level: _advice(plan, level),
+            lambda: record.save(plan.output), _advice(plan.first - 1),
         )  # fmt: skip
     multiscale = Multiscale.pyramid(
         plan.output.stem,
@@ -238,10 +238,9 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     return report
 
 
-def _advice(plan: RebuildPlan, level: int) -> str:
-    """What to do about a damaged chunk of ``level``, read to build the level below."""
-    if level >= plan.first:
-        return "run the same command with --resume, which writes damaged chunks of the new levels again"
+def _advice(level: int) -> str:
+    """What to do about a damaged chunk of ``level``, the old level the rebuild reads (the levels it builds
+    are rid of damaged chunks before they are read: :func:`_prepare_levels`)."""
     again = f" or rebuild it from level {level - 1} with --first_new_level {level}" if level else ""
     return f"this rebuild reads level {level}: convert the TIFFs again with --overwrite{again}"
 
