@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_fault_injection import brief, changes, distinct_stops, left_behind, stopped_run, sweep
+from test_output_safety import strace
 
 from scrollzarr import progress
 from scrollzarr.ppm import write_ppm
@@ -301,3 +302,15 @@ def test_a_read_error_on_a_whole_chunk_is_not_called_damage(volume_and_surface, 
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert_one_line_error(result, "Input/output error", code=1)
     assert "damaged" not in result.stderr
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
+def test_the_new_store_s_metadata_is_flushed_before_its_first_chunk(stacks, tmp_path, layout):
+    """Under strace: a syncfs comes after the last metadata file of a new store took its name and before the
+    first chunk file does (not only at the first checkpoint, a slab later)."""
+    out = tmp_path / "out.zarr"
+    events = strace(stacks[0], out, *CONVERT, *LAYOUTS[layout])
+    named = [(i, Path(path)) for i, (kind, path) in enumerate(events) if kind == "named" and path.startswith(str(out))]
+    first_chunk = next(i for i, path in named if path.name.isdigit())
+    last_metadata = max(i for i, path in named if path.name in (".zarray", ".zattrs", ".zgroup") and i < first_chunk)
+    assert any(kind == "sync" for kind, _ in events[last_metadata:first_chunk]), events[last_metadata:first_chunk]
