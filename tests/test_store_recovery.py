@@ -314,3 +314,35 @@ def test_the_new_store_s_metadata_is_flushed_before_its_first_chunk(stacks, tmp_
     first_chunk = next(i for i, path in named if path.name.isdigit())
     last_metadata = max(i for i, path in named if path.name in (".zarray", ".zattrs", ".zgroup") and i < first_chunk)
     assert any(kind == "sync" for kind, _ in events[last_metadata:first_chunk]), events[last_metadata:first_chunk]
+
+
+@pytest.mark.parametrize("name", [".zarray", ".zattrs"])
+def test_a_new_level_s_metadata_emptied_by_a_power_cut_is_written_again_by_a_resumed_rebuild(
+    stacks, three_levels, tmp_path, name
+):
+    """Stopped at level 2's chunk, once level 1's row is recorded; level 1's metadata file emptied."""
+    expected_dir = tmp_path / "expected" / "out.zarr"
+    shutil.copytree(three_levels, expected_dir)
+    assert_ok(scroll_to_ome(stacks[0], expected_dir, *REBUILD, "--quiet"))
+    out = three_levels
+    level2_chunk = renamed_to(out / "2") + "/[0-9]+/[0-9]+/[0-9]+"
+    code, _ = stopped_run("scroll_to_ome", [stacks[0], out, *REBUILD], out, 0, match=level2_chunk)
+    assert code == 9 and json.loads((out / progress.KEY).read_text())["rows_done"] == {"1": 1}
+    (out / "1" / name).write_bytes(b"")
+    result = scroll_to_ome(stacks[0], out, *REBUILD, "--resume", "--quiet")
+    assert_ok(result)
+    assert store_files(out) == store_files(expected_dir)
+
+
+def test_resume_of_a_store_an_overwrite_was_emptying_says_so(stacks, tmp_path):
+    """Stopped at the first level file --overwrite deletes (after the root metadata and the record)."""
+    out = tmp_path / "out.zarr"
+    assert_ok(scroll_to_ome(stacks[0], out, *CONVERT, "--quiet"))
+    level = re.escape(str(out / "0"))
+    code, _ = stopped_run(
+        "scroll_to_ome", [stacks[1], out, *CONVERT, "--overwrite"], out, 0, match=rf"os\.remove {level}/.*"
+    )
+    assert code == 9 and not (out / progress.KEY).exists() and not (out / ".zgroup").exists()
+    result = scroll_to_ome(stacks[1], out, *CONVERT, "--resume")
+    assert_one_line_error(result, "nothing to resume", "stopped while it emptied it for --overwrite", code=1)
+    assert_ok(scroll_to_ome(stacks[1], out, *CONVERT, "--overwrite", "--quiet"))
