@@ -14,23 +14,13 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import product
-from pathlib import Path
 
 import numpy as np
 import zarr
 
-from scrollzarr.errors import ScrollzarrError
+from scrollzarr.store import DamagedChunkError, chunk_file, chunk_nbytes
 
 ChunkIndex = tuple[int, int, int]
-
-
-class DamagedChunkError(ScrollzarrError):
-    """A chunk of the volume that cannot be read or decoded."""
-
-
-def chunk_file(array: zarr.Array, index: ChunkIndex) -> Path:
-    """The file that holds chunk ``index`` of ``array`` (an array of a store on disk, as ppm_to_layers opens)."""
-    return Path(array.store.root, array.path, array.metadata.encode_chunk_key(index))
 
 
 @dataclass
@@ -133,11 +123,16 @@ class ChunkCache:
     def _read(self, index: ChunkIndex) -> np.ndarray | None:
         try:
             data = np.ascontiguousarray(self.array.get_block_selection(index))
-        except Exception as error:  # zarr and its codecs raise many kinds for a damaged chunk
+        except (OSError, MemoryError):
+            raise  # the disk or the machine, not the chunk: reported as such
+        except Exception as error:  # zarr and its codecs raise many kinds for a chunk they cannot decode
+            path = chunk_file(self.array, index)
+            uncompressed = not self.array.compressors and not self.array.filters
+            if uncompressed and path.stat().st_size == chunk_nbytes(self.array):
+                raise  # a whole chunk: the failure is not the file's
             raise DamagedChunkError(
-                f"cannot read chunk {chunk_file(self.array, index)} of the volume "
-                f"({type(error).__name__}: {error}); the store is damaged: convert the volume again with "
-                "scroll_to_ome (or finish an interrupted conversion with scroll_to_ome --resume)"
+                f"cannot read chunk {path} of the volume ({type(error).__name__}: {error}); the store is "
+                "damaged: convert the volume again with scroll_to_ome"
             ) from None
         with self._lock:
             self.stats.reads += 1

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from scrollzarr import downsample as ds
 from scrollzarr import memory, progress
 from scrollzarr.blocks import Shape3
+from scrollzarr.durable import sync_file_system
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.ngff_v04 import Multiscale
 from scrollzarr.options import Options
@@ -39,14 +40,17 @@ from scrollzarr.store import (
     OutputError,
     check_output_name,
     check_replaceable,
+    chunk_index,
     create_level,
     damaged_chunks,
     empty_output,
     is_abandoned,
+    is_emptied,
     is_zarr_store,
     open_store,
-    read_checked,
+    readable_metadata,
     remove_partial_files,
+    remove_unreadable_metadata,
 )
 from scrollzarr.streaming import LevelStream
 from scrollzarr.tiffstack import (
@@ -209,19 +213,36 @@ def _existing_output(output: Path, options: Options, input_dir: Path) -> Progres
         if record is None and is_abandoned(output) and any(output.glob(f"{progress.KEY}.*.partial")):
             log.info("the stopped run wrote nothing; starting from the beginning")
             return None
+        if record is None and is_emptied(output):
+            raise ScrollzarrError(
+                f"nothing to resume: {output} was left by a run stopped while it emptied it for --overwrite; "
+                "start again with --overwrite"
+            )
         if record is None:
             raise ScrollzarrError(
                 f"nothing to resume: {output} is not an unfinished scroll_to_ome conversion; "
                 "run without --resume (with --overwrite to replace it)"
             )
+        _refuse_rebuild(output, record)
         return record
     if not options.overwrite and is_zarr_store(output) and progress.exists(open_store(output)):
+        _refuse_rebuild(output, progress.load(open_store(output)))
         raise OutputError(
             f"{output} is an unfinished conversion; continue it with --resume (and the same options) "
             "or start again with --overwrite"
         )
     check_replaceable(output, options.overwrite, input_dir)
     return None
+
+
+def _refuse_rebuild(output: Path, record: Progress | None) -> None:
+    """Refuse to take the record of an unfinished ``--first_new_level`` rebuild for a conversion's."""
+    first = None if record is None else record.fingerprint.get("rebuild_from_level")
+    if first is not None:
+        raise ScrollzarrError(
+            f"{output} is an unfinished --first_new_level {first} rebuild, not a conversion; "
+            f"continue it with --first_new_level {first} --resume (and the rebuild's other options)"
+        )
 
 
 def _describe_levels(shapes: Iterable[Shape3], chunk: int, itemsize: int) -> list[str]:
@@ -271,9 +292,6 @@ def _describe_passes(streamed: int, last: int) -> str:
 
 
 Band = tuple[tuple[int, int], tuple[int, int]]
-
-# What to do about a damaged chunk found while converting: --resume finds every damaged chunk and writes it again.
-RESUME_ADVICE = "run the same command with --resume, which writes damaged chunks again from the TIFFs"
 
 
 class _Run:
@@ -429,7 +447,7 @@ class _Run:
     def _stored(self, level: int, stream: LevelStream) -> Callable[[int, int], np.ndarray]:
         array = self.arrays[level]
         (y0, y1), (x0, x1) = stream.rows, stream.cols
-        return lambda z0, z1: read_checked(array, (slice(z0, z1), slice(y0, y1), slice(x0, x1)), RESUME_ADVICE)
+        return lambda z0, z1: array[z0:z1, y0:y1, x0:x1]  # its damaged chunks were written again first
 
 
 def _stack_attributes(plan: Plan, bad: list[int], bad_rows: dict[int, int]) -> dict[str, object]:
@@ -459,11 +477,15 @@ def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progr
     else:
         leftovers = remove_partial_files(plan.output)
         log.debug("removed %d temporary files of the stopped run", leftovers)
+        remove_unreadable_metadata(plan.output)
     if plan.options.zarr_only:
         arrays, group = [_level(plan.output, None, plan)], None
     else:
         group = zarr.open_group(str(plan.output), mode="a", zarr_format=2)
         arrays = [_level(group, str(level), plan) for level in range(len(plan.shapes))]
+    # the metadata just written is durable before any chunk is (a name renamed in but not flushed can come
+    # back empty after a power cut); the first checkpoint would flush it only after the first slab
+    sync_file_system(plan.output)
     if plan.resume_from is not None:
         _rewrite_damaged(plan, arrays, record)
     return group, arrays, record
@@ -479,9 +501,9 @@ def _rewrite_damaged(plan: Plan, arrays: list[zarr.Array], record: Progress) -> 
     """
     damaged = []
     for level, array in enumerate(arrays):
-        for path, size in damaged_chunks(array, plan.output):
+        for path, size in damaged_chunks(array):
             log.warning("chunk file %s is damaged (%d bytes); it is written again", path, size)
-            z, y, x = (int(part) * plan.options.chunk_size for part in path.relative_to(path.parents[2]).parts)
+            z, y, x = (i * plan.options.chunk_size for i in chunk_index(array, path))
             if level <= plan.bands.streamed:
                 _, height, width = plan.shapes[0]
                 scale = 2**level
@@ -500,13 +522,14 @@ def _level(parent: zarr.Group | Path, name: str | None, plan: Plan) -> zarr.Arra
     """Level ``name`` of the store (the array at ``parent`` for ``--zarr_only``), created if it is not whole yet.
 
     zarr writes an array's ``.zarray`` and then its ``.zattrs``; a stop between
-    them leaves the level half described, so both are written again.  Its
-    chunks, if any, are kept: those the record vouches for are valid, the
-    others are written again.
+    them leaves the level half described, and a power cut may leave either
+    empty, so unless both parse both are written again.  Its chunks, if any,
+    are kept: those the record vouches for are valid, the others are written
+    again.
     """
     directory = plan.output if name is None else plan.output / name
     metadata = [directory / ".zarray", directory / ".zattrs"]
-    if not all(path.is_file() for path in metadata):
+    if not all(readable_metadata(path) for path in metadata):
         for path in metadata:
             path.unlink(missing_ok=True)
         shape = plan.shapes[0 if name is None else int(name)]
@@ -573,7 +596,7 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
         if group is not None:
             build_from_above(
                 group, plan.bands.streamed + 1, plan.blocks, options.algorithm, workers, bar, run.report, record,
-                run.checkpoint, lambda level: RESUME_ADVICE,
+                run.checkpoint, None,
             )  # fmt: skip
     run.report.bad = sorted(run.bad)
     attributes = _stack_attributes(plan, run.report.bad, run.bad)

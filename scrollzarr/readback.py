@@ -29,12 +29,14 @@ def build_from_above(
     report: Report,
     record: Progress,
     checkpoint: Callable[[], None],
-    advice: Callable[[int], str],
+    advice: str | None,
 ) -> None:
     """Fill levels ``first …`` from the stored level above each, in ``blocks``, a chunk row in z at a time.
 
     Rows that ``record`` lists as done are skipped; ``checkpoint`` is called after each row.
-    ``advice(level)`` says what to do about a damaged chunk of ``level`` (read to build the one below).
+    ``advice``: what to do about a damaged chunk of level ``first - 1``, if it was not written by this
+    run (``--first_new_level``); ``None`` where every level read was (its damaged chunks were found and
+    written again before, by ``--resume``).
     """
     for level, block in enumerate(blocks, start=first):
         source, target = group[str(level - 1)], group[str(level)]
@@ -45,7 +47,7 @@ def build_from_above(
         done = record.rows_done.get(str(level), 0)
 
         def work(box: Box, source: zarr.Array = source, writer: ChunkWriter = writer, level: int = level) -> int:
-            written = write_downsampled_block(source, writer, box, algorithm, advice(level - 1))
+            written = write_downsampled_block(source, writer, box, algorithm, advice if level == first else None)
             bar.update(box_size(box))
             return written
 
@@ -67,17 +69,17 @@ def _rows(boxes: list[Box]) -> list[list[Box]]:
 
 
 def write_downsampled_block(
-    source: zarr.Array, writer: ChunkWriter, box: Box, algorithm: ds.Algorithm, advice: str
+    source: zarr.Array, writer: ChunkWriter, box: Box, algorithm: ds.Algorithm, advice: str | None
 ) -> int:
     """Build ``box`` of a level from the stored level above, ``source``; write its non-zero chunks.
 
-    ``advice`` ends the message if a chunk of ``source`` is damaged.
+    With ``advice``, a damaged chunk of ``source`` is a message that ends with it.
     """
     margin = ds.halo(algorithm)
     read = tuple(
         slice(max(2 * a - margin, 0), min(2 * b + margin, n)) for (a, b), n in zip(box, source.shape, strict=True)
     )
-    data = read_checked(source, read, advice)
+    data = source[read] if advice is None else read_checked(source, read, advice)
     if algorithm == "gaussian":
         core = tuple(
             slice(2 * a - r.start, min(2 * b, n) - r.start)

@@ -25,10 +25,12 @@ from scrollzarr.report import LevelReport, Report, chunk_count, progress_bar
 from scrollzarr.sizes import format_bytes
 from scrollzarr.store import (
     check_output_name,
+    chunk_index,
     create_level,
     damaged_chunks,
     is_zarr_store,
     open_store,
+    readable_metadata,
     remove_partial_files,
 )
 from scrollzarr.workers import Workers
@@ -212,15 +214,16 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     if record is None:
         record = Progress(plan.fingerprint, [])
         record.save(plan.output)
+    if "multiscales" in group.attrs:  # also resuming: a stop between the record and this left it there
         attributes = group.attrs.asdict()
-        attributes.pop("multiscales", None)
+        attributes.pop("multiscales")
         group.attrs.put(attributes)
         sync_file_system(plan.output)
     report = _prepare_levels(plan, group, record)
     with progress_bar(plan.shapes[plan.first :], plan.quiet) as bar, Workers(plan.workers) as workers:
         build_from_above(
             group, plan.first, plan.blocks, plan.algorithm, workers, bar, report, record,
-            lambda: record.save(plan.output), lambda level: _advice(plan, level),
+            lambda: record.save(plan.output), _advice(plan.first - 1),
         )  # fmt: skip
     multiscale = Multiscale.pyramid(
         plan.output.stem,
@@ -235,10 +238,9 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     return report
 
 
-def _advice(plan: RebuildPlan, level: int) -> str:
-    """What to do about a damaged chunk of ``level``, read to build the level below."""
-    if level >= plan.first:
-        return "run the same command with --resume, which writes damaged chunks of the new levels again"
+def _advice(level: int) -> str:
+    """What to do about a damaged chunk of ``level``, the old level the rebuild reads (the levels it builds
+    are rid of damaged chunks before they are read: :func:`_prepare_levels`)."""
     again = f" or rebuild it from level {level - 1} with --first_new_level {level}" if level else ""
     return f"this rebuild reads level {level}: convert the TIFFs again with --overwrite{again}"
 
@@ -258,14 +260,17 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
     report = Report(plan.output, plan.dtype, plan.chunk)
     damaged = []
     for level in range(plan.first, len(plan.shapes)):
-        if not (plan.output / str(level) / ".zarray").is_file():
+        metadata = [plan.output / str(level) / name for name in (".zarray", ".zattrs")]
+        if not all(readable_metadata(path) for path in metadata):  # missing, or empty after a power cut
+            for path in metadata:
+                path.unlink(missing_ok=True)
             create_level(group, str(level), plan.shapes[level], plan.chunk, plan.dtype, overwrite=False)
         report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], plan.chunk))
         array = group[str(level)]
         assert isinstance(array, zarr.Array)
-        for path, size in damaged_chunks(array, plan.output):
+        for path, size in damaged_chunks(array):
             log.warning("chunk file %s is damaged (%d bytes); it is written again", path, size)
-            row = int(path.relative_to(path.parents[2]).parts[0]) * plan.chunk // plan.blocks[level - plan.first][0]
+            row = chunk_index(array, path)[0] * plan.chunk // plan.blocks[level - plan.first][0]
             record.rows_done[str(level)] = min(record.rows_done.get(str(level), 0), row)
             damaged.append(path)
     record.forget(plan.output, damaged)

@@ -7,6 +7,7 @@ existing directory holds before it may be replaced, which look at the disk.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import math
 import mmap
@@ -25,6 +26,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from scrollzarr import progress
+from scrollzarr.durable import fsync_path, remove_durably
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.outputlock import LOCK_NAME
 
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # A directory with a progress record is a conversion stopped before it wrote the zarr metadata.
 _ZARR_MARKERS = (".zgroup", ".zarray", "zarr.json", progress.KEY)
+# The metadata at a store's root, in the order a replaced store loses it (see empty_output).
+ROOT_METADATA = (".zarray", ".zattrs", ".zgroup")
 # All-zero chunks are skipped by the pipeline itself (one cheap ``any()``), so zarr's
 # own, much slower, emptiness test is switched off.
 _ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -50,6 +54,19 @@ def check_output_name(output: Path) -> None:
 def is_zarr_store(path: Path) -> bool:
     """Whether ``path`` is a zarr array or group directory (format 2 or 3), or a store begun by scroll_to_ome."""
     return path.is_dir() and any((path / marker).is_file() for marker in _ZARR_MARKERS)
+
+
+def is_emptied(output: Path) -> bool:
+    """Whether ``output`` is what a run stopped while :func:`empty_output` emptied it: its lock file, and
+    nothing but level directories, temporary files and the names of a store's own files (or nothing else)."""
+    if not output.is_dir() or output.is_symlink():
+        return False
+    names = {path.name: path for path in output.iterdir()}
+    ours = {LOCK_NAME, *ROOT_METADATA, progress.KEY, progress.SLICES_KEY}
+    return LOCK_NAME in names and all(
+        name in ours or name.endswith(".partial") or (name.isdigit() and path.is_dir() and not path.is_symlink())
+        for name, path in names.items()
+    )
 
 
 def is_abandoned(output: Path) -> bool:
@@ -93,7 +110,7 @@ def check_replaceable(output: Path, overwrite: bool, input_dir: Path | None) -> 
                 f"output {output} is inside the input directory {input_dir}; --overwrite will not delete "
                 "anything in the input's tree, write the output elsewhere"
             )
-    if not (is_zarr_store(output) or not any(output.iterdir())):
+    if not (is_zarr_store(output) or is_emptied(output) or not any(output.iterdir())):
         raise OutputError(
             f"output {output} exists and is not a zarr store; --overwrite only replaces zarr stores "
             "or empty directories, so move it away or choose another name"
@@ -101,43 +118,81 @@ def check_replaceable(output: Path, overwrite: bool, input_dir: Path | None) -> 
 
 
 class DamagedChunkError(OutputError):
-    """A chunk file of a level has the wrong size."""
+    """A chunk file that cannot be read as a chunk: the wrong size, or (compressed) not decodable."""
 
 
-def chunk_files(directory: Path) -> list[Path]:
-    """The chunk files of the level array in ``directory`` (nested ``z/y/x`` keys), not those of other levels."""
+ChunkIndex = tuple[int, ...]
+
+
+def chunk_nbytes(array: zarr.Array) -> int:
+    """Bytes of one whole chunk of ``array``, uncompressed."""
+    return math.prod(array.chunks) * np.dtype(array.dtype).itemsize
+
+
+def chunk_file(array: zarr.Array, index: ChunkIndex) -> Path:
+    """The file that holds chunk ``index`` of ``array`` (an array of a store on disk)."""
+    return Path(array.store.root, array.path, array.metadata.encode_chunk_key(index))
+
+
+def chunk_index(array: zarr.Array, path: Path) -> ChunkIndex:
+    """The index of the chunk of ``array`` whose file is ``path`` (nested ``z/y/x`` keys, as this project writes)."""
+    return tuple(int(part) for part in path.relative_to(Path(array.store.root, array.path)).parts)
+
+
+def chunk_files(array: zarr.Array) -> list[Path]:
+    """The chunk files of ``array`` (nested ``z/y/x`` keys), not those of the levels beside or below it."""
+    directory = Path(array.store.root, array.path)
     return [
         path
-        for path in directory.glob("*/*/*")
+        for path in directory.glob("/".join("*" * array.ndim))
         if path.is_file() and all(part.isdigit() for part in path.relative_to(directory).parts)
     ]
 
 
-def damaged_chunks(array: zarr.Array, root: Path) -> list[tuple[Path, int]]:
-    """The chunk files of ``array`` (in the store at ``root``) whose size is not a whole chunk's, with their sizes.
+def damaged_chunks(array: zarr.Array) -> list[tuple[Path, int]]:
+    """The chunk files of ``array`` (a level in a store on disk) whose size is not a whole chunk's, with their sizes.
 
     Every chunk this project writes is uncompressed and whole (padded at the
     far edges), so any other size is damage: a write cut off under its final
     name by a power cut before it was flushed, or a disk fault.
     """
-    nbytes = math.prod(array.chunks) * np.dtype(array.dtype).itemsize
-    directory = root / array.path if array.path else root
-    sizes = ((path, path.stat().st_size) for path in chunk_files(directory))
-    return [(path, size) for path, size in sizes if size != nbytes]
+    sizes = ((path, path.stat().st_size) for path in chunk_files(array))
+    return [(path, size) for path, size in sizes if size != chunk_nbytes(array)]
 
 
 def read_checked(array: zarr.Array, region: tuple[slice, ...], advice: str) -> np.ndarray:
     """``array[region]``; a damaged chunk in it is a :class:`DamagedChunkError` naming the file, with ``advice``."""
     try:
         return array[region]
-    except ValueError:
-        store = array.store
-        damaged = damaged_chunks(array, Path(store.root)) if isinstance(store, LocalStore) else []
+    except ValueError:  # what zarr raises for an uncompressed chunk of the wrong size
+        damaged = damaged_chunks(array) if isinstance(array.store, LocalStore) else []
         if not damaged:
             raise
         path, size = damaged[0]
-        nbytes = math.prod(array.chunks) * np.dtype(array.dtype).itemsize
-        raise DamagedChunkError(f"chunk file {path} is damaged ({size} bytes, not {nbytes}); {advice}") from None
+        raise DamagedChunkError(
+            f"chunk file {path} is damaged ({size} bytes, not {chunk_nbytes(array)}); {advice}"
+        ) from None
+
+
+def readable_metadata(path: Path) -> bool:
+    """Whether the zarr metadata file ``path`` is there and holds a JSON object.
+
+    A metadata file renamed into place but not yet flushed can come back empty
+    after a power cut (ext4 does so); such a file counts as missing.
+    """
+    try:
+        return isinstance(json.loads(path.read_bytes()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def remove_unreadable_metadata(directory: Path) -> None:
+    """Delete the zarr metadata files in ``directory`` that are there but do not parse, to be written again."""
+    for name in ROOT_METADATA:
+        path = directory / name
+        if path.is_file() and not readable_metadata(path):
+            log.warning("%s cannot be read; it is written again", path)
+            path.unlink()
 
 
 def open_store(output: Path) -> LocalStore:
@@ -157,8 +212,20 @@ def empty_output(output: Path) -> None:
     """Delete everything in the directory ``output`` but the lock file; call only after :func:`check_replaceable`.
 
     The directory and the lock stay: deleting them would let another run take
-    the output while this one writes it.
+    the output while this one writes it.  The order makes every stop leave a
+    store that is either whole or visibly not finished: first the root metadata
+    (``.zarray``, then ``.zattrs`` with ``multiscales``, then ``.zgroup``), flushed,
+    so that no reader takes what follows for an array or an OME-Zarr; then the
+    list of slice files and the progress record, durably (until then the record
+    vouches only for chunks still there, and ``--resume`` continues that run);
+    then the rest.  What a stop leaves after the record is gone is taken by
+    ``--overwrite`` (:func:`is_emptied`).
     """
+    for name in ROOT_METADATA:
+        (output / name).unlink(missing_ok=True)
+    fsync_path(output)
+    (output / progress.SLICES_KEY).unlink(missing_ok=True)
+    remove_durably(output / progress.KEY)
     for path in output.iterdir():
         if path.name == LOCK_NAME:
             continue

@@ -193,6 +193,22 @@ def wrong_final_files(left: dict[str, bytes], reference: dict[str, bytes], unfin
     ]
 
 
+def marked_both_ways(left: dict[str, bytes], whole: list[dict[str, bytes]]) -> str | None:
+    """A stopped run may leave the progress record beside ``multiscales`` in the root ``.zattrs`` (it saves the
+    record before it removes them, and writes them before it removes the record) only while the store is one
+    of the ``whole`` stores, record and slice list aside: ``None`` if so, else what is wrong."""
+    try:
+        attributes = json.loads(left.get(".zattrs", b"{}"))
+    except ValueError:
+        return None
+    if progress.KEY not in left or "multiscales" not in attributes:
+        return None
+    rest = {name: data for name, data in left.items() if name not in UNFINISHED - {".zattrs"}}
+    if any(rest == store for store in whole):
+        return None
+    return "the progress record and multiscales are both there, yet the store is not whole: readers take it as finished"
+
+
 def brief(result: subprocess.CompletedProcess[str]) -> str:
     lines = result.stderr.strip().splitlines()
     return f"exit {result.returncode}: {lines[-1] if lines else ''}"
@@ -226,6 +242,9 @@ def recover_conversion(stack: Path, out: Path, args: list[object], reference: di
     wrong = wrong_final_files(left, reference, UNFINISHED)
     if wrong:
         return f"left files under their final names that differ from the uninterrupted run's: {wrong[:5]}"
+    marked = marked_both_ways({k: v for k, v in left.items() if not k.endswith(".partial")}, [reference])
+    if marked:
+        return marked
     if unfinished_conversion(out):
         result = scroll_to_ome(stack, out, *args, "--resume", "--quiet")
     elif (out / ".zattrs").exists() and "multiscales" in read_json(out / ".zattrs"):
@@ -330,6 +349,9 @@ def test_a_rebuild_stopped_at_every_change_resumes_to_the_same_bytes(tiny_stack,
         wrong = wrong_final_files(left, reference, UNFINISHED)
         if wrong:
             return f"left files under their final names that differ from the finished rebuild's: {wrong[:5]}"
+        marked = marked_both_ways({k: v for k, v in left.items() if not k.endswith(".partial")}, [reference, before])
+        if marked:
+            return marked
         if unfinished_conversion(out):
             result = scroll_to_ome(tiny_stack, out, *rebuild, "--resume", "--quiet")
         elif left == reference:
