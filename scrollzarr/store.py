@@ -14,7 +14,6 @@ import mmap
 import os
 import shutil
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from scrollzarr import progress
-from scrollzarr.durable import fsync_path, remove_durably
+from scrollzarr.durable import fsync_path, remove_durably, temporary_path
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.outputlock import LOCK_NAME
 
@@ -301,7 +300,7 @@ def write_file(path: Path, data: np.ndarray, direct: bool = False) -> None:
         direct I/O raises ``OSError`` with ``EINVAL``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    temporary = temporary_path(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (_O_DIRECT if direct else 0)
     try:
         descriptor = os.open(temporary, flags, 0o666)
