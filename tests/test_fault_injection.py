@@ -126,6 +126,11 @@ sys.exit(code)
 """
 
 
+def differing(after: dict[str, bytes], reference: dict[str, bytes]) -> list[str]:
+    """The files, by relative path, that are in one of two file sets and not the same in the other."""
+    return sorted(name for name in after.keys() | reference.keys() if after.get(name) != reference.get(name))
+
+
 def left_behind(directory: Path) -> dict[str, bytes]:
     """:func:`store_files` of what a stopped run left, but for the lock file a killed run cannot remove (the
     kernel frees the lock itself; the next run takes it over and removes the file when it ends)."""
@@ -255,8 +260,7 @@ def recover_conversion(stack: Path, out: Path, args: list[object], reference: di
         return f"recovery failed, {brief(result)}"
     after = store_files(out)
     if after != reference:
-        differ = sorted(k for k in after.keys() | reference.keys() if after.get(k) != reference.get(k))
-        return f"the recovered store differs from the uninterrupted run's in {differ[:5]}"
+        return f"the recovered store differs from the uninterrupted run's in {differing(after, reference)[:5]}"
     return None
 
 
@@ -364,8 +368,7 @@ def test_a_rebuild_stopped_at_every_change_resumes_to_the_same_bytes(tiny_stack,
             return f"recovery failed, {brief(result)}"
         after = store_files(out)
         if after != reference:
-            differ = sorted(k for k in after.keys() | reference.keys() if after.get(k) != reference.get(k))
-            return f"the recovered store differs from the finished rebuild's in {differ[:5]}"
+            return f"the recovered store differs from the finished rebuild's in {differing(after, reference)[:5]}"
         return None
 
     sweep(distinct_stops(seen), stop_and_recover)
@@ -429,8 +432,8 @@ def test_a_render_stopped_at_every_change_gives_the_same_files_when_run_again(ti
             return f"stopped before {what}: running again with --overwrite failed, {brief(result)}"
         after = images(out)
         if after != reference:
-            differ = sorted(k for k in after.keys() | reference.keys() if after.get(k) != reference.get(k))
-            return f"stopped before {what}: after running again the files differ from the finished run's: {differ[:5]}"
+            differ = differing(after, reference)[:5]
+            return f"stopped before {what}: after running again the files differ from the finished run's: {differ}"
         return None
 
     sweep(distinct_stops(seen), stop_and_recover)
