@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from scrollzarr import downsample as ds
 from scrollzarr.errors import UsageError
+from scrollzarr.layout import CLEVEL_RANGE, COMPRESSORS, ZARR_FORMATS, StoreLayout
 from scrollzarr.tiffstack import BAD_SLICE_POLICIES
 from scrollzarr.workers import available_cores
 
@@ -46,6 +47,17 @@ class Options:
         What an unreadable slice does: stop the run, or become zeros (recorded).
     quiet : bool
         No progress bar.
+    zarr_format : {2, 3}
+        2: OME-NGFF 0.4 on zarr 2 (the default); 3: OME-NGFF 0.5 on zarr 3.
+    shard_shape : (int, int, int) or None
+        Shards of the level arrays, voxels (z, y, x), multiples of ``chunk_size``; zarr 3 only.
+    compressor : str
+        One of :data:`scrollzarr.layout.COMPRESSORS`.
+    clevel : int or None
+        Compression level; ``None`` for the compressor's default.
+    window : str or None
+        ``--window`` as given: ``"LOW:HIGH"`` (uint16 values mapped to 0 and 255) or ``"auto"``;
+        ``None`` for ``--obytes 1``'s ``value // 256``.
     """
 
     chunk_size: int = 128
@@ -60,6 +72,11 @@ class Options:
     resume: bool = False
     bad_slices: str = "error"
     quiet: bool = False
+    zarr_format: int = 2
+    shard_shape: tuple[int, int, int] | None = None
+    compressor: str = "none"
+    clevel: int | None = None
+    window: str | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -88,6 +105,12 @@ class Options:
             raise UsageError("--resume continues the output and --overwrite replaces it: give one of them")
         if self.bad_slices not in BAD_SLICE_POLICIES:
             raise UsageError(f"--bad_slices must be one of {', '.join(BAD_SLICE_POLICIES)}, not {self.bad_slices!r}")
+        check_layout(self.zarr_format, self.chunk_size, self.shard_shape, self.compressor, self.clevel)
+
+    @property
+    def layout(self) -> StoreLayout:
+        """The level arrays' layout these options ask for."""
+        return StoreLayout(self.zarr_format, self.chunk_size, self.shard_shape, self.compressor, self.clevel)
 
     @property
     def worker_count(self) -> int:
@@ -120,3 +143,30 @@ def check_workers(workers: int) -> None:
             f"--workers must be at most {MAX_WORKERS}, not {workers}: each worker holds its own buffers; "
             "leave it out for one per core"
         )
+
+
+def check_layout(
+    zarr_format: int, chunk_size: int, shard_shape: tuple[int, int, int] | None, compressor: str, clevel: int | None
+) -> None:
+    """Refuse a combination of ``--zarr_format``, ``--shard_shape``, ``--compressor`` and ``--clevel`` that
+    cannot be written."""
+    if zarr_format not in ZARR_FORMATS:
+        raise UsageError(f"--zarr_format must be 2 or 3, not {zarr_format}")
+    if compressor not in COMPRESSORS:
+        raise UsageError(f"--compressor must be one of {', '.join(COMPRESSORS)}, not {compressor!r}")
+    if shard_shape is not None:
+        if zarr_format != 3:
+            raise UsageError("--shard_shape needs --zarr_format 3: zarr format 2 has no shards")
+        if len(shard_shape) != 3 or any(n < 1 for n in shard_shape):
+            raise UsageError(f"--shard_shape must be three positive numbers Z,Y,X, not {shard_shape}")
+        if any(n % chunk_size for n in shard_shape):
+            raise UsageError(
+                f"--shard_shape {','.join(map(str, shard_shape))} must be whole chunks: each of Z,Y,X a multiple "
+                f"of --chunk_size {chunk_size}"
+            )
+    if clevel is not None:
+        if compressor == "none":
+            raise UsageError("--clevel sets the compression level: give it with --compressor")
+        low, high = CLEVEL_RANGE[compressor]
+        if not low <= clevel <= high:
+            raise UsageError(f"--clevel for {compressor} must be from {low} to {high}, not {clevel}")
