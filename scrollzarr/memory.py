@@ -28,6 +28,7 @@ class Layout:
     shapes : tuple of (int, int, int)
         Every level's shape, z, y, x.
     chunk : int
+        Edge of the cubic chunks, voxels.
     in_itemsize, out_itemsize : int
         Bytes per voxel of the TIFFs and of the store.
     slice_shape : (int, int)
@@ -37,6 +38,11 @@ class Layout:
         whole tiled slice); 0 when every slice is read directly.
     algorithm : str
     workers : int
+    unit : (int, int, int) or None
+        Shape of a write unit (a shard), voxels (z, y, x); ``None`` for one chunk.
+        Bands and blocks are whole units, and a stream holds a unit's depth of planes.
+    encoded : bool
+        Whether units are compressed: each writer then also holds a chunk's encoded bytes.
     """
 
     shapes: tuple[Shape3, ...]
@@ -47,6 +53,18 @@ class Layout:
     decode_bytes: int
     algorithm: ds.Algorithm
     workers: int
+    unit: Shape3 | None = None
+    encoded: bool = False
+
+    @property
+    def write_unit(self) -> Shape3:
+        """The write unit's shape, voxels (z, y, x)."""
+        return self.unit if self.unit is not None else (self.chunk,) * 3
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes a writer holds for one chunk: its padded voxels, and its encoded bytes when compressed."""
+        return self.chunk**3 * self.out_itemsize * (2 if self.encoded else 1)
 
 
 @dataclass(frozen=True)
@@ -65,11 +83,11 @@ def band_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:
     The streams' plane buffers, plus for each worker: what reading one slice's
     rows needs beside them, one padded chunk, and a halving stripe's temporaries.
     """
-    c = layout.chunk
+    depth = layout.write_unit[0]
     nbytes = 0
     for level in range(streamed + 1):
         area = math.ceil(rows / 2**level) * math.ceil(cols / 2**level)
-        planes = LevelStream.capacity(c, layout.algorithm, level < streamed)
+        planes = LevelStream.capacity(depth, layout.algorithm, level < streamed)
         nbytes += planes * area * layout.out_itemsize
     read = layout.decode_bytes  # a decoded strip (or whole tiled slice)
     if not layout.decode_bytes and cols < layout.slice_shape[1]:
@@ -77,7 +95,7 @@ def band_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:
     if layout.in_itemsize != layout.out_itemsize:
         read += rows * cols * layout.in_itemsize  # the rows before --obytes conversion
     halving = _halving_cost(layout, rows, cols, streamed)
-    return nbytes + layout.workers * (read + c**3 * layout.out_itemsize + halving)
+    return nbytes + layout.workers * (read + layout.chunk_bytes + halving)
 
 
 def _halving_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:
@@ -85,7 +103,7 @@ def _halving_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:
     cost = 0
     for level in range(streamed):
         shape = (layout.shapes[level][0], math.ceil(rows / 2**level), math.ceil(cols / 2**level))
-        row_bytes = LevelStream.capacity(layout.chunk, layout.algorithm, True) * shape[2] * layout.out_itemsize
+        row_bytes = LevelStream.capacity(layout.write_unit[0], layout.algorithm, True) * shape[2] * layout.out_itemsize
         stripe = halving_stripe_rows(row_bytes) * row_bytes
         cost = max(cost, _stripe_cost(layout, stripe, odd=any(n % 2 for n in shape)))
     return cost
@@ -116,8 +134,9 @@ def plan_bands(layout: Layout, budget: int | None) -> BandPlan:
 
     Whole planes, streamed through every level, come first.  Otherwise bands
     of whole rows: for each number of streamed levels, most first, the largest
-    height that is a multiple of ``chunk * 2**streamed`` and fits.  Otherwise
-    one chunk row by as many whole chunks of columns as fit, nothing streamed.
+    height that is a multiple of the write unit's rows times ``2**streamed`` and
+    fits.  Otherwise one row of write units by as many whole units of columns as
+    fit, nothing streamed.
     ``gaussian`` needs whole planes to stream (its context crosses a band's sides).
 
     Raises
@@ -126,22 +145,23 @@ def plan_bands(layout: Layout, budget: int | None) -> BandPlan:
         If even one chunk's worth does not fit, saying how much is needed.
     """
     _, height, width = layout.shapes[0]
-    c, nlevels = layout.chunk, len(layout.shapes)
+    _, unit_rows, unit_cols = layout.write_unit
+    nlevels = len(layout.shapes)
     whole = band_cost(layout, height, width, nlevels - 1)
     if budget is None or whole <= budget:
         return BandPlan(height, width, nlevels - 1, whole)
     for streamed in range(0 if layout.algorithm == "gaussian" else nlevels - 1, -1, -1):
-        step = c * 2**streamed
+        step = unit_rows * 2**streamed
         for rows in range((height - 1) // step * step, 0, -step):
             cost = band_cost(layout, rows, width, streamed)
             if cost <= budget:
                 return BandPlan(rows, width, streamed, cost)
-    rows = min(c, height)
-    for cols in range((width - 1) // c * c, 0, -c):
+    rows = min(unit_rows, height)
+    for cols in range((width - 1) // unit_cols * unit_cols, 0, -unit_cols):
         cost = band_cost(layout, rows, cols, 0)
         if cost <= budget:
             return BandPlan(rows, cols, 0, cost)
-    raise _too_small(budget, c, band_cost(layout, rows, min(c, width), 0))
+    raise _too_small(budget, layout.chunk, band_cost(layout, rows, min(unit_cols, width), 0), layout.unit)
 
 
 def downsample_cost(source_shape: Shape3, itemsize: int, algorithm: ds.Algorithm) -> Callable[[Shape3], int]:
@@ -160,32 +180,33 @@ def downsample_cost(source_shape: Shape3, itemsize: int, algorithm: ds.Algorithm
     return cost
 
 
-def choose_block(shape: Shape3, chunk: int, cost: Callable[[Shape3], int], budget: int) -> Shape3:
-    """The largest block of one chunk row in z whose ``cost`` (bytes) fits ``budget``.
+def choose_block(shape: Shape3, unit: Shape3, cost: Callable[[Shape3], int], budget: int) -> Shape3:
+    """The largest block of one row of write units (``unit``: z, y, x voxels) in z whose ``cost`` (bytes) fits
+    ``budget``.
 
-    Whole planes are preferred (one chunk row in z, all of y and x); then
-    fewer chunk rows in y; then fewer chunks in x.
+    Whole planes are preferred (one unit row in z, all of y and x); then
+    fewer unit rows in y; then fewer units in x.
 
     Raises
     ------
     UsageError
         If even a single chunk does not fit, saying how much memory is needed.
     """
-    depth = min(chunk, shape[0])
-    rows = -(-shape[1] // chunk)
-    cols = -(-shape[2] // chunk)
-    candidates = [(depth, min(k * chunk, shape[1]), shape[2]) for k in range(rows, 0, -1)]
-    candidates += [(depth, min(chunk, shape[1]), min(k * chunk, shape[2])) for k in range(cols - 1, 0, -1)]
+    depth = min(unit[0], shape[0])
+    rows = -(-shape[1] // unit[1])
+    cols = -(-shape[2] // unit[2])
+    candidates = [(depth, min(k * unit[1], shape[1]), shape[2]) for k in range(rows, 0, -1)]
+    candidates += [(depth, min(unit[1], shape[1]), min(k * unit[2], shape[2])) for k in range(cols - 1, 0, -1)]
     for block in candidates:
         if cost(block) <= budget:
             return block
-    raise _too_small(budget, chunk, cost(candidates[-1]))
+    raise _too_small(budget, unit[0], cost(candidates[-1]), None if len(set(unit)) == 1 else unit)
 
 
 def _chunk_buffers(layout: Layout) -> int:
     """Chunk buffers kept while levels are built from the stored level above: one per worker
     and one per writer thread of the streamed pass (they live as long as the workers)."""
-    return 2 * layout.workers * layout.chunk**3 * layout.out_itemsize
+    return 2 * layout.workers * layout.chunk_bytes
 
 
 def read_back_blocks(layout: Layout, first: int, budget: int) -> tuple[Shape3, ...]:
@@ -198,13 +219,13 @@ def read_back_blocks(layout: Layout, first: int, budget: int) -> tuple[Shape3, .
     """
     need = read_back_need(layout, first)
     if budget < need:
-        raise _too_small(budget, layout.chunk, need)
+        raise _too_small(budget, layout.chunk, need, layout.unit)
     share = (budget - _chunk_buffers(layout)) // layout.workers
     itemsize = layout.out_itemsize
     return tuple(
         choose_block(
             layout.shapes[level],
-            layout.chunk,
+            layout.write_unit,
             downsample_cost(layout.shapes[level - 1], itemsize, layout.algorithm),
             share,
         )
@@ -222,8 +243,8 @@ def read_back_cost(layout: Layout, first: int, blocks: tuple[Shape3, ...]) -> in
 
 
 def read_back_need(layout: Layout, first: int) -> int:
-    """Bytes the read-back levels need at the least (one chunk per worker)."""
-    smallest = (layout.chunk,) * 3
+    """Bytes the read-back levels need at the least (one write unit per worker)."""
+    smallest = layout.write_unit
     needs = [
         downsample_cost(layout.shapes[level - 1], layout.out_itemsize, layout.algorithm)(smallest)
         for level in range(first, len(layout.shapes))
@@ -231,10 +252,12 @@ def read_back_need(layout: Layout, first: int) -> int:
     return layout.workers * max(needs, default=0) + (_chunk_buffers(layout) if needs else 0)
 
 
-def _too_small(budget: int, chunk: int, need: int) -> UsageError:
+def _too_small(budget: int, chunk: int, need: int, shard: Shape3 | None = None) -> UsageError:
+    units = f"chunks of {chunk}" if shard is None else "shards of " + " x ".join(map(str, shard))
+    smaller = "--chunk_size" if shard is None else "--shard_shape"
     return UsageError(
-        f"--max_gb {budget / GIB:.3g} is too small for chunks of {chunk}: at least {_gib_up(need)} GB "
-        "(GiB, 2^30 bytes) is needed; raise --max_gb or lower --chunk_size (or --workers)"
+        f"--max_gb {budget / GIB:.3g} is too small for {units}: at least {_gib_up(need)} GB "
+        f"(GiB, 2^30 bytes) is needed; raise --max_gb or lower {smaller} (or --workers)"
     )
 
 

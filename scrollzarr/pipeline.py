@@ -34,15 +34,13 @@ from scrollzarr.progress import Progress
 from scrollzarr.ranges import parse_ranges
 from scrollzarr.readback import build_from_above
 from scrollzarr.report import LevelReport, Report, chunk_count, format_runs, progress_bar
+from scrollzarr.sinks import SinkSpec, open_sink
 from scrollzarr.sizes import format_bytes
 from scrollzarr.store import (
-    ChunkWriter,
     OutputError,
     check_output_name,
     check_replaceable,
-    chunk_index,
-    create_level,
-    damaged_chunks,
+    damaged_units,
     empty_output,
     is_abandoned,
     is_emptied,
@@ -51,6 +49,7 @@ from scrollzarr.store import (
     readable_metadata,
     remove_partial_files,
     remove_unreadable_metadata,
+    unit_index,
 )
 from scrollzarr.streaming import LevelStream
 from scrollzarr.tiffstack import (
@@ -148,6 +147,8 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         decode_bytes=stack.decode_bytes,
         algorithm=options.algorithm,
         workers=options.worker_count,
+        unit=options.layout.shard,
+        encoded=options.compressor != "none",
     )
     fingerprint = {
         "input_directory": str(input_dir.resolve()),
@@ -300,14 +301,16 @@ class _Run:
     def __init__(self, plan: Plan, arrays: list[zarr.Array], record: Progress, workers: Workers, bar: tqdm) -> None:
         self.plan = plan
         self.arrays = arrays
-        self.writers = [ChunkWriter(array) for array in arrays]
+        self.writers = [open_sink(_sink_spec(plan, level)) for level in range(len(arrays))]
         self.record = record
         self.workers = workers
         self.bar = bar
         # bad slice -> its first row written as zeros (scan rows); a slice whose header is bad: row 0
         self.bad = {z: record.bad_rows.get(str(z), 0) for z in record.bad_slices} | dict.fromkeys(plan.stack.bad, 0)
         self.bad_lock = threading.Lock()
-        self.report = Report(plan.output, plan.dtype, plan.options.chunk_size, missing=plan.missing)
+        self.report = Report(
+            plan.output, plan.dtype, plan.options.layout, missing=plan.missing, plain=plan.options.zarr_only
+        )
         for level, shape in enumerate(plan.shapes):
             self.report.levels[level] = LevelReport(
                 shape, chunk_count(shape, plan.options.chunk_size), record.chunks_written.get(str(level), 0)
@@ -384,37 +387,38 @@ class _Run:
     def convert_band(self, band: Band) -> None:
         """Read one band of level 0 from the TIFFs and stream it through the streamed levels."""
         plan, record = self.plan, self.record
-        chunk, streamed = plan.options.chunk_size, plan.bands.streamed
+        unit, streamed = plan.options.layout.unit, plan.bands.streamed
+        depth = unit[0]
         streams: list[LevelStream] = []
         below = None
         for level in range(streamed, -1, -1):
             scale = 2**level
             rows, cols = ((math.ceil(a / scale), math.ceil(b / scale)) for a, b in band)
             below = LevelStream(
-                plan.shapes[level][0], rows, cols, plan.dtype, chunk, plan.options.algorithm,
+                plan.shapes[level][0], rows, cols, plan.dtype, unit, plan.options.algorithm,
                 self.writers[level], below, self.workers, self.bar.update,
             )  # fmt: skip
             streams.insert(0, below)
         base = [self.report.levels[level].chunks_written for level in range(len(streams))]
         if record.streams:
             self._restore(streams)
-        top, depth = streams[0], plan.shapes[0][0]
+        top, planes = streams[0], plan.shapes[0][0]
         oz, oy, ox = plan.origin
         rows = (oy + band[0][0], oy + band[0][1])
         cols = (ox + band[1][0], ox + band[1][1])
-        begin = record.slabs_done * chunk
-        slabs = [range(oz + z, oz + min(z + chunk, depth)) for z in range(begin, depth, chunk)]
+        begin = record.slabs_done * depth
+        slabs = [range(oz + z, oz + min(z + depth, planes)) for z in range(begin, planes, depth)]
         stripe = _stripe_rows(plan)
         # the disk reads the next slab (stripe by stripe, as the work takes it) while this one is processed
         with Lookahead(plan.stack, slabs, rows, stripe) as lookahead:
-            for z in range(begin, depth, chunk):
+            for z in range(begin, planes, depth):
                 if z > begin:
                     lookahead.advance()
-                view = top.reserve(min(chunk, depth - z))
+                view = top.reserve(min(depth, planes - z))
                 top.commit(len(view), self._filler(view, oz + z, rows, cols), stripe)
                 for level, stream in enumerate(streams):
                     self.report.levels[level].chunks_written = base[level] + stream.chunks_written
-                record.slabs_done = z // chunk + 1
+                record.slabs_done = z // depth + 1
                 record.streams = [stream.state() for stream in streams]
                 self.checkpoint()
         record.bands_done += 1
@@ -441,7 +445,7 @@ class _Run:
             stream.restore(state, self._stored(level, stream))
         for level, stream in enumerate(streams[:-1]):
             stream.restore_below(self._stored(level, stream))
-        slices = self.record.slabs_done * self.plan.options.chunk_size
+        slices = self.record.slabs_done * self.plan.options.layout.unit[0]
         log.info("resuming band %d after %d slices", self.record.bands_done + 1, slices)
 
     def _stored(self, level: int, stream: LevelStream) -> Callable[[int, int], np.ndarray]:
@@ -481,7 +485,7 @@ def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progr
     if plan.options.zarr_only:
         arrays, group = [_level(plan.output, None, plan)], None
     else:
-        group = zarr.open_group(str(plan.output), mode="a", zarr_format=2)
+        group = zarr.open_group(str(plan.output), mode="a", zarr_format=plan.options.zarr_format)
         arrays = [_level(group, str(level), plan) for level in range(len(plan.shapes))]
     # the metadata just written is durable before any chunk is (a name renamed in but not flushed can come
     # back empty after a power cut); the first checkpoint would flush it only after the first slab
@@ -492,18 +496,19 @@ def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progr
 
 
 def _rewrite_damaged(plan: Plan, arrays: list[zarr.Array], record: Progress) -> None:
-    """Find the chunk files of the wrong size, take the record back to before the first unit that wrote each,
-    save it, then delete them: the resumed run writes them again.
+    """Find the damaged unit files (:func:`~scrollzarr.store.damaged_units`), take the record back to before
+    the first unit of work that wrote each, save it, then delete them: the resumed run writes them again.
 
-    A damaged chunk of a streamed level goes back to the start of its band (the
+    A damaged unit of a streamed level goes back to the start of its band (the
     streams cannot be restored from damaged planes); one of a level built from
     the level above, to its row of blocks.
     """
     damaged = []
-    for level, array in enumerate(arrays):
-        for path, size in damaged_chunks(array):
-            log.warning("chunk file %s is damaged (%d bytes); it is written again", path, size)
-            z, y, x = (i * plan.options.chunk_size for i in chunk_index(array, path))
+    for level in range(len(arrays)):
+        spec = _sink_spec(plan, level)
+        for path, problem in damaged_units(spec):
+            log.warning("chunk file %s is damaged (%s); it is written again", path, problem)
+            z, y, x = (i * n for i, n in zip(unit_index(spec, path), spec.layout.unit, strict=True))
             if level <= plan.bands.streamed:
                 _, height, width = plan.shapes[0]
                 scale = 2**level
@@ -518,22 +523,30 @@ def _rewrite_damaged(plan: Plan, arrays: list[zarr.Array], record: Progress) -> 
     record.forget(plan.output, damaged)
 
 
+def _sink_spec(plan: Plan, level: int) -> SinkSpec:
+    """What the sink of ``level`` needs (the store's root array for ``--zarr_only``)."""
+    directory = plan.output if plan.options.zarr_only else plan.output / str(level)
+    return SinkSpec(directory, plan.shapes[level], str(plan.dtype), plan.options.layout)
+
+
 def _level(parent: zarr.Group | Path, name: str | None, plan: Plan) -> zarr.Array:
     """Level ``name`` of the store (the array at ``parent`` for ``--zarr_only``), created if it is not whole yet.
 
-    zarr writes an array's ``.zarray`` and then its ``.zattrs``; a stop between
+    zarr 2 writes an array's ``.zarray`` and then its ``.zattrs``; a stop between
     them leaves the level half described, and a power cut may leave either
-    empty, so unless both parse both are written again.  Its chunks, if any,
-    are kept: those the record vouches for are valid, the others are written
-    again.
+    (or zarr 3's ``zarr.json``) empty, so unless all parse all are written
+    again.  Its chunks, if any, are kept: those the record vouches for are
+    valid, the others are written again.
     """
     directory = plan.output if name is None else plan.output / name
-    metadata = [directory / ".zarray", directory / ".zattrs"]
+    layout = plan.options.layout
+    metadata = [directory / file for file in layout.metadata_names]
     if not all(readable_metadata(path) for path in metadata):
         for path in metadata:
             path.unlink(missing_ok=True)
         shape = plan.shapes[0 if name is None else int(name)]
-        return create_level(parent, name, shape, plan.options.chunk_size, plan.dtype, overwrite=False)
+        target = parent if isinstance(parent, zarr.Group) else str(parent)
+        return layout.create_array(target, name, shape, plan.dtype, overwrite=False)
     array = parent[name] if isinstance(parent, zarr.Group) else zarr.open_array(str(parent), mode="r+")
     assert isinstance(array, zarr.Array)
     return array
@@ -577,7 +590,7 @@ def _describe_progress(plan: Plan, record: Progress) -> str:
     bands = len(_bands(height, width, plan.bands))
     parts = [f"level 0: {record.bands_done} of {bands} band(s)"]
     if record.slabs_done:
-        parts[0] += f" and {record.slabs_done * plan.options.chunk_size} of {plan.shapes[0][0]} slices of the next"
+        parts[0] += f" and {record.slabs_done * plan.options.layout.unit[0]} of {plan.shapes[0][0]} slices of the next"
     parts += [f"level {level}: {rows} chunk row(s)" for level, rows in sorted(record.rows_done.items())]
     return ", ".join(parts)
 
@@ -590,13 +603,14 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
         bar.set_description(f"levels 0-{plan.bands.streamed}" if plan.bands.streamed else "level 0")
         bands = _bands(height, width, plan.bands)
         streamed_voxels = sum(math.prod(shape) for shape in plan.shapes[: plan.bands.streamed + 1])
-        bar.update(streamed_voxels * (record.bands_done + record.slabs_done * options.chunk_size / height) / len(bands))
+        done = record.bands_done + record.slabs_done * options.layout.unit[0] / plan.shapes[0][0]
+        bar.update(streamed_voxels * done / len(bands))
         for band in bands[record.bands_done :]:
             run.convert_band(band)
         if group is not None:
             build_from_above(
-                group, plan.bands.streamed + 1, plan.blocks, options.algorithm, workers, bar, run.report, record,
-                run.checkpoint, None,
+                group, plan.output, options.layout, plan.bands.streamed + 1, plan.blocks, options.algorithm,
+                workers, bar, run.report, record, run.checkpoint, None,
             )  # fmt: skip
     run.report.bad = sorted(run.bad)
     attributes = _stack_attributes(plan, run.report.bad, run.bad)
@@ -616,7 +630,7 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
 
 
 def _stripe_rows(plan: Plan) -> int | None:
-    """Rows of a slab read at a time (whole chunk rows, even), or ``None`` for all rows at once.
+    """Rows of a slab read at a time (whole rows of write units, even), or ``None`` for all rows at once.
 
     Reading a slab a stripe at a time lets the stripes already read be
     written and halved while the disk delivers the next.  Only for slices read
@@ -624,10 +638,10 @@ def _stripe_rows(plan: Plan) -> int | None:
     again for every stripe (measured: slower), and not for gaussian, whose
     halving needs rows beyond a stripe.
     """
-    chunk = plan.options.chunk_size
+    rows = plan.options.layout.unit[1]
     if ds.halo(plan.options.algorithm) or plan.stack.decode_bytes:
         return None
-    return chunk if chunk % 2 == 0 else 2 * chunk
+    return rows if rows % 2 == 0 else 2 * rows
 
 
 def _bands(height: int, width: int, bands: memory.BandPlan) -> list[Band]:

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import zarr
 from tqdm import tqdm
 
 from scrollzarr import downsample as ds
 from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
+from scrollzarr.layout import StoreLayout
 from scrollzarr.progress import Progress
 from scrollzarr.report import Report
-from scrollzarr.store import ChunkWriter, read_checked
+from scrollzarr.sinks import LevelSink, SinkSpec, open_sink
+from scrollzarr.store import read_checked
 from scrollzarr.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -21,6 +25,8 @@ log = logging.getLogger(__name__)
 
 def build_from_above(
     group: zarr.Group,
+    output: Path,
+    layout: StoreLayout,
     first: int,
     blocks: tuple[Shape3, ...],
     algorithm: ds.Algorithm,
@@ -31,7 +37,8 @@ def build_from_above(
     checkpoint: Callable[[], None],
     advice: str | None,
 ) -> None:
-    """Fill levels ``first …`` from the stored level above each, in ``blocks``, a chunk row in z at a time.
+    """Fill levels ``first …`` of ``group`` (the store at ``output``, levels in ``layout``) from the stored level
+    above each, in ``blocks`` (whole write units), a row of units in z at a time.
 
     Rows that ``record`` lists as done are skipped; ``checkpoint`` is called after each row.
     ``advice``: what to do about a damaged chunk of level ``first - 1``, if it was not written by this
@@ -41,12 +48,12 @@ def build_from_above(
     for level, block in enumerate(blocks, start=first):
         source, target = group[str(level - 1)], group[str(level)]
         assert isinstance(source, zarr.Array) and isinstance(target, zarr.Array)
-        writer = ChunkWriter(target)
+        writer = open_sink(SinkSpec(output / str(level), target.shape, str(np.dtype(target.dtype)), layout))
         log.debug("level %d: from level %d in blocks of %s (z, y, x)", level, level - 1, " x ".join(map(str, block)))
         bar.set_description(f"level {level}")
         done = record.rows_done.get(str(level), 0)
 
-        def work(box: Box, source: zarr.Array = source, writer: ChunkWriter = writer, level: int = level) -> int:
+        def work(box: Box, source: zarr.Array = source, writer: LevelSink = writer, level: int = level) -> int:
             written = write_downsampled_block(source, writer, box, algorithm, advice if level == first else None)
             bar.update(box_size(box))
             return written
@@ -69,9 +76,10 @@ def _rows(boxes: list[Box]) -> list[list[Box]]:
 
 
 def write_downsampled_block(
-    source: zarr.Array, writer: ChunkWriter, box: Box, algorithm: ds.Algorithm, advice: str | None
+    source: zarr.Array, writer: LevelSink, box: Box, algorithm: ds.Algorithm, advice: str | None
 ) -> int:
-    """Build ``box`` of a level from the stored level above, ``source``; write its non-zero chunks.
+    """Build ``box`` (whole write units) of a level from the stored level above, ``source``; write its units;
+    the number of chunks that were not all zero.
 
     With ``advice``, a damaged chunk of ``source`` is a message that ends with it.
     """
@@ -90,7 +98,7 @@ def write_downsampled_block(
         result = ds.downsample(data, algorithm)
     corner = tuple(a for a, _ in box)
     written = 0
-    for local in iter_boxes(result.shape, writer.chunks):  # type: ignore[arg-type]
+    for local in iter_boxes(result.shape, writer.unit):  # type: ignore[arg-type]
         piece = result[tuple(slice(a, b) for a, b in local)]
         written += writer.write(tuple(c + a for c, (a, _) in zip(corner, local, strict=True)), piece)
     return written

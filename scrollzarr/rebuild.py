@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +17,22 @@ from scrollzarr import memory, progress
 from scrollzarr.blocks import Shape3
 from scrollzarr.durable import sync_file_system
 from scrollzarr.errors import ScrollzarrError, UsageError
+from scrollzarr.layout import StoreLayout, UnsupportedLayout, layout_of
 from scrollzarr.ngff_v04 import Multiscale
 from scrollzarr.options import Options
 from scrollzarr.progress import Progress
 from scrollzarr.readback import build_from_above
 from scrollzarr.report import LevelReport, Report, chunk_count, progress_bar
+from scrollzarr.sinks import SinkSpec
 from scrollzarr.sizes import format_bytes
 from scrollzarr.store import (
     check_output_name,
-    chunk_index,
-    create_level,
-    damaged_chunks,
+    damaged_units,
     is_zarr_store,
     open_store,
     readable_metadata,
     remove_partial_files,
+    unit_index,
 )
 from scrollzarr.workers import Workers
 
@@ -64,7 +65,7 @@ class RebuildPlan:
     first: int
     shapes: tuple[Shape3, ...]
     dtype: np.dtype
-    chunk: int
+    layout: StoreLayout
     origin: Shape3 | None
     algorithm: ds.Algorithm
     budget: int
@@ -117,12 +118,13 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         )
     source = group[str(first - 1)]
     assert isinstance(source, zarr.Array)
-    chunk = source.chunks[0] if chunk_size is None else chunk_size
+    arrays = _new_layout(output, first, source, chunk_size)
+    chunk = arrays.chunk
     base = ds.level_shapes(source.shape, options.nlevels - first + 1)  # type: ignore[arg-type]
     shapes = tuple(group[str(level)].shape for level in range(first)) + base[1:]
     translation = multiscale.datasets[0].translation
     dtype = np.dtype(source.dtype)
-    layout = memory.Layout(
+    model = memory.Layout(
         shapes=shapes,
         chunk=chunk,
         in_itemsize=dtype.itemsize,
@@ -131,10 +133,12 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         decode_bytes=0,
         algorithm=options.algorithm,
         workers=options.worker_count,
+        unit=arrays.shard,
+        encoded=arrays.compressor != "none",
     )
-    plane = chunk * source.shape[1] * source.shape[2] * dtype.itemsize
+    plane = arrays.unit[0] * source.shape[1] * source.shape[2] * dtype.itemsize
     if options.max_gb is None:
-        budget = max(plane, memory.read_back_need(layout, first))
+        budget = max(plane, memory.read_back_need(model, first))
     else:
         budget = round(options.max_gb * memory.GIB)
     fingerprint = {
@@ -150,16 +154,35 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         first=first,
         shapes=shapes,
         dtype=dtype,
-        chunk=chunk,
+        layout=arrays,
         origin=None if translation is None else tuple(int(v) for v in translation),  # type: ignore[arg-type]
         algorithm=options.algorithm,
         budget=budget,
-        blocks=memory.read_back_blocks(layout, first, budget),
+        blocks=memory.read_back_blocks(model, first, budget),
         workers=options.worker_count,
         quiet=options.quiet,
         fingerprint=fingerprint,
         resume_from=record,
     )
+
+
+def _new_layout(output: Path, first: int, source: zarr.Array, chunk_size: int | None) -> StoreLayout:
+    """The layout of the new levels: that of level ``first - 1`` (``source``), with ``chunk_size`` if given."""
+    try:
+        layout = layout_of(source)
+    except UnsupportedLayout as error:
+        raise ScrollzarrError(
+            f"{output}: level {first - 1} uses {error}, which scroll_to_ome does not write; "
+            "convert the TIFFs again instead of --first_new_level"
+        ) from None
+    if chunk_size is None or chunk_size == layout.chunk:
+        return layout
+    if layout.shard is not None and any(n % chunk_size for n in layout.shard):
+        raise UsageError(
+            f"--chunk_size {chunk_size} does not divide the shards of {output} "
+            f"({','.join(map(str, layout.shard))}); leave --chunk_size out, or give a divisor of each"
+        )
+    return replace(layout, chunk=chunk_size)
 
 
 def _check_resumable(output: Path, record: Progress | None, fingerprint: dict[str, Any]) -> None:
@@ -222,7 +245,7 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     report = _prepare_levels(plan, group, record)
     with progress_bar(plan.shapes[plan.first :], plan.quiet) as bar, Workers(plan.workers) as workers:
         build_from_above(
-            group, plan.first, plan.blocks, plan.algorithm, workers, bar, report, record,
+            group, plan.output, plan.layout, plan.first, plan.blocks, plan.algorithm, workers, bar, report, record,
             lambda: record.save(plan.output), _advice(plan.first - 1),
         )  # fmt: skip
     multiscale = Multiscale.pyramid(
@@ -257,20 +280,20 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
         ours = path.is_dir() and path.name.isdigit() and int(path.name) >= plan.first
         if ours and not record.rows_done.get(path.name):
             shutil.rmtree(path)
-    report = Report(plan.output, plan.dtype, plan.chunk)
+    chunk = plan.layout.chunk
+    report = Report(plan.output, plan.dtype, plan.layout)
     damaged = []
     for level in range(plan.first, len(plan.shapes)):
-        metadata = [plan.output / str(level) / name for name in (".zarray", ".zattrs")]
+        metadata = [plan.output / str(level) / name for name in plan.layout.metadata_names]
         if not all(readable_metadata(path) for path in metadata):  # missing, or empty after a power cut
             for path in metadata:
                 path.unlink(missing_ok=True)
-            create_level(group, str(level), plan.shapes[level], plan.chunk, plan.dtype, overwrite=False)
-        report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], plan.chunk))
-        array = group[str(level)]
-        assert isinstance(array, zarr.Array)
-        for path, size in damaged_chunks(array):
-            log.warning("chunk file %s is damaged (%d bytes); it is written again", path, size)
-            row = chunk_index(array, path)[0] * plan.chunk // plan.blocks[level - plan.first][0]
+            plan.layout.create_array(group, str(level), plan.shapes[level], plan.dtype, overwrite=False)
+        report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], chunk))
+        spec = SinkSpec(plan.output / str(level), plan.shapes[level], str(plan.dtype), plan.layout)
+        for path, problem in damaged_units(spec):
+            log.warning("chunk file %s is damaged (%s); it is written again", path, problem)
+            row = unit_index(spec, path)[0] * plan.layout.unit[0] // plan.blocks[level - plan.first][0]
             record.rows_done[str(level)] = min(record.rows_done.get(str(level), 0), row)
             damaged.append(path)
     record.forget(plan.output, damaged)
@@ -279,12 +302,15 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
 
 def describe_rebuild(plan: RebuildPlan) -> str:
     """The ``--first_new_level`` plan as text, for ``--dry_run``."""
-    lines = [f"rebuild levels {plan.first} to {len(plan.shapes) - 1} of {plan.output} from level {plan.first - 1}"]
+    lines = [
+        f"rebuild levels {plan.first} to {len(plan.shapes) - 1} of {plan.output} from level {plan.first - 1}",
+        f"  new levels: {plan.layout.describe()} (the layout of level {plan.first - 1})",
+    ]
     for level in range(plan.first, len(plan.shapes)):
         shape = plan.shapes[level]
         lines.append(
             f"  level {level}: {shape[0]} x {shape[1]} x {shape[2]} (z, y, x), "
-            f"{chunk_count(shape, plan.chunk)} chunks of {plan.chunk}^3, {plan.algorithm}"
+            f"{chunk_count(shape, plan.layout.chunk)} chunks of {plan.layout.chunk}^3, {plan.algorithm}"
         )
     lines.append(f"memory: about {format_bytes(plan.budget)} for buffers, {plan.workers} worker(s)")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from scrollzarr.blocks import Shape3
+from scrollzarr.layout import StoreLayout
 from scrollzarr.sizes import format_bytes
 
 log = logging.getLogger(__name__)
@@ -37,28 +38,49 @@ class Report:
 
     output: Path
     dtype: np.dtype
-    chunk: int
+    layout: StoreLayout
     levels: dict[int, LevelReport] = field(default_factory=dict)
     missing: list[tuple[int, int]] = field(default_factory=list)
     bad: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    plain: bool = False  # one array at the store's root (--zarr_only), not levels in a group
 
     def summary(self) -> str:
         written = sum(level.chunks_written for level in self.levels.values())
-        nbytes = written * self.chunk**3 * self.dtype.itemsize
-        lines = [f"wrote {self.output}: {len(self.levels)} level(s), {self.dtype}, chunks {self.chunk}^3"]
+        raw = written * self.layout.chunk**3 * self.dtype.itemsize
+        lines = [f"wrote {self.output}: {len(self.levels)} level(s), {self.dtype}, {self.layout.describe()}"]
         for index, level in sorted(self.levels.items()):
             z, y, x = level.shape
             lines.append(
                 f"  level {index}: {z} x {y} x {x} (z, y, x), {level.chunks_written} of {level.chunks_total} "
                 f"chunks written, {level.chunks_total - level.chunks_written} all-zero chunks skipped"
             )
-        lines.append(f"  {written} chunk files, {format_bytes(nbytes)}, in {self.seconds:.1f} s")
+        directories = [self.output] if self.plain else [self.output / str(level) for level in self.levels]
+        files, nbytes = _files_and_bytes(directories)
+        stored = f"{written} chunks in {files} files" if self.layout.shard else f"{written} chunk files"
+        if self.layout.compressor != "none" and raw:
+            stored += f", {format_bytes(nbytes)} ({nbytes / raw:.0%} of {format_bytes(raw)} uncompressed)"
+        else:
+            stored += f", {format_bytes(nbytes)}"
+        lines.append(f"  {stored}, in {self.seconds:.1f} s")
         if self.missing:
             lines.append(f"  missing slices, written as zeros: {format_runs(self.missing)}")
         if self.bad:
             lines.append(f"  bad slices, written as zeros: {format_numbers(self.bad)}")
         return "\n".join(lines)
+
+
+def _files_and_bytes(directories: list[Path]) -> tuple[int, int]:
+    """Chunk (or shard) files of the level arrays in ``directories``, and their bytes (apparent sizes), found by
+    walking the store: the count of a resumed run's earlier files is not kept anywhere else."""
+    files = nbytes = 0
+    for directory in directories:
+        for path in directory.rglob("*"):
+            parts = path.relative_to(directory).parts
+            if path.is_file() and all(part.isdigit() or part == "c" for part in parts):
+                files += 1
+                nbytes += path.stat().st_size
+    return files, nbytes
 
 
 def format_numbers(numbers: list[int]) -> str:

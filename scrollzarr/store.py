@@ -6,38 +6,30 @@ existing directory holds before it may be replaced, which look at the disk.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
-import mmap
-import os
 import shutil
-import threading
+from itertools import product
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.metadata import ArrayV2Metadata
-from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from scrollzarr import progress
-from scrollzarr.durable import fsync_path, remove_durably, temporary_path
+from scrollzarr.durable import fsync_path, remove_durably
 from scrollzarr.errors import ScrollzarrError, UsageError
+from scrollzarr.layout import UnsupportedLayout, layout_of
 from scrollzarr.outputlock import LOCK_NAME
+from scrollzarr.sinks import SinkSpec, damage
 
 log = logging.getLogger(__name__)
 
 # A directory with a progress record is a conversion stopped before it wrote the zarr metadata.
 _ZARR_MARKERS = (".zgroup", ".zarray", "zarr.json", progress.KEY)
 # The metadata at a store's root, in the order a replaced store loses it (see empty_output).
-ROOT_METADATA = (".zarray", ".zattrs", ".zgroup")
-# All-zero chunks are skipped by the pipeline itself (one cheap ``any()``), so zarr's
-# own, much slower, emptiness test is switched off.
-_ARRAY_CONFIG = {"write_empty_chunks": True}
+ROOT_METADATA = (".zarray", ".zattrs", ".zgroup", "zarr.json")
 
 
 class OutputError(ScrollzarrError):
@@ -63,7 +55,9 @@ def is_emptied(output: Path) -> bool:
     names = {path.name: path for path in output.iterdir()}
     ours = {LOCK_NAME, *ROOT_METADATA, progress.KEY, progress.SLICES_KEY}
     return LOCK_NAME in names and all(
-        name in ours or name.endswith(".partial") or (name.isdigit() and path.is_dir() and not path.is_symlink())
+        name in ours
+        or name.endswith(".partial")
+        or ((name.isdigit() or name == "c") and path.is_dir() and not path.is_symlink())  # levels; zarr 3 chunks
         for name, path in names.items()
     )
 
@@ -117,7 +111,7 @@ def check_replaceable(output: Path, overwrite: bool, input_dir: Path | None) -> 
 
 
 class DamagedChunkError(OutputError):
-    """A chunk file that cannot be read as a chunk: the wrong size, or (compressed) not decodable."""
+    """A chunk or shard file that cannot be read as one: the wrong size, a bad shard index, or not decodable."""
 
 
 ChunkIndex = tuple[int, ...]
@@ -133,44 +127,75 @@ def chunk_file(array: zarr.Array, index: ChunkIndex) -> Path:
     return Path(array.store.root, array.path, array.metadata.encode_chunk_key(index))
 
 
-def chunk_index(array: zarr.Array, path: Path) -> ChunkIndex:
-    """The index of the chunk of ``array`` whose file is ``path`` (nested ``z/y/x`` keys, as this project writes)."""
-    return tuple(int(part) for part in path.relative_to(Path(array.store.root, array.path)).parts)
+def sink_spec(array: zarr.Array) -> SinkSpec:
+    """What a sink of ``array`` (a level of a store on disk, in a layout scroll_to_ome writes) needs.
 
-
-def chunk_files(array: zarr.Array) -> list[Path]:
-    """The chunk files of ``array`` (nested ``z/y/x`` keys), not those of the levels beside or below it."""
+    Raises
+    ------
+    UnsupportedLayout
+        If the array's layout is not one scroll_to_ome writes.
+    """
     directory = Path(array.store.root, array.path)
+    return SinkSpec(directory, tuple(array.shape), str(np.dtype(array.dtype)), layout_of(array))  # type: ignore[arg-type]
+
+
+def unit_files(spec: SinkSpec) -> list[Path]:
+    """The files of the write units (chunks, or shards) of the level ``spec`` describes, not those of the levels
+    beside or below it."""
+    directory = spec.directory if spec.layout.zarr_format == 2 else spec.directory / "c"
     return [
         path
-        for path in directory.glob("/".join("*" * array.ndim))
+        for path in directory.glob("*/*/*")
         if path.is_file() and all(part.isdigit() for part in path.relative_to(directory).parts)
     ]
 
 
-def damaged_chunks(array: zarr.Array) -> list[tuple[Path, int]]:
-    """The chunk files of ``array`` (a level in a store on disk) whose size is not a whole chunk's, with their sizes.
+def unit_index(spec: SinkSpec, path: Path) -> ChunkIndex:
+    """The index of the write unit whose file is ``path``, in units of :attr:`~scrollzarr.layout.StoreLayout.unit`."""
+    directory = spec.directory if spec.layout.zarr_format == 2 else spec.directory / "c"
+    return tuple(int(part) for part in path.relative_to(directory).parts)
 
-    Every chunk this project writes is uncompressed and whole (padded at the
-    far edges), so any other size is damage: a write cut off under its final
-    name by a power cut before it was flushed, or a disk fault.
+
+def damaged_units(spec: SinkSpec) -> list[tuple[Path, str]]:
+    """The unit files of a level that are damaged, with what is wrong with each (:func:`scrollzarr.sinks.damage`).
+
+    Every unit this project writes has a size its layout fixes (uncompressed
+    chunks) or an index that must agree with its size (shards), so other sizes
+    are damage: a write cut off under its final name by a power cut before it was
+    flushed, or a disk fault.  Compressed chunk files are not decoded here (that
+    would read the whole level): :func:`read_checked` finds those when they are read.
     """
-    sizes = ((path, path.stat().st_size) for path in chunk_files(array))
-    return [(path, size) for path, size in sizes if size != chunk_nbytes(array)]
+    found = ((path, damage(path, spec)) for path in unit_files(spec))
+    return [(path, problem) for path, problem in found if problem is not None]
 
 
 def read_checked(array: zarr.Array, region: tuple[slice, ...], advice: str) -> np.ndarray:
-    """``array[region]``; a damaged chunk in it is a :class:`DamagedChunkError` naming the file, with ``advice``."""
+    """``array[region]``; a damaged unit in it is a :class:`DamagedChunkError` naming the file, with ``advice``."""
     try:
         return array[region]
-    except ValueError:  # what zarr raises for an uncompressed chunk of the wrong size
-        damaged = damaged_chunks(array) if isinstance(array.store, LocalStore) else []
+    except Exception:  # zarr and the codecs raise many kinds for bytes that are not what the metadata says
+        damaged = _damaged_in(array, region) if isinstance(array.store, LocalStore) else []
         if not damaged:
             raise
-        path, size = damaged[0]
-        raise DamagedChunkError(
-            f"chunk file {path} is damaged ({size} bytes, not {chunk_nbytes(array)}); {advice}"
-        ) from None
+        path, problem = damaged[0]
+        raise DamagedChunkError(f"chunk file {path} is damaged ({problem}); {advice}") from None
+
+
+def _damaged_in(array: zarr.Array, region: tuple[slice, ...]) -> list[tuple[Path, str]]:
+    """The damaged unit files among those that hold ``region`` of ``array``, compressed ones decoded to tell."""
+    try:
+        spec = sink_spec(array)
+    except UnsupportedLayout:
+        return []
+    spans = [part.indices(n)[:2] for part, n in zip(region, array.shape, strict=True)]
+    ranges = [range(a // u, -(-b // u)) for (a, b), u in zip(spans, spec.layout.unit, strict=True)]
+    found = []
+    for index in product(*ranges):
+        path = spec.directory / spec.layout.chunk_key(index)
+        problem = damage(path, spec, decode=True) if path.is_file() else None
+        if problem is not None:
+            found.append((path, problem))
+    return found
 
 
 def readable_metadata(path: Path) -> bool:
@@ -232,184 +257,3 @@ def empty_output(output: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
-
-
-def create_level(
-    parent: zarr.Group | Path,
-    name: str | None,
-    shape: tuple[int, ...],
-    chunk: int,
-    dtype: np.dtype,
-    overwrite: bool = True,
-) -> zarr.Array:
-    """Create one level: zarr format 2, cubic chunks, no compression, fill 0, ``/`` chunk keys.
-
-    Parameters
-    ----------
-    parent : zarr.Group or Path
-        A group to create the array ``name`` in, or a path for a plain array
-        (``name`` then ``None``).
-    overwrite : bool
-        In a group: delete an existing array ``name`` with its chunks first.
-        ``False`` writes only the metadata, keeping any chunks already there
-        (``--resume`` repairing a level whose metadata a stop prevented).
-    """
-    settings: dict[str, Any] = {
-        "shape": shape,
-        "chunks": (chunk,) * len(shape),
-        "dtype": dtype,
-        "compressors": None,
-        "filters": None,
-        "fill_value": 0,
-        "order": "C",
-        "chunk_key_encoding": {"name": "v2", "separator": "/"},
-        "config": _ARRAY_CONFIG,
-    }
-    if isinstance(parent, zarr.Group):
-        assert name is not None
-        return parent.create_array(name, overwrite=overwrite, **settings)
-    return zarr.create_array(str(parent), zarr_format=2, **settings)
-
-
-# Each thread's chunk buffers (reused: fresh buffers cost page faults), shared by all ChunkWriters.
-_THREAD_BUFFERS = threading.local()
-
-# Direct I/O (``O_DIRECT``) needs buffers, sizes and offsets in whole blocks of the device; 4096 bytes
-# covers the block sizes of today's disks.
-DIRECT_IO_BLOCK = 4096
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array whose buffer starts on a memory page (as direct I/O needs)."""
-    dtype = np.dtype(dtype)
-    count = math.prod(shape)
-    block = mmap.mmap(-1, max(count * dtype.itemsize, 1))
-    return np.frombuffer(block, dtype, count=count).reshape(shape)
-
-
-def write_file(path: Path, data: np.ndarray, direct: bool = False) -> None:
-    """Write ``data``'s bytes to ``path`` atomically: a temporary ``*.partial`` file, then a rename.
-
-    Parameters
-    ----------
-    direct : bool
-        Write with ``O_DIRECT``: straight from ``data`` to the disk, bypassing
-        the page cache.  ``data`` must then be page-aligned (:func:`aligned_empty`)
-        and a whole number of :data:`DIRECT_IO_BLOCK` bytes.  A file system without
-        direct I/O raises ``OSError`` with ``EINVAL``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_path(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (_O_DIRECT if direct else 0)
-    try:
-        descriptor = os.open(temporary, flags, 0o666)
-        try:
-            view = memoryview(data).cast("B")
-            done = 0
-            while done < len(view):
-                done += os.write(descriptor, view[done:])
-            if not direct and hasattr(os, "posix_fadvise"):
-                # Start writing it to disk now (Linux starts writeback of dirty pages on this advice),
-                # so that the disk writes while the run still reads and computes, not after it ends.
-                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-class ChunkWriter:
-    """Writes whole chunks of one level array, skipping those that are all zero.
-
-    The levels are uncompressed zarr format 2 arrays, so a chunk's stored form
-    is its voxels in C order, little-endian, padded at the far edges to the full
-    chunk shape with the fill value 0.  The bytes go to the array's store under
-    the key zarr's chunk key encoding gives.  For a local store they are written
-    straight from the calling thread, as zarr's LocalStore writes them (under a
-    temporary ``*.partial`` name, then renamed into place), which costs a third
-    of going through ``store.set`` and its event loop; any other store gets
-    ``store.set``.
-
-    Where the file system allows it, local chunk files are written with direct
-    I/O, from the disk's point of view the same bytes, but without copying them
-    into the page cache first: on the benchmark machine that copy took 40 % of
-    the conversion's CPU time.  The first refusal (``EINVAL``, e.g. tmpfs)
-    switches this writer to ordinary writes.
-
-    Parameters
-    ----------
-    array : zarr.Array
-        A level made by :func:`create_level`.
-    """
-
-    def __init__(self, array: zarr.Array) -> None:
-        metadata = array.metadata
-        if not isinstance(metadata, ArrayV2Metadata) or metadata.compressor is not None or metadata.filters:
-            raise ValueError("ChunkWriter writes uncompressed zarr format 2 arrays only")
-        self._array = array
-        self.chunks = tuple(metadata.chunks)
-        self._dtype = np.dtype(array.dtype).newbyteorder("<")
-        self._prefix = f"{array.path}/" if array.path else ""
-        self._prototype = default_buffer_prototype()
-        nbytes = math.prod(self.chunks) * self._dtype.itemsize
-        self._direct = bool(_O_DIRECT) and nbytes % DIRECT_IO_BLOCK == 0
-
-    def write(self, corner: tuple[int, ...], piece: np.ndarray) -> bool:
-        """Store ``piece``, the chunk whose first voxel is at ``corner`` (level coordinates).
-
-        The piece is copied into this thread's chunk buffer (one per thread,
-        whatever the level, reused: fresh buffers cost page faults), tested
-        there, and written from it.
-
-        Returns
-        -------
-        bool
-            Whether a file was written (``False`` for an all-zero chunk).
-        """
-        data = self._buffer()
-        if piece.shape == self.chunks:
-            np.copyto(data, piece)
-        else:
-            data[...] = 0
-            data[tuple(slice(0, n) for n in piece.shape)] = piece
-        if not self._words(data).any():
-            return False
-        index = tuple(c // n for c, n in zip(corner, self.chunks, strict=True))
-        key = self._prefix + self._array.metadata.encode_chunk_key(index)
-        store = self._array.store
-        if isinstance(store, LocalStore):
-            self._write_local(Path(store.root) / key, data)
-        else:
-            sync(store.set(key, self._prototype.buffer.from_array_like(data.reshape(-1).view(np.uint8))))
-        return True
-
-    def _write_local(self, path: Path, data: np.ndarray) -> None:
-        if self._direct:
-            try:
-                write_file(path, data, direct=True)
-                return
-            except OSError as error:
-                if error.errno != errno.EINVAL:
-                    raise
-                self._direct = False
-                log.debug("direct I/O refused for %s (%s); writing through the page cache", path, error)
-        write_file(path, data)
-
-    @staticmethod
-    def _words(data: np.ndarray) -> np.ndarray:
-        """``data``'s bytes as 64-bit words where they divide evenly: testing those for zero is 8 x faster."""
-        flat = data.reshape(-1)
-        return flat.view(np.uint64) if flat.nbytes % 8 == 0 else flat
-
-    def _buffer(self) -> np.ndarray:
-        """This thread's chunk buffer, shared by the writers of every level (one per chunk shape and dtype)."""
-        buffers = getattr(_THREAD_BUFFERS, "by_kind", None)
-        if buffers is None:
-            buffers = _THREAD_BUFFERS.by_kind = {}
-        kind = (self.chunks, self._dtype.str)
-        if kind not in buffers:
-            buffers[kind] = aligned_empty(self.chunks, self._dtype)
-        return buffers[kind]

@@ -1,14 +1,15 @@
-"""Streaming the pyramid: planes of a level arrive in z order, are written as chunk rows,
+"""Streaming the pyramid: planes of a level arrive in z order, are written as rows of write units,
 and are halved into the level below, so that no level is read back from the store.
 
 One :class:`LevelStream` per level holds the planes of a *band* (a box of rows
-and columns, whole chunks of every streamed level) that are not yet written or
-not yet halved.  Level 0's planes come from the TIFFs; each stream passes its
-halved planes to the next.  A chunk row is written once all its planes are
-there; planes are halved in pairs, once the context a pair needs
+and columns, whole write units of every streamed level) that are not yet
+written or not yet halved.  Level 0's planes come from the TIFFs; each stream
+passes its halved planes to the next.  A row of write units (chunks, or
+shards) is written once all its planes are there; planes are halved in pairs, once the context a pair needs
 (:func:`scrollzarr.downsample.halo` planes beyond it) is there too.  The
-tasks of one step (the chunks of a row, the row stripes of a halving) are
-independent and run on the shared :class:`~scrollzarr.workers.Workers`.
+tasks of one step (the units of a row, the row stripes of a halving) are
+independent and run on the shared :class:`~scrollzarr.workers.Workers`;
+each write unit is written by exactly one task.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from concurrent.futures import Future, wait
 import numpy as np
 
 from scrollzarr import downsample as ds
-from scrollzarr.store import ChunkWriter
+from scrollzarr.blocks import Shape3
+from scrollzarr.sinks import LevelSink
 from scrollzarr.workers import Workers
 
 # Halving works on stripes of rows of about this many input bytes at a time, which keeps
@@ -44,17 +46,19 @@ class LevelStream:
         Planes (z size) of the whole level.
     rows, cols : (int, int)
         The band, in this level's coordinates: ``[start, stop)`` of y and of x.
-        Both starts are multiples of the chunk size.
+        Both starts are multiples of the write unit's.
+    unit : (int, int, int)
+        Shape of the level's write units, voxels (z, y, x).
     full_plane : bool
         Whether the band is the whole plane (needed for ``gaussian``, whose
         context across the band's sides is not held).
-    writer : ChunkWriter
-        Where this level's chunks go.
+    writer : LevelSink
+        Where this level's write units go.
     below : LevelStream or None
         The next level, fed with this one's halved planes; ``None`` for the
         last streamed level.
     on_written : callable
-        Called with the number of voxels of each chunk row written (progress).
+        Called with the number of voxels of each row of units written (progress).
     """
 
     def __init__(
@@ -63,9 +67,9 @@ class LevelStream:
         rows: tuple[int, int],
         cols: tuple[int, int],
         dtype: np.dtype,
-        chunk: int,
+        unit: Shape3,
         algorithm: ds.Algorithm,
-        writer: ChunkWriter,
+        writer: LevelSink,
         below: LevelStream | None,
         workers: Workers,
         on_written: Callable[[int], None],
@@ -73,7 +77,7 @@ class LevelStream:
         self.depth = depth
         self.rows = rows
         self.cols = cols
-        self.chunk = chunk
+        self.unit = unit
         self.algorithm = algorithm
         self.margin = ds.halo(algorithm) if below is not None else 0
         self.writer = writer
@@ -85,13 +89,14 @@ class LevelStream:
         self.count = 0  # planes held
         self.written = 0  # first z not yet written
         self.halved = 0  # first z not yet halved (even)
-        self.buffer = np.empty((self.capacity(chunk, algorithm, below is not None), *self.plane_shape), dtype)
+        self.buffer = np.empty((self.capacity(unit[0], algorithm, below is not None), *self.plane_shape), dtype)
 
     @staticmethod
-    def capacity(chunk: int, algorithm: ds.Algorithm, halves: bool) -> int:
-        """Planes a stream holds at most: one chunk row, plus context and an odd plane when halving."""
-        extra = ds.halo(algorithm) + 1 if halves and (chunk % 2 or ds.halo(algorithm)) else 0
-        return chunk + extra
+    def capacity(depth: int, algorithm: ds.Algorithm, halves: bool) -> int:
+        """Planes a stream holds at most: one row of write units ``depth`` planes deep, plus context and an odd
+        plane when halving."""
+        extra = ds.halo(algorithm) + 1 if halves and (depth % 2 or ds.halo(algorithm)) else 0
+        return depth + extra
 
     @property
     def plane_shape(self) -> tuple[int, int]:
@@ -128,7 +133,7 @@ class LevelStream:
             planes; without it they must be filled already.
         stripe : int, optional
             With ``fill``: fill ``stripe`` rows at a time (a multiple of the
-            chunk size, even), and hand each stripe's chunks and halves to the
+            write unit's rows, even), and hand each stripe's units and halves to the
             workers as soon as it is filled, so that they are written and
             halved while the next stripe is read.  Not for an algorithm that
             needs context across rows (gaussian): that fills all rows at once.
@@ -137,8 +142,9 @@ class LevelStream:
         final = self.end == self.depth
         writes: list[tuple[int, int]] = []
         rows_done = []
-        while self.written < self.end and (self.written + self.chunk <= self.end or final):
-            stop = min(self.written + self.chunk, self.depth)
+        depth = self.unit[0]
+        while self.written < self.end and (self.written + depth <= self.end or final):
+            stop = min(self.written + depth, self.depth)
             writes.append((self.written, stop))
             rows_done.append((stop - self.written) * self.plane_shape[0] * self.plane_shape[1])
             self.written = stop
@@ -162,7 +168,7 @@ class LevelStream:
                     futures += [self.workers.submit(task) for task in halves]
         finally:
             wait(futures)  # no task is left writing, even when filling failed
-        self.chunks_written += sum(1 for future in futures if future.result() is True)
+        self.chunks_written += sum(result for future in futures if isinstance(result := future.result(), int))
         for voxels in rows_done:
             self.on_written(voxels)
         if out is not None:
@@ -176,14 +182,15 @@ class LevelStream:
         ready = self.end - self.margin
         return max(ready - ready % 2, self.halved)
 
-    def _write_tasks(self, z0: int, z1: int, rows: tuple[int, int]) -> list[Callable[[], bool]]:
-        """Tasks that write the chunks of planes ``[z0, z1)`` in rows ``rows`` (band coordinates)."""
+    def _write_tasks(self, z0: int, z1: int, rows: tuple[int, int]) -> list[Callable[[], int]]:
+        """Tasks that write the units of planes ``[z0, z1)`` in rows ``rows`` (band coordinates), one each."""
         planes = self.buffer[z0 - self.start : z1 - self.start]
         (y0, y1), (x0, x1) = self.rows, self.cols
+        _, height, width = self.unit
         tasks = []
-        for y in range(y0 + rows[0], y0 + rows[1], self.chunk):
-            for x in range(x0, x1, self.chunk):
-                piece = planes[:, y - y0 : min(y + self.chunk, y1) - y0, x - x0 : min(x + self.chunk, x1) - x0]
+        for y in range(y0 + rows[0], y0 + rows[1], height):
+            for x in range(x0, x1, width):
+                piece = planes[:, y - y0 : min(y + height, y1) - y0, x - x0 : min(x + width, x1) - x0]
                 tasks.append(lambda corner=(z0, y, x), piece=piece: self.writer.write(corner, piece))
         return tasks
 

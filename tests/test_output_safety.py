@@ -427,7 +427,10 @@ def test_resume_writes_damaged_chunks_of_the_band_in_progress_again(stack, refer
     damage(out / "1" / "0" / "1" / "1")
     resumed = scroll_to_ome(stack, out, *ARGS, "--resume")
     assert_ok(resumed)
-    assert f"chunk file {out / '0' / '0' / '3' / '3'} is damaged (1000 bytes); it is written again" in resumed.stderr
+    assert (
+        f"chunk file {out / '0' / '0' / '3' / '3'} is damaged (1000 bytes, not 8192); it is written again"
+        in resumed.stderr
+    )
     assert f"{out / '1' / '0' / '1' / '1'} is damaged" in resumed.stderr
     assert store_files(out) == reference
 
@@ -474,7 +477,10 @@ def test_a_resumed_rebuild_writes_damaged_chunks_of_its_new_levels_again(convert
     damage(out / "1" / "0" / "1" / "3")
     resumed = scroll_to_ome(stack, out, *REBUILD, "--resume")
     assert_ok(resumed)
-    assert f"chunk file {out / '1' / '0' / '1' / '3'} is damaged (1000 bytes); it is written again" in resumed.stderr
+    assert (
+        f"chunk file {out / '1' / '0' / '1' / '3'} is damaged (1000 bytes, not 8192); it is written again"
+        in resumed.stderr
+    )
     assert store_files(out) == rebuilt
 
 

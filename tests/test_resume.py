@@ -20,7 +20,7 @@ import zarr
 import scroll_to_ome as cli
 from scrollzarr import pipeline as pipeline_module
 from scrollzarr import progress
-from scrollzarr import store as store_module
+from scrollzarr import sinks as sinks_module
 from scrollzarr.outputlock import LOCK_NAME
 
 from conftest import (
@@ -247,7 +247,7 @@ def test_stop_while_finishing_resumes(stack, reference, tmp_path, monkeypatch, c
 def test_disk_full_injected_at_the_storage_layer(stack, reference, tmp_path, monkeypatch, capsys):
     """The chunk file writes raise ENOSPC from the 40th on: one message, exit 1, and --resume finishes."""
     out = tmp_path / "out.zarr"
-    original = store_module.write_file
+    original = sinks_module.write_file
     writes = {"count": 0}
 
     def write_until_full(path, data, **how):
@@ -256,7 +256,7 @@ def test_disk_full_injected_at_the_storage_layer(stack, reference, tmp_path, mon
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         original(path, data, **how)
 
-    monkeypatch.setattr(store_module, "write_file", write_until_full)
+    monkeypatch.setattr(sinks_module, "write_file", write_until_full)
     assert cli.main([str(stack), str(out), *map(str, ARGS), "--quiet"]) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]

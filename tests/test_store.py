@@ -1,4 +1,4 @@
-"""The chunk writer: direct I/O where the file system allows it, ordinary writes where it does not,
+"""The raw chunk sink: direct I/O where the file system allows it, ordinary writes where it does not,
 and in both cases exactly the chunk files zarr reads back."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import zarr
 
-from scrollzarr import store as store_module
-from scrollzarr.store import ChunkWriter, create_level
+from scrollzarr import sinks as sinks_module
+from scrollzarr.layout import StoreLayout
+from scrollzarr.sinks import SinkSpec, open_sink
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -57,13 +58,18 @@ class OpenSpy:
                     raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(path))
             return real_open(path, flags, *args, **kwargs)
 
-        monkeypatch.setattr(store_module.os, "open", spy)
+        monkeypatch.setattr(sinks_module.os, "open", spy)
+
+
+def create_level(path: Path, shape: tuple[int, int, int], chunk: int, dtype: np.dtype) -> zarr.Array:
+    """A plain uncompressed zarr 2 array at ``path``, as the default store's levels."""
+    return StoreLayout(chunk=chunk).create_array(str(path), None, shape, dtype)
 
 
 def write_all_chunks(array: zarr.Array, volume: np.ndarray) -> int:
-    """Write ``volume`` chunk by chunk through a ChunkWriter (the far chunks short); the files written."""
-    writer = ChunkWriter(array)
-    chunk = writer.chunks[0]
+    """Write ``volume`` chunk by chunk through the array's sink (the far chunks short); the files written."""
+    chunk = array.chunks[0]
+    writer = open_sink(SinkSpec(Path(array.store.root), volume.shape, str(array.dtype), StoreLayout(chunk=chunk)))
     written = 0
     for z in range(0, volume.shape[0], chunk):
         for y in range(0, volume.shape[1], chunk):
@@ -82,7 +88,7 @@ def sparse_volume(rng: np.random.Generator, shape: tuple[int, int, int], chunk: 
 def test_chunks_go_straight_to_disk_where_allowed_and_read_back_exactly(tmp_path, rng, monkeypatch, dtype):
     # 16^3 voxels of 2 or 1 bytes: 8192 or 4096 bytes, whole blocks of 4096 bytes; the far chunks are padded
     volume = sparse_volume(rng, (40, 33, 20), 16, dtype)
-    array = create_level(tmp_path / "level.zarr", None, volume.shape, 16, np.dtype(dtype))
+    array = create_level(tmp_path / "level.zarr", volume.shape, 16, np.dtype(dtype))
     spy = OpenSpy(monkeypatch)
     written = write_all_chunks(array, volume)
     monkeypatch.undo()
@@ -101,7 +107,7 @@ def test_chunks_go_straight_to_disk_where_allowed_and_read_back_exactly(tmp_path
 
 def test_a_file_system_that_refuses_direct_io_gets_ordinary_writes(tmp_path, rng, monkeypatch):
     volume = sparse_volume(rng, (32, 32, 48), 16, np.uint16)
-    array = create_level(tmp_path / "level.zarr", None, volume.shape, 16, np.dtype(np.uint16))
+    array = create_level(tmp_path / "level.zarr", volume.shape, 16, np.dtype(np.uint16))
     spy = OpenSpy(monkeypatch, refuse_direct=True)
     written = write_all_chunks(array, volume)
     monkeypatch.undo()
@@ -115,7 +121,7 @@ def test_a_file_system_that_refuses_direct_io_gets_ordinary_writes(tmp_path, rng
 def test_chunks_of_part_blocks_are_written_through_the_page_cache(tmp_path, rng, monkeypatch):
     # 10^3 bytes is no whole number of 4096-byte blocks: direct I/O is not even tried
     volume = sparse_volume(rng, (20, 20, 25), 10, np.uint8)
-    array = create_level(tmp_path / "level.zarr", None, volume.shape, 10, np.dtype(np.uint8))
+    array = create_level(tmp_path / "level.zarr", volume.shape, 10, np.dtype(np.uint8))
     spy = OpenSpy(monkeypatch)
     written = write_all_chunks(array, volume)
     monkeypatch.undo()
