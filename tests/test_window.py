@@ -111,6 +111,18 @@ def test_auto_window_is_the_documented_sample_and_reproducible(sampled_stack, tm
     assert found_window(again.stderr) == expected
 
 
+@pytest.mark.parametrize(
+    "layout", [{"compression": "zlib", "tile": (16, 16)}, {"compression": "zlib", "rowsperstrip": 8}]
+)
+def test_auto_window_of_compressed_slices(tmp_path, rng, layout):
+    """Tiled slices are decoded once for all their sampled rows, strips a strip at a time: the same sample."""
+    volume = rng.integers(0, 3000, size=(40, 100, 32), dtype=np.uint16)
+    write_stack(tmp_path / "slices", volume, **layout)
+    result = scroll_to_ome(tmp_path / "slices", tmp_path / "a.zarr", "--obytes", 1, "--window", "auto", "--dry_run")
+    assert_ok(result)
+    assert found_window(result.stderr) == documented_window(read_volume(tmp_path / "slices", len(volume)))
+
+
 def test_auto_window_within_the_crop(sampled_stack, tmp_path):
     directory, volume = sampled_stack
     crop = "3:20,10:140,5:60"  # x, y, z
