@@ -7,10 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from scrollzarr import commands
+from scrollzarr import commands, presets
 from scrollzarr._cli import Parser, add_verbosity, add_workers, rerun_command, run, setup_logging
 from scrollzarr.downsample import ALGORITHMS, GAUSSIAN_SIGMA
-from scrollzarr.options import Options
+from scrollzarr.layout import COMPRESSORS
+from scrollzarr.presets import PRESETS
 from scrollzarr.tiffstack import BAD_SLICE_POLICIES
 
 PROGRAM = "scroll_to_ome"
@@ -20,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=PROGRAM,
         description="Convert a directory of z-slice TIFFs (00000.tif, 00001.tif, ...) into a "
-        "multi-resolution OME-Zarr (NGFF 0.4, zarr format 2) for Neuroglancer and khartes.",
+        "multi-resolution OME-Zarr (NGFF 0.4 on zarr format 2, or NGFF 0.5 on zarr format 3) for Neuroglancer "
+        "and khartes.",
     )
     parser.add_argument("input_tiff_dir", type=Path, help="directory of TIFFs named by slice number")
     parser.add_argument("output", type=Path, help="output store; the name must end in .zarr")
@@ -33,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--first_new_level, that of the level above)",
     )
     parser.add_argument(
-        "--nlevels", type=int, default=6, help="resolution levels including full resolution; each halves every axis"
+        "--nlevels",
+        type=int,
+        default=None,
+        help="resolution levels including full resolution; each halves every axis (default: 6)",
     )
     parser.add_argument(
         "--max_gb",
@@ -77,8 +82,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--obytes",
         type=int,
         choices=(0, 1),
-        default=0,
-        help="output bytes per voxel: 0 = as the input, 1 = uint8 (uint16 // 256)",
+        default=None,
+        help="output bytes per voxel: 0 = as the input, 1 = uint8 (uint16 // 256, or by --window) (default: 0)",
+    )
+    parser.add_argument(
+        "--window",
+        default=None,
+        help="with uint8 output: LOW:HIGH maps uint16 LOW to 0 and HIGH to 255, linear, rounded to nearest, "
+        "clipped; auto takes LOW and HIGH from the 0.1 and 99.9 percentiles of a fixed sample of the input",
+    )
+    parser.add_argument(
+        "--zarr_format",
+        "--zarr-format",
+        type=int,
+        default=None,
+        help="2: OME-NGFF 0.4 on zarr format 2; 3: OME-NGFF 0.5 on zarr format 3 (default: 2)",
+    )
+    parser.add_argument(
+        "--shard_shape",
+        "--shard-shape",
+        default=None,
+        help="Z,Y,X: shards of that many voxels, each a multiple of --chunk_size (zarr format 3 only; "
+        "default: no shards)",
+    )
+    parser.add_argument(
+        "--compressor",
+        default=None,
+        help=f"chunk compression: {', '.join(COMPRESSORS)} (default: none)",
+    )
+    parser.add_argument(
+        "--clevel", type=int, default=None, help="compression level (default: the compressor's, see the README)"
+    )
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help=f"a named bundle of the options above: {', '.join(PRESETS)} (see the README); options given beside it win",
     )
     add_workers(parser, "worker threads for reading, decoding, downsampling and writing")
     parser.add_argument(
@@ -110,20 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(PROGRAM, args.quiet, args.verbose)
 
     def body() -> None:
-        options = Options(
-            chunk_size=128 if args.chunk_size is None else args.chunk_size,
-            nlevels=args.nlevels,
-            algorithm=args.algorithm,
-            ranges=args.ranges,
-            max_gb=args.max_gb,
-            zarr_only=args.zarr_only,
-            overwrite=args.overwrite,
-            obytes=args.obytes,
-            workers=args.workers,
-            resume=args.resume,
-            bad_slices=args.bad_slices,
-            quiet=args.quiet,
-        )
+        options = presets.resolve(args.preset, {name: getattr(args, name) for name in presets.OPTION_NAMES})
         commands.scroll_to_ome(
             args.input_tiff_dir, args.output, options, args.first_new_level, args.chunk_size, args.dry_run
         )

@@ -9,6 +9,7 @@ from scrollzarr import downsample as ds
 from scrollzarr.errors import UsageError
 from scrollzarr.layout import CLEVEL_RANGE, COMPRESSORS, ZARR_FORMATS, StoreLayout
 from scrollzarr.tiffstack import BAD_SLICE_POLICIES
+from scrollzarr.window import check_window
 from scrollzarr.workers import available_cores
 
 # Bounds past which a value is a typo, not a wish; each error says why.
@@ -58,6 +59,8 @@ class Options:
     window : str or None
         ``--window`` as given: ``"LOW:HIGH"`` (uint16 values mapped to 0 and 255) or ``"auto"``;
         ``None`` for ``--obytes 1``'s ``value // 256``.
+    preset : str or None
+        The ``--preset`` whose settings these are (:data:`scrollzarr.presets.PRESETS`), for the plan.
     """
 
     chunk_size: int = 128
@@ -77,6 +80,7 @@ class Options:
     compressor: str = "none"
     clevel: int | None = None
     window: str | None = None
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -106,6 +110,7 @@ class Options:
         if self.bad_slices not in BAD_SLICE_POLICIES:
             raise UsageError(f"--bad_slices must be one of {', '.join(BAD_SLICE_POLICIES)}, not {self.bad_slices!r}")
         check_layout(self.zarr_format, self.chunk_size, self.shard_shape, self.compressor, self.clevel)
+        check_window(self.window, self.obytes)
 
     @property
     def layout(self) -> StoreLayout:

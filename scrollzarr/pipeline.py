@@ -64,6 +64,7 @@ from scrollzarr.tiffstack import (
     open_stack,
     read_rows,
 )
+from scrollzarr.window import Window, resolve_window
 from scrollzarr.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class Plan:
         The input's slice files in the converted z range: name, size (bytes), modification time (ns).
     resume_from : Progress or None
         The progress record of the stopped run, with ``--resume``.
+    window : Window or None
+        How uint16 becomes uint8 (``--window``); ``None`` for ``value // 256`` or no conversion.
     """
 
     input_dir: Path
@@ -113,6 +116,7 @@ class Plan:
     fingerprint: dict[str, Any]
     slice_files: progress.SliceFiles
     resume_from: Progress | None
+    window: Window | None = None
 
 
 def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
@@ -137,6 +141,7 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
     if options.obytes == 1 and stack.dtype not in (np.uint8, np.uint16):
         raise UsageError(f"--obytes 1 converts uint16 to uint8, but the slices are {stack.dtype}; leave it out")
     out_dtype = np.dtype(np.uint8) if options.obytes == 1 else stack.dtype
+    window = resolve_window(options.window, stack, (z0, z1), (y0, y1), (x0, x1), options.bad_slices)
     shapes = ds.level_shapes((z1 - z0, y1 - y0, x1 - x0), 1 if options.zarr_only else options.nlevels)
     layout = memory.Layout(
         shapes=shapes,
@@ -160,6 +165,8 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         "zarr_only": options.zarr_only,
         "bad_slices": options.bad_slices,
         "slices": progress.slices_digest(slice_files),
+        **options.layout.fingerprint(),
+        "window": None if window is None else [window.low, window.high],
     }
     if record is not None:
         changed = progress.input_change(record, slice_files, open_store(output))
@@ -198,6 +205,7 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         fingerprint=fingerprint,
         slice_files=slice_files,
         resume_from=record,
+        window=window,
     )
 
 
@@ -263,15 +271,22 @@ def describe_plan(plan: Plan) -> str:
     stack, chunk = plan.stack, plan.options.chunk_size
     (z0, y0, x0), (nz, ny, nx) = plan.origin, plan.shapes[0]
     slices = sorted(stack.slices)
-    kind = "plain zarr array" if plan.options.zarr_only else "OME-Zarr, NGFF 0.4"
+    layout = plan.options.layout
+    ngff = "0.4" if layout.zarr_format == 2 else "0.5"
+    kind = "plain zarr array" if plan.options.zarr_only else f"OME-Zarr, NGFF {ngff}"
     lines = [
         f"input: {plan.input_dir}",
         f"  {len(slices)} slice files, numbers {slices[0]} to {slices[-1]}, "
         f"each {stack.shape[0]} x {stack.shape[1]} (rows x columns) {stack.dtype}",
         f"  missing slices (written as zeros): {format_runs(plan.missing) or 'none'}",
         f"  converting x {x0}:{x0 + nx}, y {y0}:{y0 + ny}, z {z0}:{z0 + nz}",
-        f"output: {plan.output} ({kind}), {plan.dtype}, chunks {chunk}^3, downsampling {plan.options.algorithm}",
+        f"output: {plan.output} ({kind}), {plan.dtype}, downsampling {plan.options.algorithm}",
     ]
+    if plan.options.preset is not None:
+        lines.append(f"  preset {plan.options.preset}")
+    lines.append(f"  layout: {layout.describe()}")
+    if plan.dtype != stack.dtype:
+        lines.append(f"  {stack.dtype} to {plan.dtype}: {_describe_window(plan.window)}")
     lines += _describe_levels(plan.shapes, chunk, plan.dtype.itemsize)
     lines.append(
         f"memory: about {format_bytes(plan.need)} for buffers, {plan.options.worker_count} worker(s); "
@@ -279,6 +294,15 @@ def describe_plan(plan: Plan) -> str:
     )
     lines.append("  " + _describe_passes(plan.bands.streamed, len(plan.shapes) - 1))
     return "\n".join(lines)
+
+
+def _describe_window(window: Window | None) -> str:
+    if window is None:
+        return "value // 256 (--obytes 1)"
+    return (
+        f"window {window.text()} ({window.source}): {window.low} and below to 0, {window.high} and above to 255, "
+        "linear between, rounded to nearest (halves up)"
+    )
 
 
 def _levels_text(first: int, last: int) -> str:
@@ -352,7 +376,10 @@ class _Run:
         else:
             planes = np.empty(out.shape, self.plan.stack.dtype)
             read_rows(self.plan.stack, z, rows, cols, planes)
-            out[...] = ds.to_uint8(planes)
+            if self.plan.window is None:
+                out[...] = ds.to_uint8(planes)
+            else:
+                self.plan.window.apply(planes, out)
 
     def _zero_from_failure(
         self, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray, error: SliceReadError
@@ -462,7 +489,17 @@ def _stack_attributes(plan: Plan, bad: list[int], bad_rows: dict[int, int]) -> d
         "bad_slices": bad,
         "bad_slice_rows": {str(z): row for z, row in sorted(bad_rows.items())},
         "obytes": plan.options.obytes,
+        "window": None if plan.window is None else [plan.window.low, plan.window.high],
+        "window_source": _window_source(plan),
     }
+
+
+def _window_source(plan: Plan) -> str | None:
+    """How uint16 became uint8: ``"given"`` or ``"auto"`` (``--window``), ``"obytes"`` (``value // 256``);
+    ``None`` if the voxels are stored as read."""
+    if plan.window is not None:
+        return plan.window.source
+    return "obytes" if plan.dtype != plan.stack.dtype else None
 
 
 def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progress]:

@@ -39,6 +39,11 @@ FINGERPRINT_OPTIONS = {
     "obytes": "--obytes",
     "zarr_only": "--zarr_only",
     "bad_slices": "--bad_slices",
+    "zarr_format": "--zarr_format",
+    "shard_shape": "--shard_shape",
+    "compressor": "--compressor",
+    "clevel": "--clevel",
+    "window": "--window",
 }
 
 
