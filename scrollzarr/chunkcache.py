@@ -11,6 +11,7 @@ cached voxels exceed the bound.
 
 from __future__ import annotations
 
+import gzip
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -127,9 +128,9 @@ class ChunkCache:
         region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, self.chunks, strict=True))  # clipped at the end
         try:
             data = np.ascontiguousarray(self.array[region])
-        except (OSError, MemoryError):
-            raise  # the disk or the machine, not the chunk: reported as such
         except Exception as error:  # zarr and its codecs raise many kinds for a chunk they cannot decode
+            if isinstance(error, OSError | MemoryError) and not isinstance(error, gzip.BadGzipFile):
+                raise  # the disk or the machine, not the chunk: reported as such (gzip's bad bytes are an OSError)
             damage = _damage(self.array, index, error)
             if damage is None:
                 raise
@@ -149,7 +150,7 @@ def _damage(array: zarr.Array, index: ChunkIndex, error: Exception) -> DamagedCh
     A sharded array's chunk lies in its shard's file (``c/i/j/k``, with the shard's index at the end); a
     compressed chunk has no size to check, only its decoding to fail.
     """
-    advice = "the store is damaged: convert the volume again with scroll_to_ome"
+    advice = "convert the volume again with scroll_to_ome"
     why = f"{type(error).__name__}: {error}"
     if array.shards is not None:
         shard = tuple(i * c // s for i, c, s in zip(index, array.chunks, array.shards, strict=True))
