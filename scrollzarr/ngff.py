@@ -114,4 +114,6 @@ def read(attrs: dict[str, Any]) -> Multiscale:
 
 def _module(attrs: dict[str, Any]) -> ModuleType | None:
     """The version module whose ``multiscales`` ``attrs`` hold (0.5 first: a 0.5 group has no top-level one)."""
+    if not isinstance(attrs, dict):
+        return None
     return next((module for module in (ngff_v05, ngff_v04) if module.entries(attrs) is not None), None)

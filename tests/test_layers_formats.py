@@ -187,3 +187,48 @@ def test_a_truncated_raw_zarr_3_chunk_is_named_with_its_size(tmp_path, levels):
     assert_one_line_error(
         result, f"chunk file {damaged} of the volume is damaged ({whole // 2} bytes, not {whole})", code=1
     )
+
+
+def test_a_cropped_zarr_3_store_renders_like_the_whole_scroll(tmp_path, default, levels):
+    """OME-NGFF 0.5's translation places the crop: the same scroll positions sample the same voxels."""
+    corner = (8, 16, 32)  # z, y, x: the crop starts inside the scan, the point's samples lie inside it
+    crop = levels[0][corner[0] :, corner[1] :, corner[2] :]
+    group = zarr.open_group(tmp_path / "crop.zarr", mode="w", zarr_format=3)
+    group.create_array("0", data=crop, chunks=(CHUNK,) * 3, shards=SHARD, dimension_names=("z", "y", "x"))
+    transforms = [
+        {"type": "scale", "scale": [1.0] * 3},
+        {"type": "translation", "translation": list(map(float, corner))},
+    ]
+    entry = {"axes": AXES, "datasets": [{"path": "0", "coordinateTransformations": transforms}]}
+    group.attrs.put({"ome": {"version": "0.5", "multiscales": [entry]}})
+    surface = point_surface(tmp_path / "point.ppm")
+    assert_ok(ppm_to_layers(surface, default, tmp_path / "whole", "--number_of_layers", 3, "--quiet"))
+    assert_ok(ppm_to_layers(surface, tmp_path / "crop.zarr", tmp_path / "crop", "--number_of_layers", 3, "--quiet"))
+    whole, cropped = rendered(tmp_path / "whole"), rendered(tmp_path / "crop")
+    assert sorted(cropped) == sorted(whole)
+    for name, pixels in whole.items():
+        assert pixels.any(), name
+        np.testing.assert_array_equal(cropped[name], pixels, err_msg=name)
+
+
+# A zarr 3 store is a store for every tool (its "zarr.json" among the one list of metadata names).
+
+
+@pytest.mark.parametrize("inside", [".", "0", "0/c"])
+def test_layers_inside_a_zarr_3_store_are_refused(tmp_path, levels, sheet, inside):
+    store = STORES["zarr3-sharded-raw"](tmp_path / "v.zarr", levels)
+    out = (store / inside / "layers").resolve()
+    result = ppm_to_layers(sheet, store / "0", out, "--number_of_layers", 3)
+    assert_one_line_error(result, f"OUTPUT_TIFF_DIR {out} is inside the zarr store {store}", code=1)
+    assert not out.exists()
+
+
+def test_decompressed_tiffs_inside_a_zarr_3_store_are_refused(tmp_path, levels):
+    store = STORES["zarr3-sharded-raw"](tmp_path / "v.zarr", levels)
+    tifffile.imwrite(tmp_path / "00000.tif", levels[0][0], compression="zlib")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "00000.tif").rename(tmp_path / "in" / "00000.tif")
+    output = store / "0" / "tiffs"
+    result = run_script("decompress_tiffs.py", tmp_path / "in", output)
+    assert_one_line_error(result, f"is inside the zarr store {store}", "write the TIFFs elsewhere", code=1)
+    assert not output.exists()
