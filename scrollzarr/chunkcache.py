@@ -3,10 +3,10 @@
 Chunks are read through the array (so any zarr format, codec and sharding
 works), each at most once while it stays cached (a chunk that cannot be read
 is reported by its file: its own, or its shard's); all-zero chunks are
-remembered without their voxels.  A chunk is zarr's (inner) chunk,
-``array.chunks``, also in a sharded array: a shard can be far larger than
-the cache, and zarr reads one chunk of it without the rest.  The least recently used chunks leave first once the
-cached voxels exceed the bound.
+remembered without their voxels.  The least recently used chunks leave first
+once the cached voxels exceed the bound.  A chunk is zarr's (inner) chunk,
+``array.chunks``, in a sharded array too: a shard can be far larger than the
+cache, and zarr reads one chunk of a shard without the rest.
 """
 
 from __future__ import annotations

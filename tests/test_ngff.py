@@ -281,3 +281,10 @@ def test_first_new_level_writes_valid_0_4_metadata_with_the_crop(tmp_path, stack
         for level in range(3)
     ]
     assert entry["datasets"] == datasets
+
+
+def test_attributes_that_are_not_a_dict_have_no_multiscales():
+    """A progress record of a rebuild by an older scrollzarr holds the bare 0.4 list: refused, not misread."""
+    entry = ngff.attributes(pyramid(None), 2)["multiscales"]
+    with pytest.raises(ngff.MissingMetadata, match="no OME-Zarr 'multiscales' metadata"):
+        ngff.read(entry)  # type: ignore[arg-type]
