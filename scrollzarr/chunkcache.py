@@ -1,14 +1,17 @@
 """A bounded, thread-safe cache of a zarr array's decoded chunks, and boxes of voxels cut from them.
 
-Chunks are read through the array (so any zarr store and codec works),
-each at most once while it stays cached (a chunk that cannot be read is
-reported by its file); all-zero chunks are remembered
-without their voxels.  The least recently used chunks leave first once the
-cached voxels exceed the bound.
+Chunks are read through the array (so any zarr format, codec and sharding
+works), each at most once while it stays cached (a chunk that cannot be read
+is reported by its file: its own, or its shard's); all-zero chunks are
+remembered without their voxels.  The least recently used chunks leave first
+once the cached voxels exceed the bound.  A chunk is zarr's (inner) chunk,
+``array.chunks``, in a sharded array too: a shard can be far larger than the
+cache, and zarr reads one chunk of a shard without the rest.
 """
 
 from __future__ import annotations
 
+import gzip
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -121,21 +124,44 @@ class ChunkCache:
         return out
 
     def _read(self, index: ChunkIndex) -> np.ndarray | None:
+        # not get_block_selection: in a sharded array its blocks are shards, not array.chunks
+        region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, self.chunks, strict=True))  # clipped at the end
         try:
-            data = np.ascontiguousarray(self.array.get_block_selection(index))
-        except (OSError, MemoryError):
-            raise  # the disk or the machine, not the chunk: reported as such
+            data = np.ascontiguousarray(self.array[region])
         except Exception as error:  # zarr and its codecs raise many kinds for a chunk they cannot decode
-            path = chunk_file(self.array, index)
-            uncompressed = not self.array.compressors and not self.array.filters
-            if uncompressed and path.stat().st_size == chunk_nbytes(self.array):
-                raise  # a whole chunk: the failure is not the file's
-            raise DamagedChunkError(
-                f"cannot read chunk {path} of the volume ({type(error).__name__}: {error}); the store is "
-                "damaged: convert the volume again with scroll_to_ome"
-            ) from None
+            if isinstance(error, OSError | MemoryError) and not isinstance(error, gzip.BadGzipFile):
+                raise  # the disk or the machine, not the chunk: reported as such (gzip's bad bytes are an OSError)
+            damage = _damage(self.array, index, error)
+            if damage is None:
+                raise
+            raise damage from None
         with self._lock:
             self.stats.reads += 1
             self.stats.distinct.add(index)
             self.stats.nbytes_read += data.nbytes
         return data if data.any() else None
+
+
+def _damage(array: zarr.Array, index: ChunkIndex, error: Exception) -> DamagedChunkError | None:
+    """The damaged file that reading chunk ``index`` of ``array`` (a store on disk) failed on with ``error``,
+    as an error naming it; ``None`` for an uncompressed chunk file of the right size (the failure is not the
+    file's).
+
+    A sharded array's chunk lies in its shard's file (``c/i/j/k``, with the shard's index at the end); a
+    compressed chunk has no size to check, only its decoding to fail.
+    """
+    advice = "convert the volume again with scroll_to_ome"
+    why = f"{type(error).__name__}: {error}"
+    if array.shards is not None:
+        shard = tuple(i * c // s for i, c, s in zip(index, array.chunks, array.shards, strict=True))
+        return DamagedChunkError(
+            f"shard file {chunk_file(array, shard)} of the volume is damaged: its chunk {index} (z, y, x) "
+            f"cannot be decoded ({why}); {advice}"
+        )
+    path = chunk_file(array, index)
+    if array.compressors or array.filters:
+        return DamagedChunkError(f"chunk file {path} of the volume is damaged: it cannot be decoded ({why}); {advice}")
+    size, whole = path.stat().st_size, chunk_nbytes(array)
+    if size == whole:
+        return None
+    return DamagedChunkError(f"chunk file {path} of the volume is damaged ({size} bytes, not {whole}); {advice}")

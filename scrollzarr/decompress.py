@@ -34,6 +34,7 @@ from scrollzarr.options import check_workers
 from scrollzarr.outputlock import OutputLock
 from scrollzarr.report import progress
 from scrollzarr.sizes import format_bytes
+from scrollzarr.store import ZARR_METADATA
 from scrollzarr.tiffstack import NUMBERED_TIFF, pixel_data_end
 from scrollzarr.workers import Workers, available_cores
 
@@ -159,10 +160,6 @@ def _check_source(source: Path) -> None:
     raise SourceError(f"{source.name}: cannot read: {why}")
 
 
-# The files that make a directory a zarr store (format 2 or 3).
-ZARR_MARKERS = (".zgroup", ".zarray", "zarr.json")
-
-
 def check_directories(input_dir: Path, output_dir: Path) -> None:
     """Refuse an input that is not a directory, and an output that is, or contains, the input."""
     if not input_dir.exists():
@@ -178,7 +175,7 @@ def check_directories(input_dir: Path, output_dir: Path) -> None:
         raise ScrollzarrError(
             f"the output directory {output_dir} contains the input directory {input_dir}; choose another one"
         )
-    store = next((d for d in (target, *target.parents) if any((d / m).is_file() for m in ZARR_MARKERS)), None)
+    store = next((d for d in (target, *target.parents) if any((d / m).is_file() for m in ZARR_METADATA)), None)
     if store is not None:  # its TIFFs would be taken for a store's files, and deleted with it by --overwrite
         raise ScrollzarrError(
             f"the output directory {output_dir} is inside the zarr store {store}; write the TIFFs elsewhere"

@@ -36,6 +36,7 @@ from scrollzarr.ppm import Ppm, open_ppm
 from scrollzarr.report import progress
 from scrollzarr.sampling import STACK_FILTERS, layer_offsets, sample_bounds, sample_layers, stack, stacked_layers
 from scrollzarr.sizes import GIB, format_bytes
+from scrollzarr.store import ZARR_METADATA
 from scrollzarr.volume import Volume, open_volume
 from scrollzarr.workers import Workers, available_cores
 
@@ -413,9 +414,9 @@ def _check_paths(ppm_path: Path, zarr_path: Path, output_dir: Path, stack_path: 
 
 
 def _store_root(path: Path) -> Path:
-    """The zarr store that holds ``path``: the outermost enclosing directory of zarr groups."""
+    """The zarr store that holds ``path``: the outermost enclosing directory of zarr groups (or arrays)."""
     root = path
-    while root != root.parent and any((root.parent / key).exists() for key in (".zgroup", "zarr.json")):
+    while root != root.parent and any((root.parent / key).exists() for key in ZARR_METADATA):
         root = root.parent
     return root
 

@@ -100,3 +100,18 @@ class Multiscale:
         metadata = dict(data.get("metadata", {}))
         metadata.pop("method", None)
         return cls(str(data.get("name", "")), tuple(datasets), str(data.get("type", "")), metadata)
+
+
+def attributes(multiscale: Multiscale) -> dict[str, Any]:
+    """The group attributes that hold ``multiscale``: a top-level ``multiscales`` list."""
+    return {"multiscales": [multiscale.to_json()]}
+
+
+def entries(attrs: dict[str, Any]) -> Any:
+    """The ``multiscales`` value of group attributes (unchecked), or ``None`` if there is none."""
+    return attrs.get("multiscales")
+
+
+def without(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The group attributes without ``multiscales``."""
+    return {key: value for key, value in attrs.items() if key != "multiscales"}

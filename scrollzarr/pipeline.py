@@ -24,7 +24,7 @@ import zarr
 from tqdm import tqdm
 
 from scrollzarr import downsample as ds
-from scrollzarr import memory, progress
+from scrollzarr import memory, ngff, progress
 from scrollzarr.blocks import Shape3
 from scrollzarr.durable import sync_file_system
 from scrollzarr.errors import ScrollzarrError, UsageError
@@ -661,7 +661,7 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
             options.algorithm,
             ds.parameters(options.algorithm),
         )
-        group.attrs.update({"scrollzarr": attributes, "multiscales": [multiscale.to_json()]})
+        group.attrs.update({"scrollzarr": attributes, **ngff.attributes(multiscale, plan.options.zarr_format)})
     progress.remove(plan.output)
     return run.report
 

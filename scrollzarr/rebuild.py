@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 
 from scrollzarr import downsample as ds
-from scrollzarr import memory, progress
+from scrollzarr import memory, ngff, progress
 from scrollzarr.blocks import Shape3
 from scrollzarr.durable import sync_file_system
 from scrollzarr.errors import ScrollzarrError, UsageError
@@ -55,8 +55,10 @@ class RebuildPlan:
     ----------
     fingerprint : dict
         The options (keys of :data:`REBUILD_OPTIONS`) and, under ``"multiscales"``,
-        the store's ``multiscales`` metadata as it was before the rebuild (the
-        rebuild removes it first; a resumed rebuild takes it from the record).
+        the group attributes that hold the store's ``multiscales`` metadata as they
+        were before the rebuild (:func:`scrollzarr.ngff.removed`: 0.4's ``multiscales``
+        or 0.5's whole ``ome``; the rebuild removes the metadata first, a resumed
+        rebuild takes it from the record).
     resume_from : Progress or None
         The record of the stopped rebuild, with ``--resume``.
     """
@@ -111,10 +113,14 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
     asked = {"rebuild_from_level": first, "nlevels": options.nlevels, "algorithm": options.algorithm}
     _check_resumable(output, record, asked)
     try:
-        group = zarr.open_group(str(output), mode="r")
-        multiscales = group.attrs["multiscales"] if record is None else record.fingerprint["multiscales"]
-        multiscale = Multiscale.from_json(multiscales[0])  # type: ignore[index,arg-type]
-    except Exception:
+        group = zarr.open_group(str(output), mode="r")  # zarr format 2 or 3, whichever the store is
+        multiscales = ngff.removed(group.attrs.asdict()) if record is None else record.fingerprint["multiscales"]
+        multiscale = ngff.read(multiscales)
+    except ngff.MetadataError as error:
+        raise ScrollzarrError(
+            f"{output} is not a finished OME-Zarr ({error}); convert the TIFFs first, without --first_new_level"
+        ) from None
+    except Exception:  # zarr raises many kinds for a directory that is not a group
         raise ScrollzarrError(
             f"{output} is not a finished OME-Zarr (no readable multiscales metadata); "
             "convert the TIFFs first, without --first_new_level"
@@ -248,10 +254,9 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     if record is None:
         record = Progress(plan.fingerprint, [])
         record.save(plan.output)
-    if "multiscales" in group.attrs:  # also resuming: a stop between the record and this left it there
-        attributes = group.attrs.asdict()
-        attributes.pop("multiscales")
-        group.attrs.put(attributes)
+    attributes = group.attrs.asdict()
+    if ngff.version(attributes) is not None:  # also resuming: a stop between the record and this left it there
+        group.attrs.put(ngff.without(attributes))
         sync_file_system(plan.output)
     report = _prepare_levels(plan, group, record)
     with progress_bar(plan.shapes[plan.first :], plan.quiet) as bar, Workers(plan.workers) as workers:
@@ -266,7 +271,7 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
         plan.algorithm,
         ds.parameters(plan.algorithm),
     )
-    group.attrs["multiscales"] = [multiscale.to_json()]
+    group.attrs.update(ngff.attributes(multiscale, group.metadata.zarr_format, group.attrs.asdict()))
     progress.remove(plan.output)
     report.seconds = time.monotonic() - started
     return report

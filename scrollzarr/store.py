@@ -26,8 +26,8 @@ from scrollzarr.sinks import SinkSpec, damage
 
 log = logging.getLogger(__name__)
 
-# A directory with a progress record is a conversion stopped before it wrote the zarr metadata.
-_ZARR_MARKERS = (".zgroup", ".zarray", "zarr.json", progress.KEY)
+# The files that make a directory a zarr group or array, format 2 or 3: every tool's one list of them.
+ZARR_METADATA = (".zgroup", ".zarray", "zarr.json")
 # The metadata at a store's root, in the order a replaced store loses it (see empty_output).
 ROOT_METADATA = (".zarray", ".zattrs", ".zgroup", "zarr.json")
 
@@ -44,7 +44,8 @@ def check_output_name(output: Path) -> None:
 
 def is_zarr_store(path: Path) -> bool:
     """Whether ``path`` is a zarr array or group directory (format 2 or 3), or a store begun by scroll_to_ome."""
-    return path.is_dir() and any((path / marker).is_file() for marker in _ZARR_MARKERS)
+    # a directory with a progress record is a conversion stopped before it wrote the zarr metadata
+    return path.is_dir() and any((path / marker).is_file() for marker in (*ZARR_METADATA, progress.KEY))
 
 
 def is_emptied(output: Path) -> bool:

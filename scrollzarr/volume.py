@@ -18,9 +18,10 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from scrollzarr import progress
+from scrollzarr import ngff, progress
 from scrollzarr.errors import ScrollzarrError
-from scrollzarr.ngff_v04 import AXES, Multiscale
+from scrollzarr.ngff_v04 import Multiscale
+from scrollzarr.store import ZARR_METADATA
 
 
 class VolumeError(ScrollzarrError):
@@ -107,11 +108,8 @@ def open_volume(path: Path, level: int = 0) -> Volume:
     count = len(multiscale.datasets)
     if not 0 <= level < count:
         raise VolumeError(f"{path} has levels 0 to {count - 1}; --level {level} is not one of them")
-    base = multiscale.datasets[0].scale
     dataset = multiscale.datasets[level]
-    if base is None or dataset.scale is None:
-        raise VolumeError(f"{path}: the OME metadata gives a level no 'scale' transformation")
-    base_size = np.asarray(base, dtype=np.float64)
+    base_size = np.asarray(multiscale.datasets[0].scale, dtype=np.float64)
     translation = np.zeros(3) if dataset.translation is None else np.asarray(dataset.translation) / base_size
     try:
         array = node[dataset.path]
@@ -124,21 +122,14 @@ def open_volume(path: Path, level: int = 0) -> Volume:
 
 def _multiscale(path: Path, attrs: dict[str, Any]) -> Multiscale:
     """The first ``multiscales`` entry of NGFF 0.4 (top level) or 0.5 (under ``ome``) attributes."""
-    entries = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-    if not entries:
+    try:
+        return ngff.read(attrs)
+    except ngff.MissingMetadata:
         raise VolumeError(
             f"{path} is a zarr group without OME-Zarr 'multiscales' metadata; give an OME-Zarr or a zarr array"
-        )
-    entry = entries[0]
-    axes = [axis.get("name") if isinstance(axis, dict) else axis for axis in entry.get("axes", AXES)]
-    if tuple(axes) != AXES:
-        raise VolumeError(f"{path} has axes {axes}; ppm_to_layers samples volumes with axes z, y, x")
-    if entry.get("coordinateTransformations"):
-        raise VolumeError(f"{path}: transformations that apply to every level are not supported")
-    try:
-        return Multiscale.from_json(entry)
-    except (KeyError, TypeError, ValueError) as error:
-        raise VolumeError(f"{path}: malformed OME 'multiscales' metadata ({error})") from None
+        ) from None
+    except ngff.MetadataError as error:
+        raise VolumeError(f"{path}: {error}; give an OME-Zarr made by scroll_to_ome, or a zarr array") from None
 
 
 def _unfinished(where: Path) -> Path | None:
@@ -167,5 +158,5 @@ def _checked(path: Path, volume: Volume) -> Volume:
     if not isinstance(store, LocalStore):
         return volume
     folder = Path(store.root) / array.path
-    files = [folder / name for name in (".zarray", "zarr.json") if (folder / name).is_file()]
+    files = [folder / name for name in ZARR_METADATA if (folder / name).is_file()]
     return replace(volume, metadata=tuple((file, _identity(file)) for file in files))
