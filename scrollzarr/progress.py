@@ -45,6 +45,9 @@ FINGERPRINT_OPTIONS = {
     "clevel": "--clevel",
     "window": "--window",
 }
+# What a record written before an option existed means by its absence (scrollzarr 0.1 had no layout options):
+# a run stopped by an older version is resumed by a newer one.
+ADDED_LATER = {"zarr_format": 2, "shard_shape": None, "compressor": "none", "clevel": 0, "window": None}
 
 
 @dataclass
@@ -110,8 +113,9 @@ class Progress:
         """The first of ``options`` (fingerprint key: its name) that differs from the recorded run, as a sentence;
         ``None`` if all agree."""
         for key, name in options.items():
-            if self.fingerprint.get(key) != fingerprint.get(key):
-                return f"{name} was {self.fingerprint.get(key)!r} in the stopped run, now {fingerprint.get(key)!r}"
+            recorded = self.fingerprint.get(key, ADDED_LATER.get(key))
+            if recorded != fingerprint.get(key):
+                return f"{name} was {recorded!r} in the stopped run, now {fingerprint.get(key)!r}"
         return None
 
 

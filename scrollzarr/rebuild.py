@@ -114,7 +114,7 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
     _check_resumable(output, record, asked)
     try:
         group = zarr.open_group(str(output), mode="r")  # zarr format 2 or 3, whichever the store is
-        multiscales = ngff.removed(group.attrs.asdict()) if record is None else record.fingerprint["multiscales"]
+        multiscales = ngff.removed(group.attrs.asdict()) if record is None else _recorded(record)
         multiscale = ngff.read(multiscales)
     except ngff.MetadataError as error:
         raise ScrollzarrError(
@@ -181,6 +181,13 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         fingerprint=fingerprint,
         resume_from=record,
     )
+
+
+def _recorded(record: Progress) -> dict[str, Any]:
+    """The metadata a stopped rebuild removed, from its record: the removed attributes, or (a record of
+    scrollzarr 0.1) the bare 0.4 ``multiscales`` list."""
+    removed = record.fingerprint["multiscales"]
+    return {"multiscales": removed} if isinstance(removed, list) else removed
 
 
 def _new_layout(output: Path, first: int, source: zarr.Array, chunk_size: int | None) -> StoreLayout:
