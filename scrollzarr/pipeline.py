@@ -45,7 +45,6 @@ from scrollzarr.store import (
     is_abandoned,
     is_emptied,
     is_zarr_store,
-    open_store,
     readable_metadata,
     remove_partial_files,
     remove_unreadable_metadata,
@@ -169,7 +168,7 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         "window": None if window is None else [window.low, window.high],
     }
     if record is not None:
-        changed = progress.input_change(record, slice_files, open_store(output))
+        changed = progress.input_change(record, slice_files, output)
         if changed:
             raise ScrollzarrError(
                 f"cannot resume {output}: the input changed since the stopped run: {changed}; "
@@ -218,7 +217,7 @@ def _existing_output(output: Path, options: Options, input_dir: Path) -> Progres
         If there is nothing to resume, or the output exists unasked, or may not be replaced.
     """
     if options.resume:
-        record = progress.load(open_store(output)) if is_zarr_store(output) else None
+        record = progress.load(output) if is_zarr_store(output) else None
         if record is None and is_abandoned(output) and any(output.glob(f"{progress.KEY}.*.partial")):
             log.info("the stopped run wrote nothing; starting from the beginning")
             return None
@@ -234,8 +233,8 @@ def _existing_output(output: Path, options: Options, input_dir: Path) -> Progres
             )
         _refuse_rebuild(output, record)
         return record
-    if not options.overwrite and is_zarr_store(output) and progress.exists(open_store(output)):
-        _refuse_rebuild(output, progress.load(open_store(output)))
+    if not options.overwrite and is_zarr_store(output) and progress.exists(output):
+        _refuse_rebuild(output, progress.load(output))
         raise OutputError(
             f"{output} is an unfinished conversion; continue it with --resume (and the same options) "
             "or start again with --overwrite"

@@ -15,10 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
-
 from scrollzarr.durable import remove_durably, sync_file_system, write_durably
 from scrollzarr.errors import ScrollzarrError
 
@@ -119,19 +115,21 @@ class Progress:
         return None
 
 
-def load(store: Store) -> Progress | None:
-    """The record in ``store``, or ``None`` if it has none.
+def load(output: Path) -> Progress | None:
+    """The record in the store at ``output``, or ``None`` if it has none (read as a file: the record is always
+    on a local disk, written by :meth:`Progress.save`).
 
     Raises
     ------
     ScrollzarrError
         If the record exists but cannot be read.
     """
-    raw = sync(store.get(KEY, default_buffer_prototype()))
-    if raw is None:
+    try:
+        raw = (output / KEY).read_bytes()
+    except FileNotFoundError:
         return None
     try:
-        return Progress(**json.loads(raw.to_bytes()))
+        return Progress(**json.loads(raw))
     except (ValueError, TypeError) as error:
         raise ScrollzarrError(
             f"the progress record {KEY} in the output is damaged ({error}); start again with --overwrite"
@@ -148,8 +146,9 @@ def remove(output: Path) -> None:
     remove_durably(output / KEY)
 
 
-def exists(store: Store) -> bool:
-    return bool(sync(store.exists(KEY)))
+def exists(output: Path) -> bool:
+    """Whether the store at ``output`` holds a progress record."""
+    return (output / KEY).is_file()
 
 
 SliceFiles = list[tuple[str, int, int]]
@@ -166,7 +165,7 @@ def save_slices(output: Path, slices: SliceFiles) -> None:
     write_durably(output / SLICES_KEY, json.dumps(slices, separators=(",", ":")).encode())
 
 
-def input_change(record: Progress, slices: SliceFiles, store: Store) -> str | None:
+def input_change(record: Progress, slices: SliceFiles, output: Path) -> str | None:
     """How the input's slice files differ from the stopped run's, as text; ``None`` if they do not.
 
     Files are told apart by name; a file of the same name whose size or
@@ -174,10 +173,11 @@ def input_change(record: Progress, slices: SliceFiles, store: Store) -> str | No
     """
     if "slices" not in record.fingerprint or record.fingerprint["slices"] == slices_digest(slices):
         return None
-    raw = sync(store.get(SLICES_KEY, default_buffer_prototype()))
-    if raw is None:
+    try:
+        raw = (output / SLICES_KEY).read_bytes()
+    except FileNotFoundError:
         return "its list of slice files is missing from the output, so the changed files cannot be named"
-    before = {name: (size, mtime) for name, size, mtime in json.loads(raw.to_bytes())}
+    before = {name: (size, mtime) for name, size, mtime in json.loads(raw)}
     now = {name: (size, mtime) for name, size, mtime in slices}
     kinds = {
         "added": [name for name in now if name not in before],

@@ -29,7 +29,6 @@ from scrollzarr.store import (
     check_output_name,
     damaged_units,
     is_zarr_store,
-    open_store,
     readable_metadata,
     remove_partial_files,
     unit_index,
@@ -227,7 +226,7 @@ def _existing_rebuild(output: Path, resume: bool) -> Progress | None:
         If the store is an unfinished conversion, an unfinished rebuild without
         ``resume``, or not unfinished with ``resume``.
     """
-    record = progress.load(open_store(output)) if is_zarr_store(output) else None
+    record = progress.load(output) if is_zarr_store(output) else None
     if record is not None and "rebuild_from_level" not in record.fingerprint:
         raise ScrollzarrError(
             f"{output} is an unfinished conversion; finish it first with the same command and --resume"

@@ -220,11 +220,6 @@ def remove_unreadable_metadata(directory: Path) -> None:
             path.unlink()
 
 
-def open_store(output: Path) -> LocalStore:
-    """The zarr store of the output directory."""
-    return LocalStore(output)
-
-
 def remove_partial_files(output: Path) -> int:
     """Delete the temporary files a stopped run left (the store writes ``*.partial``, then renames)."""
     leftovers = list(output.rglob("*.partial"))
