@@ -18,6 +18,7 @@ MAX_NLEVELS = 32  # 31 halvings take any axis of fewer than 2^31 voxels (every s
 MIN_MAX_GB = 2.0**-20  # 1 KiB: less is no bound for image data, but a bound in bytes or MB given as GB
 MAX_MAX_GB = 2.0**20  # 1 PiB
 MAX_WORKERS = 1024
+MAX_SHARD_CHUNKS = 2**16  # a 1 MiB shard index; v3-sharded's shards hold 64 chunks
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,13 @@ def check_layout(
             raise UsageError(
                 f"--shard_shape {','.join(map(str, shard_shape))} must be whole chunks: each of Z,Y,X a multiple "
                 f"of --chunk_size {chunk_size}"
+            )
+        count = math.prod(n // chunk_size for n in shard_shape)
+        if count > MAX_SHARD_CHUNKS:
+            raise UsageError(
+                f"--shard_shape {','.join(map(str, shard_shape))} holds {count:,} chunks of {chunk_size}^3; at most "
+                f"{MAX_SHARD_CHUNKS:,} per shard (every reader fetches a shard's whole index, 16 bytes a chunk, "
+                "before any chunk of it): use smaller shards or larger chunks"
             )
     if clevel is not None:
         if compressor == "none":
