@@ -301,6 +301,13 @@ class ShardSink:
     of those index bytes (little-endian uint32).  A shard with no non-zero chunk
     is not written.  Uncompressed inner chunks go out with direct I/O where
     their size allows it, the index through the page cache.
+
+    Built here rather than by zarr's sharding codec because it measured faster:
+    one 128 x 1024 x 1024 uint16 shard of the synthetic scroll (best of two,
+    /tmp/shardbench.py in the session log: ``sink.write`` against ``array[...] =``
+    with zarr 3.1.6's defaults) took 440 ms against 633 ms uncompressed, 929
+    against 988 ms with blosc-zstd 3, 427 against 1029 ms with blosc-lz4; and
+    zarr would test each inner chunk for zeros again.
     """
 
     def __init__(self, spec: SinkSpec) -> None:
