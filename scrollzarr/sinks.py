@@ -302,12 +302,13 @@ class ShardSink:
     is not written.  Uncompressed inner chunks go out with direct I/O where
     their size allows it, the index through the page cache.
 
-    Built here rather than by zarr's sharding codec because it measured faster:
-    one 128 x 1024 x 1024 uint16 shard of the synthetic scroll (best of two,
-    /tmp/shardbench.py in the session log: ``sink.write`` against ``array[...] =``
-    with zarr 3.1.6's defaults) took 440 ms against 633 ms uncompressed, 929
-    against 988 ms with blosc-zstd 3, 427 against 1029 ms with blosc-lz4; and
-    zarr would test each inner chunk for zeros again.
+    Built here rather than by zarr's sharding codec because it measured faster
+    (bench/bench_shard_write.py: one 128 x 1024 x 1024 uint16 shard of the
+    synthetic scroll, ``sink.write`` against ``array[...] =`` with zarr 3.1.6's
+    defaults, best of two, two runs): 340-440 ms against 633-1002 ms
+    uncompressed, 929-978 against 988-1118 ms with blosc-zstd 3, 427-529
+    against 878-1029 ms with blosc-lz4; and zarr would test each inner chunk for
+    zeros again.
     """
 
     def __init__(self, spec: SinkSpec) -> None:
