@@ -42,13 +42,15 @@ test: lint $(ZARR2)
 
 # Speed and memory (not part of the tests): scroll_to_ome against `cp -r` of the same TIFFs, written to
 # bench/RESULTS.md; ppm_to_layers against reading the chunks it touches, written to bench/RESULTS_ppm_to_layers.md;
-# decompress_tiffs against `tiffcp -c none` (needs Debian's libtiff-tools), bench/RESULTS_decompress_tiffs.md.
+# decompress_tiffs against `tiffcp -c none` (needs Debian's libtiff-tools), bench/RESULTS_decompress_tiffs.md;
+# one shard written by scrollzarr against zarr's own sharding codec (printed).
 # BENCH_ARGS="--shape 512 2048 2048 --repeats 5" for a larger scroll_to_ome run.
 bench: $(BIN)/python
 	$(BIN)/python -m pip install --quiet .
 	$(BIN)/python bench/bench_scroll_to_ome.py $(BENCH_ARGS)
 	$(BIN)/python bench/bench_ppm_to_layers.py
 	$(BIN)/python bench/bench_decompress_tiffs.py
+	$(BIN)/python bench/bench_shard_write.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info
