@@ -8,17 +8,23 @@ executor may write them in any order.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 Shape3 = tuple[int, int, int]
 
 
+def shape3(shape: Sequence[int]) -> Shape3:
+    """``shape`` (zarr's and numpy's ``tuple[int, ...]``) as a z, y, x shape; ValueError unless it has 3 axes."""
+    z, y, x = shape
+    return int(z), int(y), int(x)
+
+
 def iter_boxes(shape: Shape3, step: Shape3) -> Iterator[Box]:
     """Boxes of size ``step`` (smaller at the far edges) tiling ``shape``, z slowest."""
-    starts = [range(0, n, s) for n, s in zip(shape, step, strict=True)]
-    for corner in itertools.product(*starts):
-        yield tuple((c, min(c + s, n)) for c, s, n in zip(corner, step, shape, strict=True))  # type: ignore[misc]
+    (nz, ny, nx), (sz, sy, sx) = shape, step
+    for z, y, x in itertools.product(range(0, nz, sz), range(0, ny, sy), range(0, nx, sx)):
+        yield (z, min(z + sz, nz)), (y, min(y + sy, ny)), (x, min(x + sx, nx))
 
 
 def box_size(box: Box) -> int:

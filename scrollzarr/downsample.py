@@ -29,6 +29,8 @@ from typing import Literal
 import numpy as np
 import skimage.filters
 
+from scrollzarr.blocks import Shape3
+
 Algorithm = Literal["mean", "gaussian", "nearest", "max"]
 ALGORITHMS: tuple[Algorithm, ...] = ("mean", "gaussian", "nearest", "max")
 
@@ -43,16 +45,17 @@ def halo(algorithm: Algorithm) -> int:
     return 0
 
 
-def halved_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+def halved_shape(shape: Shape3) -> Shape3:
     """Shape of the next level: ``ceil(n / 2)`` along every axis."""
-    return tuple(math.ceil(n / 2) for n in shape)
+    z, y, x = shape
+    return math.ceil(z / 2), math.ceil(y / 2), math.ceil(x / 2)
 
 
-def level_shapes(shape: tuple[int, int, int], nlevels: int) -> tuple[tuple[int, int, int], ...]:
+def level_shapes(shape: Shape3, nlevels: int) -> tuple[Shape3, ...]:
     """Shapes of ``nlevels`` levels, each ``ceil(n / 2)`` of the previous along every axis."""
     shapes = [shape]
     for _ in range(nlevels - 1):
-        shapes.append(halved_shape(shapes[-1]))  # type: ignore[arg-type]
+        shapes.append(halved_shape(shapes[-1]))
     return tuple(shapes)
 
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from scrollzarr import layermanifest as manifest
 from scrollzarr.allocator import keep_freed_memory
@@ -33,7 +32,7 @@ from scrollzarr.layertiff import LayerTiff
 from scrollzarr.options import check_workers
 from scrollzarr.outputlock import LOCK_NAME, OutputLock
 from scrollzarr.ppm import Ppm, open_ppm
-from scrollzarr.report import progress
+from scrollzarr.report import ProgressBar, progress
 from scrollzarr.sampling import STACK_FILTERS, layer_offsets, sample_bounds, sample_layers, stack, stacked_layers
 from scrollzarr.sizes import GIB, format_bytes
 from scrollzarr.store import ZARR_METADATA
@@ -320,7 +319,7 @@ class _Render:
         futures: list[Future[tuple[int, int, int]]],
         layer_files: Sequence[LayerTiff],
         stack_file: LayerTiff | None,
-        bar: tqdm,
+        bar: ProgressBar,
     ) -> None:
         """Wait for a band's tiles, then write its rows to every file."""
         rows = layers.shape[1]
@@ -353,14 +352,16 @@ class _Render:
             )
             samples = np.empty((self.options.layers, count), self.dtype)
             self._sample(p, n, self.offsets, samples)
-            combined = None if stacked is None else stack(samples, self.report.stacked, self.options.stack_filter)
-            if count == mapped.size:  # every pixel mapped: plain copies instead of masked scatters
+            whole = count == mapped.size  # every pixel mapped: plain copies instead of masked scatters
+            if whole:
                 layers[...] = samples.reshape(layers.shape)
-                if stacked is not None:
-                    stacked[...] = combined.reshape(stacked.shape)
             else:
                 layers[:, mapped] = samples
-                if stacked is not None:
+            if stacked is not None:
+                combined = stack(samples, self.report.stacked, self.options.stack_filter)
+                if whole:
+                    stacked[...] = combined.reshape(stacked.shape)
+                else:
                     stacked[mapped] = combined
         return count, int((~finite).sum()), u1 - u0
 

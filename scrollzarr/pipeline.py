@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from scrollzarr import downsample as ds
 from scrollzarr import memory, ngff, progress
@@ -33,7 +32,7 @@ from scrollzarr.options import Options
 from scrollzarr.progress import Progress
 from scrollzarr.ranges import parse_ranges
 from scrollzarr.readback import build_from_above
-from scrollzarr.report import LevelReport, Report, chunk_count, format_runs, progress_bar
+from scrollzarr.report import LevelReport, ProgressBar, Report, chunk_count, format_runs, progress_bar
 from scrollzarr.sinks import SinkSpec, open_sink
 from scrollzarr.sizes import format_bytes
 from scrollzarr.store import (
@@ -321,7 +320,9 @@ Band = tuple[tuple[int, int], tuple[int, int]]
 class _Run:
     """One conversion under way: its arrays, workers, progress bar, report and progress record."""
 
-    def __init__(self, plan: Plan, arrays: list[zarr.Array], record: Progress, workers: Workers, bar: tqdm) -> None:
+    def __init__(
+        self, plan: Plan, arrays: list[zarr.Array], record: Progress, workers: Workers, bar: ProgressBar
+    ) -> None:
         self.plan = plan
         self.arrays = arrays
         self.writers = [open_sink(_sink_spec(plan, level)) for level in range(len(arrays))]

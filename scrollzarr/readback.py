@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from scrollzarr import downsample as ds
 from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
 from scrollzarr.layout import StoreLayout
 from scrollzarr.progress import Progress
-from scrollzarr.report import Report
+from scrollzarr.report import ProgressBar, Report
 from scrollzarr.sinks import LevelSink, SinkSpec, open_sink
 from scrollzarr.store import read_checked
 from scrollzarr.workers import Workers
@@ -31,7 +30,7 @@ def build_from_above(
     blocks: tuple[Shape3, ...],
     algorithm: ds.Algorithm,
     workers: Workers,
-    bar: tqdm,
+    bar: ProgressBar,
     report: Report,
     record: Progress,
     checkpoint: Callable[[], None],

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import monotonic
+from types import TracebackType
 from typing import Protocol
 
 import numpy as np
@@ -122,7 +123,9 @@ class ProgressBar(Protocol):
     def set_description(self, desc: str) -> None: ...
     def set_postfix_str(self, s: str) -> None: ...
     def __enter__(self) -> ProgressBar: ...
-    def __exit__(self, *exc: object) -> object: ...
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None, /
+    ) -> object: ...
 
 
 def progress(total: float, unit: str, description: str, quiet: bool) -> ProgressBar:
@@ -176,8 +179,10 @@ class SharedProgress:
         self._bar.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._bar.__exit__(*exc)
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None, /
+    ) -> None:
+        self._bar.__exit__(kind, error, traceback)
 
 
 class ProgressLines:
