@@ -78,9 +78,9 @@ class Multiscale:
             cropped volume; ``None`` for a volume that starts at the scan's origin.
             Every level keeps voxel (0, 0, 0)'s corner at that position.
         """
-        translation = None if origin is None else tuple(float(v) for v in origin)
+        translation = None if origin is None else (float(origin[0]), float(origin[1]), float(origin[2]))
         datasets = tuple(
-            Dataset(str(level), (float(2**level),) * 3, translation)  # type: ignore[arg-type]
+            Dataset(str(level), (float(2**level), float(2**level), float(2**level)), translation)
             for level in range(nlevels)
         )
         return cls(name, datasets, downsampling, downsampling_parameters or {})
@@ -96,6 +96,7 @@ class Multiscale:
                     scale = tuple(float(v) for v in transform["scale"])
                 elif transform["type"] == "translation":
                     translation = tuple(float(v) for v in transform["translation"])
+            # as the entry has them (None, or not three values): ngff.read checks each dataset and says what is wrong
             datasets.append(Dataset(str(entry["path"]), scale, translation))  # type: ignore[arg-type]
         metadata = dict(data.get("metadata", {}))
         metadata.pop("method", None)

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 from scrollzarr import downsample as ds
-from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
+from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes, shape3
 from scrollzarr.layout import StoreLayout
 from scrollzarr.progress import Progress
 from scrollzarr.report import ProgressBar, Report
 from scrollzarr.sinks import LevelSink, SinkSpec, open_sink
-from scrollzarr.store import read_checked
+from scrollzarr.store import read_checked, read_region
 from scrollzarr.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def build_from_above(
     for level, block in enumerate(blocks, start=first):
         source, target = group[str(level - 1)], group[str(level)]
         assert isinstance(source, zarr.Array) and isinstance(target, zarr.Array)
-        writer = open_sink(SinkSpec(output / str(level), target.shape, str(np.dtype(target.dtype)), layout))
+        writer = open_sink(SinkSpec(output / str(level), shape3(target.shape), str(np.dtype(target.dtype)), layout))
         log.debug("level %d: from level %d in blocks of %s (z, y, x)", level, level - 1, " x ".join(map(str, block)))
         bar.set_description(f"level {level}")
         done = record.rows_done.get(str(level), 0)
@@ -57,11 +58,11 @@ def build_from_above(
             bar.update(box_size(box))
             return written
 
-        for row, boxes in enumerate(_rows(list(iter_boxes(target.shape, block)))):  # type: ignore[arg-type]
+        for row, boxes in enumerate(_rows(list(iter_boxes(shape3(target.shape), block)))):
             if row < done:
                 bar.update(sum(box_size(box) for box in boxes))
                 continue
-            report.levels[level].chunks_written += sum(workers.run(lambda box=box: work(box) for box in boxes))
+            report.levels[level].chunks_written += sum(workers.run(partial(work, box) for box in boxes))
             record.rows_done[str(level)] = row + 1
             checkpoint()
 
@@ -86,18 +87,19 @@ def write_downsampled_block(
     read = tuple(
         slice(max(2 * a - margin, 0), min(2 * b + margin, n)) for (a, b), n in zip(box, source.shape, strict=True)
     )
-    data = source[read] if advice is None else read_checked(source, read, advice)
+    data = read_region(source, read) if advice is None else read_checked(source, read, advice)
     if algorithm == "gaussian":
-        core = tuple(
+        core_z, core_y, core_x = (
             slice(2 * a - r.start, min(2 * b, n) - r.start)
             for (a, b), r, n in zip(box, read, source.shape, strict=True)
         )
-        result = ds.downsample_gaussian(data, core)  # type: ignore[arg-type]
+        result = ds.downsample_gaussian(data, (core_z, core_y, core_x))
     else:
         result = ds.downsample(data, algorithm)
-    corner = tuple(a for a, _ in box)
+    (z0, _), (y0, _), (x0, _) = box
     written = 0
-    for local in iter_boxes(result.shape, writer.unit):  # type: ignore[arg-type]
+    for local in iter_boxes(shape3(result.shape), writer.unit):
+        (z, _), (y, _), (x, _) = local
         piece = result[tuple(slice(a, b) for a, b in local)]
-        written += writer.write(tuple(c + a for c, (a, _) in zip(corner, local, strict=True)), piece)
+        written += writer.write((z0 + z, y0 + y, x0 + x), piece)
     return written

@@ -14,7 +14,7 @@ import zarr
 
 from scrollzarr import downsample as ds
 from scrollzarr import memory, ngff, progress
-from scrollzarr.blocks import Shape3
+from scrollzarr.blocks import Shape3, shape3
 from scrollzarr.durable import sync_file_system
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.layout import StoreLayout, UnsupportedLayout, layout_of
@@ -136,8 +136,9 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
     assert isinstance(source, zarr.Array)
     arrays = _new_layout(output, first, source, chunk_size)
     chunk = arrays.chunk
-    base = ds.level_shapes(source.shape, options.nlevels - first + 1)  # type: ignore[arg-type]
-    shapes = tuple(group[str(level)].shape for level in range(first)) + base[1:]
+    source_shape = shape3(source.shape)
+    base = ds.level_shapes(source_shape, options.nlevels - first + 1)
+    shapes = tuple(_level_shape(group, level) for level in range(first)) + base[1:]
     translation = multiscale.datasets[0].translation
     dtype = np.dtype(source.dtype)
     model = memory.Layout(
@@ -145,7 +146,7 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         chunk=chunk,
         in_itemsize=dtype.itemsize,
         out_itemsize=dtype.itemsize,
-        slice_shape=source.shape[1:],  # type: ignore[arg-type]
+        slice_shape=source_shape[1:],
         decode_bytes=0,
         algorithm=options.algorithm,
         workers=options.worker_count,
@@ -171,7 +172,7 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         shapes=shapes,
         dtype=dtype,
         layout=arrays,
-        origin=None if translation is None else tuple(int(v) for v in translation),  # type: ignore[arg-type]
+        origin=None if translation is None else (int(translation[0]), int(translation[1]), int(translation[2])),
         algorithm=options.algorithm,
         budget=budget,
         blocks=memory.read_back_blocks(model, first, budget),
@@ -180,6 +181,13 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         fingerprint=fingerprint,
         resume_from=record,
     )
+
+
+def _level_shape(group: zarr.Group, level: int) -> Shape3:
+    """The shape of level ``level`` of ``group``, a store whose multiscales metadata lists that level."""
+    array = group[str(level)]
+    assert isinstance(array, zarr.Array)
+    return shape3(array.shape)
 
 
 def _recorded(record: Progress) -> dict[str, Any]:

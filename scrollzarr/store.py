@@ -18,6 +18,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from scrollzarr import progress
+from scrollzarr.blocks import shape3
 from scrollzarr.durable import fsync_path, remove_durably
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.layout import UnsupportedLayout, layout_of
@@ -123,9 +124,16 @@ def chunk_nbytes(array: zarr.Array) -> int:
     return math.prod(array.chunks) * np.dtype(array.dtype).itemsize
 
 
+def array_directory(array: zarr.Array) -> Path:
+    """The directory of ``array``, an array of a store on disk (a :class:`~zarr.storage.LocalStore`)."""
+    store = array.store
+    assert isinstance(store, LocalStore), f"{store} is not a store on disk"
+    return Path(store.root, array.path)
+
+
 def chunk_file(array: zarr.Array, index: ChunkIndex) -> Path:
     """The file that holds chunk ``index`` of ``array`` (an array of a store on disk)."""
-    return Path(array.store.root, array.path, array.metadata.encode_chunk_key(index))
+    return array_directory(array) / array.metadata.encode_chunk_key(index)
 
 
 def sink_spec(array: zarr.Array) -> SinkSpec:
@@ -136,8 +144,7 @@ def sink_spec(array: zarr.Array) -> SinkSpec:
     UnsupportedLayout
         If the array's layout is not one scroll_to_ome writes.
     """
-    directory = Path(array.store.root, array.path)
-    return SinkSpec(directory, tuple(array.shape), str(np.dtype(array.dtype)), layout_of(array))  # type: ignore[arg-type]
+    return SinkSpec(array_directory(array), shape3(array.shape), str(np.dtype(array.dtype)), layout_of(array))
 
 
 def unit_files(spec: SinkSpec) -> list[Path]:
@@ -170,10 +177,18 @@ def damaged_units(spec: SinkSpec) -> list[tuple[Path, str]]:
     return [(path, problem) for path, problem in found if problem is not None]
 
 
+def read_region(array: zarr.Array, region: tuple[slice, ...]) -> np.ndarray:
+    """``array[region]``: zarr types a read as any array-like or a scalar; a region of slices read into numpy
+    buffers (zarr's default, the one this package uses) is an ndarray."""
+    data = array[region]
+    assert isinstance(data, np.ndarray)
+    return data
+
+
 def read_checked(array: zarr.Array, region: tuple[slice, ...], advice: str) -> np.ndarray:
     """``array[region]``; a damaged unit in it is a :class:`DamagedChunkError` naming the file, with ``advice``."""
     try:
-        return array[region]
+        return read_region(array, region)
     except Exception:  # zarr and the codecs raise many kinds for bytes that are not what the metadata says
         damaged = _damaged_in(array, region) if isinstance(array.store, LocalStore) else []
         if not damaged:

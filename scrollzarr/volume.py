@@ -19,6 +19,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from scrollzarr import ngff, progress
+from scrollzarr.blocks import Shape3, shape3
 from scrollzarr.errors import ScrollzarrError
 from scrollzarr.ngff_v04 import Multiscale
 from scrollzarr.store import ZARR_METADATA
@@ -67,8 +68,8 @@ class Volume:
         return None
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(int(n) for n in self.array.shape)  # type: ignore[return-value]
+    def shape(self) -> Shape3:
+        return shape3(self.array.shape)
 
     def to_index(self, positions: np.ndarray, normals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Full-resolution scroll positions and normals, shape (3, M), as positions and steps in array voxels."""
