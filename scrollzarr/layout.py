@@ -15,7 +15,7 @@ its default index (``bytes`` little-endian then ``crc32c``, at the end).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numcodecs
 import numpy as np
@@ -31,7 +31,8 @@ COMPRESSORS = ("none", "blosc-zstd", "blosc-lz4", "zstd", "gzip")
 # default 5 (lz4 is fast at every level), gzip at 6 (zlib's default).
 DEFAULT_CLEVEL = {"blosc-zstd": 3, "blosc-lz4": 5, "zstd": 3, "gzip": 6}
 CLEVEL_RANGE = {"blosc-zstd": (0, 9), "blosc-lz4": (0, 9), "zstd": (-131072, 22), "gzip": (0, 9)}
-ZARR_FORMATS = (2, 3)
+ZarrFormat = Literal[2, 3]
+ZARR_FORMATS: tuple[ZarrFormat, ...] = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class StoreLayout:
         Compression level; ``None`` for the compressor's default (:data:`DEFAULT_CLEVEL`).
     """
 
-    zarr_format: int = 2
+    zarr_format: ZarrFormat = 2
     chunk: int = 128
     shard: Shape3 | None = None
     compressor: str = "none"
@@ -109,7 +110,8 @@ class StoreLayout:
         if codec is None or self.zarr_format == 2:
             return codec
         if isinstance(codec, numcodecs.Blosc):
-            shuffle = "bitshuffle" if codec.shuffle == numcodecs.Blosc.BITSHUFFLE else "shuffle"
+            bits = codec.shuffle == numcodecs.Blosc.BITSHUFFLE
+            shuffle = zarr.codecs.BloscShuffle.bitshuffle if bits else zarr.codecs.BloscShuffle.shuffle
             return zarr.codecs.BloscCodec(
                 cname=codec.cname, clevel=codec.clevel, shuffle=shuffle, typesize=np.dtype(dtype).itemsize
             )
@@ -186,7 +188,8 @@ def layout_of(array: zarr.Array) -> StoreLayout:
         If the array uses chunks that are not cubic, filters, another codec,
         another key encoding or nested shards.
     """
-    metadata = array.metadata.to_dict()
+    # zarr types its metadata dict[str, JSON], a union to narrow at every step down; its structure is zarr's own
+    metadata: dict[str, Any] = array.metadata.to_dict()
     if metadata.get("zarr_format") == 2:
         chunks = tuple(metadata["chunks"])
         compressor = metadata.get("compressor")
@@ -221,7 +224,7 @@ def _numcodec(codec: dict[str, Any]) -> Codec:
     raise UnsupportedLayout(f"codec {name}")
 
 
-def _from_codec(zarr_format: int, chunks: tuple[int, ...], shard: Any, codec: Codec | None) -> StoreLayout:
+def _from_codec(zarr_format: ZarrFormat, chunks: tuple[int, ...], shard: Any, codec: Codec | None) -> StoreLayout:
     if len(set(chunks)) != 1:
         raise UnsupportedLayout(f"chunks {chunks} that are not cubes")
     if codec is None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from scrollzarr import downsample as ds
 from scrollzarr.errors import UsageError
-from scrollzarr.layout import CLEVEL_RANGE, COMPRESSORS, ZARR_FORMATS, StoreLayout
+from scrollzarr.layout import CLEVEL_RANGE, COMPRESSORS, ZARR_FORMATS, StoreLayout, ZarrFormat
 from scrollzarr.tiffstack import BAD_SLICE_POLICIES
 from scrollzarr.window import check_window
 from scrollzarr.workers import available_cores
@@ -76,7 +76,7 @@ class Options:
     resume: bool = False
     bad_slices: str = "error"
     quiet: bool = False
-    zarr_format: int = 2
+    zarr_format: ZarrFormat = 2
     shard_shape: tuple[int, int, int] | None = None
     compressor: str = "none"
     clevel: int | None = None

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from scrollzarr.store import (
     is_abandoned,
     is_emptied,
     is_zarr_store,
+    read_region,
     readable_metadata,
     remove_partial_files,
     remove_unreadable_metadata,
@@ -460,8 +462,7 @@ class _Run:
         def fill(r0: int, r1: int) -> None:
             stripe = (rows[0] + r0, rows[0] + r1)
             self.workers.run(
-                lambda plane=view[index, r0:r1], z=z0 + index: self.read_slice(z, stripe, cols, plane)
-                for index in range(len(view))
+                partial(self.read_slice, z0 + index, stripe, cols, view[index, r0:r1]) for index in range(len(view))
             )
 
         return fill
@@ -478,10 +479,11 @@ class _Run:
     def _stored(self, level: int, stream: LevelStream) -> Callable[[int, int], np.ndarray]:
         array = self.arrays[level]
         (y0, y1), (x0, x1) = stream.rows, stream.cols
-        return lambda z0, z1: array[z0:z1, y0:y1, x0:x1]  # its damaged chunks were written again first
+        # its damaged chunks were written again first
+        return lambda z0, z1: read_region(array, (slice(z0, z1), slice(y0, y1), slice(x0, x1)))
 
 
-def _stack_attributes(plan: Plan, bad: list[int], bad_rows: dict[int, int]) -> dict[str, object]:
+def _stack_attributes(plan: Plan, bad: list[int], bad_rows: dict[int, int]) -> dict[str, Any]:
     return {
         "source_directory": str(plan.input_dir.resolve()),
         "origin_zyx": list(plan.origin),
@@ -584,7 +586,11 @@ def _level(parent: zarr.Group | Path, name: str | None, plan: Plan) -> zarr.Arra
         shape = plan.shapes[0 if name is None else int(name)]
         target = parent if isinstance(parent, zarr.Group) else str(parent)
         return layout.create_array(target, name, shape, plan.dtype, overwrite=False)
-    array = parent[name] if isinstance(parent, zarr.Group) else zarr.open_array(str(parent), mode="r+")
+    if isinstance(parent, zarr.Group):
+        assert name is not None  # every level of a group has a name; only --zarr_only's root array has none
+        array = parent[name]
+    else:
+        array = zarr.open_array(str(parent), mode="r+")
     assert isinstance(array, zarr.Array)
     return array
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, wait
+from functools import partial
 
 import numpy as np
 
@@ -72,7 +73,7 @@ class LevelStream:
         writer: LevelSink,
         below: LevelStream | None,
         workers: Workers,
-        on_written: Callable[[int], None],
+        on_written: Callable[[int], object],
     ) -> None:
         self.depth = depth
         self.rows = rows
@@ -187,11 +188,11 @@ class LevelStream:
         planes = self.buffer[z0 - self.start : z1 - self.start]
         (y0, y1), (x0, x1) = self.rows, self.cols
         _, height, width = self.unit
-        tasks = []
+        tasks: list[Callable[[], int]] = []
         for y in range(y0 + rows[0], y0 + rows[1], height):
             for x in range(x0, x1, width):
                 piece = planes[:, y - y0 : min(y + height, y1) - y0, x - x0 : min(x + width, x1) - x0]
-                tasks.append(lambda corner=(z0, y, x), piece=piece: self.writer.write(corner, piece))
+                tasks.append(partial(self.writer.write, (z0, y, x), piece))
         return tasks
 
     def _halve_tasks(
@@ -215,14 +216,14 @@ class LevelStream:
         height, cols = self.plane_shape
         first, last = rows if rows is not None else (0, height)
         stripe = halving_stripe_rows((hi - lo) * cols * self.buffer.itemsize)
-        tasks = []
+        tasks: list[Callable[[], None]] = []
         for r0 in range(first, last, stripe):
             r1 = min(r0 + stripe, last)
             a, b = max(r0 - margin, 0), min(r1 + margin, height)
             block = source[:, a:b]
             target = out[:, r0 // 2 : (r1 + 1) // 2]
             core = (slice(z0 - lo, z1 - lo), slice(r0 - a, r1 - a), slice(None))
-            tasks.append(lambda block=block, target=target, core=core: self._halve(block, core, target))
+            tasks.append(partial(self._halve, block, core, target))
         return tasks
 
     def state(self) -> list[int]:
