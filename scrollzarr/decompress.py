@@ -230,7 +230,7 @@ def _read(source: Path) -> tuple[list[tuple[np.ndarray, dict[str, Any]]], bool]:
         if not pages:
             raise SourceError(f"{source.name}: cannot read: no image in the file")
         _check_length(source, pages)
-        if all(p.compression == NO_COMPRESSION and not p.is_tiled for p in pages):  # type: ignore[union-attr]
+        if all(p.compression == NO_COMPRESSION and not p.is_tiled for p in pages):
             return [], True
         raw = source.read_bytes()
         with open(source, "rb") as handle:
@@ -307,12 +307,12 @@ def _write(path: Path, pages: list[tuple[np.ndarray, dict[str, Any]]]) -> None:
 def _not_a_finished_copy(source: Path, target: Path) -> str | None:
     """Why ``target`` is not an uncompressed copy of ``source`` (headers compared), or ``None`` if it is."""
     with _reading(source), tifffile.TiffFile(source) as tiff:
-        expected = [(p.shape, p.dtype) for p in tiff.pages]  # type: ignore[union-attr]
+        expected = [(p.shape, p.dtype) for p in tiff.pages]
     try:
         with tifffile.TiffFile(target) as tiff:
             pages = list(tiff.pages)
-            found = [(p.shape, p.dtype) for p in pages]  # type: ignore[union-attr]
-            compressed = any(p.compression != NO_COMPRESSION for p in pages)  # type: ignore[union-attr]
+            found = [(p.shape, p.dtype) for p in pages]
+            compressed = any(p.compression != NO_COMPRESSION for p in pages)
             _check_length(target, pages)
     except SourceError:
         return "is truncated"
@@ -329,10 +329,10 @@ def _verify(source: Path, target: Path, decoded: list[np.ndarray] | None = None)
     """Read ``target`` back (memory-mapped where it is a single image) and compare its pixels with ``source``'s."""
     if decoded is None:
         with _reading(source), tifffile.TiffFile(source) as tiff:
-            decoded = [page.asarray(maxworkers=1) for page in tiff.pages]  # type: ignore[union-attr]
+            decoded = [page.asarray(maxworkers=1) for page in tiff.pages]
     with tifffile.TiffFile(target) as tiff:
         pages = list(tiff.pages)
-        written = [tifffile.memmap(target)] if len(pages) == 1 else [p.asarray() for p in pages]  # type: ignore[union-attr]
+        written = [tifffile.memmap(target)] if len(pages) == 1 else [p.asarray() for p in pages]
     if len(written) != len(decoded) or not all(np.array_equal(a, b) for a, b in zip(written, decoded, strict=True)):
         raise SourceError(
             f"{source.name}: verification failed: the pixels of its output differ from it; "

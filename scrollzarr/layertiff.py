@@ -25,7 +25,7 @@ CLASSIC_TIFF_LIMIT = 2**32 - 2**25  # leave room for the header and tags below 4
 
 def write_at(fd: int, data: np.ndarray, position: int) -> None:
     """Write all of ``data``'s bytes at ``position`` of the open file ``fd`` (an OSError says why not)."""
-    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    view = np.ascontiguousarray(data).data.cast("B")
     while view:
         written = os.pwrite(fd, view, position)
         view = view[written:]

@@ -140,7 +140,7 @@ class _Partial:
         self.size = 0
 
     def append(self, data: np.ndarray | bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
+        view = (data.data if isinstance(data, np.ndarray) else memoryview(data)).cast("B")
         if self.direct and len(view) % DIRECT_IO_BLOCK:  # the rest goes through the page cache
             os.close(self.descriptor)
             self.descriptor = os.open(self.temporary, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
@@ -195,9 +195,10 @@ def _encoder(codec: Codec, dtype: np.dtype, chunk_bytes: int) -> Callable[[np.nd
 
     def encode(data: np.ndarray) -> memoryview:
         out = _thread_buffer(("blosc", size), lambda: np.empty(size, np.uint8))
+        # imagecodecs' stubs take bytes in and a bytearray out; blosc_encode takes any buffer for either
         encoded = imagecodecs.blosc_encode(
-            data, level=codec.clevel, compressor=codec.cname, shuffle=codec.shuffle,
-            typesize=data.dtype.itemsize, blocksize=codec.blocksize, numthreads=1, out=out,
+            data, level=codec.clevel, compressor=codec.cname, shuffle=codec.shuffle,  # type: ignore[arg-type]
+            typesize=data.dtype.itemsize, blocksize=codec.blocksize, numthreads=1, out=out,  # type: ignore[arg-type]
         )  # fmt: skip
         return memoryview(encoded)
 
@@ -350,7 +351,7 @@ class ShardSink:
                 encoded = data if self.encode is None else self.encode(data)
                 if file is None:
                     file = _Partial(path, direct)
-                entries[inner] = (file.size, memoryview(encoded).nbytes)
+                entries[inner] = (file.size, encoded.nbytes)
                 file.append(encoded)
             if file is None:
                 return 0

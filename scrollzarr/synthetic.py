@@ -28,7 +28,9 @@ AIR_LEVEL = 4000
 NOISE = 1500.0
 
 
-def _geometry(z: np.ndarray, shape: tuple[int, int], depth: int) -> tuple[np.ndarray, ...]:
+def _geometry(
+    z: np.ndarray, shape: tuple[int, int], depth: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
     """Centre row and column, turn (radians), radius and pitch of the spiral in slices ``z``."""
     rows, cols = shape
     turn = 2 * np.pi * z / max(depth, 1) * 0.5

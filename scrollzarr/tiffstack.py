@@ -15,8 +15,8 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from io import FileIO
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -225,7 +225,7 @@ class SliceReadError(StackError):
 
 
 @contextmanager
-def _open_checked(entry: SliceFile) -> Iterator[BinaryIO]:
+def _open_checked(entry: SliceFile) -> Iterator[FileIO]:
     """Open ``entry``'s file for reading, unbuffered, if it is still the file whose header was checked.
 
     A file renamed into place (rsync, a re-export) or rewritten since has
@@ -460,7 +460,7 @@ def _read_direct(
     target = out if full_width else np.empty((y1 - y0, width), stack.dtype)
     with _open_checked(entry) as handle:
         handle.seek(entry.data_offset + y0 * width * stack.dtype.itemsize)
-        got = handle.readinto(memoryview(target).cast("B"))
+        got = handle.readinto(target.data.cast("B"))
     if got != target.nbytes:
         raise OSError(f"read {got} of {target.nbytes} bytes, the file is shorter than its header says")
     if entry.byteorder != _native_byteorder():
