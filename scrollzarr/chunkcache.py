@@ -21,6 +21,7 @@ from itertools import product
 import numpy as np
 import zarr
 
+from scrollzarr.blocks import shape3
 from scrollzarr.store import DamagedChunkError, chunk_file, chunk_nbytes
 
 ChunkIndex = tuple[int, int, int]
@@ -59,8 +60,8 @@ class ChunkCache:
     def __init__(self, array: zarr.Array, max_bytes: int) -> None:
         self.array = array
         self.max_bytes = max_bytes
-        self.chunks = tuple(int(c) for c in array.chunks)
-        self.shape = tuple(int(n) for n in array.shape)
+        self.chunks = shape3(array.chunks)
+        self.shape = shape3(array.shape)
         self.stats = CacheStats()
         self._cached: OrderedDict[ChunkIndex, np.ndarray | None] = OrderedDict()
         self._loading: dict[ChunkIndex, Future[np.ndarray | None]] = {}
@@ -110,9 +111,9 @@ class ChunkCache:
         inner_hi = [min(int(b), n) for b, n in zip(hi, self.shape, strict=True)]
         if any(a >= b for a, b in zip(inner_lo, inner_hi, strict=True)):
             return out
-        ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(inner_lo, inner_hi, self.chunks, strict=True)]
-        for index in product(*ranges):
-            data = self.chunk(index)  # type: ignore[arg-type]
+        rz, ry, rx = (range(a // c, (b - 1) // c + 1) for a, b, c in zip(inner_lo, inner_hi, self.chunks, strict=True))
+        for index in product(rz, ry, rx):
+            data = self.chunk(index)
             if data is None:
                 continue
             start = [i * c for i, c in zip(index, self.chunks, strict=True)]
