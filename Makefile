@@ -26,10 +26,13 @@ demo: $(BIN)/python
 	@echo "  (zarr 3, OME-NGFF 0.5, sharded, blosc-zstd); see README 'Viewing'"
 	@echo "demo layers: $(DEMO)/layers/00.tif ... 64.tif and $(DEMO)/sheet_stack.tif, the sheet unrolled"
 
+# mypy: the package and the three scripts (all annotated); not tests/ nor bench/, unannotated scripts whose zarr reads
+# (Array | Group, array-like | scalar) and regex matches (Match | None) would each need a narrowing first.
 lint: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy scrollzarr scroll_to_ome.py ppm_to_layers.py decompress_tiffs.py
 
 # zarr-python 2.x (the reader khartes uses) cannot share an environment with zarr 3: a folder of its own.
 ZARR2 := $(VENV)/zarr2
