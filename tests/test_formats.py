@@ -24,13 +24,17 @@ import numcodecs
 import numpy as np
 import pytest
 import tensorstore as ts
+import tifffile
 import zarr
 import zarr.codecs
 from ome_zarr_models.v04.image import Image as ImageV04
 from ome_zarr_models.v05.image import Image as ImageV05
+from test_layers_formats import default, ppm_to_layers, sheet  # noqa: F401 (its fixtures)
 from test_readers import READ_WITH_ZARR2, ZARR2
 
-from conftest import assert_ok, scroll_to_ome, write_stack
+from scrollzarr import pipeline, presets
+
+from conftest import assert_ok, scroll_to_ome, store_files, write_stack
 from reference import pyramid
 
 SHAPE = (37, 70, 90)  # z, y, x: no axis a multiple of the chunk or of any shard
@@ -322,3 +326,84 @@ def test_zarr_only_writes_a_plain_zarr_3_array(stack, levels, tmp_path, compress
     np.testing.assert_array_equal(array[...], levels[0][0])
     np.testing.assert_array_equal(read_tensorstore(out, 3), levels[0][0])
     check_unit_files([out], 3, compressor, SHARDS[shard], [levels[0][0]])
+
+
+# --- two writers never share a shard ---------------------------------------------------------------------
+
+WIDE = (40, 50, 300)  # z, y, x: wide enough that a small --max_gb cuts planes into columns
+
+
+@pytest.fixture(scope="module")
+def wide_stack(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("wide") / "slices"
+    volume = np.random.default_rng(3).integers(1, 65535, size=WIDE, dtype=np.uint16)
+    volume[:, :, :64] = 0
+    write_stack(directory, volume)
+    return directory
+
+
+@pytest.mark.parametrize(
+    "nlevels,max_gb,shard",
+    [
+        (1, 0.0002, (16, 32, 32)),  # level 0 in bands of 128 columns
+        (1, 0.0002, (32, 32, 32)),  # of 64 columns, two slabs of 16 slices into each shard
+        (3, 0.0015, (16, 32, 32)),  # levels 1 and 2 from level 0 read back in blocks of 32 columns
+        (3, 0.0015, (32, 32, 32)),
+    ],
+)
+def test_bands_and_blocks_of_whole_shards_write_the_whole_plane_run_bytes(wide_stack, tmp_path, nlevels, max_gb, shard):
+    """Cut into column bands or read-back blocks by --max_gb, with two workers, a run writes the very files
+    of the run in whole planes: a shard written by two tasks would hold only one task's chunks (each writes
+    the whole file), so would differ."""
+    args = [
+        "--chunk_size", CHUNK, "--nlevels", nlevels, "--workers", 2, "--zarr_format", 3, "--compressor", "blosc-zstd",
+        "--shard_shape", ",".join(map(str, shard)),
+    ]  # fmt: skip
+    options = presets.resolve(
+        None, {"zarr_format": 3, "shard_shape": ",".join(map(str, shard)), "chunk_size": CHUNK, "nlevels": nlevels,
+               "compressor": "blosc-zstd", "max_gb": max_gb, "workers": 2},
+    )  # fmt: skip
+    plan = pipeline.plan_conversion(wide_stack, tmp_path / "cut" / "out.zarr", options)
+    if nlevels == 1:
+        assert plan.bands.cols < WIDE[2] and plan.bands.cols % shard[2] == 0, plan.bands
+    else:
+        assert plan.bands.streamed == 0 and plan.blocks[0][2] < WIDE[2] // 2, plan.blocks  # level 1 in columns
+        assert plan.blocks[0][2] % shard[2] == 0, plan.blocks
+    assert_ok(scroll_to_ome(wide_stack, tmp_path / "whole" / "out.zarr", *args, "--quiet"))
+    assert_ok(scroll_to_ome(wide_stack, tmp_path / "cut" / "out.zarr", *args, "--max_gb", max_gb, "--quiet"))
+    whole, cut = store_files(tmp_path / "whole" / "out.zarr"), store_files(tmp_path / "cut" / "out.zarr")
+    assert sorted(cut) == sorted(whole)
+    assert [name for name in whole if cut[name] != whole[name]] == []
+
+
+# --- ppm_to_layers renders from every layout ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["--zarr_format", 3, "--shard_shape", "64,64,64", "--compressor", "blosc-zstd"],
+        ["--zarr_format", 2, "--compressor", "blosc-lz4"],
+        ["--zarr_format", 3, "--compressor", "gzip"],
+    ],
+    ids=["zarr3-sharded-blosc-zstd", "zarr2-blosc-lz4", "zarr3-gzip"],
+)
+def test_ppm_to_layers_renders_our_stores_as_the_default_store(tmp_path, default, sheet, layout):  # noqa: F811
+    """The synthetic scroll of tests/test_layers_formats.py converted with ``layout`` by the real script renders
+    the very files (layers and stacked image, byte for byte) the default store renders, at both levels."""
+    store = tmp_path / "volume.zarr"
+    assert_ok(scroll_to_ome(default.parent / "tiffs", store, "--chunk_size", 32, "--nlevels", 2, *layout, "--quiet"))
+    for level in (0, 1):
+        options = ["--number_of_layers", 5, "--level", level, "--quiet"]
+        expected, got = tmp_path / f"default{level}", tmp_path / f"ours{level}"
+        assert_ok(ppm_to_layers(sheet, default, expected / "layers", expected / "stacked.tif", *options))
+        assert_ok(ppm_to_layers(sheet, store, got / "layers", got / "stacked.tif", *options))
+        theirs, ours = layer_files(expected), layer_files(got)
+        assert len(ours) == 6 and all(tifffile.imread(expected / name).any() for name in ours)
+        assert sorted(ours) == sorted(theirs)
+        assert [name for name in ours if ours[name] != theirs[name]] == [], f"level {level}"
+
+
+def layer_files(directory: Path) -> dict[str, bytes]:
+    """The images of a render, by relative path (not the manifest of the layers, which names the volume)."""
+    return {name: data for name, data in store_files(directory).items() if not Path(name).name.startswith(".")}
