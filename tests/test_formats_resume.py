@@ -158,14 +158,15 @@ def test_a_sigkilled_sharded_run_resumes_to_the_same_files(stack, reference, tmp
 # --- --resume with other options ----------------------------------------------------------------------------
 
 
-def stopped(slices: Path, out: Path, args: list[object]) -> Path:
-    """``out`` as a run left it when stopped (as kill -9 would) before its second progress record."""
+def stopped(slices: Path, out: Path, args: list[object], record: int = 1) -> Path:
+    """``out`` as a run left it when stopped (as kill -9 would) before its progress record number ``record``
+    (from 0; -1: the last) replaced the one before."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = rf"os\.rename .*{progress.KEY}\..*"
+    replaced = rf"os\.rename .*{progress.KEY}\..*"
     seen = changes("scroll_to_ome", [slices, out, *args], out)
-    second = [n for n, what in enumerate(seen, start=1) if re.fullmatch(record, what)][1]
+    at = [n for n, what in enumerate(seen, start=1) if re.fullmatch(replaced, what)][record]
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    code, _ = stopped_run("scroll_to_ome", [slices, out, *args], out, second)
+    code, _ = stopped_run("scroll_to_ome", [slices, out, *args], out, at)
     assert code == 9 and (out / progress.KEY).exists()
     (out / LOCK_NAME).unlink(missing_ok=True)  # the killed run's lock file (the next run would take it over)
     return out
@@ -282,3 +283,64 @@ def test_a_sharded_rebuild_stopped_anywhere_resumes_to_the_same_files(one_level,
 
     stops = distinct_stops(seen)
     sweep(sorted(set(stops[::10]) | {stops[-1]}), stop_and_recover)
+
+
+# --- damage ------------------------------------------------------------------------------------------------------
+
+
+def truncate(path: Path) -> None:
+    """A write cut off under the final name (a power cut before the file was flushed)."""
+    with open(path, "r+b") as file:
+        file.truncate(path.stat().st_size // 2)
+
+
+def scramble(path: Path) -> None:
+    """A disk fault: a run of bytes in the middle of the file inverted."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+
+
+DAMAGED_LAYOUTS = {
+    "zarr3-flat-shards-blosc-zstd": [*FLAT, *SMALL],
+    "zarr3-deep-shards-blosc-zstd": DEEP,
+    "zarr3-gzip": ["--zarr_format", 3, "--compressor", "gzip", *SMALL],
+    "zarr2-blosc-lz4": ["--compressor", "blosc-lz4"],
+    "zarr2-zstd": ["--compressor", "zstd", *SMALL],
+}
+
+
+def first_unit(level: Path) -> Path:
+    """The first unit file (chunk or shard) of a level directory, in the order of their names."""
+    return sorted(p for p in level.rglob("*") if p.is_file() and p.name.isdigit())[0]
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGED_LAYOUTS))
+def test_resume_writes_a_truncated_unit_again(slices, tmp_path, kind):
+    """A level-0 unit the progress record vouches for, cut short: --resume names it, writes it again and ends
+    with the uninterrupted run's files."""
+    args = [*BASE, *DAMAGED_LAYOUTS[kind]]
+    expected = uninterrupted(slices, tmp_path / "expected", args)
+    out = stopped(slices, tmp_path / "run" / "out.zarr", args, record=-1)
+    damaged = first_unit(out / "0")
+    truncate(damaged)
+    result = scroll_to_ome(slices, out, *args, "--resume")
+    assert_ok(result)
+    assert f"chunk file {damaged} is damaged (" in result.stderr and "); it is written again" in result.stderr
+    assert store_files(out) == expected
+
+
+@pytest.mark.parametrize(
+    "kind,damage",
+    [("zarr3-gzip", scramble), ("zarr2-blosc-lz4", truncate), ("zarr3-deep-shards-blosc-zstd", truncate)],
+)
+def test_first_new_level_names_a_damaged_unit_in_one_line(slices, tmp_path, kind, damage):
+    """(Scrambled bytes inside a blosc chunk are found only where blosc's compressor sees them: this volume's
+    noise is stored as is, and blosc keeps no checksum.  Gzip has its CRC.)"""
+    out = tmp_path / "out.zarr"
+    assert_ok(scroll_to_ome(slices, out, *BASE, *DAMAGED_LAYOUTS[kind], "--nlevels", 1, "--quiet"))
+    damaged = first_unit(out / "0")
+    damage(damaged)
+    result = scroll_to_ome(slices, out, *REBUILD)
+    assert_one_line_error(result, str(damaged), "is damaged", code=1)
