@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -34,7 +35,7 @@ from test_readers import READ_WITH_ZARR2, ZARR2
 
 from scrollzarr import pipeline, presets
 
-from conftest import assert_ok, scroll_to_ome, store_files, write_stack
+from conftest import assert_ok, assert_one_line_error, scroll_to_ome, store_files, write_stack
 from reference import pyramid
 
 SHAPE = (37, 70, 90)  # z, y, x: no axis a multiple of the chunk or of any shard
@@ -407,3 +408,15 @@ def test_ppm_to_layers_renders_our_stores_as_the_default_store(tmp_path, default
 def layer_files(directory: Path) -> dict[str, bytes]:
     """The images of a render, by relative path (not the manifest of the layers, which names the volume)."""
     return {name: data for name, data in store_files(directory).items() if not Path(name).name.startswith(".")}
+
+
+@pytest.mark.parametrize("max_gb", [0.00001, 0.0001, 0.001])
+def test_max_gb_too_small_for_the_shards_quotes_a_bound_that_is_enough(wide_stack, tmp_path, max_gb):
+    """Whether the bands or the read-back levels do not fit, the bound quoted is one the run accepts."""
+    out = tmp_path / "out.zarr"
+    args = ["--chunk_size", CHUNK, "--nlevels", 3, "--zarr_format", 3, "--shard_shape", "16,32,64"]
+    result = scroll_to_ome(wide_stack, out, *args, "--max_gb", max_gb)
+    assert_one_line_error(result, f"--max_gb {max_gb:.3g} is too small for shards of 16 x 32 x 64", code=2)
+    enough = re.search(r"at least ([0-9.e-]+) GB", result.stderr).group(1)
+    assert float(enough) > max_gb
+    assert_ok(scroll_to_ome(wide_stack, out, *args, "--max_gb", enough, "--quiet"))
