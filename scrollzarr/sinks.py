@@ -22,6 +22,7 @@ any process.
 from __future__ import annotations
 
 import errno
+import gzip
 import logging
 import math
 import mmap
@@ -31,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import google_crc32c
 import imagecodecs
@@ -182,13 +183,20 @@ def _encoder(codec: Codec, dtype: np.dtype, chunk_bytes: int) -> Callable[[np.nd
     """What encodes a padded chunk with ``codec`` in the calling thread.
 
     Blosc goes through imagecodecs' binding of the same c-blosc (1.21) into this
-    thread's reused output buffer: the bytes are identical to numcodecs' (checked
-    in tests/test_sinks.py), but numcodecs allocates a fresh output per chunk and
-    fresh pages cost page faults: 4 MiB uint16 chunks of the synthetic scroll on
-    the build machine, blosc lz4 (bit shuffle) 646 MB/s with numcodecs, 1552 MB/s
-    with a reused buffer; zstd 3, 249 and 309 MB/s.  Zstd and zlib spend their
-    time compressing (numcodecs and imagecodecs alike, 262 and 257 MB/s for zstd 3).
+    thread's reused output buffer: the bytes are identical to numcodecs' (checked by
+    tests/test_formats.py's test_shards_hold_what_zarr_python_writes), but numcodecs
+    allocates a fresh output per chunk and fresh pages cost page faults: 4 MiB uint16
+    chunks of the synthetic scroll on the build machine, blosc lz4 (bit shuffle)
+    646 MB/s with numcodecs, 1552 MB/s with a reused buffer; zstd 3, 249 and 309 MB/s.
+    Zstd and zlib spend their time compressing (numcodecs and imagecodecs alike, 262
+    and 257 MB/s for zstd 3).
+
+    Gzip is written with a header time of 0: numcodecs' GZip puts the time of the
+    write in each chunk's header, so a resumed run's chunks differed from an
+    uninterrupted run's (tests/test_formats_resume.py) though their voxels did not.
     """
+    if isinstance(codec, numcodecs.GZip):
+        return lambda data: memoryview(gzip.compress(data.data, codec.level, mtime=0))
     if not isinstance(codec, numcodecs.Blosc):
         return lambda data: memoryview(codec.encode(data))
     size = chunk_bytes + BLOSC_OVERHEAD
@@ -370,8 +378,9 @@ def damage(path: Path, spec: SinkSpec, decode: bool = False) -> str | None:
 
     An uncompressed chunk must be exactly one padded chunk long.  A shard's
     index must be there with its checksum, and point inside the file at chunks
-    of that length (uncompressed).  A compressed chunk is decoded only with
-    ``decode`` (it costs a read of the file), and must decode to one chunk.
+    of that length (uncompressed).  A compressed chunk must end where its
+    compressed format says it ends (:func:`_frame_damage`: a few bytes read);
+    with ``decode`` (a read of the whole file) it must decode to one chunk.
     """
     layout = spec.layout
     chunk_bytes = layout.chunk**3 * np.dtype(spec.dtype).itemsize
@@ -380,7 +389,51 @@ def damage(path: Path, spec: SinkSpec, decode: bool = False) -> str | None:
         return _shard_damage(path, size, spec, chunk_bytes, decode)
     if layout.compressor == "none":
         return None if size == chunk_bytes else f"{size} bytes, not {chunk_bytes}"
-    return _decode_damage(path.read_bytes(), spec, chunk_bytes) if decode else None
+    if decode:
+        return _decode_damage(path.read_bytes(), spec, chunk_bytes)
+    with path.open("rb") as file:
+        return _frame_damage(file, size, layout.compressor, chunk_bytes)
+
+
+def _frame_damage(file: BinaryIO, size: int, compressor: str, chunk_bytes: int) -> str | None:
+    """What the framing of a compressed chunk file of ``size`` bytes says is wrong with it, or ``None``.
+
+    Reads a few bytes, not the chunk: blosc's header gives the compressed and
+    the decoded size; a gzip stream ends with the decoded size (modulo 2^32); a
+    zstd frame is a chain of block headers, walked to its end.  So a file cut
+    short (a write under its final name that a power cut stopped before it was
+    flushed) is found without decoding the level: tests/test_formats_resume.py.
+    """
+    head = file.read(16)
+    if compressor.startswith("blosc-"):
+        if len(head) < 16:
+            return f"{size} bytes, shorter than blosc's header"
+        nbytes, cbytes = int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
+        if nbytes != chunk_bytes or cbytes != size:
+            return f"its blosc header gives {cbytes} bytes holding {nbytes}, the file has {size} for {chunk_bytes}"
+        return None
+    if compressor == "gzip":
+        file.seek(max(size - 4, 0))
+        if head[:2] != b"\x1f\x8b" or size < 18 or int.from_bytes(file.read(4), "little") != chunk_bytes % 2**32:
+            return f"it does not end as a gzip stream of {chunk_bytes} bytes"
+        return None
+    # zstd (RFC 8878): magic, frame header descriptor, window, dictionary id, content size, blocks, checksum
+    if len(head) < 5 or head[:4] != b"\x28\xb5\x2f\xfd":
+        return "it does not start as a zstd frame"
+    descriptor = head[4]
+    single = descriptor >> 5 & 1
+    offset = 5 + (1 - single) + (0, 1, 2, 4)[descriptor & 3] + (single, 2, 4, 8)[descriptor >> 6]
+    while True:
+        file.seek(offset)
+        header = file.read(3)
+        if len(header) < 3:
+            return f"its zstd frame is cut short: a block at byte {offset}, the file has {size}"
+        value = int.from_bytes(header, "little")
+        offset += 3 + (1 if value >> 1 & 3 == 1 else value >> 3)
+        if value & 1:
+            break
+    end = offset + 4 * (descriptor >> 2 & 1)
+    return None if end == size else f"its zstd frame ends at byte {end}, the file has {size}"
 
 
 def _decode_damage(encoded: bytes, spec: SinkSpec, chunk_bytes: int) -> str | None:

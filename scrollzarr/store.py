@@ -171,7 +171,8 @@ def damaged_units(spec: SinkSpec) -> list[tuple[Path, str]]:
     chunks) or an index that must agree with its size (shards), so other sizes
     are damage: a write cut off under its final name by a power cut before it was
     flushed, or a disk fault.  Compressed chunk files are not decoded here (that
-    would read the whole level): :func:`read_checked` finds those when they are read.
+    would read the whole level), only their framing checked (a file cut short is
+    found): :func:`read_checked` finds the rest when they are read.
     """
     found = ((path, damage(path, spec)) for path in unit_files(spec))
     return [(path, problem) for path, problem in found if problem is not None]
@@ -186,19 +187,28 @@ def read_region(array: zarr.Array, region: tuple[slice, ...]) -> np.ndarray:
 
 
 def read_checked(array: zarr.Array, region: tuple[slice, ...], advice: str) -> np.ndarray:
-    """``array[region]``; a damaged unit in it is a :class:`DamagedChunkError` naming the file, with ``advice``."""
+    """``array[region]``; a damaged unit in it is a :class:`DamagedChunkError` naming the file, with ``advice``.
+
+    The units' framing is checked before the read (a few bytes of each file):
+    blosc decodes a chunk cut short without an error, from bytes past its end
+    (numcodecs does not check the header's size against the buffer).
+    """
+    local = isinstance(array.store, LocalStore)
     try:
-        return read_region(array, region)
+        damaged = _damaged_in(array, region, decode=False) if local else []
+        if not damaged:
+            return read_region(array, region)
     except Exception:  # zarr and the codecs raise many kinds for bytes that are not what the metadata says
-        damaged = _damaged_in(array, region) if isinstance(array.store, LocalStore) else []
+        damaged = _damaged_in(array, region, decode=True) if local else []
         if not damaged:
             raise
-        path, problem = damaged[0]
-        raise DamagedChunkError(f"chunk file {path} is damaged ({problem}); {advice}") from None
+    path, problem = damaged[0]
+    raise DamagedChunkError(f"chunk file {path} is damaged ({problem}); {advice}") from None
 
 
-def _damaged_in(array: zarr.Array, region: tuple[slice, ...]) -> list[tuple[Path, str]]:
-    """The damaged unit files among those that hold ``region`` of ``array``, compressed ones decoded to tell."""
+def _damaged_in(array: zarr.Array, region: tuple[slice, ...], decode: bool) -> list[tuple[Path, str]]:
+    """The damaged unit files among those that hold ``region`` of ``array``, compressed ones decoded with
+    ``decode``."""
     try:
         spec = sink_spec(array)
     except UnsupportedLayout:
@@ -208,7 +218,7 @@ def _damaged_in(array: zarr.Array, region: tuple[slice, ...]) -> list[tuple[Path
     found = []
     for index in product(*ranges):
         path = spec.directory / spec.layout.chunk_key(index)
-        problem = damage(path, spec, decode=True) if path.is_file() else None
+        problem = damage(path, spec, decode=decode) if path.is_file() else None
         if problem is not None:
             found.append((path, problem))
     return found
