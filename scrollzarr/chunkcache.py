@@ -20,9 +20,12 @@ from itertools import product
 
 import numpy as np
 import zarr
+from zarr.storage import LocalStore
 
 from scrollzarr.blocks import shape3
-from scrollzarr.store import DamagedChunkError, chunk_file, chunk_nbytes
+from scrollzarr.layout import UnsupportedLayout
+from scrollzarr.sinks import SinkSpec, damage
+from scrollzarr.store import DamagedChunkError, chunk_file, chunk_nbytes, sink_spec
 
 ChunkIndex = tuple[int, int, int]
 
@@ -67,6 +70,7 @@ class ChunkCache:
         self._loading: dict[ChunkIndex, Future[np.ndarray | None]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
+        self._framed = _framed(array)
 
     def chunk(self, index: ChunkIndex) -> np.ndarray | None:
         """The voxels of chunk ``index`` (edge chunks trimmed to the array), or ``None`` if all are zero."""
@@ -125,6 +129,8 @@ class ChunkCache:
         return out
 
     def _read(self, index: ChunkIndex) -> np.ndarray | None:
+        if self._framed is not None:
+            _check_frame(self._framed, index)
         # not get_block_selection: in a sharded array its blocks are shards, not array.chunks
         region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, self.chunks, strict=True))  # clipped at the end
         try:
@@ -141,6 +147,33 @@ class ChunkCache:
             self.stats.distinct.add(index)
             self.stats.nbytes_read += data.nbytes
         return data if data.any() else None
+
+
+def _framed(array: zarr.Array) -> SinkSpec | None:
+    """What checking the framing of ``array``'s chunk files needs, for a local, compressed, unsharded array in a
+    layout scroll_to_ome writes; ``None`` for any other (raw chunks fail zarr's size check, a cut shard its
+    index's checksum)."""
+    if not isinstance(array.store, LocalStore) or array.shards is not None or not array.compressors:
+        return None
+    try:
+        return sink_spec(array)
+    except UnsupportedLayout:
+        return None
+
+
+def _check_frame(spec: SinkSpec, index: ChunkIndex) -> None:
+    """Refuse chunk ``index`` if its file's framing says it is cut short (a few bytes read).
+
+    blosc decodes a chunk cut short without an error, from bytes past its end
+    (numcodecs does not check the header's sizes against the buffer): without
+    this check a damaged store would render as garbage.
+    """
+    path = spec.directory / spec.layout.chunk_key(index)
+    problem = damage(path, spec) if path.is_file() else None
+    if problem is not None:
+        raise DamagedChunkError(
+            f"chunk file {path} of the volume is damaged ({problem}); convert the volume again with scroll_to_ome"
+        )
 
 
 def _damage(array: zarr.Array, index: ChunkIndex, error: Exception) -> DamagedChunkError | None:
