@@ -1,4 +1,4 @@
-"""Benchmark scroll_to_ome against copying the same TIFFs, in one run.
+"""Benchmark scroll_to_ome against copying the same TIFFs, and its output layouts against its default, in one run.
 
 Generates a synthetic scroll (plain uncompressed TIFFs and a masked, zlib-compressed
 variant; kept in bench/data/ between runs), then times, several times each, ``cat``
@@ -13,7 +13,18 @@ For each: the median wall time, user+sys CPU, peak resident memory, bytes read
 through read calls, MB/s of input, and the ratio to ``cp -r`` of the same input.
 The markdown table goes to stdout and to bench/RESULTS.md.
 
-Usage: python bench/bench_scroll_to_ome.py [--shape Z Y X] [--repeats N] [--output FILE]
+The layouts suite times, the same way, the output layouts of issue 13 against the
+default (zarr 2, uncompressed) in the same rounds: zarr 3 unsharded and sharded,
+blosc-lz4, blosc-zstd (clevel 3), zstd and gzip (gzip once, in the first round with
+the input in the page cache: it is slow).  For each: the wall time as a ratio to the default run's, the CPU
+utilisation (CPU / wall: 2 on two busy cores), the peak resident memory, and the
+output's bytes on disk (allocated blocks) as a ratio to the input's bytes.  Every
+layout's output (of its first run) is checked equal to the default run's, voxel for voxel.  That table
+replaces its own section of bench/RESULTS.md; the settings suite replaces the part
+before the first section, so each suite can be run alone.
+
+Usage: python bench/bench_scroll_to_ome.py [--shape Z Y X] [--repeats N] [--suite {settings,layouts,all}]
+       [--output FILE]
 """
 
 from __future__ import annotations
@@ -22,20 +33,26 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from measure import HERE, ROOT, Sample, drop_page_cache, ensure_stack, machine, median_sample, publish, run_once, warm
+from measure import HERE, ROOT, Sample, drop_page_cache, ensure_stack, machine, median_sample, run_once, warm
 
 SCRIPT = [sys.executable, str(ROOT / "scroll_to_ome.py"), "--quiet"]
 
 
-def measure_once(command: list[str], output: Path | None, source: Path, durable: bool) -> Sample:
-    """One run, starting with no output and, if durable, a cold cache (else the input read once before)."""
+def measure_once(
+    command: list[str], output: Path | None, source: Path, durable: bool, after: Callable[[Path], None] | None = None
+) -> tuple[Sample, int]:
+    """One run, starting with no output and, if durable, a cold cache (else the input read once before);
+    its sample and the bytes its output takes on disk.  ``after(output)`` runs, untimed, before the output is
+    removed."""
     if output is not None and output.exists():
         shutil.rmtree(output)
     os.sync()
@@ -44,10 +61,18 @@ def measure_once(command: list[str], output: Path | None, source: Path, durable:
     else:
         warm(source)
     sample = run_once(command, durable)
+    size = disk_bytes(output) if output is not None and output.exists() else 0
+    if after is not None and output is not None:
+        after(output)
     if output is not None and output.exists():
         shutil.rmtree(output)
     os.sync()
-    return sample
+    return sample, size
+
+
+def disk_bytes(directory: Path) -> int:
+    """Bytes the files under ``directory`` take on disk (allocated blocks, as ``du`` counts them)."""
+    return sum(p.lstat().st_blocks * 512 for p in directory.rglob("*") if p.is_file())
 
 
 def tiffs(directory: Path) -> list[str]:
@@ -71,20 +96,146 @@ def check_output_matches(reference: Path, candidate: Path) -> None:
             raise SystemExit(f"benchmark: level {name} of {candidate} differs from the default run")
 
 
+# Issue 13's layouts: (name, options beside the default run's, target: wall / wall of the default run, timed in
+# every round, else once: in the first round with the input in the page cache).
+# The sharded runs take shards one chunk (128 planes) deep, the depth whose memory stays within the default's.
+SHARD = "128,1024,1024"
+LAYOUTS: list[tuple[str, list[str], float | None, bool]] = [
+    ("default (zarr 2, uncompressed)", [], None, True),
+    ("zarr 3", ["--zarr_format", "3"], 1.15, True),
+    (f"zarr 3, shards {SHARD}", ["--zarr_format", "3", "--shard_shape", SHARD], 1.15, True),
+    ("zarr 3, shards 128,2048,2048", ["--zarr_format", "3", "--shard_shape", "128,2048,2048"], 1.15, True),
+    ("blosc-lz4 (zarr 2)", ["--compressor", "blosc-lz4"], 1.3, True),
+    (
+        f"blosc-lz4, zarr 3, shards {SHARD}",
+        ["--zarr_format", "3", "--shard_shape", SHARD, "--compressor", "blosc-lz4"],
+        1.3,
+        True,
+    ),
+    ("blosc-zstd 3 (zarr 2)", ["--compressor", "blosc-zstd", "--clevel", "3"], 2.0, True),
+    ("--preset v3-sharded (blosc-zstd 3)", ["--preset", "v3-sharded"], 2.0, True),
+    ("zstd 3 (zarr 2)", ["--compressor", "zstd"], None, True),
+    ("gzip 6 (zarr 2), once (slow)", ["--compressor", "gzip"], None, False),
+]
+
+
+def layouts_suite(plain: Path, work: Path, repeats: int, can_drop: bool) -> list[str]:
+    """Time every layout of :data:`LAYOUTS` round robin, check its output, and return its section of the report."""
+    out = work / "scroll.zarr"
+    input_bytes = sum(p.stat().st_size for p in plain.glob("*.tif"))
+    reference = work / "reference.zarr"
+    if reference.exists():
+        shutil.rmtree(reference)
+
+    def check(name: str) -> Callable[[Path], None]:
+        """What checks the output of the first run of ``name`` (the default's is kept as the reference)."""
+
+        def keep(output: Path) -> None:
+            output.rename(reference)
+
+        def compare(output: Path) -> None:
+            check_output_matches(reference, output)
+            print(f"{name}: output identical to the default run", file=sys.stderr)
+
+        return keep if name == LAYOUTS[0][0] else compare
+
+    rows = []
+    for durable in (False, True):
+        mode = ("durable, cold input" if can_drop else "durable, warm input") if durable else "page cache"
+        samples: dict[str, list[tuple[Sample, int]]] = {name: [] for name, *_ in LAYOUTS}
+        for repeat in range(repeats):
+            print(f"layouts, {mode}: round {repeat + 1} of {repeats} ...", file=sys.stderr, flush=True)
+            first = repeat == 0 and not durable
+            for name, extra, _, every_round in LAYOUTS:
+                if every_round or first:
+                    command = [*SCRIPT, str(plain), str(out), *extra]
+                    samples[name].append(measure_once(command, out, plain, durable, check(name) if first else None))
+        default_wall = 0.0
+        for name, _, target, _ in LAYOUTS:
+            if not samples[name]:
+                continue
+            sample = median_sample([s for s, _ in samples[name]])
+            size = statistics.median(b for _, b in samples[name])
+            default_wall = default_wall or sample.wall
+            ratio = sample.wall / default_wall
+            verdict = "" if target is None else f"≤ {target:.2f} {'yes' if ratio <= target else '**no**'}"
+            walls = ", ".join(f"{s.wall:.2f}" for s, _ in samples[name])
+            rows.append(
+                f"| {mode} | {name} | {sample.wall:.2f} ({walls}) | {ratio:.2f} | {verdict} | {sample.cpu:.2f} | "
+                f"{sample.cpu / sample.wall:.2f} | {sample.peak_rss / 2**30:.2f} | {size / 2**30:.3f} | "
+                f"{size / input_bytes:.3f} |"
+            )
+    shutil.rmtree(reference)
+    return [
+        LAYOUTS_HEADING + "\n",
+        f"Machine: {machine()}\n",
+        f"Input: the plain synthetic scroll above ({input_bytes / 2**30:.2f} GiB). Median of {repeats} runs "
+        "(each run's wall time in brackets, in round order), taken round robin; gzip once, with the input in the "
+        "page cache (it is slow). "
+        "x default = wall / wall of the default run (zarr 2, uncompressed) of the same rounds and mode; target = "
+        "issue 13's bound on that ratio; CPU = user + sys; CPU / wall = cores busy on average (2 on this machine's "
+        "two cores); RSS = peak resident memory of the process tree; output = bytes on disk (allocated blocks) "
+        "and their ratio to the input's bytes. Every layout's output was checked equal to the default run's.\n",
+        "| mode | run | wall s (runs) | x default | target | CPU s | CPU / wall | peak RSS GiB | output GiB | "
+        "output / input |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        *rows,
+    ]
+
+
+LAYOUTS_HEADING = "## Output layouts (issue 13)"
+
+
+def write_section(output: Path, parts: list[str], heading: str | None) -> None:
+    """Print ``parts`` and put them in ``output`` in place of the section under ``heading`` (or of the part
+    before the first section, for ``None``), keeping the rest of the file."""
+    text = "\n".join(parts) + "\n"
+    print(text, end="")
+    old = output.read_text() if output.exists() else ""
+    sections = re.split(r"(?m)^(?=## )", old)
+    head, rest = (sections[0], sections[1:]) if not sections[0].startswith("## ") else ("", sections)
+    if heading is None:
+        head = text
+    else:
+        found = [i for i, section in enumerate(rest) if section.startswith(heading + "\n")]
+        if found:
+            rest[found[0]] = text
+        else:
+            rest.insert(0, text)
+    pieces = [head, *rest]
+    output.write_text("\n".join(piece.rstrip("\n") + "\n" for piece in pieces if piece.strip()))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(256, 2048, 2048), metavar=("Z", "Y", "X"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=HERE / "data", help="where the synthetic stacks are kept")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--suite", choices=("settings", "layouts", "all"), default="all",
+        help="settings: the runs against cp -r; layouts: issue 13's output layouts against the default run",
+    )  # fmt: skip
     args = parser.parse_args()
     shape = tuple(args.shape)
     tag = "x".join(map(str, shape))
     plain, masked = args.data / f"plain_{tag}", args.data / f"masked_{tag}"
     ensure_stack(plain, shape, masked=False)
-    ensure_stack(masked, shape, masked=True)
     work = args.data / "out"
     work.mkdir(exist_ok=True)
+    can_drop = drop_page_cache()
+    if args.suite != "layouts":
+        ensure_stack(masked, shape, masked=True)
+        settings_suite(args, shape, plain, masked, work, can_drop)
+    if args.suite != "settings":
+        write_section(args.output, layouts_suite(plain, work, args.repeats, can_drop), LAYOUTS_HEADING)
+    return 0
+
+
+def settings_suite(
+    args: argparse.Namespace, shape: tuple[int, ...], plain: Path, masked: Path, work: Path, can_drop: bool
+) -> None:
+    """The runs against ``cp -r``; their report replaces the part of ``args.output`` before its first section."""
     out = work / "scroll.zarr"
     need = default_need(plain, out)
     half = f",,:{shape[0] // 2}"
@@ -110,7 +261,6 @@ def main() -> int:
         ("masked (zlib), default", [*SCRIPT, str(masked), str(out)], out, masked),
         ("masked (zlib), --workers 1", [*SCRIPT, str(masked), str(out), "--workers", "1"], out, masked),
     ]
-    can_drop = drop_page_cache()
     input_bytes = {source: sum(p.stat().st_size for p in source.glob("*.tif")) for source in (plain, masked)}
     rows = []
     for durable in (False, True):
@@ -120,7 +270,7 @@ def main() -> int:
         for repeat in range(args.repeats):
             print(f"{mode}: round {repeat + 1} of {args.repeats} ...", file=sys.stderr, flush=True)
             for name, command, output, source in runs:
-                samples[name].append(measure_once(command, output, source, durable))
+                samples[name].append(measure_once(command, output, source, durable)[0])
         copy_wall: dict[Path, float] = {}
         for name, _, _, source in runs:
             sample = median_sample(samples[name])
@@ -140,7 +290,8 @@ def main() -> int:
         shutil.rmtree(other)
         print(f"{name}: output identical to the default run", file=sys.stderr)
     shutil.rmtree(out)
-    publish(
+    write_section(
+        args.output,
         [
             f"# scroll_to_ome benchmark\n\nMachine: {machine()}\n",
             f"Input: synthetic scroll of {shape[0]} slices of {shape[1]} x {shape[2]} uint16 "
@@ -155,9 +306,8 @@ def main() -> int:
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows,
         ],
-        args.output,
+        None,
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ level's :class:`~scrollzarr.layout.StoreLayout`.
 * :class:`RawChunkSink`: uncompressed, unsharded (the default store); chunk
   files written straight from a page-aligned buffer with direct I/O.
 * :class:`EncodedChunkSink`: compressed, unsharded; each chunk encoded by the
-  writing thread (blosc, zstd and zlib release the GIL).
+  writing thread (blosc, zstd and zlib release the GIL) into a page-aligned
+  buffer and written from it with direct I/O too (:class:`_UnitFile`).
 * :class:`ShardSink`: sharded (zarr 3), compressed or not; the inner chunks
   are encoded and appended to the shard file one at a time, then the index.
 
@@ -179,38 +180,123 @@ def _chunk_buffer(chunks: Shape3, dtype: np.dtype) -> np.ndarray:
 BLOSC_OVERHEAD = 16
 
 
-def _encoder(codec: Codec, dtype: np.dtype, chunk_bytes: int) -> Callable[[np.ndarray], memoryview]:
-    """What encodes a padded chunk with ``codec`` in the calling thread.
+def encoded_bound(chunk_bytes: int) -> int:
+    """Most bytes a chunk of ``chunk_bytes`` can take encoded, with any of our codecs.
 
-    Blosc goes through imagecodecs' binding of the same c-blosc (1.21) into this
-    thread's reused output buffer: the bytes are identical to numcodecs' (checked by
-    tests/test_formats.py's test_shards_hold_what_zarr_python_writes), but numcodecs
-    allocates a fresh output per chunk and fresh pages cost page faults: 4 MiB uint16
-    chunks of the synthetic scroll on the build machine, blosc lz4 (bit shuffle)
-    646 MB/s with numcodecs, 1552 MB/s with a reused buffer; zstd 3, 249 and 309 MB/s.
-    Zstd and zlib spend their time compressing (numcodecs and imagecodecs alike, 262
-    and 257 MB/s for zstd 3).
+    Blosc adds :data:`BLOSC_OVERHEAD`; zstd's ``ZSTD_compressBound`` is under
+    ``n + n / 256 + 128`` and zlib's ``deflateBound`` (with the gzip wrapper) under
+    ``n + n / 1024 + 32``, for incompressible data.
+    """
+    return chunk_bytes + chunk_bytes // 128 + DIRECT_IO_BLOCK
+
+
+def _encoder(codec: Codec) -> Callable[[np.ndarray, np.ndarray], int]:
+    """What encodes a padded chunk with ``codec`` in the calling thread: ``encode(data, out)`` puts the
+    encoded bytes at the start of ``out`` (uint8, at least :func:`encoded_bound` bytes) and returns their count.
+
+    Blosc goes through imagecodecs' binding of the same c-blosc (1.21) straight
+    into ``out``: the bytes are identical to numcodecs' (checked by
+    tests/test_formats.py's test_shards_hold_what_zarr_python_writes and
+    tests/test_sink_direct_io.py), but numcodecs allocates a fresh output per
+    chunk and fresh pages cost page faults: 4 MiB uint16 chunks of the synthetic
+    scroll on the build machine, blosc lz4 (bit shuffle) 646 MB/s with numcodecs,
+    1552 MB/s with a reused buffer; zstd 3, 249 and 309 MB/s.  Zstd and zlib
+    spend their time compressing (numcodecs and imagecodecs alike, 262 and 257
+    MB/s for zstd 3): their output is copied into ``out``.
 
     Gzip is written with a header time of 0: numcodecs' GZip puts the time of the
     write in each chunk's header, so a resumed run's chunks differed from an
     uninterrupted run's (tests/test_formats_resume.py) though their voxels did not.
     """
-    if isinstance(codec, numcodecs.GZip):
-        return lambda data: memoryview(gzip.compress(data.data, codec.level, mtime=0))
     if not isinstance(codec, numcodecs.Blosc):
-        return lambda data: memoryview(codec.encode(data))
-    size = chunk_bytes + BLOSC_OVERHEAD
+        if isinstance(codec, numcodecs.GZip):
+            level = codec.level
 
-    def encode(data: np.ndarray) -> memoryview:
-        out = _thread_buffer(("blosc", size), lambda: np.empty(size, np.uint8))
+            def compress(data: np.ndarray) -> bytes:
+                return gzip.compress(data.data, level, mtime=0)
+
+        else:
+            compress = codec.encode
+
+        def copy(data: np.ndarray, out: np.ndarray) -> int:
+            encoded = np.frombuffer(compress(data), np.uint8)
+            out[: len(encoded)] = encoded
+            return len(encoded)
+
+        return copy
+
+    def encode(data: np.ndarray, out: np.ndarray) -> int:
+        # exactly numcodecs' room: with more, c-blosc keeps an encoding longer than the data instead of a copy
+        room = out[: data.nbytes + BLOSC_OVERHEAD]
         # imagecodecs' stubs take bytes in and a bytearray out; blosc_encode takes any buffer for either
         encoded = imagecodecs.blosc_encode(
             data, level=codec.clevel, compressor=codec.cname, shuffle=codec.shuffle,  # type: ignore[arg-type]
-            typesize=data.dtype.itemsize, blocksize=codec.blocksize, numthreads=1, out=out,  # type: ignore[arg-type]
+            typesize=data.dtype.itemsize, blocksize=codec.blocksize, numthreads=1, out=room,  # type: ignore[arg-type]
         )  # fmt: skip
-        return memoryview(encoded)
+        return len(encoded)
 
     return encode
+
+
+class _UnitFile:
+    """A unit file written with direct I/O from this thread's page-aligned buffer, whatever its pieces' sizes.
+
+    Encoded pieces go into the buffer one after another; after each, the whole
+    blocks held are written (:data:`DIRECT_IO_BLOCK`) and the rest (less than a
+    block) moves to the buffer's start.  :meth:`close` writes the last bytes
+    padded to a whole block, then cuts the file to its size.  Written through
+    the page cache, 2 GiB of blosc-zstd chunks cost the writer threads 2.2 s of
+    CPU against 4.0 s for encoding them (synthetic scroll, 2-core build machine):
+    the copy into the page cache, which direct I/O leaves out.
+
+    Parameters
+    ----------
+    room : int
+        Most bytes one piece may take (:func:`encoded_bound`, or an index's size).
+    """
+
+    def __init__(self, path: Path, direct: bool, room: int) -> None:
+        size = -(-(room + DIRECT_IO_BLOCK) // DIRECT_IO_BLOCK) * DIRECT_IO_BLOCK
+        self.buffer = _thread_buffer(("unit file", size), lambda: aligned_empty((size,), np.dtype(np.uint8)))
+        self.file = _Partial(path, direct)
+        self.held = 0  # bytes at the buffer's start not yet written
+
+    @property
+    def size(self) -> int:
+        """Bytes of the file so far (written or held)."""
+        return self.file.size + self.held
+
+    def add(self, data: np.ndarray, encode: Callable[[np.ndarray, np.ndarray], int] | None) -> int:
+        """Append ``data`` encoded with ``encode`` (as is for ``None``); return the bytes appended."""
+        if encode is None and self.held == 0 and data.nbytes % DIRECT_IO_BLOCK == 0:  # straight from ``data``
+            self.file.append(data)
+            return data.nbytes
+        if encode is None:
+            count = data.nbytes
+            self.buffer[self.held : self.held + count] = memoryview(data.data).cast("B")
+        else:
+            count = encode(data, self.buffer[self.held :])
+        self.held += count
+        whole = self.held - self.held % DIRECT_IO_BLOCK
+        if whole:
+            self.file.append(self.buffer[:whole])
+            rest = self.held - whole
+            self.buffer[:rest] = self.buffer[whole : self.held]
+            self.held = rest
+        return count
+
+    def close(self) -> None:
+        """Write what is held, padded to a whole block; cut the file to its size; rename it into place."""
+        size = self.size
+        if self.held:
+            self.file.append(self.buffer[: -(-self.held // DIRECT_IO_BLOCK) * DIRECT_IO_BLOCK])
+            os.ftruncate(self.file.descriptor, size)
+            self.held = 0
+        self.file.__exit__(None, None, None)
+
+    def abort(self, error: BaseException) -> None:
+        """Remove the temporary file, after ``error``."""
+        self.file.__exit__(type(error), error, None)
 
 
 def _thread_buffer(kind: object, make: Callable[[], np.ndarray]) -> np.ndarray:
@@ -284,20 +370,42 @@ class RawChunkSink(_ChunkFiles):
 
 
 class EncodedChunkSink(_ChunkFiles):
-    """Compressed chunks, a file each: the padded chunk's bytes through the layout's codec."""
+    """Compressed chunks, a file each: the padded chunk's bytes through the layout's codec, written with direct
+    I/O where the file system allows it (:class:`_UnitFile`; the first ``EINVAL`` switches to ordinary writes)."""
 
     def __init__(self, spec: SinkSpec) -> None:
         super().__init__(spec)
         codec = spec.layout.codec(self.dtype)
         assert codec is not None
-        self.encode = _encoder(codec, self.dtype, math.prod(self.unit) * self.dtype.itemsize)
+        self.encode = _encoder(codec)
+        self.room = encoded_bound(math.prod(self.unit) * self.dtype.itemsize)
+        self._direct = bool(_O_DIRECT)
 
     def write(self, corner: Shape3, piece: np.ndarray) -> int:
         data = _padded(piece, self.unit, self.dtype)
         if data is None:
             return 0
-        write_file(self.path(corner), self.encode(data))
+        path = self.path(corner)
+        if self._direct:
+            try:
+                self._write(path, data, True)
+                return 1
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    raise
+                self._direct = False
+                log.debug("direct I/O refused for %s (%s); writing through the page cache", path, error)
+        self._write(path, data, False)
         return 1
+
+    def _write(self, path: Path, data: np.ndarray, direct: bool) -> None:
+        file = _UnitFile(path, direct, self.room)
+        try:
+            file.add(data, self.encode)
+        except BaseException as error:
+            file.abort(error)
+            raise
+        file.close()
 
 
 class ShardSink:
@@ -308,8 +416,9 @@ class ShardSink:
     every inner chunk of the shard, in C order, its offset and length (two
     little-endian uint64; both 2^64 - 1 for a chunk left out), then the CRC-32C
     of those index bytes (little-endian uint32).  A shard with no non-zero chunk
-    is not written.  Uncompressed inner chunks go out with direct I/O where
-    their size allows it, the index through the page cache.
+    is not written.  The file goes out with direct I/O where the file system
+    allows it (:class:`_UnitFile`): uncompressed inner chunks straight from the
+    chunk buffer, encoded ones from the buffer they are encoded into.
 
     Built here rather than by zarr's sharding codec because it measured faster
     (bench/bench_shard_write.py: one 128 x 1024 x 1024 uint16 shard of the
@@ -329,8 +438,12 @@ class ShardSink:
         codec = spec.layout.codec(self.dtype)
         self.grid = tuple(s // c for s, c in zip(self.unit, self.chunks, strict=True))
         nbytes = math.prod(self.chunks) * self.dtype.itemsize
-        self.encode = None if codec is None else _encoder(codec, self.dtype, nbytes)
-        self._direct = codec is None and bool(_O_DIRECT) and nbytes % DIRECT_IO_BLOCK == 0
+        self.encode = None if codec is None else _encoder(codec)
+        index_bytes = 16 * math.prod(self.grid) + 4
+        # whole-block uncompressed chunks go straight from the chunk buffer: the unit file's buffer holds the index
+        whole = codec is None and nbytes % DIRECT_IO_BLOCK == 0
+        self.room = index_bytes if whole else max(encoded_bound(nbytes), index_bytes)
+        self._direct = bool(_O_DIRECT)
 
     def write(self, corner: Shape3, piece: np.ndarray) -> int:
         index = tuple(c // n for c, n in zip(corner, self.unit, strict=True))
@@ -346,7 +459,7 @@ class ShardSink:
 
     def _write(self, path: Path, piece: np.ndarray, direct: bool) -> int:
         entries = np.full((*self.grid, 2), MISSING, dtype="<u8")
-        file: _Partial | None = None
+        file: _UnitFile | None = None
         try:
             for inner in product(*(range(n) for n in self.grid)):
                 region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(inner, self.chunks, strict=True))
@@ -356,20 +469,20 @@ class ShardSink:
                 data = _padded(part, self.chunks, self.dtype)
                 if data is None:
                     continue
-                encoded = data if self.encode is None else self.encode(data)
                 if file is None:
-                    file = _Partial(path, direct)
-                entries[inner] = (file.size, encoded.nbytes)
-                file.append(encoded)
+                    file = _UnitFile(path, direct, self.room)
+                offset = file.size
+                entries[inner] = (offset, file.add(data, self.encode))
             if file is None:
                 return 0
             index = entries.tobytes()
-            file.append(index + np.uint32(google_crc32c.value(index)).astype("<u4").tobytes())
+            tail = index + np.uint32(google_crc32c.value(index)).astype("<u4").tobytes()
+            file.add(np.frombuffer(tail, np.uint8), None)
         except BaseException as error:
             if file is not None:
-                file.__exit__(type(error), error, None)
+                file.abort(error)
             raise
-        file.__exit__(None, None, None)
+        file.close()
         return int(np.count_nonzero(entries[..., 0] != MISSING))
 
 
