@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import io
 import logging
 import math
 import mmap
@@ -213,7 +214,11 @@ def _encoder(codec: Codec) -> Callable[[np.ndarray, np.ndarray], int]:
             level = codec.level
 
             def compress(data: np.ndarray) -> bytes:
-                return gzip.compress(data.data, level, mtime=0)
+                # as numcodecs' GZip writes it (GzipFile: the header's OS byte is 3, gzip.compress' 255), time 0
+                stream = io.BytesIO()
+                with gzip.GzipFile(mode="wb", compresslevel=level, fileobj=stream, mtime=0) as file:
+                    file.write(data.data)
+                return stream.getvalue()
 
         else:
             compress = codec.encode
