@@ -215,6 +215,10 @@ def _chunk_buffers(layout: Layout) -> int:
 def read_back_blocks(layout: Layout, first: int, budget: int) -> tuple[Shape3, ...]:
     """Blocks for building levels ``first …`` from the stored level above, ``workers`` at a time.
 
+    Unsharded, the largest blocks of whole chunks that fit (:func:`choose_block`).
+    Sharded, one shard each: a shard is built a chunk at a time
+    (:func:`scrollzarr.readback.write_downsampled_block`), so its memory is one chunk's.
+
     Raises
     ------
     UsageError
@@ -223,6 +227,9 @@ def read_back_blocks(layout: Layout, first: int, budget: int) -> tuple[Shape3, .
     need = read_back_need(layout, first)
     if budget < need:
         raise _too_small(budget, layout.chunk, need, layout.unit)
+    levels = range(first, len(layout.shapes))
+    if _sharded(layout):
+        return tuple(layout.write_unit for _ in levels)
     share = (budget - _chunk_buffers(layout)) // layout.workers
     itemsize = layout.out_itemsize
     return tuple(
@@ -232,22 +239,28 @@ def read_back_blocks(layout: Layout, first: int, budget: int) -> tuple[Shape3, .
             downsample_cost(layout.shapes[level - 1], itemsize, layout.algorithm),
             share,
         )
-        for level in range(first, len(layout.shapes))
+        for level in levels
     )
 
 
+def _sharded(layout: Layout) -> bool:
+    """Whether a write unit holds more than one chunk (read-back levels are then built a chunk at a time)."""
+    return layout.write_unit != (layout.chunk,) * 3
+
+
 def read_back_cost(layout: Layout, first: int, blocks: tuple[Shape3, ...]) -> int:
-    """Bytes that building levels ``first …`` in ``blocks`` needs, ``workers`` blocks at a time."""
+    """Bytes that building levels ``first …`` in ``blocks`` needs, ``workers`` blocks (sharded: chunks) at a time."""
+    built = [(layout.chunk,) * 3 if _sharded(layout) else block for block in blocks]
     costs = [
-        downsample_cost(layout.shapes[level - 1], layout.out_itemsize, layout.algorithm)(block)
-        for level, block in enumerate(blocks, start=first)
+        downsample_cost(layout.shapes[level - 1], layout.out_itemsize, layout.algorithm)(piece)
+        for level, piece in enumerate(built, start=first)
     ]
     return layout.workers * max(costs, default=0) + (_chunk_buffers(layout) if costs else 0)
 
 
 def read_back_need(layout: Layout, first: int) -> int:
-    """Bytes the read-back levels need at the least (one write unit per worker)."""
-    smallest = layout.write_unit
+    """Bytes the read-back levels need at the least (one chunk built per worker)."""
+    smallest = (layout.chunk,) * 3
     needs = [
         downsample_cost(layout.shapes[level - 1], layout.out_itemsize, layout.algorithm)(smallest)
         for level in range(first, len(layout.shapes))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import partial
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,35 @@ def write_downsampled_block(
     """Build ``box`` (whole write units) of a level from the stored level above, ``source``; write its units;
     the number of chunks that were not all zero.
 
-    With ``advice``, a damaged chunk of ``source`` is a message that ends with it.
+    Unsharded, the box is built at once and cut into chunks.  Sharded, each
+    shard is built a chunk at a time, as its sink asks for them
+    (:meth:`~scrollzarr.sinks.LevelSink.write_parts`): a worker holds one
+    chunk's part of the level above, not a shard's (a 128 x 1024 x 1024 shard
+    of uint16 is built from 2 GiB of the level above).  With ``advice``, a
+    damaged chunk of ``source`` is a message that ends with it.
+    """
+    if writer.unit != writer.chunks:
+        part = partial(downsampled, source, algorithm=algorithm, advice=advice)
+        (z0, z1), (y0, y1), (x0, x1) = box
+        uz, uy, ux = writer.unit
+        corners = product(range(z0, z1, uz), range(y0, y1, uy), range(x0, x1, ux))
+        return sum((writer.write_parts(corner, part) for corner in corners), 0)
+    result = downsampled(source, box, algorithm, advice)
+    (z0, _), (y0, _), (x0, _) = box
+    written = 0
+    for local in iter_boxes(shape3(result.shape), writer.unit):
+        (z, _), (y, _), (x, _) = local
+        piece = result[tuple(slice(a, b) for a, b in local)]
+        written += writer.write((z0 + z, y0 + y, x0 + x), piece)
+    return written
+
+
+def downsampled(source: zarr.Array, box: Box, algorithm: ds.Algorithm, advice: str | None) -> np.ndarray:
+    """The voxels of ``box`` of a level, built from the stored level above, ``source``.
+
+    Returns
+    -------
+    ndarray, the box's shape, the source's dtype
     """
     margin = ds.halo(algorithm)
     read = tuple(
@@ -93,13 +122,5 @@ def write_downsampled_block(
             slice(2 * a - r.start, min(2 * b, n) - r.start)
             for (a, b), r, n in zip(box, read, source.shape, strict=True)
         )
-        result = ds.downsample_gaussian(data, (core_z, core_y, core_x))
-    else:
-        result = ds.downsample(data, algorithm)
-    (z0, _), (y0, _), (x0, _) = box
-    written = 0
-    for local in iter_boxes(shape3(result.shape), writer.unit):
-        (z, _), (y, _), (x, _) = local
-        piece = result[tuple(slice(a, b) for a, b in local)]
-        written += writer.write((z0 + z, y0 + y, x0 + x), piece)
-    return written
+        return ds.downsample_gaussian(data, (core_z, core_y, core_x))
+    return ds.downsample(data, algorithm)

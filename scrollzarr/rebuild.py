@@ -69,7 +69,7 @@ class RebuildPlan:
     layout: StoreLayout
     origin: Shape3 | None
     algorithm: ds.Algorithm
-    budget: int
+    need: int
     blocks: tuple[Shape3, ...]
     workers: int
     quiet: bool
@@ -158,6 +158,7 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         budget = max(plane, memory.read_back_need(model, first))
     else:
         budget = round(options.max_gb * memory.GIB)
+    blocks = memory.read_back_blocks(model, first, budget)
     fingerprint = {
         "rebuild_from_level": first,
         "nlevels": options.nlevels,
@@ -174,8 +175,8 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         layout=arrays,
         origin=None if translation is None else (int(translation[0]), int(translation[1]), int(translation[2])),
         algorithm=options.algorithm,
-        budget=budget,
-        blocks=memory.read_back_blocks(model, first, budget),
+        need=memory.read_back_cost(model, first, blocks),
+        blocks=blocks,
         workers=options.worker_count,
         quiet=options.quiet,
         fingerprint=fingerprint,
@@ -342,5 +343,5 @@ def describe_rebuild(plan: RebuildPlan) -> str:
             f"  level {level}: {shape[0]} x {shape[1]} x {shape[2]} (z, y, x), "
             f"{chunk_count(shape, plan.layout.chunk)} chunks of {plan.layout.chunk}^3, {plan.algorithm}"
         )
-    lines.append(f"memory: about {format_bytes(plan.budget)} for buffers, {plan.workers} worker(s)")
+    lines.append(f"memory: about {format_bytes(plan.need)} for buffers, {plan.workers} worker(s)")
     return "\n".join(lines)

@@ -42,7 +42,7 @@ import numcodecs
 import numpy as np
 from numcodecs.abc import Codec
 
-from scrollzarr.blocks import Shape3
+from scrollzarr.blocks import Box, Shape3
 from scrollzarr.durable import temporary_path
 from scrollzarr.layout import StoreLayout
 
@@ -59,15 +59,26 @@ MISSING = np.uint64(2**64 - 1)
 _THREAD_BUFFERS = threading.local()
 
 
+# What gives the voxels of a box of a level (level coordinates, inside the level): a part of a write unit.
+Parts = Callable[[Box], np.ndarray]
+
+
 class LevelSink(Protocol):
     """What the conversion writes a level through."""
 
     unit: Shape3
     """Shape of a write unit, voxels (z, y, x): units start at multiples of it."""
+    chunks: Shape3
+    """Shape of a chunk, voxels (z, y, x): the unit, or (sharded) a part of it."""
 
     def write(self, corner: Shape3, piece: np.ndarray) -> int:
         """Store ``piece``, the write unit whose first voxel is at ``corner`` (level coordinates), clipped to the
         level; return how many of its chunks were not all zero (and so were stored)."""
+        ...
+
+    def write_parts(self, corner: Shape3, part: Parts) -> int:
+        """Store the write unit whose first voxel is at ``corner``, asking ``part`` for the voxels of one chunk
+        at a time (a box clipped to the level), so that a shard is never held whole; as :meth:`write`."""
         ...
 
 
@@ -157,11 +168,14 @@ class _Partial:
         return self
 
     def __exit__(self, kind: object, error: BaseException | None, trace: object) -> None:
+        if self.descriptor < 0:  # ended already (an error after the rename was tried): nothing left to undo
+            return
         try:
             if error is None and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(self.descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(self.descriptor)
+            self.descriptor = -1
         if error is None:
             try:
                 os.replace(self.temporary, self.path)
@@ -329,54 +343,78 @@ def _padded(piece: np.ndarray, chunks: Shape3, dtype: np.dtype) -> np.ndarray | 
     return data if words.any() else None
 
 
-class _ChunkFiles:
-    """What the unsharded sinks share: one file per chunk, its key from the layout."""
+class _Sink:
+    """What every sink shares: its unit, the unit files' names, and direct I/O until the file system refuses it.
+
+    The first refusal of direct I/O (``EINVAL``, e.g. tmpfs) switches the sink
+    to ordinary writes for good.
+    """
 
     def __init__(self, spec: SinkSpec) -> None:
         self.spec = spec
-        self.unit = spec.layout.unit
+        self.unit: Shape3 = spec.layout.unit
+        self.chunks: Shape3 = (spec.layout.chunk,) * 3
         self.dtype = np.dtype(spec.dtype).newbyteorder("<")
+        self._direct = bool(_O_DIRECT)
 
     def path(self, corner: Shape3) -> Path:
+        """The file of the unit whose first voxel is at ``corner``."""
         index = tuple(c // n for c, n in zip(corner, self.unit, strict=True))
         return self.spec.directory / self.spec.layout.chunk_key(index)
 
+    def unit_box(self, corner: Shape3) -> Box:
+        """The unit whose first voxel is at ``corner``, clipped to the level."""
+        z, y, x = ((c, min(c + n, size)) for c, n, size in zip(corner, self.unit, self.spec.shape, strict=True))
+        return z, y, x
 
-class RawChunkSink(_ChunkFiles):
+    def _attempt(self, path: Path, write: Callable[[bool], int]) -> int:
+        """``write(direct)``: with direct I/O while the file system allows it, else through the page cache."""
+        if self._direct:
+            try:
+                return write(True)
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    raise
+                self._direct = False
+                log.debug("direct I/O refused for %s (%s); writing through the page cache", path, error)
+        return write(False)
+
+    def write_parts(self, corner: Shape3, part: Parts) -> int:
+        """The unit of an unsharded level is one chunk: one part."""
+        return self.write(corner, part(self.unit_box(corner)))
+
+    def write(self, corner: Shape3, piece: np.ndarray) -> int:
+        raise NotImplementedError
+
+
+class RawChunkSink(_Sink):
     """Uncompressed chunks, a file each: the voxels in C order, little-endian, padded to the whole chunk.
 
     Where the file system allows it, chunk files are written with direct I/O: to
     the disk the same bytes, without copying them into the page cache first (on
     the benchmark machine that copy took 40 % of the conversion's CPU time).
-    The first refusal (``EINVAL``, e.g. tmpfs) switches this sink to ordinary writes.
     """
 
     def __init__(self, spec: SinkSpec) -> None:
         super().__init__(spec)
-        nbytes = math.prod(self.unit) * self.dtype.itemsize
-        self._direct = bool(_O_DIRECT) and nbytes % DIRECT_IO_BLOCK == 0
+        self._direct = self._direct and math.prod(self.unit) * self.dtype.itemsize % DIRECT_IO_BLOCK == 0
 
     def write(self, corner: Shape3, piece: np.ndarray) -> int:
         data = _padded(piece, self.unit, self.dtype)
         if data is None:
             return 0
         path = self.path(corner)
-        if self._direct:
-            try:
-                write_file(path, data, direct=True)
-                return 1
-            except OSError as error:
-                if error.errno != errno.EINVAL:
-                    raise
-                self._direct = False
-                log.debug("direct I/O refused for %s (%s); writing through the page cache", path, error)
-        write_file(path, data)
-        return 1
+
+        def attempt(direct: bool) -> int:
+            write_file(path, data, direct=direct)
+            return 1
+
+        return self._attempt(path, attempt)
 
 
-class EncodedChunkSink(_ChunkFiles):
+class EncodedChunkSink(_Sink):
     """Compressed chunks, a file each: the padded chunk's bytes through the layout's codec, written with direct
-    I/O where the file system allows it (:class:`_UnitFile`; the first ``EINVAL`` switches to ordinary writes)."""
+    I/O where the file system allows it (:class:`_UnitFile`)."""
 
     def __init__(self, spec: SinkSpec) -> None:
         super().__init__(spec)
@@ -384,46 +422,39 @@ class EncodedChunkSink(_ChunkFiles):
         assert codec is not None
         self.encode = _encoder(codec)
         self.room = encoded_bound(math.prod(self.unit) * self.dtype.itemsize)
-        self._direct = bool(_O_DIRECT)
 
     def write(self, corner: Shape3, piece: np.ndarray) -> int:
         data = _padded(piece, self.unit, self.dtype)
         if data is None:
             return 0
         path = self.path(corner)
-        if self._direct:
+
+        def attempt(direct: bool) -> int:
+            file = _UnitFile(path, direct, self.room)
             try:
-                self._write(path, data, True)
-                return 1
-            except OSError as error:
-                if error.errno != errno.EINVAL:
-                    raise
-                self._direct = False
-                log.debug("direct I/O refused for %s (%s); writing through the page cache", path, error)
-        self._write(path, data, False)
-        return 1
+                file.add(data, self.encode)
+                file.close()
+            except BaseException as error:
+                file.abort(error)
+                raise
+            return 1
 
-    def _write(self, path: Path, data: np.ndarray, direct: bool) -> None:
-        file = _UnitFile(path, direct, self.room)
-        try:
-            file.add(data, self.encode)
-        except BaseException as error:
-            file.abort(error)
-            raise
-        file.close()
+        return self._attempt(path, attempt)
 
 
-class ShardSink:
+class ShardSink(_Sink):
     """Shards of a zarr 3 array: each a file of its non-zero inner chunks, then the index.
 
-    The file is what zarr's ``sharding_indexed`` codec writes with its default
-    index: the encoded inner chunks one after another (in C order), then for
-    every inner chunk of the shard, in C order, its offset and length (two
-    little-endian uint64; both 2^64 - 1 for a chunk left out), then the CRC-32C
-    of those index bytes (little-endian uint32).  A shard with no non-zero chunk
-    is not written.  The file goes out with direct I/O where the file system
-    allows it (:class:`_UnitFile`): uncompressed inner chunks straight from the
-    chunk buffer, encoded ones from the buffer they are encoded into.
+    The file is laid out as zarr's ``sharding_indexed`` codec specifies with its
+    default index, and as zarr-python reads it: the encoded inner chunks one
+    after another (in C order; zarr-python writes them in Morton order, which
+    readers do not see), then for every inner chunk of the shard, in C order,
+    its offset and length (two little-endian uint64; both 2^64 - 1 for a chunk
+    left out), then the CRC-32C of those index bytes (little-endian uint32).  A
+    shard with no non-zero chunk is not written.  The file goes out with direct
+    I/O where the file system allows it (:class:`_UnitFile`): uncompressed inner
+    chunks straight from the chunk buffer, encoded ones from the buffer they are
+    encoded into.
 
     Built here rather than by zarr's sharding codec because it measured faster
     (bench/bench_shard_write.py: one 128 x 1024 x 1024 uint16 shard of the
@@ -435,11 +466,8 @@ class ShardSink:
     """
 
     def __init__(self, spec: SinkSpec) -> None:
+        super().__init__(spec)
         assert spec.layout.shard is not None
-        self.spec = spec
-        self.unit = spec.layout.shard
-        self.chunks: Shape3 = (spec.layout.chunk,) * 3
-        self.dtype = np.dtype(spec.dtype).newbyteorder("<")
         codec = spec.layout.codec(self.dtype)
         self.grid = tuple(s // c for s, c in zip(self.unit, self.chunks, strict=True))
         nbytes = math.prod(self.chunks) * self.dtype.itemsize
@@ -448,30 +476,29 @@ class ShardSink:
         # whole-block uncompressed chunks go straight from the chunk buffer: the unit file's buffer holds the index
         whole = codec is None and nbytes % DIRECT_IO_BLOCK == 0
         self.room = index_bytes if whole else max(encoded_bound(nbytes), index_bytes)
-        self._direct = bool(_O_DIRECT)
 
     def write(self, corner: Shape3, piece: np.ndarray) -> int:
-        index = tuple(c // n for c, n in zip(corner, self.unit, strict=True))
-        path = self.spec.directory / self.spec.layout.chunk_key(index)
-        try:
-            return self._write(path, piece, self._direct)
-        except OSError as error:
-            if not self._direct or error.errno != errno.EINVAL:
-                raise
-            self._direct = False
-            log.debug("direct I/O refused for %s (%s); writing through the page cache", path, error)
-            return self._write(path, piece, False)
+        def part(box: Box) -> np.ndarray:
+            return piece[tuple(slice(a - c, b - c) for (a, b), c in zip(box, corner, strict=True))]
 
-    def _write(self, path: Path, piece: np.ndarray, direct: bool) -> int:
+        return self.write_parts(corner, part)
+
+    def write_parts(self, corner: Shape3, part: Parts) -> int:
+        path = self.path(corner)
+        return self._attempt(path, lambda direct: self._write(path, corner, part, direct))
+
+    def _write(self, path: Path, corner: Shape3, part: Parts, direct: bool) -> int:
         entries = np.full((*self.grid, 2), MISSING, dtype="<u8")
         file: _UnitFile | None = None
         try:
             for inner in product(*(range(n) for n in self.grid)):
-                region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(inner, self.chunks, strict=True))
-                part = piece[region]
-                if part.size == 0:  # beyond the level's far edge
+                starts = (c + i * n for c, i, n in zip(corner, inner, self.chunks, strict=True))
+                z, y, x = (
+                    (a, min(a + n, size)) for a, n, size in zip(starts, self.chunks, self.spec.shape, strict=True)
+                )
+                if z[0] >= z[1] or y[0] >= y[1] or x[0] >= x[1]:  # beyond the level's far edge
                     continue
-                data = _padded(part, self.chunks, self.dtype)
+                data = _padded(part((z, y, x)), self.chunks, self.dtype)
                 if data is None:
                     continue
                 if file is None:
@@ -483,11 +510,11 @@ class ShardSink:
             index = entries.tobytes()
             tail = index + np.uint32(google_crc32c.value(index)).astype("<u4").tobytes()
             file.add(np.frombuffer(tail, np.uint8), None)
+            file.close()
         except BaseException as error:
             if file is not None:
                 file.abort(error)
             raise
-        file.close()
         return int(np.count_nonzero(entries[..., 0] != MISSING))
 
 

@@ -412,7 +412,7 @@ def layer_files(directory: Path) -> dict[str, bytes]:
     return {name: data for name, data in store_files(directory).items() if not Path(name).name.startswith(".")}
 
 
-@pytest.mark.parametrize("max_gb", [0.00001, 0.0001, 0.001])
+@pytest.mark.parametrize("max_gb", [0.00001, 0.0001, 0.0003])
 def test_max_gb_too_small_for_the_shards_quotes_a_bound_that_is_enough(wide_stack, tmp_path, max_gb):
     """Whether the bands or the read-back levels do not fit, the bound quoted is one the run accepts."""
     out = tmp_path / "out.zarr"
