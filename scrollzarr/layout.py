@@ -185,30 +185,62 @@ def layout_of(array: zarr.Array) -> StoreLayout:
     Raises
     ------
     UnsupportedLayout
-        If the array uses chunks that are not cubic, filters, another codec,
-        another key encoding or nested shards.
+        If the array is laid out in a way our sinks do not write: chunks that
+        are not cubic, filters, another codec, big-endian voxels, Fortran
+        order, a fill value other than 0, another key encoding, nested shards,
+        or a shard index other than zarr's default (at the end, little-endian,
+        with a CRC-32C).
     """
-    # zarr types its metadata dict[str, JSON], a union to narrow at every step down; its structure is zarr's own
-    metadata: dict[str, Any] = array.metadata.to_dict()
+    try:
+        return _layout_of(array.metadata.to_dict())
+    except UnsupportedLayout:
+        raise
+    except Exception as error:  # a codec numcodecs does not know, or metadata of another shape
+        raise UnsupportedLayout(f"metadata scrollzarr does not write ({type(error).__name__}: {error})") from None
+
+
+_DEFAULT_INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+
+
+def _layout_of(metadata: dict[str, Any]) -> StoreLayout:
+    """:func:`layout_of` on the array's metadata as a JSON dict (zarr types it ``dict[str, JSON]``)."""
+    if metadata.get("fill_value") not in (0, 0.0):
+        raise UnsupportedLayout(f"fill value {metadata.get('fill_value')!r}")
     if metadata.get("zarr_format") == 2:
         chunks = tuple(metadata["chunks"])
         compressor = metadata.get("compressor")
         if metadata.get("filters") or metadata.get("dimension_separator", ".") != "/":
             raise UnsupportedLayout("filters, or chunk keys not separated by '/'")
-        layout = _from_codec(2, chunks, None, None if compressor is None else numcodecs.get_codec(compressor))
-    else:
-        codecs = list(metadata["codecs"])
-        shard = None
-        chunks = tuple(metadata["chunk_grid"]["configuration"]["chunk_shape"])
-        if codecs and codecs[0]["name"] == "sharding_indexed":
-            configuration = codecs[0]["configuration"]
-            shard, chunks, codecs = chunks, tuple(configuration["chunk_shape"]), list(configuration["codecs"])
-        if metadata.get("chunk_key_encoding", {}).get("name") != "default":
-            raise UnsupportedLayout("chunk keys other than zarr 3's default")
-        if not codecs or codecs[0]["name"] != "bytes" or len(codecs) > 2:
-            raise UnsupportedLayout(f"codecs {[codec['name'] for codec in codecs]}")
-        layout = _from_codec(3, chunks, shard, _numcodec(codecs[1]) if len(codecs) == 2 else None)
-    return layout
+        if metadata.get("order", "C") != "C" or str(metadata.get("dtype", "")).startswith(">"):
+            raise UnsupportedLayout("Fortran order or big-endian voxels")
+        return _from_codec(2, chunks, None, None if compressor is None else numcodecs.get_codec(compressor))
+    codecs = list(metadata["codecs"])
+    shard = None
+    chunks = tuple(metadata["chunk_grid"]["configuration"]["chunk_shape"])
+    if codecs and codecs[0]["name"] == "sharding_indexed":
+        configuration = codecs[0]["configuration"]
+        if (
+            configuration.get("index_location", "end") != "end"
+            or [
+                {
+                    "name": codec["name"],
+                    **({"configuration": codec["configuration"]} if codec.get("configuration") else {}),
+                }
+                for codec in configuration.get("index_codecs", _DEFAULT_INDEX_CODECS)
+            ]
+            != _DEFAULT_INDEX_CODECS
+        ):
+            raise UnsupportedLayout("a shard index other than zarr's default (at the end, with a CRC-32C)")
+        if len(codecs) > 1:
+            raise UnsupportedLayout("codecs after the sharding codec")
+        shard, chunks, codecs = chunks, tuple(configuration["chunk_shape"]), list(configuration["codecs"])
+    if metadata.get("chunk_key_encoding", {}).get("name") != "default":
+        raise UnsupportedLayout("chunk keys other than zarr 3's default")
+    if not codecs or codecs[0]["name"] != "bytes" or len(codecs) > 2:
+        raise UnsupportedLayout(f"codecs {[codec['name'] for codec in codecs]}")
+    if codecs[0].get("configuration", {}).get("endian", "little") != "little":
+        raise UnsupportedLayout("big-endian voxels")
+    return _from_codec(3, chunks, shard, _numcodec(codecs[1]) if len(codecs) == 2 else None)
 
 
 def _numcodec(codec: dict[str, Any]) -> Codec:

@@ -164,7 +164,8 @@ def check_layout(
         if zarr_format != 3:
             raise UsageError("--shard_shape needs --zarr_format 3: zarr format 2 has no shards")
         if len(shard_shape) != 3 or any(n < 1 for n in shard_shape):
-            raise UsageError(f"--shard_shape must be three positive numbers Z,Y,X, not {shard_shape}")
+            text = ",".join(map(str, shard_shape))
+            raise UsageError(f"--shard_shape must be three positive numbers Z,Y,X, not {text}")
         if any(n % chunk_size for n in shard_shape):
             raise UsageError(
                 f"--shard_shape {','.join(map(str, shard_shape))} must be whole chunks: each of Z,Y,X a multiple "

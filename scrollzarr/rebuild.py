@@ -132,13 +132,12 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
             f"--first_new_level {first} needs level {first - 1}, but {output} has levels 0 to {len(paths) - 1}; "
             f"use --first_new_level {len(paths)} or less"
         )
-    source = group[str(first - 1)]
-    assert isinstance(source, zarr.Array)
+    source = _level(output, group, first - 1)
     arrays = _new_layout(output, first, source, chunk_size)
     chunk = arrays.chunk
     source_shape = shape3(source.shape)
     base = ds.level_shapes(source_shape, options.nlevels - first + 1)
-    shapes = tuple(_level_shape(group, level) for level in range(first)) + base[1:]
+    shapes = tuple(shape3(_level(output, group, level).shape) for level in range(first)) + base[1:]
     translation = multiscale.datasets[0].translation
     dtype = np.dtype(source.dtype)
     model = memory.Layout(
@@ -184,18 +183,24 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
     )
 
 
-def _level_shape(group: zarr.Group, level: int) -> Shape3:
-    """The shape of level ``level`` of ``group``, a store whose multiscales metadata lists that level."""
-    array = group[str(level)]
-    assert isinstance(array, zarr.Array)
-    return shape3(array.shape)
-
-
 def _recorded(record: Progress) -> dict[str, Any]:
     """The metadata a stopped rebuild removed, from its record: the removed attributes, or (a record of
     scrollzarr 0.1) the bare 0.4 ``multiscales`` list."""
     removed = record.fingerprint["multiscales"]
     return {"multiscales": removed} if isinstance(removed, list) else removed
+
+
+def _level(output: Path, group: zarr.Group, level: int) -> zarr.Array:
+    """Level ``level`` of the store, opened; one clear error if it is missing or cannot be opened."""
+    try:
+        array = group[str(level)]
+    except Exception as error:  # missing, or metadata zarr cannot parse (an unknown codec, say)
+        raise ScrollzarrError(
+            f"{output}: level {level} cannot be opened ({type(error).__name__}: {error}); convert the TIFFs again"
+        ) from None
+    if not isinstance(array, zarr.Array):
+        raise ScrollzarrError(f"{output}: level {level} is a group, not an array; it was not written by scroll_to_ome")
+    return array
 
 
 def _new_layout(output: Path, first: int, source: zarr.Array, chunk_size: int | None) -> StoreLayout:
