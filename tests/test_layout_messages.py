@@ -44,9 +44,13 @@ def test_a_chunk_size_that_does_not_divide_the_stores_shards_is_refused(stack, t
     assert_one_line_error(result, "--chunk_size 32 does not divide the shards of", "(16,32,48)", code=2)
 
 
-def test_clevel_reaches_the_metadata_and_the_bytes(stack, tmp_path):
+def test_clevel_reaches_the_metadata_and_the_bytes(tmp_path):
+    # smooth, so that zstd compresses it, and differently at levels 1 and 19 (noise is stored as it is)
+    z, y, x = np.indices(SHAPE)
+    write_stack(tmp_path / "smooth", ((z * 7 + y * 3 + x) % 4000).astype(np.uint16))
     out = tmp_path / "o.zarr"
-    assert_ok(scroll_to_ome(stack, out, "--compressor", "zstd", "--clevel", 19, "--chunk_size", 16, "--quiet"))
+    assert_ok(scroll_to_ome(tmp_path / "smooth", out, "--compressor", "zstd", "--clevel", 19, "--chunk_size", 16,
+                            "--quiet"))  # fmt: skip
     assert json.loads((out / "0" / ".zarray").read_text())["compressor"] == {"id": "zstd", "level": 19}
     volume = zarr.open_array(str(out / "0"), mode="r")[...]
     chunk = np.zeros((16, 16, 16), np.uint16)
