@@ -87,7 +87,7 @@ def band_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:
     nbytes = 0
     for level in range(streamed + 1):
         area = math.ceil(rows / 2**level) * math.ceil(cols / 2**level)
-        planes = LevelStream.capacity(depth, layout.algorithm, level < streamed)
+        planes = LevelStream.capacity(min(depth, layout.shapes[level][0]), layout.algorithm, level < streamed)
         nbytes += planes * area * layout.out_itemsize
     read = layout.decode_bytes  # a decoded strip (or whole tiled slice)
     if not layout.decode_bytes and cols < layout.slice_shape[1]:

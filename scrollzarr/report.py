@@ -56,8 +56,11 @@ class Report:
                 f"  level {index}: {z} x {y} x {x} (z, y, x), {level.chunks_written} of {level.chunks_total} "
                 f"chunks written, {level.chunks_total - level.chunks_written} all-zero chunks skipped"
             )
-        directories = [self.output] if self.plain else [self.output / str(level) for level in self.levels]
-        files, nbytes = _files_and_bytes(directories)
+        if self.layout.shard is None and self.layout.compressor == "none":  # every file one whole chunk
+            files, nbytes = written, raw
+        else:
+            directories = [self.output] if self.plain else [self.output / str(level) for level in self.levels]
+            files, nbytes = _files_and_bytes(directories)
         stored = f"{written} chunks in {files} files" if self.layout.shard else f"{written} chunk files"
         if self.layout.compressor != "none" and raw:
             stored += f", {format_bytes(nbytes)} ({nbytes / raw:.0%} of {format_bytes(raw)} uncompressed)"

@@ -90,7 +90,8 @@ class LevelStream:
         self.count = 0  # planes held
         self.written = 0  # first z not yet written
         self.halved = 0  # first z not yet halved (even)
-        self.buffer = np.empty((self.capacity(unit[0], algorithm, below is not None), *self.plane_shape), dtype)
+        planes = self.capacity(min(unit[0], depth), algorithm, below is not None)  # a level shallower than a unit
+        self.buffer = np.empty((planes, *self.plane_shape), dtype)
 
     @staticmethod
     def capacity(depth: int, algorithm: ds.Algorithm, halves: bool) -> int:
