@@ -38,6 +38,7 @@ def scroll_to_ome(
         Print the plan on stdout and write nothing.
     """
     from scrollzarr import pipeline, rebuild
+    from scrollzarr.errors import ScrollzarrError
     from scrollzarr.outputlock import OutputLock
     from scrollzarr.store import check_output_name
 
@@ -56,6 +57,9 @@ def scroll_to_ome(
             log.info(pipeline.convert(pipeline.plan_conversion(input_dir, output, options)).summary())
 
     check_output_name(output)
+    if options.resume and not output.exists() and not output.is_symlink():
+        # checked before the lock makes the directory: a lock file alone is what a run killed early leaves
+        raise ScrollzarrError(f"nothing to resume: {output} does not exist; run without --resume")
     if output.exists() and not output.is_dir():
         work()  # planning refuses a file (it is never written over), which could not hold the lock anyway
         return

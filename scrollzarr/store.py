@@ -51,11 +51,15 @@ def is_zarr_store(path: Path) -> bool:
 
 def is_emptied(output: Path) -> bool:
     """Whether ``output`` is what a run stopped while :func:`empty_output` emptied it: its lock file, and
-    nothing but level directories, temporary files and the names of a store's own files (or nothing else)."""
+    nothing but level directories, temporary files, the list of slice files and perhaps ``.zattrs``: not the
+    files that make a directory a zarr node (which the emptying removes first, and a finished store keeps)
+    or the progress record."""
     if not output.is_dir() or output.is_symlink():
         return False
     names = {path.name: path for path in output.iterdir()}
-    ours = {LOCK_NAME, *ROOT_METADATA, progress.KEY, progress.SLICES_KEY}
+    if any(name in names for name in (*ZARR_METADATA, progress.KEY)):
+        return False
+    ours = {LOCK_NAME, ".zattrs", progress.SLICES_KEY}
     return LOCK_NAME in names and all(
         name in ours
         or name.endswith(".partial")
