@@ -196,7 +196,7 @@ def test_a_slice_failing_mid_read_is_zeros_from_the_failing_strip_whatever_the_c
     # stopped in the bands of rows 16-32 (where slice 5 failed) or just after them, then resumed: rows 16-19
     # of slice 5 are read and rows 32 on are zeros although readable, as the record says
     original = pipeline_module._Run.convert_band
-    for stop, band in [(5, ((16, 32), (272, 544))), (7, ((32, 48), (0, 272)))]:
+    for stop, band in [(5, ((16, 32), (256, 512))), (7, ((32, 48), (0, 256)))]:
         calls = []
 
         def stop_there(run, band, calls=calls, stop=stop):
