@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -19,7 +20,7 @@ from scrollzarr.durable import sync_file_system
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.layout import StoreLayout, UnsupportedLayout, layout_of
 from scrollzarr.ngff_v04 import Multiscale
-from scrollzarr.options import Options
+from scrollzarr.options import MAX_SHARD_CHUNKS, Options
 from scrollzarr.progress import Progress
 from scrollzarr.readback import build_from_above
 from scrollzarr.report import LevelReport, Report, chunk_count, progress_bar
@@ -218,6 +219,12 @@ def _new_layout(output: Path, first: int, source: zarr.Array, chunk_size: int | 
         raise UsageError(
             f"--chunk_size {chunk_size} does not divide the shards of {output} "
             f"({','.join(map(str, layout.shard))}); leave --chunk_size out, or give a divisor of each"
+        )
+    if layout.shard is not None and math.prod(n // chunk_size for n in layout.shard) > MAX_SHARD_CHUNKS:
+        raise UsageError(
+            f"--chunk_size {chunk_size} would make the shards of {output} ({','.join(map(str, layout.shard))}) "
+            f"hold {math.prod(n // chunk_size for n in layout.shard):,} chunks; at most {MAX_SHARD_CHUNKS:,} per "
+            "shard: give a larger --chunk_size, or leave it out"
         )
     return replace(layout, chunk=chunk_size)
 

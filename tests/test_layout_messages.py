@@ -149,3 +149,14 @@ def test_damaged_compressed_chunks_say_what_is_wrong(tmp_path):
         f"decodes to {CHUNK_BYTES // 2} bytes, not {CHUNK_BYTES}"
     )
     assert damage(zs, spec(tmp_path, "zstd", None), decode=True).startswith("cannot be decoded as zstd")
+
+
+def test_a_chunk_size_that_would_overfill_the_stores_shards_is_refused(stack, tmp_path):
+    """The conversion's bound of 65,536 chunks a shard holds for --first_new_level's --chunk_size too."""
+    out = tmp_path / "o.zarr"
+    assert_ok(scroll_to_ome(stack, out, "--zarr_format", 3, "--chunk_size", 16, "--shard_shape", "32,64,48",
+                            "--nlevels", 2, "--quiet"))  # fmt: skip
+    result = scroll_to_ome("unused", out, "--first_new_level", 1, "--nlevels", 3, "--chunk_size", 1)
+    assert_one_line_error(
+        result, "--chunk_size 1 would make the shards of", "(32,64,48) hold 98,304 chunks; at most 65,536", code=2
+    )
