@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(PROGRAM, args.quiet, args.verbose)
 
     def body() -> None:
-        options = presets.resolve(args.preset, {name: getattr(args, name) for name in presets.OPTION_NAMES})
+        given = {name: getattr(args, name) for name in presets.OPTION_NAMES}
+        options = presets.resolve(args.preset, given, rebuild=args.first_new_level is not None)
         commands.scroll_to_ome(
             args.input_tiff_dir, args.output, options, args.first_new_level, args.chunk_size, args.dry_run
         )

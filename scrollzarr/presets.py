@@ -41,7 +41,11 @@ def parse_shard_shape(text: str) -> tuple[int, int, int]:
     return z, y, x
 
 
-def resolve(preset: str | None, given: dict[str, Any]) -> Options:
+# What --first_new_level takes from the store instead (the layout, and the dtype), in the order they are named.
+CONVERSION_ONLY = ("preset", "zarr_format", "shard_shape", "compressor", "clevel", "window", "obytes")
+
+
+def resolve(preset: str | None, given: dict[str, Any], rebuild: bool = False) -> Options:
     """The options of a run: the defaults, then ``preset``'s settings, then the options the user gave.
 
     Parameters
@@ -51,12 +55,24 @@ def resolve(preset: str | None, given: dict[str, Any]) -> Options:
     given : dict
         Options fields as the command line gives them, ``None`` for an option not given;
         ``shard_shape`` as its ``"Z,Y,X"`` text.
+    rebuild : bool
+        For ``--first_new_level``: the options of :data:`CONVERSION_ONLY` are refused when given at all
+        (even with their default values: the new levels keep the store's layout and dtype).
 
     Raises
     ------
     UsageError
-        For an unknown preset, malformed ``shard_shape`` text, or settings that do not go together.
+        For an unknown preset, malformed ``shard_shape`` text, settings that do not go together, or an
+        option of a conversion given to a rebuild.
     """
+    if rebuild:
+        named = {**given, "preset": preset}
+        for name in CONVERSION_ONLY:
+            if named.get(name) is not None:
+                kept = "dtype" if name == "obytes" else "layout"
+                raise UsageError(
+                    f"--{name} applies when converting TIFFs; new levels keep the {kept} of the level above"
+                )
     settings: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:

@@ -89,19 +89,6 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
     check_output_name(output)
     if options.zarr_only:
         raise UsageError("--first_new_level adds levels to an OME-Zarr; it cannot be combined with --zarr_only")
-    layout_options = {
-        "--preset": options.preset is not None,
-        "--zarr_format": options.zarr_format != 2,
-        "--shard_shape": options.shard_shape is not None,
-        "--compressor": options.compressor != "none",
-        "--clevel": options.clevel is not None,
-        "--window": options.window is not None,
-    }
-    refused = [name for name, given in layout_options.items() if given]
-    if refused:
-        raise UsageError(f"{refused[0]} applies when converting TIFFs; new levels keep the layout of the level above")
-    if options.obytes:
-        raise UsageError("--obytes applies when converting TIFFs; new levels keep the dtype of the level above")
     if first < 1:
         raise UsageError(f"--first_new_level must be 1 or more (level 0 comes from the TIFFs), not {first}")
     if first >= options.nlevels:

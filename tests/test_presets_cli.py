@@ -159,6 +159,9 @@ def test_a_refusal_from_the_real_script(stack, tmp_path):
         (["--compressor", "zstd"], "--compressor"),
         (["--compressor", "zstd", "--clevel", "1"], "--compressor"),
         (["--obytes", "1", "--window", "auto"], "--window"),
+        (["--zarr_format", "2"], "--zarr_format"),  # given at all, even with the default: the store's is kept
+        (["--shard_shape", "128,128,128"], "--shard_shape"),  # not "needs --zarr_format 3"
+        (["--window", "auto"], "--window"),  # not "give it with --obytes 1"
     ],
 )
 def test_first_new_level_refuses_the_layout_options(stack, tmp_path, args, name):
