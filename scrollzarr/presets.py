@@ -35,7 +35,7 @@ def parse_shard_shape(text: str) -> tuple[int, int, int]:
         If the text is not three whole numbers separated by commas.
     """
     parts = [part.strip() for part in text.split(",")]
-    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+    if len(parts) != 3 or not all(part.isascii() and part.isdigit() for part in parts):
         raise UsageError(f"--shard_shape must be three whole numbers Z,Y,X (voxels), e.g. 128,1024,1024, not {text!r}")
     z, y, x = (int(part) for part in parts)
     return z, y, x

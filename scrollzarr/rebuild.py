@@ -27,6 +27,7 @@ from scrollzarr.report import LevelReport, Report, chunk_count, progress_bar
 from scrollzarr.sinks import SinkSpec
 from scrollzarr.sizes import format_bytes
 from scrollzarr.store import (
+    DamagedChunkError,
     check_output_name,
     damaged_units,
     is_zarr_store,
@@ -266,6 +267,7 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     log.debug("removed %d temporary files of a stopped run", remove_partial_files(plan.output))
     record = plan.resume_from
     if record is None:
+        _check_source(plan)
         record = Progress(plan.fingerprint, [])
         record.save(plan.output)
     attributes = group.attrs.asdict()
@@ -289,6 +291,25 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     progress.remove(plan.output)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _check_source(plan: RebuildPlan) -> None:
+    """Refuse, before the store is marked unfinished, a level to read whose unit files show damage (their
+    sizes, shard indexes, compressed framing: a few bytes a file), so that a damaged finished store stays
+    finished and readable rather than become an unfinished rebuild that cannot be finished."""
+    level = plan.first - 1
+    damaged = damaged_units(
+        SinkSpec(plan.output / str(level), plan.shapes[level], str(plan.dtype), _source_layout(plan))
+    )
+    if damaged:
+        path, problem = damaged[0]
+        raise DamagedChunkError(f"chunk file {path} is damaged ({problem}); {_advice(level)}")
+
+
+def _source_layout(plan: RebuildPlan) -> StoreLayout:
+    """The layout of the level the rebuild reads (the new levels' own, but for a --chunk_size given)."""
+    source = zarr.open_array(str(plan.output / str(plan.first - 1)), mode="r")
+    return layout_of(source)
 
 
 def _advice(level: int) -> str:

@@ -160,3 +160,25 @@ def test_a_chunk_size_that_would_overfill_the_stores_shards_is_refused(stack, tm
     assert_one_line_error(
         result, "--chunk_size 1 would make the shards of", "(32,64,48) hold 98,304 chunks; at most 65,536", code=2
     )
+
+
+def test_a_rebuild_from_a_damaged_level_leaves_the_store_finished(stack, tmp_path):
+    """The damage is found before the store is marked unfinished: it stays a finished, readable store (a rebuild
+    record would send ppm_to_layers users to a --resume that fails again)."""
+    out = tmp_path / "o.zarr"
+    assert_ok(scroll_to_ome(stack, out, "--zarr_format", 3, "--compressor", "zstd", "--chunk_size", 16,
+                            "--shard_shape", "16,32,48", "--nlevels", 2, "--quiet"))  # fmt: skip
+    shard = out / "0" / "c" / "1" / "0" / "0"
+    with open(shard, "r+b") as file:
+        file.truncate(shard.stat().st_size - 100)
+    before = zarr.open_group(str(out), mode="r").attrs.asdict()
+    result = scroll_to_ome("unused", out, "--first_new_level", 1, "--nlevels", 3)
+    assert_one_line_error(result, f"chunk file {shard} is damaged", "convert the TIFFs again", code=1)
+    assert zarr.open_group(str(out), mode="r").attrs.asdict() == before
+    assert not (out / "scrollzarr_progress.json").exists()
+
+
+@pytest.mark.parametrize("text", ["٨١٢,128,128", "1e3,128,128", "128,1024"])
+def test_shard_shape_text_other_than_three_ascii_numbers_is_refused(stack, tmp_path, text):
+    result = scroll_to_ome(stack, tmp_path / "o.zarr", "--zarr_format", 3, "--shard_shape", text)
+    assert_one_line_error(result, "--shard_shape must be three whole numbers Z,Y,X", code=2)
