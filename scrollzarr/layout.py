@@ -26,8 +26,8 @@ from numcodecs.abc import Codec
 from scrollzarr.blocks import Shape3
 
 COMPRESSORS = ("none", "blosc-zstd", "blosc-lz4", "zstd", "gzip")
-# Default level of each compressor: blosc-zstd and zstd at 3 (zstd's own default; blosc-zstd 3 converts at
-# 1.47 x the uncompressed default's time with the input in the page cache, 2 cores, bench/RESULTS.md
+# Default level of each compressor: blosc-zstd and zstd at 3 (zstd's own default; blosc-zstd 3 converts in
+# 1.57 x the uncompressed default's time, durable, and 2.09 x from the page cache, on 2 cores: bench/RESULTS.md
 # "Output layouts"), blosc-lz4 at blosc's default 5 (lz4 is fast at every level), gzip at 6 (zlib's default).
 DEFAULT_CLEVEL = {"blosc-zstd": 3, "blosc-lz4": 5, "zstd": 3, "gzip": 6}
 CLEVEL_RANGE = {"blosc-zstd": (0, 9), "blosc-lz4": (0, 9), "zstd": (-131072, 22), "gzip": (0, 9)}
