@@ -384,6 +384,15 @@ class _Sink:
         return self.write(corner, part(self.unit_box(corner)))
 
     def write(self, corner: Shape3, piece: np.ndarray) -> int:
+        """An unsharded unit: one chunk, padded, left out if all zero, else stored by :meth:`_store`."""
+        data = _padded(piece, self.unit, self.dtype)
+        if data is None:
+            return 0
+        path = self.path(corner)
+        return self._attempt(path, lambda direct: self._store(path, data, direct))
+
+    def _store(self, path: Path, data: np.ndarray, direct: bool) -> int:
+        """Write the padded chunk ``data`` to ``path`` (with direct I/O if ``direct``); 1, the chunks stored."""
         raise NotImplementedError
 
 
@@ -399,17 +408,9 @@ class RawChunkSink(_Sink):
         super().__init__(spec)
         self._direct = self._direct and math.prod(self.unit) * self.dtype.itemsize % DIRECT_IO_BLOCK == 0
 
-    def write(self, corner: Shape3, piece: np.ndarray) -> int:
-        data = _padded(piece, self.unit, self.dtype)
-        if data is None:
-            return 0
-        path = self.path(corner)
-
-        def attempt(direct: bool) -> int:
-            write_file(path, data, direct=direct)
-            return 1
-
-        return self._attempt(path, attempt)
+    def _store(self, path: Path, data: np.ndarray, direct: bool) -> int:
+        write_file(path, data, direct=direct)
+        return 1
 
 
 class EncodedChunkSink(_Sink):
@@ -423,23 +424,15 @@ class EncodedChunkSink(_Sink):
         self.encode = _encoder(codec)
         self.room = encoded_bound(math.prod(self.unit) * self.dtype.itemsize)
 
-    def write(self, corner: Shape3, piece: np.ndarray) -> int:
-        data = _padded(piece, self.unit, self.dtype)
-        if data is None:
-            return 0
-        path = self.path(corner)
-
-        def attempt(direct: bool) -> int:
-            file = _UnitFile(path, direct, self.room)
-            try:
-                file.add(data, self.encode)
-                file.close()
-            except BaseException as error:
-                file.abort(error)
-                raise
-            return 1
-
-        return self._attempt(path, attempt)
+    def _store(self, path: Path, data: np.ndarray, direct: bool) -> int:
+        file = _UnitFile(path, direct, self.room)
+        try:
+            file.add(data, self.encode)
+            file.close()
+        except BaseException as error:
+            file.abort(error)
+            raise
+        return 1
 
 
 class ShardSink(_Sink):
