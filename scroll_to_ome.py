@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 
 from scrollzarr import commands, presets
-from scrollzarr._cli import Parser, add_verbosity, add_workers, rerun_command, run, setup_logging
+from scrollzarr._cli import (
+    Parser,
+    add_scheduler,
+    add_verbosity,
+    add_workers,
+    rerun_command,
+    run,
+    scheduler_address,
+    setup_logging,
+)
 from scrollzarr.downsample import ALGORITHMS, GAUSSIAN_SIGMA
 from scrollzarr.layout import COMPRESSORS
 from scrollzarr.presets import PRESETS
@@ -118,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"a named bundle of the options above: {', '.join(PRESETS)} (see the README); options given beside it win",
     )
-    add_workers(parser, "worker threads for reading, decoding, downsampling and writing")
+    add_workers(
+        parser,
+        "worker threads for reading, decoding, downsampling and writing (with --scheduler: threads per task, 1 by "
+        "default)",
+    )
+    add_scheduler(parser, "the conversion (or --first_new_level)")
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -148,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(PROGRAM, args.quiet, args.verbose)
 
     def body() -> None:
-        given = {name: getattr(args, name) for name in presets.OPTION_NAMES}
+        given = {name: getattr(args, name) for name in presets.OPTION_NAMES} | {
+            "scheduler": scheduler_address(args.scheduler)
+        }
         options = presets.resolve(args.preset, given, rebuild=args.first_new_level is not None)
         commands.scroll_to_ome(
             args.input_tiff_dir, args.output, options, args.first_new_level, args.chunk_size, args.dry_run

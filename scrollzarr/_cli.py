@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -100,6 +101,26 @@ def add_workers(parser: argparse.ArgumentParser, what: str) -> None:
         default=None,
         help=f"{what} (default: one per core)",
     )
+
+
+# Where a Dask scheduler is named when --scheduler is not given (dask's own variable for it).
+SCHEDULER_VARIABLE = "DASK_SCHEDULER_ADDRESS"
+
+
+def add_scheduler(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--scheduler ADDRESS``: run ``what`` on a Dask cluster."""
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        help=f"run {what} on a Dask cluster: tcp://HOST:PORT, a scheduler file (dask scheduler --scheduler-file), "
+        f"or local:N for N worker processes on this machine (default: ${SCHEDULER_VARIABLE} if set, else "
+        'this machine\'s threads); needs pip install "scrollzarr[dask]"',
+    )
+
+
+def scheduler_address(given: str | None) -> str | None:
+    """The scheduler to use: ``--scheduler``, else :data:`SCHEDULER_VARIABLE` from the environment, else none."""
+    return given or os.environ.get(SCHEDULER_VARIABLE) or None
 
 
 def rerun_command(argv: list[str] | None, *extra: str) -> str:

@@ -7,10 +7,13 @@ without loading the others' dependencies (zarr, for one).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from scrollzarr.cluster import DaskExecutor
     from scrollzarr.layers import LayerOptions
     from scrollzarr.options import Options
 
@@ -46,7 +49,9 @@ def scroll_to_ome(
         if first_new_level is not None:
             print(rebuild.describe_rebuild(rebuild.plan_rebuild(output, first_new_level, options, chunk_size)))
         else:
-            print(pipeline.describe_plan(pipeline.plan_conversion(input_dir, output, options)))
+            with _cluster(options) as executor:
+                slots = 1 if executor is None else executor.slots
+                print(pipeline.describe_plan(pipeline.plan_conversion(input_dir, output, options, slots)))
         return
 
     def work() -> None:
@@ -54,9 +59,14 @@ def scroll_to_ome(
             plan = rebuild.plan_rebuild(output, first_new_level, options, chunk_size)
             log.info(rebuild.rebuild_levels(plan).summary())
         else:
-            log.info(pipeline.convert(pipeline.plan_conversion(input_dir, output, options)).summary())
+            with _cluster(options) as executor:
+                slots = 1 if executor is None else executor.slots
+                conversion = pipeline.plan_conversion(input_dir, output, options, slots)
+                log.info(pipeline.convert(conversion, executor).summary())
 
     check_output_name(output)
+    if options.scheduler is not None:  # the workers do not share this process's working directory
+        input_dir, output = input_dir.absolute(), output.absolute()
     if options.resume and not output.exists() and not output.is_symlink():
         # checked before the lock makes the directory: a lock file alone is what a run killed early leaves
         raise ScrollzarrError(f"nothing to resume: {output} does not exist; run without --resume")
@@ -66,6 +76,18 @@ def scroll_to_ome(
     # One run per store, from before the output is looked at (so that what is planned stays true) to the end.
     with OutputLock(output, "output store"):
         work()
+
+
+@contextmanager
+def _cluster(options: Options) -> Iterator[DaskExecutor | None]:
+    """The Dask cluster of ``--scheduler``, connected; ``None`` without one (dask is then not imported)."""
+    if options.scheduler is None:
+        yield None
+        return
+    from scrollzarr.cluster import DaskExecutor
+
+    with DaskExecutor(options.scheduler, options.worker_count) as executor:
+        yield executor
 
 
 def ppm_to_layers(

@@ -62,6 +62,9 @@ class Options:
         ``None`` for ``--obytes 1``'s ``value // 256``.
     preset : str or None
         The ``--preset`` whose settings these are (:data:`scrollzarr.presets.PRESETS`), for the plan.
+    scheduler : str or None
+        The Dask scheduler to run on (``--scheduler``): an address, a scheduler file or ``local:N``;
+        ``None`` for this machine's threads.
     """
 
     chunk_size: int = 128
@@ -82,6 +85,7 @@ class Options:
     clevel: int | None = None
     window: str | None = None
     preset: str | None = None
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -120,6 +124,9 @@ class Options:
 
     @property
     def worker_count(self) -> int:
+        """Threads: of the run here, or of each task on a cluster (one unless ``--workers`` says more)."""
+        if self.scheduler is not None:
+            return self.workers or 1
         return self.workers or available_cores()
 
 

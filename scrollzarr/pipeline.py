@@ -26,6 +26,7 @@ import zarr
 from scrollzarr import downsample as ds
 from scrollzarr import memory, ngff, progress
 from scrollzarr.blocks import Shape3
+from scrollzarr.cluster import Executor, LocalExecutor
 from scrollzarr.durable import sync_file_system
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.ngff_v04 import Multiscale
@@ -52,17 +53,14 @@ from scrollzarr.store import (
     unit_index,
 )
 from scrollzarr.streaming import LevelStream
+from scrollzarr.tasks import Job, SliceSource, Task, finished, level_tasks, remove_markers, task_voxels, unmark
 from scrollzarr.tiffstack import (
     Lookahead,
-    SliceReadError,
-    StackError,
     TiffStack,
     check_z_extent,
     file_list,
-    first_unreadable_row,
     numbered_tiffs,
     open_stack,
-    read_rows,
 )
 from scrollzarr.window import Window, resolve_window
 from scrollzarr.workers import Workers
@@ -99,6 +97,10 @@ class Plan:
         The progress record of the stopped run, with ``--resume``.
     window : Window or None
         How uint16 becomes uint8 (``--window``); ``None`` for ``value // 256`` or no conversion.
+    tasks : bool
+        Whether the run is cut into tasks (:mod:`scrollzarr.tasks`): on a Dask cluster, or resuming such a
+        run here.  Level 0 is then converted in boxes of one row of write units in z by a band, and every
+        level below from the stored level above, in ``blocks`` (then one per level from level 1).
     """
 
     input_dir: Path
@@ -117,10 +119,17 @@ class Plan:
     slice_files: progress.SliceFiles
     resume_from: Progress | None
     window: Window | None = None
+    tasks: bool = False
 
 
-def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
+def plan_conversion(input_dir: Path, output: Path, options: Options, slots: int = 1) -> Plan:
     """Discover the stack, check every header and work out shapes, bands, blocks and memory.
+
+    Parameters
+    ----------
+    slots : int
+        Tasks a worker process runs at once (on a Dask cluster, its threads): ``--max_gb`` bounds a
+        process, so each task has that share of it.
 
     Raises
     ------
@@ -178,13 +187,16 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         differs = record.mismatch(fingerprint)
         if differs:
             raise UsageError(f"cannot resume {output}: {differs}; resume with the options of the stopped run")
+    tasks = options.scheduler is not None or (record is not None and record.tasks)
     limit = None if options.max_gb is None else round(options.max_gb * memory.GIB)  # nearest byte: quoted back as given
+    if limit is not None and tasks:
+        limit //= slots
     bands = memory.plan_bands(layout, limit)
     if record is not None and record.bands != [bands.rows, bands.cols, bands.streamed]:
         rows, cols, streamed = record.bands  # the stopped run's bands, so that its work fits
         bands = memory.BandPlan(rows, cols, streamed, memory.band_cost(layout, rows, cols, streamed))
         log.info("resuming with the stopped run's bands of %d x %d (rows x columns)", rows, cols)
-    first_read_back = bands.streamed + 1
+    first_read_back = 1 if tasks else bands.streamed + 1
     budget = limit if limit is not None else max(bands.nbytes, memory.read_back_need(layout, first_read_back))
     blocks = memory.read_back_blocks(layout, first_read_back, budget)
     need = max(bands.nbytes, memory.read_back_cost(layout, first_read_back, blocks))
@@ -206,6 +218,7 @@ def plan_conversion(input_dir: Path, output: Path, options: Options) -> Plan:
         slice_files=slice_files,
         resume_from=record,
         window=window,
+        tasks=tasks,
     )
 
 
@@ -233,6 +246,11 @@ def _existing_output(output: Path, options: Options, input_dir: Path) -> Progres
                 "run without --resume (with --overwrite to replace it)"
             )
         _refuse_rebuild(output, record)
+        if options.scheduler is not None and not record.tasks:
+            raise UsageError(
+                f"cannot resume {output} on a Dask cluster: it was started without --scheduler; "
+                "resume it without --scheduler (and without DASK_SCHEDULER_ADDRESS set)"
+            )
         return record
     if not options.overwrite and is_zarr_store(output) and progress.exists(output):
         _refuse_rebuild(output, progress.load(output))
@@ -334,6 +352,7 @@ class _Run:
         # bad slice -> its first row written as zeros (scan rows); a slice whose header is bad: row 0
         self.bad = {z: record.bad_rows.get(str(z), 0) for z in record.bad_slices} | dict.fromkeys(plan.stack.bad, 0)
         self.bad_lock = threading.Lock()
+        self.source = _slice_source(plan)
         self.report = Report(
             plan.output, plan.dtype, plan.options.layout, missing=plan.missing, plain=plan.options.zarr_only
         )
@@ -350,68 +369,10 @@ class _Run:
         self.record.save(self.plan.output)
 
     def read_slice(self, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
-        """Read rows of slice ``z`` (scan numbering) into ``out``; with ``--bad_slices zero`` a failure reads zeros.
-
-        A slice that fails is zeros from its first unreadable row on
-        (:func:`first_unreadable_row`: a property of the file, so the store does
-        not depend on how the work is cut) and read as it is above that row, in
-        every band from then on, and after ``--resume`` (the row is recorded).
-        A file that changed after its header check is zeros from the first row
-        of the read that found the change (rows converted before came from the
-        file as checked).
-        """
-        first = self.bad.get(z)
-        stop = rows[1] if first is None else min(rows[1], max(first, rows[0]))
-        out[stop - rows[0] :] = 0
-        if stop == rows[0]:
-            return
-        try:
-            self._read(z, (rows[0], stop), cols, out[: stop - rows[0]])
-        except SliceReadError as error:
-            if self.plan.options.bad_slices == "error":
-                raise StackError(f"{error}, or pass --bad_slices zero to write it as zeros") from None
-            self._zero_from_failure(z, rows, cols, out, error)
-
-    def _read(self, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
-        if self.plan.dtype == self.plan.stack.dtype:
-            read_rows(self.plan.stack, z, rows, cols, out)
-        else:
-            planes = np.empty(out.shape, self.plan.stack.dtype)
-            read_rows(self.plan.stack, z, rows, cols, planes)
-            if self.plan.window is None:
-                out[...] = ds.to_uint8(planes)
-            else:
-                self.plan.window.apply(planes, out)
-
-    def _zero_from_failure(
-        self, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray, error: SliceReadError
-    ) -> None:
-        """Fill ``out`` (rows of slice ``z`` whose read failed with ``error``) by the bad-slice rule; record it."""
-        first = rows[0]
-        if not error.changed:
-            try:
-                first = first_unreadable_row(self.plan.stack, z)
-            except SliceReadError as again:
-                error = again
-        if first >= rows[1]:  # every row could be read this time: the failure did not last
-            try:
-                self._read(z, rows, cols, out)
-                return
-            except SliceReadError as again:
-                error, first = again, rows[0]
-        first = max(first, rows[0])  # rows above were read before; a later failure cannot unread them
-        out[first - rows[0] :] = 0
-        if first > rows[0]:
-            try:
-                self._read(z, (rows[0], first), cols, out[: first - rows[0]])
-            except SliceReadError as again:
-                error, first = again, rows[0]
-                out[...] = 0
-        with self.bad_lock:
-            if z not in self.bad:
-                where = f" from row {first} on" if first else ""
-                log.warning("%s; written as zeros%s", error, where)
-            self.bad[z] = min(first, self.bad.get(z, first))
+        """Read rows of slice ``z`` (scan numbering) into ``out`` by :meth:`SliceSource.read`'s rule; the bad
+        slices found are kept in the record, so that a slice is zeros from the same row in every band from then
+        on, and after ``--resume``."""
+        self.source.read(z, rows, cols, out, self.bad, self.bad_lock)
 
     def convert_band(self, band: Band) -> None:
         """Read one band of level 0 from the TIFFs and stream it through the streamed levels."""
@@ -514,7 +475,7 @@ def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progr
     record = plan.resume_from
     if record is None:
         empty_output(plan.output)
-        record = Progress(plan.fingerprint, [plan.bands.rows, plan.bands.cols, plan.bands.streamed])
+        record = Progress(plan.fingerprint, [plan.bands.rows, plan.bands.cols, plan.bands.streamed], tasks=plan.tasks)
         record.save(plan.output)
         progress.save_slices(plan.output, plan.slice_files)  # after the record: its digest suffices to resume
     else:
@@ -529,7 +490,7 @@ def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progr
     # the metadata just written is durable before any chunk is (a name renamed in but not flushed can come
     # back empty after a power cut); the first checkpoint would flush it only after the first slab
     sync_file_system(plan.output)
-    if plan.resume_from is not None:
+    if plan.resume_from is not None and not record.tasks:  # a run of tasks: _unmark_damaged
         _rewrite_damaged(plan, arrays, record)
     return group, arrays, record
 
@@ -595,12 +556,14 @@ def _level(parent: zarr.Group | Path, name: str | None, plan: Plan) -> zarr.Arra
     return array
 
 
-def convert(plan: Plan) -> Report:
+def convert(plan: Plan, executor: Executor | None = None) -> Report:
     """Carry out ``plan`` (or continue it, with ``--resume``): write the store, metadata last.
 
     After every unit of work the progress record in the store says what is on
     disk; it is removed once the metadata is written.  The caller holds the
     output's :class:`~scrollzarr.outputlock.OutputLock` from before planning.
+    A plan of tasks runs on ``executor`` (a Dask cluster), or, resuming a
+    cluster's run without one, on this machine's threads.
 
     Returns
     -------
@@ -610,6 +573,10 @@ def convert(plan: Plan) -> Report:
     started = time.monotonic()
     if plan.missing:
         log.warning("no file for slice(s) %s; they are written as zeros", format_runs(plan.missing))
+    if plan.tasks:
+        report = _convert_tasks(plan, executor or LocalExecutor(plan.options.worker_count))
+        report.seconds = time.monotonic() - started
+        return report
     group, arrays, record = _open_output(plan)
     log.debug(
         "level 0: bands of %d x %d (rows x columns), %s",
@@ -656,7 +623,13 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
                 workers, bar, run.report, record, run.checkpoint, None,
             )  # fmt: skip
     run.report.bad = sorted(run.bad)
-    attributes = _stack_attributes(plan, run.report.bad, run.bad)
+    _finish(plan, group, arrays, run.bad)
+    return run.report
+
+
+def _finish(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], bad: dict[int, int]) -> None:
+    """Write the attributes and the ``multiscales`` metadata that finish the store, then remove the record."""
+    attributes = _stack_attributes(plan, sorted(bad), bad)
     if group is None:
         arrays[0].attrs["scrollzarr"] = attributes
     else:
@@ -664,12 +637,79 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
             plan.output.stem,
             len(plan.shapes),
             plan.origin if plan.cropped else None,
-            options.algorithm,
-            ds.parameters(options.algorithm),
+            plan.options.algorithm,
+            ds.parameters(plan.options.algorithm),
         )
         group.attrs.update({"scrollzarr": attributes, **ngff.attributes(multiscale, plan.options.zarr_format)})
+    remove_markers(plan.output)
     progress.remove(plan.output)
-    return run.report
+
+
+def _slice_source(plan: Plan) -> SliceSource:
+    return SliceSource(plan.stack, str(plan.dtype), plan.window, plan.options.bad_slices)
+
+
+def _conversion_tasks(plan: Plan) -> list[list[Task]]:
+    """The tasks of every level: level 0's in boxes of one row of write units in z by a band, each lower
+    level's in its read-back blocks."""
+    depth = plan.options.layout.unit[0]
+    tasks = [level_tasks(plan.shapes[0], (depth, plan.bands.rows, plan.bands.cols), 0)]
+    for level, block in enumerate(plan.blocks, start=1):
+        tasks.append(level_tasks(plan.shapes[level], block, level))
+    return tasks
+
+
+def _convert_tasks(plan: Plan, executor: Executor) -> Report:
+    """Carry out ``plan`` as tasks on ``executor``, a level at a time; a task finished before (its marker is in
+    the store) is not run again.  The metadata is written last, here."""
+    options = plan.options
+    executor.check_paths(next(iter(plan.stack.slices.values())).path, plan.output)
+    group, arrays, record = _open_output(plan)
+    levels = _conversion_tasks(plan)
+    if plan.resume_from is not None:
+        _unmark_damaged(plan, levels)
+    job = Job(
+        output=plan.output,
+        levels=tuple(_sink_spec(plan, level) for level in range(len(plan.shapes))),
+        algorithm=options.algorithm,
+        source=_slice_source(plan),
+        origin=plan.origin,
+        threads=executor.threads,
+    )
+    report = Report(plan.output, plan.dtype, options.layout, missing=plan.missing, plain=options.zarr_only)
+    bad = {z: record.bad_rows.get(str(z), 0) for z in record.bad_slices} | dict.fromkeys(plan.stack.bad, 0)
+    with progress_bar(plan.shapes, options.quiet) as bar:
+        for level, tasks in enumerate(levels):
+            report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], options.chunk_size))
+            bar.set_description(f"level {level}")
+            done = finished(plan.output, tasks)
+            log.debug("level %d: %d tasks, %d finished before", level, len(tasks), len(done))
+            results = list(done.items())
+            bar.update(sum(task_voxels(task) for task in done))
+            for task, result in executor.run(job, [task for task in tasks if task not in done]):
+                results.append((task, result))
+                bar.update(task_voxels(task))
+            for _, result in results:
+                report.levels[level].chunks_written += result.chunks
+                for z, row in result.bad_rows.items():
+                    bad[z] = min(row, bad.get(z, row))
+    report.bad = sorted(bad)
+    _finish(plan, group, arrays, bad)
+    return report
+
+
+def _unmark_damaged(plan: Plan, levels: list[list[Task]]) -> None:
+    """Find the damaged unit files (:func:`~scrollzarr.store.damaged_units`); forget the task that wrote each,
+    then delete it: the resumed run writes it again."""
+    for level, tasks in enumerate(levels):
+        spec = _sink_spec(plan, level)
+        for path, problem in damaged_units(spec):
+            log.warning("chunk file %s is damaged (%s); it is written again", path, problem)
+            corner = [i * n for i, n in zip(unit_index(spec, path), spec.layout.unit, strict=True)]
+            for task in tasks:
+                if all(a <= c < b for (a, b), c in zip(task.box, corner, strict=True)):
+                    unmark(plan.output, task)
+            path.unlink()
 
 
 def _stripe_rows(plan: Plan) -> int | None:

@@ -71,6 +71,10 @@ class Progress:
     bad_rows : dict of str to int
         For each bad slice, the first of its rows written as zeros (scan rows);
         the rows above it are converted as they are.
+    tasks : bool
+        Whether the run is cut into tasks (``--scheduler``): what is finished is
+        then marked by each task in the store (:mod:`scrollzarr.tasks`), and the
+        counts above are not kept.
     """
 
     fingerprint: dict[str, Any]
@@ -82,6 +86,7 @@ class Progress:
     chunks_written: dict[str, int] = field(default_factory=dict)
     bad_slices: list[int] = field(default_factory=list)
     bad_rows: dict[str, int] = field(default_factory=dict)
+    tasks: bool = False
 
     def save(self, output: Path) -> None:
         """Write the record into the store at ``output``, once everything written before it is on the disk.

@@ -1,0 +1,202 @@
+"""Executors for :mod:`scrollzarr.tasks`: local threads, or a Dask cluster (``--scheduler``).
+
+Both run the same :func:`~scrollzarr.tasks.run_task` on the same task values
+and yield each task's result as it finishes.  dask is imported only when a
+cluster is asked for (it is an optional extra).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+from scrollzarr.errors import ScrollzarrError, UsageError
+from scrollzarr.tasks import Job, Task, TaskResult, run_task
+
+log = logging.getLogger(__name__)
+
+# Times Dask runs a task again after it raised (a worker lost to its machine is not counted: the scheduler
+# reschedules those itself, up to distributed.scheduler.allowed-failures).
+RETRIES = 2
+INSTALL = 'pip install "scrollzarr[dask]"'
+
+
+class TaskFailed(ScrollzarrError):
+    """A task failed for good; the store stays resumable."""
+
+
+class Executor(Protocol):
+    """What runs tasks: ``threads`` per task, any number of tasks at once."""
+
+    threads: int
+
+    def run(self, job: Job, tasks: list[Task]) -> Iterator[tuple[Task, TaskResult]]:
+        """Run every task of ``tasks``; yield each with its result as it finishes.
+
+        Raises
+        ------
+        ScrollzarrError
+            The first task's error that could not be overcome, after the other tasks were stopped.
+        """
+        ...
+
+    def check_paths(self, readable: Path, writable: Path) -> None:
+        """Refuse to start unless every worker can read the file ``readable`` and write into ``writable``."""
+        ...
+
+
+class LocalExecutor:
+    """Tasks one at a time on this machine, ``threads`` threads each (a run of tasks resumed without a cluster:
+    one task's memory, as the plan counts it)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def run(self, job: Job, tasks: list[Task]) -> Iterator[tuple[Task, TaskResult]]:
+        for task in tasks:
+            yield task, run_task(job, task)
+
+    def check_paths(self, readable: Path, writable: Path) -> None:
+        """Nothing to check: this process planned the run from the same paths."""
+
+
+class DaskExecutor:
+    """Tasks on the workers of a Dask cluster, through a ``distributed.Client``.
+
+    Parameters
+    ----------
+    address : str
+        ``tcp://host:port`` (any Dask address), a scheduler file's path, or
+        ``local:N`` for a ``LocalCluster`` of ``N`` worker processes here.
+    threads : int
+        Threads each task uses (``--workers``).
+    """
+
+    def __init__(self, address: str, threads: int) -> None:
+        self.address = address
+        self.threads = threads
+        self._cluster: Any = None
+        self.client: Any = None
+        self.slots = 1
+
+    def __enter__(self) -> DaskExecutor:
+        try:
+            import distributed
+        except ImportError:
+            raise UsageError(f"--scheduler needs dask.distributed, which is not installed: {INSTALL}") from None
+        # distributed logs each worker's and the scheduler's comings and goings at INFO: not ours to show
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+        try:
+            if self.address.startswith("local:"):
+                count = _local_workers(self.address)
+                # its workers' logs come to this terminal: a task's failure is reported once, by run()
+                self._cluster = distributed.LocalCluster(
+                    n_workers=count,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.CRITICAL,
+                )
+                self.client = distributed.Client(self._cluster)
+            elif "://" in self.address:
+                self.client = distributed.Client(self.address, timeout="20s")
+            else:
+                if not Path(self.address).is_file():
+                    raise UsageError(
+                        f"--scheduler {self.address}: no such scheduler file; give tcp://HOST:PORT, "
+                        "a scheduler file (dask scheduler --scheduler-file), or local:N"
+                    )
+                self.client = distributed.Client(scheduler_file=self.address, timeout="20s")
+            self.client.wait_for_workers(1, timeout=60)
+        except (OSError, TimeoutError) as error:
+            self.close()
+            raise ScrollzarrError(
+                f"cannot use the Dask scheduler at {self.address} ({error}); start it (and its workers), "
+                "or check --scheduler"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+        workers = self.client.scheduler_info()["workers"].values()
+        # tasks a worker process runs at once: --max_gb, which bounds a process, is shared between them
+        self.slots = max(worker["nthreads"] for worker in workers)
+        log.info("Dask cluster at %s: %d worker(s), %d task(s) at once each", self.address, len(workers), self.slots)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+        self.client = self._cluster = None
+
+    def run(self, job: Job, tasks: list[Task]) -> Iterator[tuple[Task, TaskResult]]:
+        import distributed
+
+        if not tasks:
+            return
+        shared = self.client.scatter(job, broadcast=True, hash=False)  # once, not with every task
+        run = uuid.uuid4().hex[:8]
+        futures = {
+            self.client.submit(
+                run_task, shared, task, key=f"scrollzarr-{run}-{task.level}-{task.name}", pure=False, retries=RETRIES
+            ): task
+            for task in tasks
+        }
+        try:
+            for future in distributed.as_completed(futures):
+                task = futures[future]
+                try:
+                    result = future.result()
+                except ScrollzarrError:
+                    raise
+                except Exception as error:
+                    raise TaskFailed(
+                        f"the task for {task.describe()} failed on the cluster ({type(error).__name__}: {error}); "
+                        "fix the cause, then continue with --resume"
+                    ) from None
+                yield task, result
+        finally:
+            self.client.cancel(list(futures))
+
+    def check_paths(self, readable: Path, writable: Path) -> None:
+        problems = self.client.run(_check_paths, str(readable), str(writable))
+        for worker, problem in sorted(problems.items()):
+            if problem is not None:
+                raise ScrollzarrError(
+                    f"Dask worker {worker} {problem}; every worker must see the input and the output "
+                    "at the same paths (a shared file system)"
+                )
+
+
+def _local_workers(address: str) -> int:
+    text = address.removeprefix("local:")
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise UsageError(f"--scheduler {address}: local:N needs a whole number of worker processes, 1 or more")
+    return int(text)
+
+
+def _check_paths(readable: str, writable: str) -> str | None:
+    """On a worker: what it cannot do of reading the file ``readable`` and writing into the directory ``writable``;
+    ``None`` if it can do both."""
+    try:
+        with open(readable, "rb") as file:
+            file.read(1)
+    except OSError as error:
+        return f"cannot read the input {readable} ({error.strerror or error})"
+    probe = Path(writable) / f".scrollzarr-probe-{uuid.uuid4().hex}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        return f"cannot write into the output {writable} ({error.strerror or error})"
+    return None

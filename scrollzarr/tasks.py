@@ -1,0 +1,330 @@
+"""The conversion as task values: plain, picklable descriptions of work that any executor runs.
+
+A :class:`Task` is a box of one level.  A level-0 task reads its box from the
+TIFFs (one row of write units in z: ``unit depth`` slices of a band of rows
+and columns); a task of a lower level builds its box from the stored level
+above.  Every box is whole write units of its level, so no two tasks write
+one unit (the way to corrupt a sharded store is two writers of one shard).
+A task is idempotent: run again, it writes the same bytes.  Once its units
+are durable it writes a *marker* into the store, with what it found; a
+resumed run skips the tasks whose markers are there, so the record of a
+distributed run is the store itself, not one process's memory.
+
+The same :func:`run_task` runs on the local threads and on Dask workers
+(:mod:`scrollzarr.cluster`); a :class:`Job` holds everything a task needs,
+as values that cross a process boundary: the slices' paths, the output's
+:class:`~scrollzarr.sinks.SinkSpec` per level, the algorithm.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from scrollzarr import downsample as ds
+from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
+from scrollzarr.durable import remove_durably, sync_file_system, write_durably
+from scrollzarr.readback import write_downsampled_block
+from scrollzarr.sinks import LevelSink, SinkSpec, open_sink
+from scrollzarr.tiffstack import SliceReadError, StackError, TiffStack, first_unreadable_row, read_rows
+from scrollzarr.window import Window
+from scrollzarr.workers import Workers
+
+log = logging.getLogger(__name__)
+
+# The markers of finished tasks, in the store: MARKERS/<level>/<Task.name>.json.
+MARKERS = "scrollzarr_tasks"
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """Level 0's voxels as the TIFFs give them: read, converted to the output's type, bad slices as zeros.
+
+    Attributes
+    ----------
+    stack : TiffStack
+    dtype : str
+        The output's voxel type (``uint8`` from uint16 by ``--window``, else by ``value // 256``).
+    window : Window or None
+    bad_slices : str
+        ``"error"`` or ``"zero"`` (``--bad_slices``).
+    """
+
+    stack: TiffStack
+    dtype: str
+    window: Window | None
+    bad_slices: str
+
+    def read(
+        self,
+        z: int,
+        rows: tuple[int, int],
+        cols: tuple[int, int],
+        out: np.ndarray,
+        bad: dict[int, int],
+        lock: threading.Lock,
+    ) -> None:
+        """Read rows of slice ``z`` (scan numbering) into ``out``; with ``--bad_slices zero`` a failure reads zeros.
+
+        A slice that fails is zeros from its first unreadable row on
+        (:func:`first_unreadable_row`: a property of the file, so the store does
+        not depend on how the work is cut) and read as it is above that row.
+        ``bad`` (bad slice: first row written as zeros, guarded by ``lock``) is
+        where the failures found so far are kept: a slice in it is not read from
+        that row on, and a new failure is added to it.  A file that changed
+        after its header check is zeros from the first row of the read that
+        found the change (rows converted before came from the file as checked).
+
+        Parameters
+        ----------
+        out : ndarray, shape (rows[1] - rows[0], cols[1] - cols[0]), :attr:`dtype`
+
+        Raises
+        ------
+        StackError
+            If the slice cannot be read and ``bad_slices`` is ``"error"``.
+        """
+        first = bad.get(z)
+        stop = rows[1] if first is None else min(rows[1], max(first, rows[0]))
+        out[stop - rows[0] :] = 0
+        if stop == rows[0]:
+            return
+        try:
+            self._read(z, (rows[0], stop), cols, out[: stop - rows[0]])
+        except SliceReadError as error:
+            if self.bad_slices == "error":
+                raise StackError(f"{error}, or pass --bad_slices zero to write it as zeros") from None
+            self._zero_from_failure(z, rows, cols, out, error, bad, lock)
+
+    def _read(self, z: int, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
+        if np.dtype(self.dtype) == self.stack.dtype:
+            read_rows(self.stack, z, rows, cols, out)
+            return
+        planes = np.empty(out.shape, self.stack.dtype)
+        read_rows(self.stack, z, rows, cols, planes)
+        if self.window is None:
+            out[...] = ds.to_uint8(planes)
+        else:
+            self.window.apply(planes, out)
+
+    def _zero_from_failure(
+        self,
+        z: int,
+        rows: tuple[int, int],
+        cols: tuple[int, int],
+        out: np.ndarray,
+        error: SliceReadError,
+        bad: dict[int, int],
+        lock: threading.Lock,
+    ) -> None:
+        """Fill ``out`` (rows of slice ``z`` whose read failed with ``error``) by the bad-slice rule; record it."""
+        first = rows[0]
+        if not error.changed:
+            try:
+                first = first_unreadable_row(self.stack, z)
+            except SliceReadError as again:
+                error = again
+        if first >= rows[1]:  # every row could be read this time: the failure did not last
+            try:
+                self._read(z, rows, cols, out)
+                return
+            except SliceReadError as again:
+                error, first = again, rows[0]
+        first = max(first, rows[0])  # rows above were read before; a later failure cannot unread them
+        out[first - rows[0] :] = 0
+        if first > rows[0]:
+            try:
+                self._read(z, (rows[0], first), cols, out[: first - rows[0]])
+            except SliceReadError as again:
+                error, first = again, rows[0]
+                out[...] = 0
+        with lock:
+            if z not in bad:
+                where = f" from row {first} on" if first else ""
+                log.warning("%s; written as zeros%s", error, where)
+            bad[z] = min(first, bad.get(z, first))
+
+
+@dataclass(frozen=True)
+class Task:
+    """A box of one level: whole write units, written by this task alone.
+
+    Attributes
+    ----------
+    level : int
+    box : ((int, int), (int, int), (int, int))
+        ``[start, stop)`` in z, y and x, in the level's voxels.
+    """
+
+    level: int
+    box: Box
+
+    @property
+    def name(self) -> str:
+        """The task's marker name: its box, ``z0-z1_y0-y1_x0-x1`` (a resumed run may cut a level otherwise)."""
+        return "_".join(f"{start}-{stop}" for start, stop in self.box)
+
+    def describe(self) -> str:
+        """The task in words, for messages: its level and box (x, y, z, as users give ``--ranges``)."""
+        (z0, z1), (y0, y1), (x0, x1) = self.box
+        return f"level {self.level}, x {x0}:{x1}, y {y0}:{y1}, z {z0}:{z1}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every task of a conversion (or rebuild) needs, as plain values.
+
+    Attributes
+    ----------
+    output : Path
+        The store (its markers go in it).
+    levels : tuple of SinkSpec
+        Every level of the store, by number.
+    algorithm : str
+    source : SliceSource or None
+        Where level 0 comes from; ``None`` for a rebuild (no level-0 tasks).
+    origin : (int, int, int)
+        Scan position (slice, row, column) of level-0 voxel (0, 0, 0).
+    threads : int
+        Threads a task uses (``--workers``).
+    advice : str or None
+        For a rebuild: what to do about a damaged chunk of the first level read
+        (see :func:`scrollzarr.readback.write_downsampled_block`).
+    first_read : int
+        The level that ``advice`` is about.
+    """
+
+    output: Path
+    levels: tuple[SinkSpec, ...]
+    algorithm: ds.Algorithm
+    source: SliceSource | None
+    origin: Shape3 = (0, 0, 0)
+    threads: int = 1
+    advice: str | None = None
+    first_read: int = 0
+
+
+@dataclass
+class TaskResult:
+    """What a finished task reports: chunk files written (not all zero) and the bad slices it found
+    (slice: first row written as zeros)."""
+
+    chunks: int = 0
+    bad_rows: dict[int, int] = field(default_factory=dict)
+
+
+def level_tasks(shape: Shape3, block: Shape3, level: int) -> list[Task]:
+    """The tasks that build a level of ``shape`` in boxes of ``block`` (z slowest)."""
+    return [Task(level, box) for box in iter_boxes(shape, block)]
+
+
+def run_task(job: Job, task: Task) -> TaskResult:
+    """Build and write ``task``'s box, make it durable, and mark the task finished in the store.
+
+    Safe to run twice, even at once: every unit is written whole under a
+    temporary name and renamed, with the same bytes.
+    """
+    _limit_threads(job.threads)
+    sink = open_sink(job.levels[task.level])
+    bad: dict[int, int] = {}
+    chunks = _convert_box(job, task.box, sink, bad) if task.level == 0 else _downsample_box(job, task, sink)
+    result = TaskResult(chunks, bad)
+    # the units are durable before the marker that vouches for them is written
+    sync_file_system(job.output)
+    marker = marker_path(job.output, task)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    write_durably(marker, json.dumps({"chunks": chunks, "bad_rows": bad}).encode())
+    return result
+
+
+def _limit_threads(threads: int) -> None:
+    """Keep zarr's own thread pool to the task's threads, so that threads do not multiply on a worker (a Dask
+    worker already runs a task per core)."""
+    if zarr.config.get("threading.max_workers") != threads:
+        zarr.config.set({"threading.max_workers": threads})
+
+
+def _convert_box(job: Job, box: Box, sink: LevelSink, bad: dict[int, int]) -> int:
+    """Read level-0 ``box`` from the slices and write its units; the chunks written."""
+    assert job.source is not None  # a job with level-0 tasks is a conversion's
+    source = job.source
+    (z0, z1), (y0, y1), (x0, x1) = box
+    oz, oy, ox = job.origin
+    slab = np.empty((z1 - z0, y1 - y0, x1 - x0), np.dtype(source.dtype))
+    lock = threading.Lock()
+    rows, cols = (oy + y0, oy + y1), (ox + x0, ox + x1)
+    with Workers(job.threads) as workers:
+        workers.run(partial(source.read, oz + z, rows, cols, slab[z - z0], bad, lock) for z in range(z0, z1))
+        _, height, width = sink.unit
+        corners = product(range(y0, y1, height), range(x0, x1, width))
+        pieces = [
+            partial(sink.write, (z0, y, x), slab[:, y - y0 : y + height - y0, x - x0 : x + width - x0])
+            for y, x in corners
+        ]
+        return sum(workers.run(pieces))
+
+
+def _downsample_box(job: Job, task: Task, sink: LevelSink) -> int:
+    """Build ``task``'s box from the stored level above and write its units; the chunks written."""
+    above = zarr.open_array(str(job.levels[task.level - 1].directory), mode="r")
+    advice = job.advice if task.level - 1 == job.first_read else None
+    with Workers(job.threads) as workers:
+        return sum(
+            workers.run(
+                partial(write_downsampled_block, above, sink, box, job.algorithm, advice)
+                for box in _split(task.box, sink.unit, job.threads)
+            )
+        )
+
+
+def _split(box: Box, unit: Shape3, parts: int) -> list[Box]:
+    """``box`` cut along y into about ``parts`` boxes of whole units, for the task's threads."""
+    (z0, z1), (y0, y1), (x0, x1) = box
+    rows = -(-(y1 - y0) // unit[1])
+    step = -(-rows // parts) * unit[1]
+    return [((z0, z1), (y, min(y + step, y1)), (x0, x1)) for y in range(y0, y1, step)]
+
+
+def task_voxels(task: Task) -> int:
+    """Voxels ``task`` writes (for the progress bar)."""
+    return box_size(task.box)
+
+
+def marker_path(output: Path, task: Task) -> Path:
+    """Where ``task``'s marker is in the store at ``output``."""
+    return output / MARKERS / str(task.level) / f"{task.name}.json"
+
+
+def finished(output: Path, tasks: list[Task]) -> dict[Task, TaskResult]:
+    """The tasks of ``tasks`` whose markers are in the store at ``output``, with what they reported.
+
+    A marker that cannot be read (a stop while it was written leaves none: it is
+    renamed in whole) counts as not finished.
+    """
+    done = {}
+    for task in tasks:
+        try:
+            recorded = json.loads(marker_path(output, task).read_bytes())
+            done[task] = TaskResult(recorded["chunks"], {int(z): row for z, row in recorded["bad_rows"].items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return done
+
+
+def unmark(output: Path, task: Task) -> None:
+    """Forget that ``task`` finished (before one of its units is deleted: never a marker without its units)."""
+    remove_durably(marker_path(output, task))
+
+
+def remove_markers(output: Path) -> None:
+    """Delete every marker of the store at ``output`` (once its metadata is written)."""
+    shutil.rmtree(output / MARKERS, ignore_errors=True)
