@@ -1,21 +1,21 @@
-"""Executors for :mod:`scrollzarr.tasks`: local threads, or a Dask cluster (``--scheduler``).
+"""Executors of task values: this machine's threads, or a Dask cluster (``--scheduler``).
 
-Both run the same :func:`~scrollzarr.tasks.run_task` on the same task values
-and yield each task's result as it finishes.  dask is imported only when a
-cluster is asked for (it is an optional extra).
+Both run the same function (:func:`~scrollzarr.tasks.run_task`, or a tool's
+own) on the same picklable task values and yield each task's result as it
+finishes.  dask is imported only when a cluster is asked for (it is an
+optional extra).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from scrollzarr.errors import ScrollzarrError, UsageError
-from scrollzarr.tasks import Job, Task, TaskResult, run_task
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,19 @@ RETRIES = 2
 INSTALL = 'pip install "scrollzarr[dask]"'
 
 
+S = TypeVar("S")
+T = TypeVar("T", bound="Work")
+R = TypeVar("R")
+
+
 class TaskFailed(ScrollzarrError):
     """A task failed for good; the store stays resumable."""
+
+
+class Work(Protocol):
+    """A task value: picklable, and able to say what it is for messages."""
+
+    def describe(self) -> str: ...
 
 
 class Executor(Protocol):
@@ -34,8 +45,9 @@ class Executor(Protocol):
 
     threads: int
 
-    def run(self, job: Job, tasks: list[Task]) -> Iterator[tuple[Task, TaskResult]]:
-        """Run every task of ``tasks``; yield each with its result as it finishes.
+    def run(self, function: Callable[[S, T], R], shared: S, tasks: list[T]) -> Iterator[tuple[T, R]]:
+        """Run ``function(shared, task)`` for every task of ``tasks``; yield each task with its result as it
+        finishes.  ``shared`` (what every task needs) is sent to each worker once.
 
         Raises
         ------
@@ -56,9 +68,9 @@ class LocalExecutor:
     def __init__(self, threads: int) -> None:
         self.threads = threads
 
-    def run(self, job: Job, tasks: list[Task]) -> Iterator[tuple[Task, TaskResult]]:
+    def run(self, function: Callable[[S, T], R], shared: S, tasks: list[T]) -> Iterator[tuple[T, R]]:
         for task in tasks:
-            yield task, run_task(job, task)
+            yield task, function(shared, task)
 
     def check_paths(self, readable: Path, writable: Path) -> None:
         """Nothing to check: this process planned the run from the same paths."""
@@ -139,18 +151,18 @@ class DaskExecutor:
             self._cluster.close()
         self.client = self._cluster = None
 
-    def run(self, job: Job, tasks: list[Task]) -> Iterator[tuple[Task, TaskResult]]:
+    def run(self, function: Callable[[S, T], R], shared: S, tasks: list[T]) -> Iterator[tuple[T, R]]:
         import distributed
 
         if not tasks:
             return
-        shared = self.client.scatter(job, broadcast=True, hash=False)  # once, not with every task
+        scattered = self.client.scatter(shared, broadcast=True, hash=False)  # once, not with every task
         run = uuid.uuid4().hex[:8]
         futures = {
             self.client.submit(
-                run_task, shared, task, key=f"scrollzarr-{run}-{task.level}-{task.name}", pure=False, retries=RETRIES
+                function, scattered, task, key=f"scrollzarr-{run}-{index}", pure=False, retries=RETRIES
             ): task
-            for task in tasks
+            for index, task in enumerate(tasks)
         }
         try:
             for future in distributed.as_completed(futures):

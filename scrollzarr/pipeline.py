@@ -53,7 +53,17 @@ from scrollzarr.store import (
     unit_index,
 )
 from scrollzarr.streaming import LevelStream
-from scrollzarr.tasks import Job, SliceSource, Task, finished, level_tasks, remove_markers, task_voxels, unmark
+from scrollzarr.tasks import (
+    Job,
+    SliceSource,
+    Task,
+    finished,
+    level_tasks,
+    remove_markers,
+    run_task,
+    task_voxels,
+    unmark,
+)
 from scrollzarr.tiffstack import (
     Lookahead,
     TiffStack,
@@ -686,7 +696,7 @@ def _convert_tasks(plan: Plan, executor: Executor) -> Report:
             log.debug("level %d: %d tasks, %d finished before", level, len(tasks), len(done))
             results = list(done.items())
             bar.update(sum(task_voxels(task) for task in done))
-            for task, result in executor.run(job, [task for task in tasks if task not in done]):
+            for task, result in executor.run(run_task, job, [task for task in tasks if task not in done]):
                 results.append((task, result))
                 bar.update(task_voxels(task))
             for _, result in results:
