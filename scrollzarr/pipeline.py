@@ -703,6 +703,12 @@ def _convert_tasks(plan: Plan, executor: Executor) -> Report:
                 report.levels[level].chunks_written += result.chunks
                 for z, row in result.bad_rows.items():
                     bad[z] = min(row, bad.get(z, row))
+            ran = [result.seconds for task, result in results if task not in done]
+            if ran:
+                log.info(
+                    "level %d: %d task(s) run, %.3f s each on average (%.3f s the longest)",
+                    level, len(ran), sum(ran) / len(ran), max(ran),
+                )  # fmt: skip
     report.bad = sorted(bad)
     _finish(plan, group, arrays, bad)
     return report

@@ -22,6 +22,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import product
@@ -215,11 +216,12 @@ class Job:
 
 @dataclass
 class TaskResult:
-    """What a finished task reports: chunk files written (not all zero) and the bad slices it found
-    (slice: first row written as zeros)."""
+    """What a finished task reports: chunk files written (not all zero), the bad slices it found (slice: first
+    row written as zeros), and the seconds it took (0 for a task finished by an earlier run)."""
 
     chunks: int = 0
     bad_rows: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 def level_tasks(shape: Shape3, block: Shape3, level: int) -> list[Task]:
@@ -233,17 +235,17 @@ def run_task(job: Job, task: Task) -> TaskResult:
     Safe to run twice, even at once: every unit is written whole under a
     temporary name and renamed, with the same bytes.
     """
+    started = time.monotonic()
     _limit_threads(job.threads)
     sink = open_sink(job.levels[task.level])
     bad: dict[int, int] = {}
     chunks = _convert_box(job, task.box, sink, bad) if task.level == 0 else _downsample_box(job, task, sink)
-    result = TaskResult(chunks, bad)
     # the units are durable before the marker that vouches for them is written
     sync_file_system(job.output)
     marker = marker_path(job.output, task)
     marker.parent.mkdir(parents=True, exist_ok=True)
     write_durably(marker, json.dumps({"chunks": chunks, "bad_rows": bad}).encode())
-    return result
+    return TaskResult(chunks, bad, time.monotonic() - started)
 
 
 def _limit_threads(threads: int) -> None:
