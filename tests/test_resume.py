@@ -18,9 +18,9 @@ import pytest
 import zarr
 
 import scroll_to_ome as cli
-from scrollzarr import pipeline as pipeline_module
 from scrollzarr import progress
 from scrollzarr import sinks as sinks_module
+from scrollzarr import tasks as tasks_module
 from scrollzarr.outputlock import LOCK_NAME
 
 from conftest import (
@@ -321,7 +321,7 @@ def test_a_slice_that_breaks_after_its_first_stripe_is_zero_from_there_on(tmp_pa
     """Slab rows are read a stripe (one chunk row) at a time: the rows read before the failure are kept."""
     volume = rng.integers(1, 65535, size=(20, 40, 24), dtype=np.uint16)
     paths = write_stack(tmp_path / "slices", volume)
-    original = pipeline_module.read_rows
+    original = tasks_module.read_rows
     header = paths[5].stat().st_size - volume[5].nbytes  # the pixels are the file's tail
 
     def read_then_truncate(stack, z, rows, cols, out):
@@ -329,7 +329,7 @@ def test_a_slice_that_breaks_after_its_first_stripe_is_zero_from_there_on(tmp_pa
         if z == 5 and rows[0] == 0:  # the disk loses the slice once its first stripe has been read
             os.truncate(paths[5], header + CHUNK * 24 * 2)
 
-    monkeypatch.setattr(pipeline_module, "read_rows", read_then_truncate)
+    monkeypatch.setattr(tasks_module, "read_rows", read_then_truncate)  # slices are read through tasks.SliceSource
     out = tmp_path / "out.zarr"
     argv = [str(tmp_path / "slices"), str(out), "--chunk_size", str(CHUNK), "--nlevels", "2", "--bad_slices", "zero"]
     assert cli.main(argv) == 0

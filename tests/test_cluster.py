@@ -1,0 +1,346 @@
+"""scroll_to_ome --scheduler: the conversion on a real Dask cluster writes the local run's store, byte for byte.
+
+Clusters are real: a ``LocalCluster`` (``--scheduler local:2``, two worker
+processes of one thread) and a ``dask scheduler`` with two ``dask worker``
+processes started here.  Every store is compared file for file with the
+local run of the same input, and its voxels with an independent pyramid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import ROOT, assert_ok, assert_one_line_error, read_json, scroll_to_ome, store_files, write_stack
+from reference import pyramid
+
+pytest.importorskip("distributed")
+
+CHUNK = 16
+LEVELS = 3
+# a cut that gives every level several tasks: level 0 is 5 rows of chunks in z, and the budget
+# keeps each band and each read-back block to a part of the plane
+SMALL = ("--max_gb", "0.0004")
+LAYOUTS = {
+    "zarr 2": (),
+    "zarr 3, sharded, blosc-zstd": ("--zarr_format", "3", "--shard_shape", "16,32,32", "--compressor", "blosc-zstd"),
+}
+
+
+@pytest.fixture(scope="module")
+def volume() -> np.ndarray:
+    """A scroll-like volume: a bright sheet in a masked (zero) cylinder, uint16, odd sizes."""
+    z, y, x = np.mgrid[0:75, 0:90, 0:70]
+    inside = (y - 45) ** 2 + (x - 35) ** 2 < 40**2
+    values = (1000 + 37 * z + 11 * y + 5 * x + 3000 * (np.abs(y - 45 - 0.3 * z) < 4)) % 65536
+    return np.where(inside, values, 0).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def slices(volume: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("cluster") / "slices"
+    write_stack(directory, volume, compression="zlib")
+    return directory
+
+
+def convert(slices: Path, out: Path, *args: object) -> subprocess.CompletedProcess[str]:
+    return scroll_to_ome(slices, out, "--chunk_size", CHUNK, "--nlevels", LEVELS, "--quiet", *args)
+
+
+@pytest.fixture(scope="module")
+def local_stores(slices: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bytes]]:
+    """The local run's store for each layout, file by file (the store is named ``s.zarr`` everywhere: its
+    name is in its metadata)."""
+    stores = {}
+    for name, args in LAYOUTS.items():
+        out = tmp_path_factory.mktemp("local") / "s.zarr"
+        assert_ok(convert(slices, out, *args))
+        stores[name] = store_files(out)
+    return stores
+
+
+def check_pyramid(out: Path, volume: np.ndarray) -> None:
+    group = zarr.open_group(str(out), mode="r")
+    for level, expected in enumerate(pyramid(volume, LEVELS)):
+        np.testing.assert_array_equal(group[str(level)][...], expected)
+
+
+def unfinished_tasks(out: Path) -> int:
+    return sum(1 for _ in (out / "scrollzarr_tasks").rglob("*.json")) if (out / "scrollzarr_tasks").exists() else 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_local_cluster_writes_the_local_runs_store(layout, slices, volume, local_stores, tmp_path):
+    out = tmp_path / "s.zarr"
+    result = convert(slices, out, *LAYOUTS[layout], *SMALL, "--scheduler", "local:2")
+    assert_ok(result)
+    assert store_files(out) == local_stores[layout]
+    check_pyramid(out, volume)
+
+
+def test_the_plan_shows_several_tasks_per_level(slices, tmp_path):
+    out = tmp_path / "s.zarr"
+    result = scroll_to_ome(
+        slices, out, "--chunk_size", CHUNK, "--nlevels", LEVELS, "-v", *SMALL, "--scheduler", "local:2"
+    )
+    assert_ok(result)
+    counts = [int(found[1]) for found in re.finditer(r"level \d+: (\d+) tasks, ", result.stderr)]
+    assert len(counts) == LEVELS and all(count > 1 for count in counts), result.stderr
+
+
+class Cluster:
+    """A ``dask scheduler`` and worker processes (no nannies: a killed worker stays dead), on this machine."""
+
+    def __init__(self, directory: Path, workers: int, paths: tuple[Path, ...] = (), **env: str) -> None:
+        directory.mkdir()
+        self.file = directory / "scheduler.json"
+        # the workers import scrollzarr (the tasks name its functions) and any module of ``paths``
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, (*paths, ROOT))), **env)
+        self.scheduler = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--scheduler-file", str(self.file),
+             "--host", "127.0.0.1", "--port", "0", "--no-dashboard"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not self.file.exists() or not self.file.read_text().strip():
+            assert time.monotonic() < deadline, "the scheduler did not start"
+            time.sleep(0.1)
+        time.sleep(0.2)  # the file is written whole (json.dump) but may be read mid-write
+        self.address = json.loads(self.file.read_text())["address"]
+        self.workers = [self.start_worker() for _ in range(workers)]
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(self.file),
+             "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        for process in [*self.workers, self.scheduler]:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    started = Cluster(tmp_path / "cluster", 2)
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def slow_tasks(tmp_path: Path) -> Path:
+    """A directory with a module that, preloaded in a worker, makes each task take 0.3 s longer: runs long
+    enough to be stopped in the middle, whatever the machine's speed."""
+    directory = tmp_path / "slow"
+    directory.mkdir()
+    (directory / "scrollzarr_slow.py").write_text(
+        "import time\n"
+        "import scrollzarr.tasks\n"
+        "_run_task = scrollzarr.tasks.run_task\n"
+        "def run_task(job, task):\n"
+        "    time.sleep(0.3)\n"
+        "    return _run_task(job, task)\n"
+        "scrollzarr.tasks.run_task = run_task\n"
+    )
+    return directory
+
+
+SLOW = {"DASK_DISTRIBUTED__WORKER__PRELOAD": '["scrollzarr_slow"]'}
+
+
+def test_a_real_scheduler_and_workers_write_the_local_runs_store(cluster, slices, volume, local_stores, tmp_path):
+    for name, address in (("file", str(cluster.file)), ("address", cluster.address)):
+        for layout, args in LAYOUTS.items():
+            out = tmp_path / name / layout.replace(" ", "_").replace(",", "") / "s.zarr"
+            out.parent.mkdir(parents=True)
+            assert_ok(convert(slices, out, *args, *SMALL, "--scheduler", address))
+            assert store_files(out) == local_stores[layout], (name, layout)
+    check_pyramid(out, volume)
+
+
+def test_the_scheduler_is_taken_from_the_environment(cluster, slices, local_stores, tmp_path):
+    out = tmp_path / "s.zarr"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DASK_SCHEDULER_ADDRESS=cluster.address)
+    command = [sys.executable, str(ROOT / "scroll_to_ome.py"), str(slices), str(out), "--chunk_size", str(CHUNK)]
+    result = subprocess.run(
+        [*command, "--nlevels", str(LEVELS), *SMALL, "-v"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert_ok(result)
+    assert f"Dask cluster at {cluster.address}: " in result.stderr
+    assert store_files(out) == local_stores["zarr 2"]
+
+
+def start_conversion(
+    slices: Path, out: Path, *args: object, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """Start a conversion; ``env``'s ``PYTHONPATH`` goes before the checkout's."""
+    command = [sys.executable, str(ROOT / "scroll_to_ome.py"), str(slices), str(out), "--chunk_size", str(CHUNK)]
+    env = dict(env or {})
+    path = os.pathsep.join([*filter(None, [env.pop("PYTHONPATH", None)]), str(ROOT)])
+    return subprocess.Popen(
+        [*command, "--nlevels", str(LEVELS), "--quiet", *SMALL, *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, **env, PYTHONPATH=path),
+    )  # fmt: skip
+
+
+def wait_for_tasks(out: Path, process: subprocess.Popen[str], count: int) -> None:
+    """Wait until ``count`` tasks have marked themselves finished, with the run still going."""
+    deadline = time.monotonic() + 120
+    while unfinished_tasks(out) < count:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_a_worker_killed_mid_run_leaves_the_store_as_the_local_runs(tmp_path, slices, volume, local_stores, slow_tasks):
+    cluster = Cluster(tmp_path / "cluster", 2, (slow_tasks,), **SLOW)
+    try:
+        out = tmp_path / "s.zarr"
+        process = start_conversion(slices, out, "--scheduler", cluster.file)
+        wait_for_tasks(out, process, 2)
+        cluster.workers[0].send_signal(signal.SIGKILL)
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+        assert store_files(out) == local_stores["zarr 2"]
+        check_pyramid(out, volume)
+    finally:
+        cluster.stop()
+
+
+def test_a_client_killed_mid_run_is_resumed_to_the_local_runs_store(tmp_path, slices, volume, local_stores, slow_tasks):
+    cluster = Cluster(tmp_path / "cluster", 2, (slow_tasks,), **SLOW)
+    try:
+        out = tmp_path / "s.zarr"
+        process = start_conversion(slices, out, "--scheduler", cluster.file)
+        wait_for_tasks(out, process, 3)
+        process.kill()
+        process.communicate()
+        assert (out / "scrollzarr_progress.json").exists() and "multiscales" not in read_json(out / ".zattrs")
+        result = scroll_to_ome(
+            slices, out, "--chunk_size", CHUNK, "--nlevels", LEVELS, *SMALL, "--scheduler", cluster.file, "--resume",
+            "-v",
+        )  # fmt: skip
+        assert_ok(result)
+        assert store_files(out) == local_stores["zarr 2"]
+        check_pyramid(out, volume)
+        skipped = re.search(r"level 0: (\d+) tasks, (\d+) finished before", result.stderr)
+        assert skipped is not None and 3 <= int(skipped[2]) < int(skipped[1]), result.stderr
+    finally:
+        cluster.stop()
+
+
+def test_a_cluster_run_is_resumed_on_this_machine(tmp_path, slices, volume, local_stores, slow_tasks):
+    out = tmp_path / "s.zarr"
+    process = start_conversion(slices, out, "--scheduler", "local:2", env={"PYTHONPATH": str(slow_tasks), **SLOW})
+    wait_for_tasks(out, process, 2)
+    process.kill()
+    process.communicate()
+    result = convert(slices, out, *SMALL, "--resume")
+    assert_ok(result)
+    assert store_files(out) == local_stores["zarr 2"]
+
+
+def test_a_local_run_is_not_resumed_on_a_cluster(tmp_path, slices):
+    out = tmp_path / "s.zarr"
+    process = start_conversion(slices, out)
+    deadline = time.monotonic() + 60
+    while not (out / "scrollzarr_progress.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    process.kill()
+    process.communicate()
+    result = convert(slices, out, *SMALL, "--resume", "--scheduler", "local:1")
+    assert_one_line_error(result, "cannot resume", "started without --scheduler", "resume it without --scheduler")
+
+
+def test_a_slice_that_cannot_be_read_stops_the_run_resumably(tmp_path, volume):
+    slices = tmp_path / "slices"
+    paths = write_stack(slices, volume, compression="zlib")
+    good = paths[40].read_bytes()
+    broken = bytearray(good)
+    broken[300:600] = b"\xff" * 300  # the header is intact, the pixels are not
+    paths[40].write_bytes(bytes(broken))
+    out = tmp_path / "s.zarr"
+    result = convert(slices, out, *SMALL, "--scheduler", "local:2")
+    assert_one_line_error(result, "00040.tif: cannot read slice 40", "--bad_slices zero")
+    assert (out / "scrollzarr_progress.json").exists() and "multiscales" not in read_json(out / ".zattrs")
+    result = convert(slices, out, *SMALL, "--scheduler", "local:2", "--resume", "--bad_slices", "zero")
+    assert_one_line_error(result, "cannot resume", "--bad_slices was 'error' in the stopped run")
+    result = convert(slices, tmp_path / "zero.zarr", *SMALL, "--scheduler", "local:2", "--bad_slices", "zero")
+    assert_ok(result)
+    expected = volume.copy()
+    expected[40] = 0
+    check_pyramid(tmp_path / "zero.zarr", expected)
+    assert json.loads((tmp_path / "zero.zarr" / ".zattrs").read_text())["scrollzarr"]["bad_slices"] == [40]
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "fragments"),
+    [
+        ("local:0", ["local:N needs a whole number of worker processes"]),
+        ("local:two", ["local:N needs a whole number of worker processes"]),
+        ("no-such-file.json", ["no such scheduler file", "tcp://HOST:PORT"]),
+        ("tcp://127.0.0.1:9", ["cannot use the Dask scheduler at tcp://127.0.0.1:9", "start it"]),
+    ],
+)
+def test_a_bad_scheduler_is_one_line(tmp_path, slices, scheduler, fragments):
+    result = convert(slices, tmp_path / "s.zarr", "--scheduler", scheduler)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "s.zarr" / "0").exists()
+
+
+def test_without_dask_the_scheduler_is_one_line(tmp_path, slices):
+    shim = tmp_path / "shim" / "distributed"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('no distributed here')\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'shim'}{os.pathsep}{ROOT}")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scroll_to_ome.py"), str(slices), str(tmp_path / "s.zarr"), "--scheduler",
+         "local:2"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert_one_line_error(result, "--scheduler needs dask.distributed", 'pip install "scrollzarr[dask]"')
+
+
+def test_a_worker_that_cannot_see_the_output_is_named(tmp_path, slices):
+    """A worker whose file system lacks the output (here: a worker started with a fault that refuses writes under
+    it, as a worker on another machine without the shared file system would) stops the run before it writes."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    out = tmp_path / "s.zarr"
+    (faults / "scrollzarr_fault.py").write_text(
+        "import builtins, io, os\n"
+        "_open = io.open\n"
+        "def refuse(path, *args, **kwargs):\n"
+        "    if str(path).startswith(os.environ['SCROLLZARR_FAULT_PREFIX']):\n"
+        "        raise PermissionError(13, 'Permission denied', str(path))\n"
+        "    return _open(path, *args, **kwargs)\n"
+        "builtins.open = io.open = refuse\n"
+    )
+    cluster = Cluster(tmp_path / "cluster", 0, (faults,), SCROLLZARR_FAULT_PREFIX=str(out))
+    try:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(cluster.file),
+             "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
+             "--preload", "scrollzarr_fault"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cluster.env,
+        )  # fmt: skip
+        cluster.workers.append(worker)
+        result = convert(slices, out, "--scheduler", cluster.file)
+        assert_one_line_error(result, "Dask worker tcp://127.0.0.1:", f"cannot write into the output {out}")
+        assert not (out / "0").exists()
+    finally:
+        cluster.stop()
