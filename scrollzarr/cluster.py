@@ -110,7 +110,7 @@ class DaskExecutor:
                     n_workers=count,
                     threads_per_worker=1,
                     processes=True,
-                    dashboard_address=None,
+                    dashboard_address=":0",  # a free port: never "port 8787 is already in use"
                     silence_logs=logging.CRITICAL,
                 )
                 self.client = distributed.Client(self._cluster)

@@ -46,21 +46,22 @@ def scroll_to_ome(
     from scrollzarr.store import check_output_name
 
     if dry_run:
-        if first_new_level is not None:
-            print(rebuild.describe_rebuild(rebuild.plan_rebuild(output, first_new_level, options, chunk_size)))
-        else:
-            with _cluster(options) as executor:
-                slots = 1 if executor is None else executor.slots
+        with _cluster(options) as executor:
+            slots = 1 if executor is None else executor.slots
+            if first_new_level is not None:
+                plan = rebuild.plan_rebuild(output, first_new_level, options, chunk_size, slots)
+                print(rebuild.describe_rebuild(plan))
+            else:
                 print(pipeline.describe_plan(pipeline.plan_conversion(input_dir, output, options, slots)))
         return
 
     def work() -> None:
-        if first_new_level is not None:
-            plan = rebuild.plan_rebuild(output, first_new_level, options, chunk_size)
-            log.info(rebuild.rebuild_levels(plan).summary())
-        else:
-            with _cluster(options) as executor:
-                slots = 1 if executor is None else executor.slots
+        with _cluster(options) as executor:
+            slots = 1 if executor is None else executor.slots
+            if first_new_level is not None:
+                plan = rebuild.plan_rebuild(output, first_new_level, options, chunk_size, slots)
+                log.info(rebuild.rebuild_levels(plan, executor).summary())
+            else:
                 conversion = pipeline.plan_conversion(input_dir, output, options, slots)
                 log.info(pipeline.convert(conversion, executor).summary())
 

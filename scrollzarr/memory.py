@@ -257,6 +257,14 @@ def read_back_blocks(layout: Layout, first: int, budget: int) -> tuple[Shape3, .
     )
 
 
+def recorded_blocks(planned: tuple[Shape3, ...], recorded: list[list[int]]) -> tuple[Shape3, ...]:
+    """The blocks a stopped run of tasks recorded (:attr:`scrollzarr.progress.Progress.blocks`), if it recorded
+    as many as are ``planned`` now; else ``planned``."""
+    if len(recorded) != len(planned) or not all(len(block) == 3 for block in recorded):
+        return planned
+    return tuple((int(z), int(y), int(x)) for z, y, x in recorded)
+
+
 def _sharded(layout: Layout) -> bool:
     """Whether a write unit holds more than one chunk (read-back levels are then built a chunk at a time)."""
     return layout.write_unit != (layout.chunk,) * 3

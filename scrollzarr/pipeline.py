@@ -53,17 +53,7 @@ from scrollzarr.store import (
     unit_index,
 )
 from scrollzarr.streaming import LevelStream
-from scrollzarr.tasks import (
-    Job,
-    SliceSource,
-    Task,
-    finished,
-    level_tasks,
-    remove_markers,
-    run_task,
-    task_voxels,
-    unmark,
-)
+from scrollzarr.tasks import Job, SliceSource, Task, level_tasks, remove_markers, run_levels, unmark_damaged
 from scrollzarr.tiffstack import (
     Lookahead,
     TiffStack,
@@ -209,6 +199,8 @@ def plan_conversion(input_dir: Path, output: Path, options: Options, slots: int 
     first_read_back = 1 if tasks else bands.streamed + 1
     budget = limit if limit is not None else max(bands.nbytes, memory.read_back_need(layout, first_read_back))
     blocks = memory.read_back_blocks(layout, first_read_back, budget)
+    if record is not None and record.tasks:
+        blocks = memory.recorded_blocks(blocks, record.blocks)
     need = max(bands.nbytes, memory.read_back_cost(layout, first_read_back, blocks))
     log.debug("memory: %d bytes planned for buffers", need)
     return Plan(
@@ -316,12 +308,31 @@ def describe_plan(plan: Plan) -> str:
     if plan.dtype != stack.dtype:
         lines.append(f"  {stack.dtype} to {plan.dtype}: {_describe_window(plan.window)}")
     lines += _describe_levels(plan.shapes, chunk, plan.dtype.itemsize)
+    if plan.tasks:
+        lines += _describe_tasks(plan)
+        return "\n".join(lines)
     lines.append(
         f"memory: about {format_bytes(plan.need)} for buffers, {plan.options.worker_count} worker(s); "
         f"level 0 read in bands of {plan.bands.rows} x {plan.bands.cols} (rows x columns)"
     )
     lines.append("  " + _describe_passes(plan.bands.streamed, len(plan.shapes) - 1))
     return "\n".join(lines)
+
+
+def _describe_tasks(plan: Plan) -> list[str]:
+    where = f"on the Dask cluster at {plan.options.scheduler}" if plan.options.scheduler else "on this machine"
+    counts = [len(tasks) for tasks in _conversion_tasks(plan)]
+    depth = plan.options.layout.unit[0]
+    return [
+        f"tasks, {where}: {sum(counts)} in all, {plan.options.worker_count} thread(s) each, "
+        f"about {format_bytes(plan.need)} each for buffers",
+        f"  level 0: {counts[0]} task(s) of {depth} slices by {plan.bands.rows} x {plan.bands.cols} "
+        "(rows x columns), from the TIFFs",
+        *(
+            f"  level {level}: {count} task(s) from the stored level {level - 1}"
+            for level, count in enumerate(counts[1:], start=1)
+        ),
+    ]
 
 
 def _describe_window(window: Window | None) -> str:
@@ -486,6 +497,8 @@ def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progr
     if record is None:
         empty_output(plan.output)
         record = Progress(plan.fingerprint, [plan.bands.rows, plan.bands.cols, plan.bands.streamed], tasks=plan.tasks)
+        if plan.tasks:
+            record.blocks = [list(block) for block in plan.blocks]
         record.save(plan.output)
         progress.save_slices(plan.output, plan.slice_files)  # after the record: its digest suffices to resume
     else:
@@ -500,7 +513,7 @@ def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progr
     # the metadata just written is durable before any chunk is (a name renamed in but not flushed can come
     # back empty after a power cut); the first checkpoint would flush it only after the first slab
     sync_file_system(plan.output)
-    if plan.resume_from is not None and not record.tasks:  # a run of tasks: _unmark_damaged
+    if plan.resume_from is not None and not record.tasks:  # a run of tasks: _convert_tasks
         _rewrite_damaged(plan, arrays, record)
     return group, arrays, record
 
@@ -677,7 +690,8 @@ def _convert_tasks(plan: Plan, executor: Executor) -> Report:
     group, arrays, record = _open_output(plan)
     levels = _conversion_tasks(plan)
     if plan.resume_from is not None:
-        _unmark_damaged(plan, levels)
+        for level, tasks in enumerate(levels):
+            unmark_damaged(plan.output, _sink_spec(plan, level), tasks)
     job = Job(
         output=plan.output,
         levels=tuple(_sink_spec(plan, level) for level in range(len(plan.shapes))),
@@ -689,43 +703,15 @@ def _convert_tasks(plan: Plan, executor: Executor) -> Report:
     report = Report(plan.output, plan.dtype, options.layout, missing=plan.missing, plain=options.zarr_only)
     bad = {z: record.bad_rows.get(str(z), 0) for z in record.bad_slices} | dict.fromkeys(plan.stack.bad, 0)
     with progress_bar(plan.shapes, options.quiet) as bar:
-        for level, tasks in enumerate(levels):
-            report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], options.chunk_size))
-            bar.set_description(f"level {level}")
-            done = finished(plan.output, tasks)
-            log.debug("level %d: %d tasks, %d finished before", level, len(tasks), len(done))
-            results = list(done.items())
-            bar.update(sum(task_voxels(task) for task in done))
-            for task, result in executor.run(run_task, job, [task for task in tasks if task not in done]):
-                results.append((task, result))
-                bar.update(task_voxels(task))
-            for _, result in results:
-                report.levels[level].chunks_written += result.chunks
-                for z, row in result.bad_rows.items():
-                    bad[z] = min(row, bad.get(z, row))
-            ran = [result.seconds for task, result in results if task not in done]
-            if ran:
-                log.info(
-                    "level %d: %d task(s) run, %.3f s each on average (%.3f s the longest)",
-                    level, len(ran), sum(ran) / len(ran), max(ran),
-                )  # fmt: skip
+        totals = run_levels(executor, job, dict(enumerate(levels)), bar)
+    for level, total in totals.items():
+        report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], options.chunk_size))
+        report.levels[level].chunks_written = total.chunks
+        for z, row in total.bad_rows.items():
+            bad[z] = min(row, bad.get(z, row))
     report.bad = sorted(bad)
     _finish(plan, group, arrays, bad)
     return report
-
-
-def _unmark_damaged(plan: Plan, levels: list[list[Task]]) -> None:
-    """Find the damaged unit files (:func:`~scrollzarr.store.damaged_units`); forget the task that wrote each,
-    then delete it: the resumed run writes it again."""
-    for level, tasks in enumerate(levels):
-        spec = _sink_spec(plan, level)
-        for path, problem in damaged_units(spec):
-            log.warning("chunk file %s is damaged (%s); it is written again", path, problem)
-            corner = [i * n for i, n in zip(unit_index(spec, path), spec.layout.unit, strict=True)]
-            for task in tasks:
-                if all(a <= c < b for (a, b), c in zip(task.box, corner, strict=True)):
-                    unmark(plan.output, task)
-            path.unlink()
 
 
 def _stripe_rows(plan: Plan) -> int | None:

@@ -75,6 +75,10 @@ class Progress:
         Whether the run is cut into tasks (``--scheduler``): what is finished is
         then marked by each task in the store (:mod:`scrollzarr.tasks`), and the
         counts above are not kept.
+    blocks : list of list of int
+        For a run of tasks, the blocks (z, y, x) of the levels built from the level
+        above: a resumed run cuts them the same way, so that the tasks marked
+        finished are its tasks (the blocks depend on the threads a task has).
     """
 
     fingerprint: dict[str, Any]
@@ -87,6 +91,7 @@ class Progress:
     bad_slices: list[int] = field(default_factory=list)
     bad_rows: dict[str, int] = field(default_factory=dict)
     tasks: bool = False
+    blocks: list[list[int]] = field(default_factory=list)
 
     def save(self, output: Path) -> None:
         """Write the record into the store at ``output``, once everything written before it is on the disk.

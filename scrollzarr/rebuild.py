@@ -16,6 +16,7 @@ import zarr
 from scrollzarr import downsample as ds
 from scrollzarr import memory, ngff, progress
 from scrollzarr.blocks import Shape3, shape3
+from scrollzarr.cluster import Executor, LocalExecutor
 from scrollzarr.durable import sync_file_system
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.layout import StoreLayout, UnsupportedLayout, layout_of
@@ -35,6 +36,7 @@ from scrollzarr.store import (
     remove_partial_files,
     unit_index,
 )
+from scrollzarr.tasks import Job, Task, has_markers, level_tasks, remove_markers, run_levels, unmark_damaged
 from scrollzarr.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,9 @@ class RebuildPlan:
         rebuild takes it from the record).
     resume_from : Progress or None
         The record of the stopped rebuild, with ``--resume``.
+    tasks : bool
+        Whether the rebuild runs as tasks (:mod:`scrollzarr.tasks`): on a Dask cluster, or resuming such a
+        rebuild here; each level's tasks are its ``blocks``.
     """
 
     output: Path
@@ -77,15 +82,18 @@ class RebuildPlan:
     quiet: bool
     fingerprint: dict[str, Any]
     resume_from: Progress | None
+    tasks: bool = False
 
 
-def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | None) -> RebuildPlan:
+def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | None, slots: int = 1) -> RebuildPlan:
     """Check an existing OME-Zarr and work out the levels ``first … nlevels-1`` to rebuild.
 
     Parameters
     ----------
     chunk_size : int or None
         Chunk edge of the new levels; ``None`` keeps that of level ``first - 1``.
+    slots : int
+        Tasks a worker process runs at once on a Dask cluster: each has that share of ``--max_gb``.
     """
     check_output_name(output)
     if options.zarr_only:
@@ -98,6 +106,12 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
             f"raise --nlevels above {first}"
         )
     record = _existing_rebuild(output, options.resume)
+    tasks = options.scheduler is not None or (record is not None and record.tasks)
+    if record is not None and options.scheduler is not None and not record.tasks:
+        raise UsageError(
+            f"cannot resume {output} on a Dask cluster: the rebuild was started without --scheduler; "
+            "resume it without --scheduler (and without DASK_SCHEDULER_ADDRESS set)"
+        )
     asked = {"rebuild_from_level": first, "nlevels": options.nlevels, "algorithm": options.algorithm}
     _check_resumable(output, record, asked)
     try:
@@ -145,8 +159,10 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
     if options.max_gb is None:
         budget = max(plane, memory.read_back_need(model, first))
     else:
-        budget = round(options.max_gb * memory.GIB)
+        budget = round(options.max_gb * memory.GIB) // (slots if tasks else 1)
     blocks = memory.read_back_blocks(model, first, budget)
+    if record is not None and record.tasks:
+        blocks = memory.recorded_blocks(blocks, record.blocks)
     fingerprint = {
         "rebuild_from_level": first,
         "nlevels": options.nlevels,
@@ -169,6 +185,7 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         quiet=options.quiet,
         fingerprint=fingerprint,
         resume_from=record,
+        tasks=tasks,
     )
 
 
@@ -252,7 +269,7 @@ def _existing_rebuild(output: Path, resume: bool) -> Progress | None:
     return record
 
 
-def rebuild_levels(plan: RebuildPlan) -> Report:
+def rebuild_levels(plan: RebuildPlan, executor: Executor | None = None) -> Report:
     """Delete levels ``plan.first …`` of the store, build them again, and rewrite the metadata.
 
     Before any level is touched, the store is marked unfinished: the progress
@@ -260,26 +277,34 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     metadata removed, durably.  With ``plan.resume_from`` the stopped rebuild
     continues: the levels whose rows the record vouches for are kept.  The
     caller holds the output's :class:`~scrollzarr.outputlock.OutputLock` from
-    before planning.
+    before planning.  A rebuild of tasks runs on ``executor`` (a Dask cluster), or, resuming a cluster's
+    rebuild without one, on this machine's threads.
     """
     started = time.monotonic()
+    if plan.tasks:
+        executor = executor or LocalExecutor(plan.workers)
+        executor.check_paths(plan.output / str(plan.first - 1) / plan.layout.metadata_names[0], plan.output)
     group = zarr.open_group(str(plan.output), mode="r+")
     log.debug("removed %d temporary files of a stopped run", remove_partial_files(plan.output))
     record = plan.resume_from
     if record is None:
         _check_source(plan)
-        record = Progress(plan.fingerprint, [])
+        record = Progress(plan.fingerprint, [], tasks=plan.tasks, blocks=[list(block) for block in plan.blocks])
         record.save(plan.output)
     attributes = group.attrs.asdict()
     if ngff.version(attributes) is not None:  # also resuming: a stop between the record and this left it there
         group.attrs.put(ngff.without(attributes))
         sync_file_system(plan.output)
     report = _prepare_levels(plan, group, record)
-    with progress_bar(plan.shapes[plan.first :], plan.quiet) as bar, Workers(plan.workers) as workers:
-        build_from_above(
-            group, plan.output, plan.layout, plan.first, plan.blocks, plan.algorithm, workers, bar, report, record,
-            lambda: record.save(plan.output), _advice(plan.first - 1),
-        )  # fmt: skip
+    if plan.tasks:
+        assert executor is not None  # given above
+        _rebuild_tasks(plan, executor, report)
+    else:
+        with progress_bar(plan.shapes[plan.first :], plan.quiet) as bar, Workers(plan.workers) as workers:
+            build_from_above(
+                group, plan.output, plan.layout, plan.first, plan.blocks, plan.algorithm, workers, bar, report,
+                record, lambda: record.save(plan.output), _advice(plan.first - 1),
+            )  # fmt: skip
     multiscale = Multiscale.pyramid(
         plan.output.stem,
         len(plan.shapes),
@@ -291,6 +316,40 @@ def rebuild_levels(plan: RebuildPlan) -> Report:
     progress.remove(plan.output)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _level_tasks(plan: RebuildPlan) -> dict[int, list[Task]]:
+    return {
+        level: level_tasks(plan.shapes[level], plan.blocks[level - plan.first], level)
+        for level in range(plan.first, len(plan.shapes))
+    }
+
+
+def _level_specs(plan: RebuildPlan) -> tuple[SinkSpec, ...]:
+    """Every level's spec (the levels kept: only their directory is read, by the tasks of the level below)."""
+    return tuple(
+        SinkSpec(plan.output / str(level), plan.shapes[level], str(plan.dtype), plan.layout)
+        for level in range(len(plan.shapes))
+    )
+
+
+def _rebuild_tasks(plan: RebuildPlan, executor: Executor, report: Report) -> None:
+    """Build the new levels as tasks on ``executor``, a level at a time; the tasks finished before (marked in
+    the store) are not run again."""
+    job = Job(
+        output=plan.output,
+        levels=_level_specs(plan),
+        algorithm=plan.algorithm,
+        source=None,
+        threads=executor.threads,
+        advice=_advice(plan.first - 1),
+        first_read=plan.first - 1,
+    )
+    with progress_bar(plan.shapes[plan.first :], plan.quiet) as bar:
+        totals = run_levels(executor, job, _level_tasks(plan), bar)
+    for level, total in totals.items():
+        report.levels[level].chunks_written = total.chunks
+    remove_markers(plan.output)
 
 
 def _check_source(plan: RebuildPlan) -> None:
@@ -329,7 +388,9 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
     """
     for path in sorted(plan.output.iterdir()):
         ours = path.is_dir() and path.name.isdigit() and int(path.name) >= plan.first
-        if ours and not record.rows_done.get(path.name):
+        # a level this rebuild has written part of: rows recorded, or (tasks) a task marked finished
+        written = has_markers(plan.output, int(path.name)) if record.tasks and ours else record.rows_done.get(path.name)
+        if ours and not written:
             shutil.rmtree(path)
     chunk = plan.layout.chunk
     report = Report(plan.output, plan.dtype, plan.layout)
@@ -342,6 +403,9 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
             plan.layout.create_array(group, str(level), plan.shapes[level], plan.dtype, overwrite=False)
         report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], chunk))
         spec = SinkSpec(plan.output / str(level), plan.shapes[level], str(plan.dtype), plan.layout)
+        if record.tasks:
+            unmark_damaged(plan.output, spec, _level_tasks(plan)[level])
+            continue
         for path, problem in damaged_units(spec):
             log.warning("chunk file %s is damaged (%s); it is written again", path, problem)
             row = unit_index(spec, path)[0] * plan.layout.unit[0] // plan.blocks[level - plan.first][0]

@@ -33,9 +33,12 @@ import zarr
 
 from scrollzarr import downsample as ds
 from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
+from scrollzarr.cluster import Executor
 from scrollzarr.durable import remove_durably, sync_file_system, write_durably
 from scrollzarr.readback import write_downsampled_block
+from scrollzarr.report import ProgressBar
 from scrollzarr.sinks import LevelSink, SinkSpec, open_sink
+from scrollzarr.store import damaged_units, unit_index
 from scrollzarr.tiffstack import SliceReadError, StackError, TiffStack, first_unreadable_row, read_rows
 from scrollzarr.window import Window
 from scrollzarr.workers import Workers
@@ -320,6 +323,59 @@ def finished(output: Path, tasks: list[Task]) -> dict[Task, TaskResult]:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return done
+
+
+def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar: ProgressBar) -> dict[int, TaskResult]:
+    """Run the tasks of each level of ``levels`` on ``executor``, a level after the one above (a barrier: a
+    level is built from the stored level above), but those marked finished by an earlier run.
+
+    Returns
+    -------
+    dict of int to TaskResult
+        For each level: its chunks written, and the bad slices its tasks found, by all its tasks.
+    """
+    totals = {}
+    for level, tasks in levels.items():
+        bar.set_description(f"level {level}")
+        done = finished(job.output, tasks)
+        log.debug("level %d: %d tasks, %d finished before", level, len(tasks), len(done))
+        bar.update(sum(task_voxels(task) for task in done))
+        results = list(done.values())
+        seconds = []
+        for task, result in executor.run(run_task, job, [task for task in tasks if task not in done]):
+            results.append(result)
+            seconds.append(result.seconds)
+            bar.update(task_voxels(task))
+        if seconds:
+            log.info(
+                "level %d: %d task(s) run, %.3f s each on average (%.3f s the longest)",
+                level, len(seconds), sum(seconds) / len(seconds), max(seconds),
+            )  # fmt: skip
+        total = TaskResult()
+        for result in results:
+            total.chunks += result.chunks
+            for z, row in result.bad_rows.items():
+                total.bad_rows[z] = min(row, total.bad_rows.get(z, row))
+        totals[level] = total
+    return totals
+
+
+def unmark_damaged(output: Path, spec: SinkSpec, tasks: list[Task]) -> None:
+    """Find the damaged unit files of the level of ``spec`` (:func:`~scrollzarr.store.damaged_units`); forget
+    the task of ``tasks`` that wrote each, then delete it: the resumed run writes it again."""
+    for path, problem in damaged_units(spec):
+        log.warning("chunk file %s is damaged (%s); it is written again", path, problem)
+        corner = [i * n for i, n in zip(unit_index(spec, path), spec.layout.unit, strict=True)]
+        for task in tasks:
+            if all(a <= c < b for (a, b), c in zip(task.box, corner, strict=True)):
+                unmark(output, task)
+        path.unlink()
+
+
+def has_markers(output: Path, level: int) -> bool:
+    """Whether a task of ``level`` marked itself finished in the store at ``output``."""
+    folder = output / MARKERS / str(level)
+    return folder.is_dir() and any(folder.iterdir())
 
 
 def unmark(output: Path, task: Task) -> None:

@@ -248,8 +248,9 @@ def test_a_cluster_run_is_resumed_on_this_machine(tmp_path, slices, volume, loca
     wait_for_tasks(out, process, 2)
     process.kill()
     process.communicate()
-    result = convert(slices, out, *SMALL, "--resume")
+    result = scroll_to_ome(slices, out, "--chunk_size", CHUNK, "--nlevels", LEVELS, *SMALL, "--resume", "-v")
     assert_ok(result)
+    assert re.search(r"level 0: \d+ tasks, [1-9]\d* finished before", result.stderr), result.stderr
     assert store_files(out) == local_stores["zarr 2"]
 
 
@@ -344,3 +345,36 @@ def test_a_worker_that_cannot_see_the_output_is_named(tmp_path, slices):
         assert not (out / "0").exists()
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_first_new_level_on_a_cluster_writes_the_local_runs_levels(layout, slices, volume, local_stores, tmp_path):
+    out = tmp_path / "s.zarr"
+    assert_ok(scroll_to_ome(slices, out, "--chunk_size", CHUNK, "--nlevels", 1, "--quiet", *LAYOUTS[layout]))
+    result = scroll_to_ome(out.parent, out, "--first_new_level", 1, "--nlevels", LEVELS, "--quiet", *SMALL,
+                           "--scheduler", "local:2")  # fmt: skip
+    assert_ok(result)
+    assert store_files(out) == local_stores[layout]
+    check_pyramid(out, volume)
+
+
+def test_a_killed_rebuild_on_a_cluster_is_resumed(slices, volume, local_stores, tmp_path, slow_tasks):
+    out = tmp_path / "s.zarr"
+    assert_ok(scroll_to_ome(slices, out, "--chunk_size", CHUNK, "--nlevels", 1, "--quiet"))
+    command = [sys.executable, str(ROOT / "scroll_to_ome.py"), str(out.parent), str(out), "--first_new_level", "1"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(slow_tasks), str(ROOT)]), **SLOW)
+    process = subprocess.Popen(
+        [*command, "--nlevels", str(LEVELS), "--quiet", *SMALL, "--scheduler", "local:2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    wait_for_tasks(out, process, 2)
+    process.kill()
+    process.communicate()
+    result = scroll_to_ome(out.parent, out, "--first_new_level", 1, "--nlevels", LEVELS, "--quiet", *SMALL,
+                           "--scheduler", "local:2")  # fmt: skip
+    assert_one_line_error(result, "unfinished rebuild", "--resume")
+    result = scroll_to_ome(out.parent, out, "--first_new_level", 1, "--nlevels", LEVELS, *SMALL, "--resume", "-v")
+    assert_ok(result)
+    assert re.search(r"level 1: \d+ tasks, [1-9]\d* finished before", result.stderr), result.stderr
+    assert store_files(out) == local_stores["zarr 2"]
+    check_pyramid(out, volume)
