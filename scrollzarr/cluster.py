@@ -15,6 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
+from scrollzarr import __version__
 from scrollzarr.errors import ScrollzarrError, UsageError
 
 log = logging.getLogger(__name__)
@@ -181,13 +182,17 @@ class DaskExecutor:
             self.client.cancel(list(futures))
 
     def check_paths(self, readable: Path, writable: Path) -> None:
-        problems = self.client.run(_check_paths, str(readable), str(writable))
+        """Also refuse workers that cannot run this scrollzarr's tasks (not installed there, or another version)."""
+        try:
+            problems = self.client.run(_check_paths, str(readable), str(writable), __version__)
+        except Exception as error:  # the function could not be unpickled or run there: scrollzarr is missing
+            raise ScrollzarrError(
+                f"the Dask workers cannot run scrollzarr's tasks ({type(error).__name__}: {error}); "
+                f"install scrollzarr {__version__} (as here) on every worker"
+            ) from None
         for worker, problem in sorted(problems.items()):
             if problem is not None:
-                raise ScrollzarrError(
-                    f"Dask worker {worker} {problem}; every worker must see the input and the output "
-                    "at the same paths (a shared file system)"
-                )
+                raise ScrollzarrError(f"Dask worker {worker} {problem}")
 
 
 def _local_workers(address: str) -> int:
@@ -197,18 +202,21 @@ def _local_workers(address: str) -> int:
     return int(text)
 
 
-def _check_paths(readable: str, writable: str) -> str | None:
-    """On a worker: what it cannot do of reading the file ``readable`` and writing into the directory ``writable``;
-    ``None`` if it can do both."""
+def _check_paths(readable: str, writable: str, version: str) -> str | None:
+    """On a worker: what it cannot do of reading the file ``readable`` and writing into the directory ``writable``,
+    or that its scrollzarr is not ``version``; ``None`` if all is well."""
+    if __version__ != version:
+        return f"runs scrollzarr {__version__}, this machine {version}; install the same version on every worker"
+    shared = "; every worker must see the input and the output at the same paths (a shared file system)"
     try:
         with open(readable, "rb") as file:
             file.read(1)
     except OSError as error:
-        return f"cannot read the input {readable} ({error.strerror or error})"
+        return f"cannot read the input {readable} ({error.strerror or error}){shared}"
     probe = Path(writable) / f".scrollzarr-probe-{uuid.uuid4().hex}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        return f"cannot write into the output {writable} ({error.strerror or error})"
+        return f"cannot write into the output {writable} ({error.strerror or error}){shared}"
     return None

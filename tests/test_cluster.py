@@ -120,10 +120,10 @@ class Cluster:
         self.address = json.loads(self.file.read_text())["address"]
         self.workers = [self.start_worker() for _ in range(workers)]
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
+    def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(self.file),
-             "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1"],
+             "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env,
         )  # fmt: skip
 
@@ -316,33 +316,66 @@ def test_without_dask_the_scheduler_is_one_line(tmp_path, slices):
     assert_one_line_error(result, "--scheduler needs dask.distributed", 'pip install "scrollzarr[dask]"')
 
 
-def test_a_worker_that_cannot_see_the_output_is_named(tmp_path, slices):
-    """A worker whose file system lacks the output (here: a worker started with a fault that refuses writes under
-    it, as a worker on another machine without the shared file system would) stops the run before it writes."""
+def faulty_worker(tmp_path: Path, fault: str, **env: str) -> Cluster:
+    """A scheduler and one worker that preloads the module ``fault`` (Python source) before it takes tasks: a
+    worker as it would be on a machine that lacks the shared file system, or the same scrollzarr."""
     faults = tmp_path / "faults"
     faults.mkdir()
+    (faults / "scrollzarr_fault.py").write_text(fault)
+    cluster = Cluster(tmp_path / "cluster", 0, (faults,), **env)
+    cluster.workers.append(cluster.start_worker("--preload", "scrollzarr_fault"))
+    return cluster
+
+
+REFUSE_WRITES = """
+import builtins, io, os
+_open = io.open
+def refuse(path, *args, **kwargs):
+    if str(path).startswith(os.environ['SCROLLZARR_FAULT_PREFIX']):
+        raise PermissionError(13, 'Permission denied', str(path))
+    return _open(path, *args, **kwargs)
+builtins.open = io.open = refuse
+"""
+
+
+def test_a_worker_that_cannot_see_the_output_is_named(tmp_path, slices):
     out = tmp_path / "s.zarr"
-    (faults / "scrollzarr_fault.py").write_text(
-        "import builtins, io, os\n"
-        "_open = io.open\n"
-        "def refuse(path, *args, **kwargs):\n"
-        "    if str(path).startswith(os.environ['SCROLLZARR_FAULT_PREFIX']):\n"
-        "        raise PermissionError(13, 'Permission denied', str(path))\n"
-        "    return _open(path, *args, **kwargs)\n"
-        "builtins.open = io.open = refuse\n"
-    )
-    cluster = Cluster(tmp_path / "cluster", 0, (faults,), SCROLLZARR_FAULT_PREFIX=str(out))
+    cluster = faulty_worker(tmp_path, REFUSE_WRITES, SCROLLZARR_FAULT_PREFIX=str(out))
     try:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(cluster.file),
-             "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
-             "--preload", "scrollzarr_fault"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cluster.env,
-        )  # fmt: skip
-        cluster.workers.append(worker)
         result = convert(slices, out, "--scheduler", cluster.file)
-        assert_one_line_error(result, "Dask worker tcp://127.0.0.1:", f"cannot write into the output {out}")
+        assert_one_line_error(
+            result, "Dask worker tcp://127.0.0.1:", f"cannot write into the output {out}", "a shared file system"
+        )
         assert not (out / "0").exists()
+    finally:
+        cluster.stop()
+
+
+def test_a_worker_that_cannot_see_the_input_is_named(tmp_path, slices):
+    out = tmp_path / "s.zarr"
+    cluster = faulty_worker(tmp_path, REFUSE_WRITES, SCROLLZARR_FAULT_PREFIX=str(slices))
+    try:
+        result = convert(slices, out, "--scheduler", cluster.file)
+        assert_one_line_error(result, "Dask worker tcp://127.0.0.1:", f"cannot read the input {slices / '00000.tif'}")
+        assert not (out / "0").exists()
+    finally:
+        cluster.stop()
+
+
+def test_a_worker_with_another_scrollzarr_is_refused(tmp_path, slices):
+    cluster = faulty_worker(tmp_path, "import scrollzarr.cluster\nscrollzarr.cluster.__version__ = '0.0.1'\n")
+    try:
+        result = convert(slices, tmp_path / "s.zarr", "--scheduler", cluster.file)
+        assert_one_line_error(result, "runs scrollzarr 0.0.1, this machine 0.1.0", "the same version on every worker")
+    finally:
+        cluster.stop()
+
+
+def test_a_worker_without_scrollzarr_is_refused(tmp_path, slices):
+    cluster = faulty_worker(tmp_path, "import sys\nsys.modules['scrollzarr'] = None\n")
+    try:
+        result = convert(slices, tmp_path / "s.zarr", "--scheduler", cluster.file)
+        assert_one_line_error(result, "the Dask workers cannot run scrollzarr's tasks", "install scrollzarr 0.1.0")
     finally:
         cluster.stop()
 
