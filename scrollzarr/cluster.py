@@ -9,6 +9,7 @@ optional extra).
 from __future__ import annotations
 
 import logging
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,14 +107,21 @@ class DaskExecutor:
         try:
             if self.address.startswith("local:"):
                 count = _local_workers(self.address)
-                # its workers' logs come to this terminal: a task's failure is reported once, by run()
-                self._cluster = distributed.LocalCluster(
-                    n_workers=count,
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=":0",  # a free port: never "port 8787 is already in use"
-                    silence_logs=logging.CRITICAL,
-                )
+                # Ctrl-C reaches the worker processes too (one process group); they start with it ignored
+                # (a disposition a process inherits), or each printed a KeyboardInterrupt traceback while this
+                # process stopped them itself
+                interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+                try:
+                    # their logs come to this terminal: a task's failure is reported once, by run()
+                    self._cluster = distributed.LocalCluster(
+                        n_workers=count,
+                        threads_per_worker=1,
+                        processes=True,
+                        dashboard_address=":0",  # a free port: never "port 8787 is already in use"
+                        silence_logs=logging.CRITICAL,
+                    )
+                finally:
+                    signal.signal(signal.SIGINT, interrupt)
                 self.client = distributed.Client(self._cluster)
             elif "://" in self.address:
                 self.client = distributed.Client(self.address, timeout="20s")

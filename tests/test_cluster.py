@@ -411,3 +411,24 @@ def test_a_killed_rebuild_on_a_cluster_is_resumed(slices, volume, local_stores, 
     assert re.search(r"level 1: \d+ tasks, [1-9]\d* finished before", result.stderr), result.stderr
     assert store_files(out) == local_stores["zarr 2"]
     check_pyramid(out, volume)
+
+
+def test_ctrl_c_stops_a_local_cluster_run_in_one_line_and_resume_finishes_it(
+    tmp_path, slices, volume, local_stores, slow_tasks
+):
+    """Ctrl-C reaches the whole process group, the LocalCluster's worker processes too: no traceback from them."""
+    out = tmp_path / "s.zarr"
+    command = [sys.executable, str(ROOT / "scroll_to_ome.py"), str(slices), str(out), "--chunk_size", str(CHUNK)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(slow_tasks), str(ROOT)]), **SLOW)
+    process = subprocess.Popen(
+        [*command, "--nlevels", str(LEVELS), "--quiet", *SMALL, "--scheduler", "local:2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+    )  # fmt: skip
+    wait_for_tasks(out, process, 2)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted; to continue:" in err and "--resume" in err, err
+    assert_ok(convert(slices, out, *SMALL, "--scheduler", "local:2", "--resume"))
+    assert store_files(out) == local_stores["zarr 2"]
