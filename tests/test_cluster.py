@@ -338,44 +338,36 @@ builtins.open = io.open = refuse
 """
 
 
-def test_a_worker_that_cannot_see_the_output_is_named(tmp_path, slices):
+@pytest.mark.parametrize(
+    ("fault", "prefix", "fragments"),
+    [
+        (REFUSE_WRITES, "output", ["cannot write into the output {out}", "a shared file system"]),
+        (REFUSE_WRITES, "input", ["cannot read the input {slices}/00000.tif", "a shared file system"]),
+        (
+            "import scrollzarr.cluster\nscrollzarr.cluster.__version__ = '0.0.1'\n",
+            None,
+            ["runs scrollzarr 0.0.1, this machine 0.1.0", "the same version on every worker"],
+        ),
+        (
+            "import sys\nsys.modules['scrollzarr'] = None\n",
+            None,
+            ["the Dask workers cannot run scrollzarr's tasks", "install scrollzarr 0.1.0"],
+        ),
+    ],
+    ids=["no output", "no input", "another scrollzarr", "no scrollzarr"],
+)
+def test_a_worker_that_cannot_do_its_part_is_named_before_anything_is_written(
+    tmp_path, slices, fault, prefix, fragments
+):
     out = tmp_path / "s.zarr"
-    cluster = faulty_worker(tmp_path, REFUSE_WRITES, SCROLLZARR_FAULT_PREFIX=str(out))
+    env = {} if prefix is None else {"SCROLLZARR_FAULT_PREFIX": str(out if prefix == "output" else slices)}
+    cluster = faulty_worker(tmp_path, fault, **env)
     try:
         result = convert(slices, out, "--scheduler", cluster.file)
-        assert_one_line_error(
-            result, "Dask worker tcp://127.0.0.1:", f"cannot write into the output {out}", "a shared file system"
-        )
+        assert_one_line_error(result, *(fragment.format(out=out, slices=slices) for fragment in fragments))
+        if prefix is not None:
+            assert "Dask worker tcp://127.0.0.1:" in result.stderr
         assert not (out / "0").exists()
-    finally:
-        cluster.stop()
-
-
-def test_a_worker_that_cannot_see_the_input_is_named(tmp_path, slices):
-    out = tmp_path / "s.zarr"
-    cluster = faulty_worker(tmp_path, REFUSE_WRITES, SCROLLZARR_FAULT_PREFIX=str(slices))
-    try:
-        result = convert(slices, out, "--scheduler", cluster.file)
-        assert_one_line_error(result, "Dask worker tcp://127.0.0.1:", f"cannot read the input {slices / '00000.tif'}")
-        assert not (out / "0").exists()
-    finally:
-        cluster.stop()
-
-
-def test_a_worker_with_another_scrollzarr_is_refused(tmp_path, slices):
-    cluster = faulty_worker(tmp_path, "import scrollzarr.cluster\nscrollzarr.cluster.__version__ = '0.0.1'\n")
-    try:
-        result = convert(slices, tmp_path / "s.zarr", "--scheduler", cluster.file)
-        assert_one_line_error(result, "runs scrollzarr 0.0.1, this machine 0.1.0", "the same version on every worker")
-    finally:
-        cluster.stop()
-
-
-def test_a_worker_without_scrollzarr_is_refused(tmp_path, slices):
-    cluster = faulty_worker(tmp_path, "import sys\nsys.modules['scrollzarr'] = None\n")
-    try:
-        result = convert(slices, tmp_path / "s.zarr", "--scheduler", cluster.file)
-        assert_one_line_error(result, "the Dask workers cannot run scrollzarr's tasks", "install scrollzarr 0.1.0")
     finally:
         cluster.stop()
 
