@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -53,7 +54,16 @@ from scrollzarr.store import (
     unit_index,
 )
 from scrollzarr.streaming import LevelStream
-from scrollzarr.tasks import Job, SliceSource, Task, level_tasks, remove_markers, run_levels, unmark_damaged
+from scrollzarr.tasks import (
+    Job,
+    SliceSource,
+    Task,
+    level_tasks,
+    markers_of,
+    remove_markers,
+    run_levels,
+    unmark_damaged,
+)
 from scrollzarr.tiffstack import (
     Lookahead,
     TiffStack,
@@ -499,6 +509,7 @@ def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progr
         record = Progress(plan.fingerprint, [plan.bands.rows, plan.bands.cols, plan.bands.streamed], tasks=plan.tasks)
         if plan.tasks:
             record.blocks = [list(block) for block in plan.blocks]
+            record.run = uuid.uuid4().hex
         record.save(plan.output)
         progress.save_slices(plan.output, plan.slice_files)  # after the record: its digest suffices to resume
     else:
@@ -688,12 +699,15 @@ def _convert_tasks(plan: Plan, executor: Executor) -> Report:
     options = plan.options
     executor.check_paths(next(iter(plan.stack.slices.values())).path, plan.output)
     group, arrays, record = _open_output(plan)
+    markers = markers_of(plan.output, record.run)
+    markers.mkdir(parents=True, exist_ok=True)  # the run's fence: its tasks write while it is there
     levels = _conversion_tasks(plan)
     if plan.resume_from is not None:
         for level, tasks in enumerate(levels):
-            unmark_damaged(plan.output, _sink_spec(plan, level), tasks)
+            unmark_damaged(markers, _sink_spec(plan, level), tasks)
     job = Job(
         output=plan.output,
+        markers=markers,
         levels=tuple(_sink_spec(plan, level) for level in range(len(plan.shapes))),
         algorithm=options.algorithm,
         source=_slice_source(plan),

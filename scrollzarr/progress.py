@@ -75,6 +75,8 @@ class Progress:
         Whether the run is cut into tasks (``--scheduler``): what is finished is
         then marked by each task in the store (:mod:`scrollzarr.tasks`), and the
         counts above are not kept.
+    run : str
+        For a run of tasks, its identity: the name of its marker directory in the store.
     blocks : list of list of int
         For a run of tasks, the blocks (z, y, x) of the levels built from the level
         above: a resumed run cuts them the same way, so that the tasks marked
@@ -91,6 +93,7 @@ class Progress:
     bad_slices: list[int] = field(default_factory=list)
     bad_rows: dict[str, int] = field(default_factory=dict)
     tasks: bool = False
+    run: str = ""
     blocks: list[list[int]] = field(default_factory=list)
 
     def save(self, output: Path) -> None:

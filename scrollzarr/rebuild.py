@@ -6,6 +6,7 @@ import logging
 import math
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,16 @@ from scrollzarr.store import (
     remove_partial_files,
     unit_index,
 )
-from scrollzarr.tasks import Job, Task, has_markers, level_tasks, remove_markers, run_levels, unmark_damaged
+from scrollzarr.tasks import (
+    Job,
+    Task,
+    has_markers,
+    level_tasks,
+    markers_of,
+    remove_markers,
+    run_levels,
+    unmark_damaged,
+)
 from scrollzarr.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -290,6 +300,8 @@ def rebuild_levels(plan: RebuildPlan, executor: Executor | None = None) -> Repor
     if record is None:
         _check_source(plan)
         record = Progress(plan.fingerprint, [], tasks=plan.tasks, blocks=[list(block) for block in plan.blocks])
+        if plan.tasks:
+            record.run = uuid.uuid4().hex
         record.save(plan.output)
     attributes = group.attrs.asdict()
     if ngff.version(attributes) is not None:  # also resuming: a stop between the record and this left it there
@@ -298,7 +310,7 @@ def rebuild_levels(plan: RebuildPlan, executor: Executor | None = None) -> Repor
     report = _prepare_levels(plan, group, record)
     if plan.tasks:
         assert executor is not None  # given above
-        _rebuild_tasks(plan, executor, report)
+        _rebuild_tasks(plan, executor, report, record.run)
     else:
         with progress_bar(plan.shapes[plan.first :], plan.quiet) as bar, Workers(plan.workers) as workers:
             build_from_above(
@@ -333,11 +345,14 @@ def _level_specs(plan: RebuildPlan) -> tuple[SinkSpec, ...]:
     )
 
 
-def _rebuild_tasks(plan: RebuildPlan, executor: Executor, report: Report) -> None:
-    """Build the new levels as tasks on ``executor``, a level at a time; the tasks finished before (marked in
-    the store) are not run again."""
+def _rebuild_tasks(plan: RebuildPlan, executor: Executor, report: Report, run: str) -> None:
+    """Build the new levels as tasks of run ``run`` on ``executor``, a level at a time; the tasks finished
+    before (marked in the store) are not run again."""
+    markers = markers_of(plan.output, run)
+    markers.mkdir(parents=True, exist_ok=True)  # the run's fence: its tasks write while it is there
     job = Job(
         output=plan.output,
+        markers=markers,
         levels=_level_specs(plan),
         algorithm=plan.algorithm,
         source=None,
@@ -389,7 +404,8 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
     for path in sorted(plan.output.iterdir()):
         ours = path.is_dir() and path.name.isdigit() and int(path.name) >= plan.first
         # a level this rebuild has written part of: rows recorded, or (tasks) a task marked finished
-        written = has_markers(plan.output, int(path.name)) if record.tasks and ours else record.rows_done.get(path.name)
+        markers = markers_of(plan.output, record.run)
+        written = has_markers(markers, int(path.name)) if record.tasks and ours else record.rows_done.get(path.name)
         if ours and not written:
             shutil.rmtree(path)
     chunk = plan.layout.chunk
@@ -404,7 +420,7 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
         report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], chunk))
         spec = SinkSpec(plan.output / str(level), plan.shapes[level], str(plan.dtype), plan.layout)
         if record.tasks:
-            unmark_damaged(plan.output, spec, _level_tasks(plan)[level])
+            unmark_damaged(markers_of(plan.output, record.run), spec, _level_tasks(plan)[level])
             continue
         for path, problem in damaged_units(spec):
             log.warning("chunk file %s is damaged (%s); it is written again", path, problem)

@@ -35,9 +35,10 @@ from scrollzarr import downsample as ds
 from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
 from scrollzarr.cluster import Executor
 from scrollzarr.durable import remove_durably, sync_file_system, write_durably
+from scrollzarr.errors import ScrollzarrError
 from scrollzarr.readback import write_downsampled_block
 from scrollzarr.report import ProgressBar
-from scrollzarr.sinks import LevelSink, SinkSpec, open_sink
+from scrollzarr.sinks import LevelSink, Parts, SinkSpec, open_sink
 from scrollzarr.store import damaged_units, unit_index
 from scrollzarr.tiffstack import SliceReadError, StackError, TiffStack, first_unreadable_row, read_rows
 from scrollzarr.window import Window
@@ -45,8 +46,13 @@ from scrollzarr.workers import Workers
 
 log = logging.getLogger(__name__)
 
-# The markers of finished tasks, in the store: MARKERS/<level>/<Task.name>.json.
+# The markers of finished tasks, in the store: MARKERS/<run>/<level>/<Task.name>.json, under the run's identity
+# (:attr:`scrollzarr.progress.Progress.run`): the run's directory is also its fence (see :func:`run_task`).
 MARKERS = "scrollzarr_tasks"
+
+
+class StoreReplaced(ScrollzarrError):
+    """The store a task writes was removed or replaced (its run's marker directory is gone)."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +196,9 @@ class Job:
     Attributes
     ----------
     output : Path
-        The store (its markers go in it).
+        The store.
+    markers : Path
+        The run's marker directory in the store (:func:`markers_of`).
     levels : tuple of SinkSpec
         Every level of the store, by number.
     algorithm : str
@@ -208,6 +216,7 @@ class Job:
     """
 
     output: Path
+    markers: Path
     levels: tuple[SinkSpec, ...]
     algorithm: ds.Algorithm
     source: SliceSource | None
@@ -236,19 +245,53 @@ def run_task(job: Job, task: Task) -> TaskResult:
     """Build and write ``task``'s box, make it durable, and mark the task finished in the store.
 
     Safe to run twice, even at once: every unit is written whole under a
-    temporary name and renamed, with the same bytes.
+    temporary name and renamed, with the same bytes.  Not safe to outlive its
+    run: a task of a client that was killed goes on running on its worker, and
+    the store may meanwhile be replaced (``--overwrite``, other options).  So
+    before each unit it checks that its run's marker directory is still there
+    (one ``stat``), and stops if not.
+
+    Raises
+    ------
+    StoreReplaced
+        If the run's marker directory is gone.
     """
     started = time.monotonic()
     _limit_threads(job.threads)
-    sink = open_sink(job.levels[task.level])
+    sink = _Fenced(open_sink(job.levels[task.level]), job)
     bad: dict[int, int] = {}
     chunks = _convert_box(job, task.box, sink, bad) if task.level == 0 else _downsample_box(job, task, sink)
     # the units are durable before the marker that vouches for them is written
     sync_file_system(job.output)
-    marker = marker_path(job.output, task)
-    marker.parent.mkdir(parents=True, exist_ok=True)
+    _check_fence(job)
+    marker = marker_path(job.markers, task)
+    marker.parent.mkdir(exist_ok=True)
     write_durably(marker, json.dumps({"chunks": chunks, "bad_rows": bad}).encode())
     return TaskResult(chunks, bad, time.monotonic() - started)
+
+
+def _check_fence(job: Job) -> None:
+    if not job.markers.is_dir():
+        raise StoreReplaced(
+            f"{job.output} was removed or replaced while a task of an earlier run was writing it; "
+            "that task stopped and wrote nothing more"
+        )
+
+
+class _Fenced:
+    """A sink that checks its run's fence (:func:`_check_fence`) before each unit."""
+
+    def __init__(self, sink: LevelSink, job: Job) -> None:
+        self.sink, self.job = sink, job
+        self.unit, self.chunks = sink.unit, sink.chunks
+
+    def write(self, corner: Shape3, piece: np.ndarray) -> int:
+        _check_fence(self.job)
+        return self.sink.write(corner, piece)
+
+    def write_parts(self, corner: Shape3, part: Parts) -> int:
+        _check_fence(self.job)
+        return self.sink.write_parts(corner, part)
 
 
 def _limit_threads(threads: int) -> None:
@@ -258,7 +301,7 @@ def _limit_threads(threads: int) -> None:
         zarr.config.set({"threading.max_workers": threads})
 
 
-def _convert_box(job: Job, box: Box, sink: LevelSink, bad: dict[int, int]) -> int:
+def _convert_box(job: Job, box: Box, sink: _Fenced, bad: dict[int, int]) -> int:
     """Read level-0 ``box`` from the slices and write its units; the chunks written."""
     assert job.source is not None  # a job with level-0 tasks is a conversion's
     source = job.source
@@ -278,7 +321,7 @@ def _convert_box(job: Job, box: Box, sink: LevelSink, bad: dict[int, int]) -> in
         return sum(workers.run(pieces))
 
 
-def _downsample_box(job: Job, task: Task, sink: LevelSink) -> int:
+def _downsample_box(job: Job, task: Task, sink: _Fenced) -> int:
     """Build ``task``'s box from the stored level above and write its units; the chunks written."""
     above = zarr.open_array(str(job.levels[task.level - 1].directory), mode="r")
     advice = job.advice if task.level - 1 == job.first_read else None
@@ -304,13 +347,19 @@ def task_voxels(task: Task) -> int:
     return box_size(task.box)
 
 
-def marker_path(output: Path, task: Task) -> Path:
-    """Where ``task``'s marker is in the store at ``output``."""
-    return output / MARKERS / str(task.level) / f"{task.name}.json"
+def markers_of(output: Path, run: str) -> Path:
+    """The marker directory of run ``run`` (its identity) in the store at ``output``."""
+    return output / MARKERS / run
 
 
-def finished(output: Path, tasks: list[Task]) -> dict[Task, TaskResult]:
-    """The tasks of ``tasks`` whose markers are in the store at ``output``, with what they reported.
+def marker_path(markers: Path, task: Task) -> Path:
+    """Where ``task``'s marker is in the run's marker directory ``markers``."""
+    return markers / str(task.level) / f"{task.name}.json"
+
+
+def finished(markers: Path, tasks: list[Task]) -> dict[Task, TaskResult]:
+    """The tasks of ``tasks`` whose markers are in the run's marker directory ``markers``, with what they
+    reported.
 
     A marker that cannot be read (a stop while it was written leaves none: it is
     renamed in whole) counts as not finished.
@@ -318,7 +367,7 @@ def finished(output: Path, tasks: list[Task]) -> dict[Task, TaskResult]:
     done = {}
     for task in tasks:
         try:
-            recorded = json.loads(marker_path(output, task).read_bytes())
+            recorded = json.loads(marker_path(markers, task).read_bytes())
             done[task] = TaskResult(recorded["chunks"], {int(z): row for z, row in recorded["bad_rows"].items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
@@ -337,7 +386,7 @@ def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar:
     totals = {}
     for level, tasks in levels.items():
         bar.set_description(f"level {level}")
-        done = finished(job.output, tasks)
+        done = finished(job.markers, tasks)
         log.debug("level %d: %d tasks, %d finished before", level, len(tasks), len(done))
         bar.update(sum(task_voxels(task) for task in done))
         results = list(done.values())
@@ -360,7 +409,7 @@ def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar:
     return totals
 
 
-def unmark_damaged(output: Path, spec: SinkSpec, tasks: list[Task]) -> None:
+def unmark_damaged(markers: Path, spec: SinkSpec, tasks: list[Task]) -> None:
     """Find the damaged unit files of the level of ``spec`` (:func:`~scrollzarr.store.damaged_units`); forget
     the task of ``tasks`` that wrote each, then delete it: the resumed run writes it again."""
     for path, problem in damaged_units(spec):
@@ -368,19 +417,19 @@ def unmark_damaged(output: Path, spec: SinkSpec, tasks: list[Task]) -> None:
         corner = [i * n for i, n in zip(unit_index(spec, path), spec.layout.unit, strict=True)]
         for task in tasks:
             if all(a <= c < b for (a, b), c in zip(task.box, corner, strict=True)):
-                unmark(output, task)
+                unmark(markers, task)
         path.unlink()
 
 
-def has_markers(output: Path, level: int) -> bool:
-    """Whether a task of ``level`` marked itself finished in the store at ``output``."""
-    folder = output / MARKERS / str(level)
+def has_markers(markers: Path, level: int) -> bool:
+    """Whether a task of ``level`` marked itself finished in the run's marker directory ``markers``."""
+    folder = markers / str(level)
     return folder.is_dir() and any(folder.iterdir())
 
 
-def unmark(output: Path, task: Task) -> None:
+def unmark(markers: Path, task: Task) -> None:
     """Forget that ``task`` finished (before one of its units is deleted: never a marker without its units)."""
-    remove_durably(marker_path(output, task))
+    remove_durably(marker_path(markers, task))
 
 
 def remove_markers(output: Path) -> None:

@@ -76,7 +76,7 @@ def check_pyramid(out: Path, volume: np.ndarray) -> None:
         np.testing.assert_array_equal(group[str(level)][...], expected)
 
 
-def unfinished_tasks(out: Path) -> int:
+def finished_tasks(out: Path) -> int:
     return sum(1 for _ in (out / "scrollzarr_tasks").rglob("*.json")) if (out / "scrollzarr_tasks").exists() else 0
 
 
@@ -142,16 +142,19 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 @pytest.fixture
 def slow_tasks(tmp_path: Path) -> Path:
-    """A directory with a module that, preloaded in a worker, makes each task take 0.3 s longer: runs long
-    enough to be stopped in the middle, whatever the machine's speed."""
+    """A directory with a module that, preloaded in a worker, makes each task take 0.3 s longer (the first task
+    of a worker process ``SCROLLZARR_SLOW_FIRST`` seconds, if longer): runs long enough to be stopped in the
+    middle, whatever the machine's speed."""
     directory = tmp_path / "slow"
     directory.mkdir()
     (directory / "scrollzarr_slow.py").write_text(
-        "import time\n"
+        "import os, time\n"
         "import scrollzarr.tasks\n"
         "_run_task = scrollzarr.tasks.run_task\n"
+        "_first = [float(os.environ.get('SCROLLZARR_SLOW_FIRST', '0.3'))]\n"
         "def run_task(job, task):\n"
-        "    time.sleep(0.3)\n"
+        "    time.sleep(max(_first[0], 0.3))\n"
+        "    _first[0] = 0\n"
         "    return _run_task(job, task)\n"
         "scrollzarr.tasks.run_task = run_task\n"
     )
@@ -199,7 +202,7 @@ def start_conversion(
 def wait_for_tasks(out: Path, process: subprocess.Popen[str], count: int) -> None:
     """Wait until ``count`` tasks have marked themselves finished, with the run still going."""
     deadline = time.monotonic() + 120
-    while unfinished_tasks(out) < count:
+    while finished_tasks(out) < count:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.02)
@@ -424,3 +427,28 @@ def test_ctrl_c_stops_a_local_cluster_run_in_one_line_and_resume_finishes_it(
     assert "interrupted; to continue:" in err and "--resume" in err, err
     assert_ok(convert(slices, out, *SMALL, "--scheduler", "local:2", "--resume"))
     assert store_files(out) == local_stores["zarr 2"]
+
+
+def test_tasks_left_running_by_a_killed_client_write_nothing_into_a_store_replaced_since(
+    tmp_path, slices, volume, local_stores, slow_tasks
+):
+    """A killed client's running tasks go on on their workers; ``--overwrite`` with another layout meanwhile
+    replaces the store, and the old tasks, waking up, must not write their units into it."""
+    cluster = Cluster(tmp_path / "cluster", 2, (slow_tasks,), SCROLLZARR_SLOW_FIRST="8", **SLOW)
+    try:
+        out = tmp_path / "s.zarr"
+        process = start_conversion(slices, out, "--scheduler", cluster.file)
+        deadline = time.monotonic() + 60
+        while not (out / "scrollzarr_tasks").exists():  # the run's tasks are sent
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(1)
+        process.kill()
+        process.communicate()
+        sharded = "zarr 3, sharded, blosc-zstd"
+        result = convert(slices, out, *LAYOUTS[sharded], *SMALL, "--scheduler", cluster.file, "--overwrite")
+        assert_ok(result)
+        assert store_files(out) == local_stores[sharded]
+        check_pyramid(out, volume)
+    finally:
+        cluster.stop()
