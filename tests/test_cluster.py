@@ -452,3 +452,18 @@ def test_tasks_left_running_by_a_killed_client_write_nothing_into_a_store_replac
         check_pyramid(out, volume)
     finally:
         cluster.stop()
+
+
+def test_without_a_scheduler_dask_is_not_imported(tmp_path, slices):
+    code = (
+        "import sys, scroll_to_ome\n"
+        f"code = scroll_to_ome.main([{str(slices)!r}, {str(tmp_path / 's.zarr')!r}, '--quiet', '--nlevels', '2'])\n"
+        "assert code == 0, code\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('dask', 'distributed')))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "DASK_SCHEDULER_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(env, PYTHONPATH=str(ROOT)), timeout=300
+    )
+    assert_ok(result)
+    assert result.stdout.strip() == "[]", result.stdout
