@@ -96,6 +96,7 @@ class DaskExecutor:
         self._cluster: Any = None
         self.client: Any = None
         self.slots = 1
+        self.parallel = 1
 
     def __enter__(self) -> DaskExecutor:
         try:
@@ -145,6 +146,8 @@ class DaskExecutor:
         workers = self.client.scheduler_info()["workers"].values()
         # tasks a worker process runs at once: --max_gb, which bounds a process, is shared between them
         self.slots = max(worker["nthreads"] for worker in workers)
+        # tasks the cluster runs at once: each level is cut into at least as many where it can be
+        self.parallel = sum(worker["nthreads"] for worker in workers)
         log.info("Dask cluster at %s: %d worker(s), %d task(s) at once each", self.address, len(workers), self.slots)
         return self
 

@@ -47,22 +47,22 @@ def scroll_to_ome(
 
     if dry_run:
         with _cluster(options) as executor:
-            slots = 1 if executor is None else executor.slots
+            cut = (1, 1) if executor is None else (executor.slots, executor.parallel)
             if first_new_level is not None:
-                plan = rebuild.plan_rebuild(output, first_new_level, options, chunk_size, slots)
+                plan = rebuild.plan_rebuild(output, first_new_level, options, chunk_size, *cut)
                 print(rebuild.describe_rebuild(plan))
             else:
-                print(pipeline.describe_plan(pipeline.plan_conversion(input_dir, output, options, slots)))
+                print(pipeline.describe_plan(pipeline.plan_conversion(input_dir, output, options, *cut)))
         return
 
     def work() -> None:
         with _cluster(options) as executor:
-            slots = 1 if executor is None else executor.slots
+            cut = (1, 1) if executor is None else (executor.slots, executor.parallel)
             if first_new_level is not None:
-                plan = rebuild.plan_rebuild(output, first_new_level, options, chunk_size, slots)
+                plan = rebuild.plan_rebuild(output, first_new_level, options, chunk_size, *cut)
                 log.info(rebuild.rebuild_levels(plan, executor).summary())
             else:
-                conversion = pipeline.plan_conversion(input_dir, output, options, slots)
+                conversion = pipeline.plan_conversion(input_dir, output, options, *cut)
                 log.info(pipeline.convert(conversion, executor).summary())
 
     check_output_name(output)

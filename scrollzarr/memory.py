@@ -257,6 +257,35 @@ def read_back_blocks(layout: Layout, first: int, budget: int) -> tuple[Shape3, .
     )
 
 
+def split_for(shape: Shape3, block: Shape3, unit: Shape3, parallel: int) -> Shape3:
+    """``block`` made smaller, in whole write units (``unit``), until a level of ``shape`` has at least
+    ``parallel`` blocks (or blocks are one unit row in z and y and one unit in x): rows first, then columns.
+
+    For tasks on a cluster: a level cut into fewer tasks than the cluster runs at once leaves workers idle
+    (a 128 x 1024 x 1024 level 1 was one task, on one of two workers).  A smaller block always fits the
+    memory a larger one did.
+    """
+    z, y, x = block
+
+    def count(rows: int, cols: int) -> int:
+        return -(-shape[0] // z) * -(-shape[1] // rows) * -(-shape[2] // cols)
+
+    def even(length: int, pieces: int, step: int) -> int:
+        """The size, in whole ``step``, of ``pieces`` about equal pieces of ``length``."""
+        size = -(-length // pieces)
+        return -(-size // step) * step
+
+    for pieces in range(-(-shape[1] // y) + 1, -(-shape[1] // unit[1]) + 1):
+        if count(y, x) >= parallel:
+            break
+        y = min(y, even(shape[1], pieces, unit[1]))
+    for pieces in range(-(-shape[2] // x) + 1, -(-shape[2] // unit[2]) + 1):
+        if count(y, x) >= parallel:
+            break
+        x = min(x, even(shape[2], pieces, unit[2]))
+    return (z, y, x)
+
+
 def recorded_blocks(planned: tuple[Shape3, ...], recorded: list[list[int]]) -> tuple[Shape3, ...]:
     """The blocks a stopped run of tasks recorded (:attr:`scrollzarr.progress.Progress.blocks`), if it recorded
     as many as are ``planned`` now; else ``planned``."""

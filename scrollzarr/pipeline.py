@@ -132,7 +132,7 @@ class Plan:
     tasks: bool = False
 
 
-def plan_conversion(input_dir: Path, output: Path, options: Options, slots: int = 1) -> Plan:
+def plan_conversion(input_dir: Path, output: Path, options: Options, slots: int = 1, parallel: int = 1) -> Plan:
     """Discover the stack, check every header and work out shapes, bands, blocks and memory.
 
     Parameters
@@ -140,6 +140,8 @@ def plan_conversion(input_dir: Path, output: Path, options: Options, slots: int 
     slots : int
         Tasks a worker process runs at once (on a Dask cluster, its threads): ``--max_gb`` bounds a
         process, so each task has that share of it.
+    parallel : int
+        Tasks the cluster runs at once: each level is cut into at least as many tasks where it can be.
 
     Raises
     ------
@@ -206,9 +208,18 @@ def plan_conversion(input_dir: Path, output: Path, options: Options, slots: int 
         rows, cols, streamed = record.bands  # the stopped run's bands, so that its work fits
         bands = memory.BandPlan(rows, cols, streamed, memory.band_cost(layout, rows, cols, streamed))
         log.info("resuming with the stopped run's bands of %d x %d (rows x columns)", rows, cols)
+    if tasks and record is None:  # a level-0 task is a row of write units in z by a band
+        depth = options.layout.unit[0]
+        _, rows, cols = memory.split_for(shapes[0], (depth, bands.rows, bands.cols), layout.write_unit, parallel)
+        bands = memory.BandPlan(rows, cols, 0, memory.band_cost(layout, rows, cols, 0))
     first_read_back = 1 if tasks else bands.streamed + 1
     budget = limit if limit is not None else max(bands.nbytes, memory.read_back_need(layout, first_read_back))
     blocks = memory.read_back_blocks(layout, first_read_back, budget)
+    if tasks:
+        blocks = tuple(
+            memory.split_for(shapes[level], block, layout.write_unit, parallel)
+            for level, block in enumerate(blocks, start=1)
+        )
     if record is not None and record.tasks:
         blocks = memory.recorded_blocks(blocks, record.blocks)
     need = max(bands.nbytes, memory.read_back_cost(layout, first_read_back, blocks))

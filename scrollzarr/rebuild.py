@@ -95,7 +95,9 @@ class RebuildPlan:
     tasks: bool = False
 
 
-def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | None, slots: int = 1) -> RebuildPlan:
+def plan_rebuild(
+    output: Path, first: int, options: Options, chunk_size: int | None, slots: int = 1, parallel: int = 1
+) -> RebuildPlan:
     """Check an existing OME-Zarr and work out the levels ``first … nlevels-1`` to rebuild.
 
     Parameters
@@ -104,6 +106,8 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
         Chunk edge of the new levels; ``None`` keeps that of level ``first - 1``.
     slots : int
         Tasks a worker process runs at once on a Dask cluster: each has that share of ``--max_gb``.
+    parallel : int
+        Tasks the cluster runs at once: each level is cut into at least as many tasks where it can be.
     """
     check_output_name(output)
     if options.zarr_only:
@@ -171,6 +175,11 @@ def plan_rebuild(output: Path, first: int, options: Options, chunk_size: int | N
     else:
         budget = round(options.max_gb * memory.GIB) // (slots if tasks else 1)
     blocks = memory.read_back_blocks(model, first, budget)
+    if tasks:
+        blocks = tuple(
+            memory.split_for(shapes[level], block, arrays.unit, parallel)
+            for level, block in enumerate(blocks, start=first)
+        )
     if record is not None and record.tasks:
         blocks = memory.recorded_blocks(blocks, record.blocks)
     fingerprint = {
