@@ -86,11 +86,14 @@ class DaskExecutor:
         ``local:N`` for a ``LocalCluster`` of ``N`` worker processes here.
     threads : int
         Threads each task uses (``--workers``).
+    then : str
+        What to do once the cause of a task's failure is fixed, for its message.
     """
 
-    def __init__(self, address: str, threads: int) -> None:
+    def __init__(self, address: str, threads: int, then: str = "fix the cause, then continue with --resume") -> None:
         self.address = address
         self.threads = threads
+        self.then = then
         self._cluster: Any = None
         self.client: Any = None
         self.slots = 1
@@ -110,7 +113,10 @@ class DaskExecutor:
                     n_workers=count,
                     threads_per_worker=1,
                     processes=True,
-                    dashboard_address=None,
+                    # no dashboard; its HTTP server (which the scheduler always starts) on a free port: on the default
+                    # 8787, a second run at once printed a three-line UserWarning that the port was taken
+                    dashboard_address=":0",
+                    scheduler_kwargs={"dashboard": False},
                     silence_logs=logging.CRITICAL,
                 )
                 self.client = distributed.Client(self._cluster)
@@ -174,7 +180,7 @@ class DaskExecutor:
                 except Exception as error:
                     raise TaskFailed(
                         f"the task for {task.describe()} failed on the cluster ({type(error).__name__}: {error}); "
-                        "fix the cause, then continue with --resume"
+                        f"{self.then}"
                     ) from None
                 yield task, result
         finally:
