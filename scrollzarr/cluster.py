@@ -187,7 +187,14 @@ class DaskExecutor:
             self.client.cancel(list(futures))
 
     def check_paths(self, readable: Path, writable: Path) -> None:
-        problems = self.client.run(_check_paths, str(readable), str(writable))
+        # A file made here that each worker must find: a worker with a directory of its own at the same path
+        # (a local disk where the shared one should be mounted) passed a bare write test, and wrote there.
+        made = writable / f".scrollzarr-probe-{uuid.uuid4().hex}"
+        made.write_bytes(b"")
+        try:
+            problems = self.client.run(_check_paths, str(readable), str(writable), made.name)
+        finally:
+            made.unlink(missing_ok=True)
         for worker, problem in sorted(problems.items()):
             if problem is not None:
                 raise ScrollzarrError(
@@ -203,14 +210,16 @@ def _local_workers(address: str) -> int:
     return int(text)
 
 
-def _check_paths(readable: str, writable: str) -> str | None:
-    """On a worker: what it cannot do of reading the file ``readable`` and writing into the directory ``writable``;
-    ``None`` if it can do both."""
+def _check_paths(readable: str, writable: str, made: str) -> str | None:
+    """On a worker: what it cannot do of reading the file ``readable``, finding the file ``made`` that the client
+    made in the directory ``writable``, and writing into that directory; ``None`` if it can do all three."""
     try:
         with open(readable, "rb") as file:
             file.read(1)
     except OSError as error:
         return f"cannot read the input {readable} ({error.strerror or error})"
+    if not (Path(writable) / made).is_file():
+        return f"does not see the output {writable} that the client sees (a file made there is missing for it)"
     probe = Path(writable) / f".scrollzarr-probe-{uuid.uuid4().hex}"
     try:
         probe.write_bytes(b"")

@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -187,9 +190,10 @@ def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def test_a_dask_scheduler_and_two_workers_render_the_local_files_byte_for_byte(scroll, local, tmp_path):
-    """``dask scheduler --scheduler-file`` and two ``dask worker --nthreads 1``, started here; the render is
-    given the scheduler file, and run from another directory (the paths the workers get are absolute)."""
+@contextmanager
+def dask_cluster(tmp_path: Path, workers: int, prefix: list[str] | None = None) -> Iterator[Path]:
+    """``dask scheduler --scheduler-file`` and ``workers`` ``dask worker --nthreads 1``, started here (each worker
+    command after ``prefix``); yields the scheduler file once every worker has joined, and ends them all after."""
     distributed = pytest.importorskip("distributed")
     scheduler_file = tmp_path / "scheduler.json"
     python = sys.executable
@@ -201,22 +205,13 @@ def test_a_dask_scheduler_and_two_workers_render_the_local_files_byte_for_byte(s
         while not scheduler_file.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert scheduler_file.exists(), (tmp_path / "scheduler.log").read_text()
-        for number in range(2):
+        for number in range(workers):
             worker = [python, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file)]
             worker += ["--nthreads", "1", "--no-dashboard", "--local-directory", str(tmp_path / f"w{number}")]
-            processes.append(start(worker, tmp_path / f"worker{number}.log"))
+            processes.append(start([*(prefix or []), *worker], tmp_path / f"worker{number}.log"))
         with distributed.Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
-            client.wait_for_workers(2, timeout=60)
-        elsewhere = tmp_path / "elsewhere"
-        elsewhere.mkdir()
-        command = [python, str(ROOT / "ppm_to_layers.py"), scroll / "sheet.ppm", scroll / "scroll.zarr"]
-        command += ["../out/layers", "../out/stack.tif", *OPTIONS[:-1], "--scheduler", scheduler_file]
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        result = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=env, cwd=elsewhere)
-        assert_ok(result)
-        assert "2 worker(s), 1 task(s) at once each" in result.stderr
-        assert f"{BANDS} band(s) of 8 rows rendered" in result.stderr
-        assert_same_render(local, tmp_path / "out")
+            client.wait_for_workers(workers, timeout=60)
+        yield scheduler_file
     finally:
         for process in reversed(processes):
             os.killpg(process.pid, signal.SIGTERM)
@@ -226,6 +221,62 @@ def test_a_dask_scheduler_and_two_workers_render_the_local_files_byte_for_byte(s
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=30)
+
+
+def test_a_dask_scheduler_and_two_workers_render_the_local_files_byte_for_byte(scroll, local, tmp_path):
+    """``dask scheduler --scheduler-file`` and two ``dask worker --nthreads 1``, started here; the render is
+    given the scheduler file, and run from another directory (the paths the workers get are absolute)."""
+    with dask_cluster(tmp_path, 2) as scheduler_file:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        command = [sys.executable, str(ROOT / "ppm_to_layers.py"), scroll / "sheet.ppm", scroll / "scroll.zarr"]
+        command += ["../out/layers", "../out/stack.tif", *OPTIONS[:-1], "--scheduler", scheduler_file]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        result = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=env, cwd=elsewhere)
+        assert_ok(result)
+        assert "2 worker(s), 1 task(s) at once each" in result.stderr
+        assert f"{BANDS} band(s) of 8 rows rendered" in result.stderr
+        assert_same_render(local, tmp_path / "out")
+
+
+def test_a_worker_that_cannot_see_the_input_or_the_output_is_named_before_anything_is_written(scroll, tmp_path):
+    """The worker runs in a mount namespace of its own, where an empty tmpfs hides ``hidden/``: a .ppm there, or
+    an output there, is missing for it and present for the render; and where ``readonly/`` is mounted read-only."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("hiding a directory from one process needs root and unshare (a mount namespace)")
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    shutil.copy(scroll / "sheet.ppm", hidden / "sheet.ppm")
+    hide = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    mounts = f'mount -t tmpfs none "{hidden}" && mount --bind "{readonly}" "{readonly}"'
+    mounts += f' && mount -o remount,bind,ro "{readonly}"'
+    hide += [f'{mounts} && exec "$@"', "worker"]
+    with dask_cluster(tmp_path, 1, hide) as scheduler_file:
+        store = scroll / "scroll.zarr"
+        result = ppm_to_layers(hidden / "sheet.ppm", store, tmp_path / "out", "--scheduler", scheduler_file)
+        assert_one_line_error(
+            result, "Dask worker tcp://", f"cannot read the input {hidden / 'sheet.ppm'} (No such file or directory)",
+            "every worker must see the input and the output at the same paths (a shared file system)",
+        )  # fmt: skip
+        result = ppm_to_layers(scroll / "sheet.ppm", store, hidden / "out", "--scheduler", scheduler_file)
+        assert_one_line_error(
+            result, "Dask worker tcp://", f"does not see the output {hidden / 'out'} that the client sees",
+            "(a file made there is missing for it)", "at the same paths (a shared file system)",
+        )  # fmt: skip
+        # hidden/ itself is there for the worker (the empty tmpfs), and writable: but it is not the client's
+        result = ppm_to_layers(
+            scroll / "sheet.ppm", store, tmp_path / "out", hidden / "stack.tif", "--scheduler", scheduler_file
+        )
+        assert_one_line_error(result, "Dask worker tcp://", f"does not see the output {hidden} that the client sees")
+        result = ppm_to_layers(scroll / "sheet.ppm", store, readonly / "out", "--scheduler", scheduler_file)
+        assert_one_line_error(
+            result, "Dask worker tcp://", f"cannot write into the output {readonly / 'out'} (Read-only file system)"
+        )
+    assert list(readonly.iterdir()) == []
+    assert sorted(p.name for p in hidden.iterdir()) == ["sheet.ppm"]  # no output made, no lock left
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_band_of_a_stopped_render_writes_nothing_into_the_files_of_the_next(scroll, tmp_path):
