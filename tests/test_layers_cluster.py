@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -190,10 +191,16 @@ def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+@dataclass
+class Cluster:
+    scheduler_file: Path
+    workers: list[subprocess.Popen[bytes]]
+
+
 @contextmanager
-def dask_cluster(tmp_path: Path, workers: int, prefix: list[str] | None = None) -> Iterator[Path]:
+def dask_cluster(tmp_path: Path, workers: int, prefix: list[str] | None = None) -> Iterator[Cluster]:
     """``dask scheduler --scheduler-file`` and ``workers`` ``dask worker --nthreads 1``, started here (each worker
-    command after ``prefix``); yields the scheduler file once every worker has joined, and ends them all after."""
+    command after ``prefix``); yields them once every worker has joined, and ends them all after."""
     distributed = pytest.importorskip("distributed")
     scheduler_file = tmp_path / "scheduler.json"
     python = sys.executable
@@ -211,10 +218,11 @@ def dask_cluster(tmp_path: Path, workers: int, prefix: list[str] | None = None) 
             processes.append(start([*(prefix or []), *worker], tmp_path / f"worker{number}.log"))
         with distributed.Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
             client.wait_for_workers(workers, timeout=60)
-        yield scheduler_file
+        yield Cluster(scheduler_file, processes[1:])
     finally:
         for process in reversed(processes):
-            os.killpg(process.pid, signal.SIGTERM)
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
         for process in processes:
             try:
                 process.wait(timeout=30)
@@ -226,7 +234,8 @@ def dask_cluster(tmp_path: Path, workers: int, prefix: list[str] | None = None) 
 def test_a_dask_scheduler_and_two_workers_render_the_local_files_byte_for_byte(scroll, local, tmp_path):
     """``dask scheduler --scheduler-file`` and two ``dask worker --nthreads 1``, started here; the render is
     given the scheduler file, and run from another directory (the paths the workers get are absolute)."""
-    with dask_cluster(tmp_path, 2) as scheduler_file:
+    with dask_cluster(tmp_path, 2) as cluster:
+        scheduler_file = cluster.scheduler_file
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         command = [sys.executable, str(ROOT / "ppm_to_layers.py"), scroll / "sheet.ppm", scroll / "scroll.zarr"]
@@ -237,6 +246,32 @@ def test_a_dask_scheduler_and_two_workers_render_the_local_files_byte_for_byte(s
         assert "2 worker(s), 1 task(s) at once each" in result.stderr
         assert f"{BANDS} band(s) of 8 rows rendered" in result.stderr
         assert_same_render(local, tmp_path / "out")
+
+
+def test_a_worker_killed_mid_render_loses_nothing(scroll, tmp_path):
+    """Two workers; one is killed (its process group, SIGKILL) while bands are running: Dask runs its band again
+    on the other, and the files are the local render's.  A surface of 160 rows in bands of 4 (40 tasks) keeps
+    the render going for several seconds."""
+    surface = np.load(scroll / "sheet.npy")
+    write_ppm(tmp_path / "long.ppm", np.concatenate([surface, surface[::-1]] * 2))
+    options = ["--number_of_layers", 9, "--block_size", 4, "--quiet"]
+    inputs = [tmp_path / "long.ppm", scroll / "scroll.zarr"]
+    assert_ok(ppm_to_layers(*inputs, tmp_path / "local" / "layers", tmp_path / "local" / "stack.tif", *options))
+    out = tmp_path / "cluster"
+    with dask_cluster(tmp_path, 2) as cluster:
+        command = [sys.executable, str(ROOT / "ppm_to_layers.py"), *inputs, out / "layers", out / "stack.tif"]
+        command += [*options, "--scheduler", cluster.scheduler_file]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        render = subprocess.Popen(list(map(str, command)), stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 120
+        while not (out / "layers" / ".08.tif.partial").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert render.poll() is None, "the render ended before a worker could be killed"
+        os.killpg(cluster.workers[0].pid, signal.SIGKILL)
+        _, stderr = render.communicate(timeout=600)
+    assert render.returncode == 0, stderr
+    assert_same_render(tmp_path / "local", out)
 
 
 def test_a_worker_that_cannot_see_the_input_or_the_output_is_named_before_anything_is_written(scroll, tmp_path):
@@ -253,7 +288,8 @@ def test_a_worker_that_cannot_see_the_input_or_the_output_is_named_before_anythi
     mounts = f'mount -t tmpfs none "{hidden}" && mount --bind "{readonly}" "{readonly}"'
     mounts += f' && mount -o remount,bind,ro "{readonly}"'
     hide += [f'{mounts} && exec "$@"', "worker"]
-    with dask_cluster(tmp_path, 1, hide) as scheduler_file:
+    with dask_cluster(tmp_path, 1, hide) as cluster:
+        scheduler_file = cluster.scheduler_file
         store = scroll / "scroll.zarr"
         result = ppm_to_layers(hidden / "sheet.ppm", store, tmp_path / "out", "--scheduler", scheduler_file)
         assert_one_line_error(
