@@ -13,12 +13,6 @@ run therefore writes ``OUTPUT_TIFF_DIR/.scrollzarr-layers.json``:
 * once its TIFFs have their final names, naming them alone (with each file's
   size and modification time), the layer count, height, width and type.
 
-While a run renders, the record also names the run (``run``, a random
-identifier): a task of a render on a Dask cluster writes its rows into a
-partial file only if the record still names its run after it opened the file,
-so that a task left running by a stopped render never writes into the files of
-the next render of that directory.
-
 Every version of the record is written durably (:func:`scrollzarr.durable.write_durably`,
 directory flushed), so that after a power cut it lists every file that survived.
 A run that fails before the renames puts the record back as it found it.  A
@@ -69,14 +63,11 @@ class Record:
     partial : Recorded
         Files of runs that started since and may not have finished: their partial files, and the final
         names they were renaming them to (sizes only).
-    run : str or None
-        The render writing the partial files now, while it runs.
     """
 
     description: dict[str, Any] = field(default_factory=dict)
     files: Recorded = field(default_factory=dict)
     partial: Recorded = field(default_factory=dict)
-    run: str | None = None
 
 
 def write_finished(directory: Path, names: list[str], height: int, width: int, dtype: np.dtype) -> None:
@@ -98,7 +89,7 @@ def add_pending(directory: Path, previous: Record | None, names: dict[str, str |
     now = {
         name: (None if source is None else os.stat(directory / source).st_size, None) for name, source in names.items()
     }
-    updated = Record(record.description, record.files, record.partial | now, record.run)
+    updated = Record(record.description, record.files, record.partial | now)
     write_manifest(directory, updated)
     return updated
 
@@ -118,19 +109,8 @@ def write_manifest(directory: Path, record: Record) -> None:
         **record.description,
         "files": {name: {"size": size, "mtime_ns": mtime} for name, (size, mtime) in record.files.items()},
         "partial": {name: {"size": size} for name, (size, _) in record.partial.items()},
-        **({} if record.run is None else {"run": record.run}),
     }
     write_durably(directory / MANIFEST_NAME, json.dumps(content, indent=1).encode())
-
-
-def current_run(directory: Path) -> str | None:
-    """The render that the record of ``directory`` names as writing its partial files now; ``None`` if none does
-    (no record, one without a run, or one that cannot be read)."""
-    try:
-        run = json.loads((directory / MANIFEST_NAME).read_bytes()).get("run")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return run if isinstance(run, str) else None
 
 
 def remove_leftovers(directory: Path) -> int:

@@ -40,7 +40,7 @@ from scrollzarr.durable import fsync_directories, hidden_partial_path
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.layertiff import ImageRows, LayerTiff
 from scrollzarr.options import check_workers
-from scrollzarr.outputlock import LOCK_NAME, OutputLock
+from scrollzarr.outputlock import LOCK_NAME, OutputLock, holder
 from scrollzarr.ppm import Ppm, open_ppm
 from scrollzarr.report import progress
 from scrollzarr.sampling import STACK_FILTERS, layer_offsets, sample_bounds, sample_layers, stack, stacked_layers
@@ -191,7 +191,7 @@ def ppm_to_layers(
 ) -> LayerReport:
     """Render the layer TIFFs (and the stacked image, if ``stack_path``) of a surface.
 
-    The output directory is locked for the whole run.  The run records its
+    The output directory is locked for the whole run (and the stacked image on its own).  The run records its
     partial files before it creates them and again, with their sizes, before
     it renders, their final names before the first rename, and its layer
     TIFFs once they have their final names (see :mod:`scrollzarr.layermanifest`);
@@ -222,12 +222,18 @@ def ppm_to_layers(
     if output_dir.exists() and not output_dir.is_dir():
         raise ScrollzarrError(f"{output_dir} is a file; OUTPUT_TIFF_DIR must be a directory for the layer TIFFs")
     with _executor(options) as executor, ExitStack() as locks:
-        created = list(locks.enter_context(OutputLock(output_dir, "output directory")).created)
+        held = [locks.enter_context(OutputLock(output_dir, "output directory"))]
         if stack_path is not None:
             # The stacked image may lie outside the directory: held on its own, so that two runs writing it
             # (with other layer directories) never share its partial file (measured: one exited 0 with a mix).
-            held = OutputLock(stack_path.parent, "stacked image", _stack_lock_name(stack_path), stack_path)
-            created += locks.enter_context(held).created
+            stack_lock = OutputLock(stack_path.parent, "stacked image", _stack_lock_name(stack_path), stack_path)
+            held.append(locks.enter_context(stack_lock))
+        created = [directory for lock in held for directory in lock.created]
+        run = uuid.uuid4().hex
+        if options.scheduler is not None:
+            # Before any partial file is made: a band checks the lock's mark after it opens a file (see _write_band).
+            for lock in held:
+                lock.mark(run)
         _check_outputs(output_dir, stack_path, options.overwrite)
         _check_space(output_dir, stack_path, ppm, options.layers, dtype)
         readable = [ppm_path] + [path for path, _ in volume.metadata[:1]]
@@ -252,15 +258,14 @@ def ppm_to_layers(
         files: list[LayerTiff] = []
         partial_names = [hidden_partial_path(output_dir / name).name for name in names]
         restored = previous  # the record a failed run puts back
-        run = uuid.uuid4().hex  # the record names this render while it writes (see layermanifest)
         try:
-            ours = replace(previous or manifest.Record(), run=run)
-            creating = manifest.add_pending(output_dir, ours, dict.fromkeys(partial_names))
+            creating = manifest.add_pending(output_dir, previous, dict.fromkeys(partial_names))
             for name in names:
                 files.append(LayerTiff(output_dir / name, ppm.height, ppm.width, dtype))
             if stack_path is not None:
                 files.append(LayerTiff(stack_path, ppm.height, ppm.width, dtype))
             pending = manifest.add_pending(output_dir, creating, {name: name for name in partial_names})
+            holders = [held[0]] * options.layers + held[1:]  # the lock that holds each file: the stack's its own
             job = RenderJob(
                 run=run,
                 ppm=replace(ppm, path=ppm.path.absolute()),
@@ -273,8 +278,7 @@ def ppm_to_layers(
                 block_size=options.block_size,
                 cache_bytes=int(options.cache_gb * GIB),
                 threads=executor.threads,
-                output_dir=output_dir.absolute(),
-                images=tuple(file.rows for file in files),
+                images=tuple(file.rows(lock.path) for file, lock in zip(files, holders, strict=True)),
                 stacked_image=stack_path is not None,
                 remote=options.scheduler is not None,
             )
@@ -305,7 +309,7 @@ def ppm_to_layers(
         # new directory's entry, and the files in it with it).
         written = [output_dir] if stack_path is None else [output_dir, stack_path.parent]
         fsync_directories([*written, *(directory.parent for directory in created)])
-    report.seconds = time.perf_counter() - start
+        report.seconds = time.perf_counter() - start  # not the cluster's shutdown (a LocalCluster's: about 1 s)
     return report
 
 
@@ -384,15 +388,13 @@ class RenderJob:
         Bound on each process's chunk cache, shared by the bands it renders.
     threads : int
         Threads each band samples its tiles with.
-    output_dir : Path
-        The layer directory (absolute), whose record names the run.
     images : tuple of ImageRows
         Where to write: the layers in order, then the stacked image if there is one.
     stacked_image : bool
         Whether the last of ``images`` is the stacked image.
     remote : bool
         Bands run on a cluster: each makes its rows durable before it reports, and writes into a file only while
-        the record names its run (a task of a stopped render may still be running).
+        the lock that holds it bears the run's mark (a band of a stopped render may still be running).
     """
 
     run: str
@@ -406,7 +408,6 @@ class RenderJob:
     block_size: int
     cache_bytes: int
     threads: int
-    output_dir: Path
     images: tuple[ImageRows, ...]
     stacked_image: bool
     remote: bool
@@ -437,8 +438,8 @@ def render_band(job: RenderJob, band: Band) -> BandResult:
     Raises
     ------
     StaleRender
-        On a cluster, if the output directory's record no longer names the
-        job's run (nothing is written then).
+        On a cluster, if the lock of an image no longer bears the job's run's
+        mark (nothing is written into that image then).
     """
     started = time.monotonic()
     sampler = _sampler(job)
@@ -474,9 +475,9 @@ def _write_band(job: RenderJob, first: int, images: list[np.ndarray]) -> None:
     for target, rows in zip(job.images, images, strict=True):
         fd = os.open(target.path, os.O_WRONLY)
         try:
-            # Checked after the file is open: a record naming this run then proves the file is this run's (the next
-            # render names itself in the record before it creates its files).
-            if job.remote and manifest.current_run(job.output_dir) != job.run:
+            # Checked after the file is open: the lock's mark then proves the file is this run's (the next render of
+            # it marks the lock before it makes its files; a finished or failed one removes the lock file).
+            if job.remote and (target.lock is None or holder(target.lock) != job.run):
                 raise StaleRender(
                     f"{target.path} is no longer written by the render this band belongs to (it stopped); "
                     "nothing written"

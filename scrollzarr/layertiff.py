@@ -47,11 +47,14 @@ class ImageRows:
         Byte offset of row 0 in the file.
     row_bytes : int
         Bytes of one row (width x item size).
+    lock : Path or None
+        The lock file of the run writing it (see :meth:`scrollzarr.outputlock.OutputLock.mark`), absolute.
     """
 
     path: Path
     offset: int
     row_bytes: int
+    lock: Path | None = None
 
     def write(self, fd: int, first: int, rows: np.ndarray) -> None:
         """Write ``rows`` (shape (r, width)) as rows ``first … first + r - 1`` of the file open as ``fd``."""
@@ -90,10 +93,9 @@ class LayerTiff:
         self._fd = os.open(self.path, os.O_WRONLY)
         self._open = True
 
-    @property
-    def rows(self) -> ImageRows:
-        """Where the file's rows are, for the tasks that write them (the path made absolute)."""
-        return ImageRows(self.path.absolute(), self.offset, self.row_bytes)
+    def rows(self, lock: Path) -> ImageRows:
+        """Where the file's rows are, for the tasks that write them, and the lock file that holds it (absolute)."""
+        return ImageRows(self.path.absolute(), self.offset, self.row_bytes, lock.absolute())
 
     def flush(self) -> None:
         """Flush the file to the disk and close it (an OSError says why not, e.g. no space left).

@@ -83,7 +83,7 @@ def assert_same_render(local: Path, out: Path) -> None:
     assert (out / "stack.tif").read_bytes() == (local / "stack.tif").read_bytes()
     assert sorted(p.name for p in out.iterdir()) == ["layers", "stack.tif"]  # no partial file, no lock left
     record = json.loads((out / "layers" / MANIFEST).read_text())
-    assert record["layers"] == sorted(expected) and record["partial"] == {} and "run" not in record
+    assert record["layers"] == sorted(expected) and record["partial"] == {}
 
 
 def test_a_local_cluster_renders_the_local_files_byte_for_byte(scroll, local, tmp_path):
@@ -317,46 +317,53 @@ def test_a_worker_that_cannot_see_the_input_or_the_output_is_named_before_anythi
 
 def test_a_band_of_a_stopped_render_writes_nothing_into_the_files_of_the_next(scroll, tmp_path):
     """Dask does not stop a task that is running when its render stops: such a band, finishing later, must not
-    write into the files that the next render of the directory laid out under the same names.  The record names
-    the render that owns the partial files, and a band on a cluster checks it after opening each file."""
-    from scrollzarr import layermanifest, layers
+    write into the files that the next render laid out under the same names.  On a cluster each render marks the
+    locks that hold its files before it makes them, and a band checks the mark after it opens each file."""
+    from scrollzarr import layers
     from scrollzarr.layertiff import LayerTiff
+    from scrollzarr.outputlock import OutputLock
     from scrollzarr.ppm import open_ppm
 
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir()  # not the lock's to remove at its end
     ppm = open_ppm(scroll / "sheet.ppm")
+    with OutputLock(out) as lock:
+        image = LayerTiff(out / "00.tif", ppm.height, ppm.width, np.dtype("uint16"))
+        before = image.path.read_bytes()
+        job = layers.RenderJob(
+            run="stopped",
+            ppm=ppm,
+            zarr=scroll / "scroll.zarr",
+            level=0,
+            layers=1,
+            spacing=1.0,
+            stacked=range(1),
+            stack_filter="max",
+            block_size=8,
+            cache_bytes=2**20,
+            threads=1,
+            images=(image.rows(lock.path),),
+            stacked_image=False,
+            remote=True,
+        )
+        lock.mark("next")
+        with pytest.raises(layers.StaleRender, match=r"\.00\.tif\.partial is no longer written by the render this"):
+            layers.render_band(job, layers.Band(0, (0, 8)))
+        assert image.path.read_bytes() == before
+        # while the lock bears its render's mark, the band writes its rows, and only those
+        lock.mark("stopped")
+        result = layers.render_band(job, layers.Band(1, (8, 16)))
+        assert (result.mapped, result.pixels) == (8 * 300 - 6 * 50, 8 * 300)  # rows 10-15 of the hole are unmapped
+        written = tifffile.imread(image.path)
+        surface = np.load(scroll / "sheet.npy")
+        volume = zarr.open_array(scroll / "scroll.zarr" / "0", mode="r")[:]
+        reference = layers_reference(volume, surface, 1, 1.0)[0]
+        assert np.abs(written[8:16] - reference[8:16]).max() < 0.55
+        assert not written[:8].any() and not written[16:].any()
+        image.discard()
+    # the run is over (its lock file gone): a band still running writes nothing
     image = LayerTiff(out / "00.tif", ppm.height, ppm.width, np.dtype("uint16"))
-    before = image.path.read_bytes()
-    job = layers.RenderJob(
-        run="stopped",
-        ppm=ppm,
-        zarr=scroll / "scroll.zarr",
-        level=0,
-        layers=1,
-        spacing=1.0,
-        stacked=range(1),
-        stack_filter="max",
-        block_size=8,
-        cache_bytes=2**20,
-        threads=1,
-        output_dir=out,
-        images=(image.rows,),
-        stacked_image=False,
-        remote=True,
-    )
-    layermanifest.write_manifest(out, layermanifest.Record(run="next"))
-    with pytest.raises(layers.StaleRender, match=r"\.00\.tif\.partial is no longer written by the render this band"):
+    with pytest.raises(layers.StaleRender):
         layers.render_band(job, layers.Band(0, (0, 8)))
-    assert image.path.read_bytes() == before
-    # while the record names its render, the band writes its rows, and only those
-    layermanifest.write_manifest(out, layermanifest.Record(run="stopped"))
-    result = layers.render_band(job, layers.Band(1, (8, 16)))
-    assert (result.mapped, result.pixels) == (8 * 300 - 6 * 50, 8 * 300)  # rows 10-15 of the hole are unmapped
-    written = tifffile.imread(image.path)
-    surface = np.load(scroll / "sheet.npy")
-    volume = zarr.open_array(scroll / "scroll.zarr" / "0", mode="r")[:]
-    reference = layers_reference(volume, surface, 1, 1.0)[0]
-    assert np.abs(written[8:16] - reference[8:16]).max() < 0.55
-    assert not written[:8].any() and not written[16:].any()
+    assert not tifffile.imread(image.path).any()
     image.discard()
