@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from scrollzarr import commands
-from scrollzarr._cli import Parser, add_verbosity, add_workers, run, setup_logging
+from scrollzarr._cli import Parser, add_scheduler, add_verbosity, add_workers, run, scheduler_address, setup_logging
 from scrollzarr.layers import LayerOptions
 from scrollzarr.sampling import STACK_FILTERS
 
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="OME-Zarr level to sample (coordinates divided by 2^level), for quick previews",
     )
-    add_workers(parser, "worker threads sampling the surface")
+    add_workers(parser, "worker threads sampling the surface (with --scheduler: threads per band, 1 by default)")
+    add_scheduler(parser, "the bands of the render")
     parser.add_argument(
         "--zarr_cache_max_size_gb",
         "--zarr-cache-max-size-gb",
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.level,
         overwrite=args.overwrite,
         quiet=args.quiet,
+        scheduler=scheduler_address(args.scheduler),
     )
     return run(
         PROGRAM,

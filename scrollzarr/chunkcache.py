@@ -14,7 +14,9 @@ from __future__ import annotations
 import gzip
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import product
 
@@ -71,6 +73,23 @@ class ChunkCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self._framed = _framed(array)
+        self._counting = threading.local()
+
+    @contextmanager
+    def counting(self, stats: CacheStats) -> Iterator[None]:
+        """Also count into ``stats`` the chunks this thread reads meanwhile.
+
+        The cache of a process is shared by the tasks it runs (the bands of a
+        ``ppm_to_layers`` render): each counts its own reads, and a run adds
+        them up.  A chunk is counted by the task whose thread read it, not by
+        those that waited for it or found it cached.
+        """
+        previous = getattr(self._counting, "stats", None)
+        self._counting.stats = stats
+        try:
+            yield
+        finally:
+            self._counting.stats = previous
 
     def chunk(self, index: ChunkIndex) -> np.ndarray | None:
         """The voxels of chunk ``index`` (edge chunks trimmed to the array), or ``None`` if all are zero."""
@@ -142,10 +161,12 @@ class ChunkCache:
             if damage is None:
                 raise
             raise damage from None
+        task = getattr(self._counting, "stats", None)
         with self._lock:
-            self.stats.reads += 1
-            self.stats.distinct.add(index)
-            self.stats.nbytes_read += data.nbytes
+            for stats in (self.stats,) if task is None else (self.stats, task):
+                stats.reads += 1
+                stats.distinct.add(index)
+                stats.nbytes_read += data.nbytes
         return data if data.any() else None
 
 

@@ -88,11 +88,14 @@ class DaskExecutor:
         ``local:N`` for a ``LocalCluster`` of ``N`` worker processes here.
     threads : int
         Threads each task uses (``--workers``).
+    then : str
+        What to do once the cause of a task's failure is fixed, for its message.
     """
 
-    def __init__(self, address: str, threads: int) -> None:
+    def __init__(self, address: str, threads: int, then: str = "fix the cause, then continue with --resume") -> None:
         self.address = address
         self.threads = threads
+        self.then = then
         self._cluster: Any = None
         self.client: Any = None
         self.slots = 1
@@ -118,7 +121,10 @@ class DaskExecutor:
                         n_workers=count,
                         threads_per_worker=1,
                         processes=True,
-                        dashboard_address=":0",  # a free port: never "port 8787 is already in use"
+                        # no dashboard; its HTTP server (which the scheduler always starts) on a free port: on the
+                        # default 8787, a second run at once printed a three-line UserWarning that the port was taken
+                        dashboard_address=":0",
+                        scheduler_kwargs={"dashboard": False},
                         silence_logs=logging.CRITICAL,
                     )
                 finally:
@@ -168,12 +174,14 @@ class DaskExecutor:
 
         if not tasks:
             return
-        scattered = self.client.scatter(shared, broadcast=True, hash=False)  # once, not with every task
         run = uuid.uuid4().hex[:8]
+        # Sent once (each worker fetches it once, as a dependency), not with every task; and a task's result, not
+        # scattered data, so that Dask makes it again where every worker that held it is lost.  Scattered, a
+        # worker killed before it was copied to the others failed every task ("lost dependencies"; measured: 1 run
+        # in 3 with a worker killed a second into the render).
+        held = self.client.submit(_shared, shared, key=f"scrollzarr-{run}-shared", pure=False, retries=RETRIES)
         futures = {
-            self.client.submit(
-                function, scattered, task, key=f"scrollzarr-{run}-{index}", pure=False, retries=RETRIES
-            ): task
+            self.client.submit(function, held, task, key=f"scrollzarr-{run}-{index}", pure=False, retries=RETRIES): task
             for index, task in enumerate(tasks)
         }
         try:
@@ -186,24 +194,35 @@ class DaskExecutor:
                 except Exception as error:
                     raise TaskFailed(
                         f"the task for {task.describe()} failed on the cluster ({type(error).__name__}: {error}); "
-                        "fix the cause, then continue with --resume"
+                        f"{self.then}"
                     ) from None
                 yield task, result
         finally:
-            self.client.cancel(list(futures))
+            self.client.cancel([*futures, held])
 
     def check_paths(self, readable: Path, writable: Path) -> None:
         """Also refuse workers that cannot run this scrollzarr's tasks (not installed there, or another version)."""
+        # A file made here that each worker must find: a worker with a directory of its own at the same path
+        # (a local disk where the shared one should be mounted) passed a bare write test, and wrote there.
+        made = writable / f".scrollzarr-probe-{uuid.uuid4().hex}"
+        made.write_bytes(b"")
         try:
-            problems = self.client.run(_check_paths, str(readable), str(writable), __version__)
+            problems = self.client.run(_check_paths, str(readable), str(writable), made.name, __version__)
         except Exception as error:  # the function could not be unpickled or run there: scrollzarr is missing
             raise ScrollzarrError(
                 f"the Dask workers cannot run scrollzarr's tasks ({type(error).__name__}: {error}); "
                 f"install scrollzarr {__version__} (as here) on every worker"
             ) from None
+        finally:
+            made.unlink(missing_ok=True)
         for worker, problem in sorted(problems.items()):
             if problem is not None:
                 raise ScrollzarrError(f"Dask worker {worker} {problem}")
+
+
+def _shared(value: S) -> S:
+    """On a worker: what every task of a run needs (the task that holds it)."""
+    return value
 
 
 def _local_workers(address: str) -> int:
@@ -213,9 +232,10 @@ def _local_workers(address: str) -> int:
     return int(text)
 
 
-def _check_paths(readable: str, writable: str, version: str) -> str | None:
-    """On a worker: what it cannot do of reading the file ``readable`` and writing into the directory ``writable``,
-    or that its scrollzarr is not ``version``; ``None`` if all is well."""
+def _check_paths(readable: str, writable: str, made: str, version: str) -> str | None:
+    """On a worker: what it cannot do of reading the file ``readable``, finding the file ``made`` that the client
+    made in the directory ``writable``, and writing into that directory, or that its scrollzarr is not
+    ``version``; ``None`` if all is well."""
     if __version__ != version:
         return f"runs scrollzarr {__version__}, this machine {version}; install the same version on every worker"
     shared = "; every worker must see the input and the output at the same paths (a shared file system)"
@@ -224,6 +244,8 @@ def _check_paths(readable: str, writable: str, version: str) -> str | None:
             file.read(1)
     except OSError as error:
         return f"cannot read the input {readable} ({error.strerror or error}){shared}"
+    if not (Path(writable) / made).is_file():
+        return f"does not see the output {writable} that the client sees (a file made there is missing for it){shared}"
     probe = Path(writable) / f".scrollzarr-probe-{uuid.uuid4().hex}"
     try:
         probe.write_bytes(b"")

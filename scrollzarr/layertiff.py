@@ -2,8 +2,10 @@
 
 The file is laid out in full (header, then the pixels contiguous in row
 order, as a sparse file) before any pixel is computed; each band of rows is
-then written at its offset, so an image larger than memory never has to be
-held whole.  Until :meth:`LayerTiff.commit` renames it, the file carries a
+then written at its offset (:class:`ImageRows`, a plain value that a task on
+another process or machine writes through), so an image larger than memory
+never has to be held whole, and bands written by different tasks never share
+a byte.  Until :meth:`LayerTiff.commit` renames it, the file carries a
 hidden ``.partial`` name that no reader takes for a finished image; :meth:`LayerTiff.flush`
 puts it on the disk before that rename.
 """
@@ -11,6 +13,7 @@ puts it on the disk before that rename.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,32 @@ def write_at(fd: int, data: np.ndarray, position: int) -> None:
         written = os.pwrite(fd, view, position)
         view = view[written:]
         position += written
+
+
+@dataclass(frozen=True)
+class ImageRows:
+    """Where the rows of a laid-out image are: what a task needs to write a band of them.
+
+    Attributes
+    ----------
+    path : Path
+        The file being written (its partial name), absolute for tasks on other machines.
+    offset : int
+        Byte offset of row 0 in the file.
+    row_bytes : int
+        Bytes of one row (width x item size).
+    lock : Path or None
+        The lock file of the run writing it (see :meth:`scrollzarr.outputlock.OutputLock.mark`), absolute.
+    """
+
+    path: Path
+    offset: int
+    row_bytes: int
+    lock: Path | None = None
+
+    def write(self, fd: int, first: int, rows: np.ndarray) -> None:
+        """Write ``rows`` (shape (r, width)) as rows ``first … first + r - 1`` of the file open as ``fd``."""
+        write_at(fd, rows, self.offset + first * self.row_bytes)
 
 
 class LayerTiff:
@@ -64,9 +93,9 @@ class LayerTiff:
         self._fd = os.open(self.path, os.O_WRONLY)
         self._open = True
 
-    def write_rows(self, first: int, rows: np.ndarray) -> None:
-        """Write ``rows`` (shape (r, width), C-contiguous) as rows ``first … first + r - 1``."""
-        write_at(self._fd, rows, self.offset + first * self.row_bytes)
+    def rows(self, lock: Path) -> ImageRows:
+        """Where the file's rows are, for the tasks that write them, and the lock file that holds it (absolute)."""
+        return ImageRows(self.path.absolute(), self.offset, self.row_bytes, lock.absolute())
 
     def flush(self) -> None:
         """Flush the file to the disk and close it (an OSError says why not, e.g. no space left).

@@ -99,6 +99,19 @@ class OutputLock:
         """
         return tuple(self._created)
 
+    def mark(self, run: str) -> None:
+        """Write ``run`` (an identifier of this run) into the lock file, flushed, for :func:`holder`.
+
+        Tasks of a run on other processes or machines ask the lock who holds the
+        output before they write into it: a task left running by a stopped run
+        then finds another run's mark (or no lock file) and writes nothing.
+        """
+        assert self._fd is not None, "mark() needs the lock held"
+        data = run.encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+        os.fsync(self._fd)  # on a shared file system, what other machines read
+
     def release(self) -> None:
         """Remove the lock file and release the lock (and the directory, if this run created it and left it empty)."""
         if self._fd is None:
@@ -130,3 +143,12 @@ class OutputLock:
             except OSError:
                 break
         self._created.clear()
+
+
+def holder(path: Path) -> str | None:
+    """The run that marked the lock file ``path`` (:meth:`OutputLock.mark`); ``None`` if there is no lock file or
+    no mark."""
+    try:
+        return path.read_bytes().decode(errors="replace") or None
+    except FileNotFoundError:
+        return None
