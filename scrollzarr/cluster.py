@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from scrollzarr.errors import ScrollzarrError, UsageError
+from scrollzarr.storage import Location, ObjectStore, parse_location
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class Executor(Protocol):
         """
         ...
 
-    def check_paths(self, readable: Path, writable: Path) -> None:
-        """Refuse to start unless every worker can read the file ``readable`` and write into ``writable``."""
+    def check_paths(self, readable: Path, writable: Location) -> None:
+        """Refuse to start unless every worker can read the file ``readable`` and write into ``writable`` (a
+        directory, or a prefix in a bucket)."""
         ...
 
 
@@ -72,7 +74,7 @@ class LocalExecutor:
         for task in tasks:
             yield task, function(shared, task)
 
-    def check_paths(self, readable: Path, writable: Path) -> None:
+    def check_paths(self, readable: Path, writable: Location) -> None:
         """Nothing to check: this process planned the run from the same paths."""
 
 
@@ -180,14 +182,15 @@ class DaskExecutor:
         finally:
             self.client.cancel(list(futures))
 
-    def check_paths(self, readable: Path, writable: Path) -> None:
+    def check_paths(self, readable: Path, writable: Location) -> None:
         problems = self.client.run(_check_paths, str(readable), str(writable))
+        remote = isinstance(writable, ObjectStore)
         for worker, problem in sorted(problems.items()):
             if problem is not None:
-                raise ScrollzarrError(
-                    f"Dask worker {worker} {problem}; every worker must see the input and the output "
-                    "at the same paths (a shared file system)"
-                )
+                need = "the same paths (a shared file system)"
+                if remote and "output" in problem:
+                    need = "the bucket, with AWS_ENDPOINT_URL and credentials in their environment"
+                raise ScrollzarrError(f"Dask worker {worker} {problem}; every worker must see the input and {need}")
 
 
 def _local_workers(address: str) -> int:
@@ -205,10 +208,16 @@ def _check_paths(readable: str, writable: str) -> str | None:
             file.read(1)
     except OSError as error:
         return f"cannot read the input {readable} ({error.strerror or error})"
-    probe = Path(writable) / f".scrollzarr-probe-{uuid.uuid4().hex}"
+    name = f".scrollzarr-probe-{uuid.uuid4().hex}"
+    output = parse_location(writable)
     try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        return f"cannot write into the output {writable} ({error.strerror or error})"
+        if isinstance(output, ObjectStore):
+            output.put(name, b"")
+            output.delete(name)
+        else:
+            (output / name).write_bytes(b"")
+            (output / name).unlink()
+    except Exception as error:  # OSError on a disk; botocore and s3fs raise many kinds
+        text = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
+        return f"cannot write into the output {writable} ({text})"
     return None

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import product
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -34,10 +32,10 @@ import zarr
 from scrollzarr import downsample as ds
 from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
 from scrollzarr.cluster import Executor
-from scrollzarr.durable import remove_durably, sync_file_system, write_durably
 from scrollzarr.readback import write_downsampled_block
 from scrollzarr.report import ProgressBar
 from scrollzarr.sinks import LevelSink, SinkSpec, open_sink
+from scrollzarr.storage import Location, storage, zarr_store
 from scrollzarr.store import damaged_units, unit_index
 from scrollzarr.tiffstack import SliceReadError, StackError, TiffStack, first_unreadable_row, read_rows
 from scrollzarr.window import Window
@@ -189,8 +187,8 @@ class Job:
 
     Attributes
     ----------
-    output : Path
-        The store (its markers go in it).
+    output : Path or ObjectStore
+        The store (its markers go in it): a directory, or a prefix in a bucket.
     levels : tuple of SinkSpec
         Every level of the store, by number.
     algorithm : str
@@ -207,7 +205,7 @@ class Job:
         The level that ``advice`` is about.
     """
 
-    output: Path
+    output: Location
     levels: tuple[SinkSpec, ...]
     algorithm: ds.Algorithm
     source: SliceSource | None
@@ -236,7 +234,7 @@ def run_task(job: Job, task: Task) -> TaskResult:
     """Build and write ``task``'s box, make it durable, and mark the task finished in the store.
 
     Safe to run twice, even at once: every unit is written whole under a
-    temporary name and renamed, with the same bytes.
+    temporary name and renamed (in a bucket: put as one object), with the same bytes.
     """
     started = time.monotonic()
     _limit_threads(job.threads)
@@ -244,10 +242,9 @@ def run_task(job: Job, task: Task) -> TaskResult:
     bad: dict[int, int] = {}
     chunks = _convert_box(job, task.box, sink, bad) if task.level == 0 else _downsample_box(job, task, sink)
     # the units are durable before the marker that vouches for them is written
-    sync_file_system(job.output)
-    marker = marker_path(job.output, task)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    write_durably(marker, json.dumps({"chunks": chunks, "bad_rows": bad}).encode())
+    store = storage(job.output)
+    store.sync()
+    store.put(marker_key(task), json.dumps({"chunks": chunks, "bad_rows": bad}).encode())
     return TaskResult(chunks, bad, time.monotonic() - started)
 
 
@@ -280,7 +277,7 @@ def _convert_box(job: Job, box: Box, sink: LevelSink, bad: dict[int, int]) -> in
 
 def _downsample_box(job: Job, task: Task, sink: LevelSink) -> int:
     """Build ``task``'s box from the stored level above and write its units; the chunks written."""
-    above = zarr.open_array(str(job.levels[task.level - 1].directory), mode="r")
+    above = zarr.open_array(zarr_store(job.levels[task.level - 1].directory, read_only=True), mode="r")
     advice = job.advice if task.level - 1 == job.first_read else None
     with Workers(job.threads) as workers:
         return sum(
@@ -304,21 +301,26 @@ def task_voxels(task: Task) -> int:
     return box_size(task.box)
 
 
-def marker_path(output: Path, task: Task) -> Path:
-    """Where ``task``'s marker is in the store at ``output``."""
-    return output / MARKERS / str(task.level) / f"{task.name}.json"
+def marker_key(task: Task) -> str:
+    """Where ``task``'s marker is in the store."""
+    return f"{MARKERS}/{task.level}/{task.name}.json"
 
 
-def finished(output: Path, tasks: list[Task]) -> dict[Task, TaskResult]:
+def finished(output: Location, tasks: list[Task]) -> dict[Task, TaskResult]:
     """The tasks of ``tasks`` whose markers are in the store at ``output``, with what they reported.
 
     A marker that cannot be read (a stop while it was written leaves none: it is
     renamed in whole) counts as not finished.
     """
     done = {}
+    store = storage(output)
+    # one listing, not a request per task (in a bucket, a request costs milliseconds)
+    marked = set(store.listing(MARKERS))
     for task in tasks:
+        if marker_key(task) not in marked:
+            continue
         try:
-            recorded = json.loads(marker_path(output, task).read_bytes())
+            recorded = json.loads(store.get(marker_key(task)))
             done[task] = TaskResult(recorded["chunks"], {int(z): row for z, row in recorded["bad_rows"].items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
@@ -360,7 +362,7 @@ def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar:
     return totals
 
 
-def unmark_damaged(output: Path, spec: SinkSpec, tasks: list[Task]) -> None:
+def unmark_damaged(output: Location, spec: SinkSpec, tasks: list[Task]) -> None:
     """Find the damaged unit files of the level of ``spec`` (:func:`~scrollzarr.store.damaged_units`); forget
     the task of ``tasks`` that wrote each, then delete it: the resumed run writes it again."""
     for path, problem in damaged_units(spec):
@@ -372,17 +374,16 @@ def unmark_damaged(output: Path, spec: SinkSpec, tasks: list[Task]) -> None:
         path.unlink()
 
 
-def has_markers(output: Path, level: int) -> bool:
+def has_markers(output: Location, level: int) -> bool:
     """Whether a task of ``level`` marked itself finished in the store at ``output``."""
-    folder = output / MARKERS / str(level)
-    return folder.is_dir() and any(folder.iterdir())
+    return bool(storage(output).listing(f"{MARKERS}/{level}"))
 
 
-def unmark(output: Path, task: Task) -> None:
+def unmark(output: Location, task: Task) -> None:
     """Forget that ``task`` finished (before one of its units is deleted: never a marker without its units)."""
-    remove_durably(marker_path(output, task))
+    storage(output).delete(marker_key(task))
 
 
-def remove_markers(output: Path) -> None:
+def remove_markers(output: Location) -> None:
     """Delete every marker of the store at ``output`` (once its metadata is written)."""
-    shutil.rmtree(output / MARKERS, ignore_errors=True)
+    storage(output).delete_all(MARKERS)
