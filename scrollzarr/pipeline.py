@@ -241,8 +241,8 @@ def _existing_output(output: Location, options: Options, input_dir: Path) -> Pro
     """
     if options.resume:
         record = progress.load(output) if is_zarr_store(output) else None
-        abandoned = is_abandoned(output)  # a directory, then
-        if record is None and abandoned and isinstance(output, Path) and any(output.glob(f"{progress.KEY}.*.partial")):
+        partial = isinstance(output, Path) and any(output.glob(f"{progress.KEY}.*.partial"))  # none in a bucket
+        if record is None and is_abandoned(output) and partial:
             log.info("the stopped run wrote nothing; starting from the beginning")
             return None
         if record is None and is_emptied(output):
