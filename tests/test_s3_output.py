@@ -155,6 +155,19 @@ def test_a_local_cluster_writes_the_local_runs_store_to_the_bucket(bucket, slice
     check_same(bucket, layout, f"{name}/s.zarr", local_stores[layout], volume)
 
 
+def test_a_plain_array_in_the_bucket_is_the_local_runs(bucket, slices, volume, tmp_path):
+    """--zarr_only (the array at the prefix itself), zarr 3, zstd: the same objects as the local run's files."""
+    name, args = bucket.new(), ("--quiet", "--zarr_only", "--zarr_format", "3", "--compressor", "zstd")
+    local = tmp_path / "p.zarr"
+    assert_ok(run(bucket, slices, local, *args))
+    assert_ok(run(bucket, slices, f"s3://{name}/p.zarr", *args, *SMALL, "--scheduler", "local:1"))
+    assert bucket.objects(f"{name}/p.zarr") == store_files(local)
+    from zarr.storage import FsspecStore
+
+    store = FsspecStore.from_url(f"s3://{name}/p.zarr", storage_options=bucket.options, read_only=True)
+    np.testing.assert_array_equal(zarr.open_array(store, mode="r")[...], volume)
+
+
 def test_the_plan_of_an_s3_output_writes_nothing(bucket, slices):
     name = bucket.new()
     result = run(bucket, slices, f"s3://{name}/s.zarr", *SMALL, "--scheduler", "local:1", "--dry_run")
