@@ -126,7 +126,8 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 
 def write_file(path: Path | ObjectStore, data: np.ndarray | bytes | memoryview, direct: bool = False) -> None:
-    """Write ``data``'s bytes to ``path`` atomically: a temporary ``*.partial`` file, then a rename.
+    """Write ``data``'s bytes to ``path`` atomically: a temporary ``*.partial`` file, then a rename (in a bucket:
+    one object, put whole).
 
     Parameters
     ----------
