@@ -21,6 +21,7 @@ from scrollzarr._cli import (
 from scrollzarr.downsample import ALGORITHMS, GAUSSIAN_SIGMA
 from scrollzarr.layout import COMPRESSORS
 from scrollzarr.presets import PRESETS
+from scrollzarr.storage import parse_location
 from scrollzarr.tiffstack import BAD_SLICE_POLICIES
 
 PROGRAM = "scroll_to_ome"
@@ -34,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and khartes.",
     )
     parser.add_argument("input_tiff_dir", type=Path, help="directory of TIFFs named by slice number")
-    parser.add_argument("output", type=Path, help="output store; the name must end in .zarr")
+    parser.add_argument(
+        "output",
+        help="output store, a path or s3://BUCKET/PREFIX.zarr (with --scheduler; endpoint and credentials from "
+        "the environment, as for the AWS tools); the name must end in .zarr",
+    )
     parser.add_argument(
         "--chunk_size",
         "--chunk-size",
@@ -166,13 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             "scheduler": scheduler_address(args.scheduler)
         }
         options = presets.resolve(args.preset, given, rebuild=args.first_new_level is not None)
+        output = parse_location(args.output)
         commands.scroll_to_ome(
-            args.input_tiff_dir, args.output, options, args.first_new_level, args.chunk_size, args.dry_run
+            args.input_tiff_dir, output, options, args.first_new_level, args.chunk_size, args.dry_run
         )
 
     def resume() -> str | None:
         """``--resume`` once the store holds a progress record (a run that wrote nothing has none to resume)."""
-        if args.dry_run or not commands.is_resumable(args.output):
+        if args.dry_run or not commands.is_resumable(parse_location(args.output)):
             return None
         return rerun_command(argv, "--resume")
 

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -189,6 +190,7 @@ def _check_frame(spec: SinkSpec, index: ChunkIndex) -> None:
     (numcodecs does not check the header's sizes against the buffer): without
     this check a damaged store would render as garbage.
     """
+    assert isinstance(spec.directory, Path)  # a volume on disk (sink_spec)
     path = spec.directory / spec.layout.chunk_key(index)
     problem = damage(path, spec) if path.is_file() else None
     if problem is not None:

@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 from scrollzarr import __version__
 from scrollzarr.errors import ScrollzarrError, UsageError
+from scrollzarr.storage import Location, ObjectStore, parse_location
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,9 @@ class Executor(Protocol):
         """
         ...
 
-    def check_paths(self, readable: Path, writable: Path) -> None:
-        """Refuse to start unless every worker can read the file ``readable`` and write into ``writable``."""
+    def check_paths(self, readable: Path, writable: Location) -> None:
+        """Refuse to start unless every worker can read the file ``readable`` and write into ``writable`` (a
+        directory, or a prefix in a bucket)."""
         ...
 
 
@@ -74,7 +76,7 @@ class LocalExecutor:
         for task in tasks:
             yield task, function(shared, task)
 
-    def check_paths(self, readable: Path, writable: Path) -> None:
+    def check_paths(self, readable: Path, writable: Location) -> None:
         """Nothing to check: this process planned the run from the same paths."""
 
 
@@ -200,24 +202,34 @@ class DaskExecutor:
         finally:
             self.client.cancel([*futures, held])
 
-    def check_paths(self, readable: Path, writable: Path) -> None:
+    def check_paths(self, readable: Path, writable: Location) -> None:
         """Also refuse workers that cannot run this scrollzarr's tasks (not installed there, or another version)."""
         # A file made here that each worker must find: a worker with a directory of its own at the same path
         # (a local disk where the shared one should be mounted) passed a bare write test, and wrote there.
-        made = writable / f".scrollzarr-probe-{uuid.uuid4().hex}"
-        made.write_bytes(b"")
+        made = None if isinstance(writable, ObjectStore) else writable / f".scrollzarr-probe-{uuid.uuid4().hex}"
+        if made is not None:
+            made.write_bytes(b"")
         try:
-            problems = self.client.run(_check_paths, str(readable), str(writable), made.name, __version__)
+            problems = self.client.run(
+                _check_paths, str(readable), str(writable), None if made is None else made.name, __version__
+            )
         except Exception as error:  # the function could not be unpickled or run there: scrollzarr is missing
             raise ScrollzarrError(
                 f"the Dask workers cannot run scrollzarr's tasks ({type(error).__name__}: {error}); "
                 f"install scrollzarr {__version__} (as here) on every worker"
             ) from None
         finally:
-            made.unlink(missing_ok=True)
+            if made is not None:
+                made.unlink(missing_ok=True)
+        remote = isinstance(writable, ObjectStore)
         for worker, problem in sorted(problems.items()):
             if problem is not None:
-                raise ScrollzarrError(f"Dask worker {worker} {problem}")
+                need = "the same paths (a shared file system)"
+                if remote and "output" in problem:
+                    need = "the bucket, with AWS_ENDPOINT_URL and credentials in their environment"
+                if problem.startswith("runs scrollzarr"):
+                    raise ScrollzarrError(f"Dask worker {worker} {problem}")
+                raise ScrollzarrError(f"Dask worker {worker} {problem}; every worker must see the input and {need}")
 
 
 def _shared(value: S) -> S:
@@ -232,24 +244,29 @@ def _local_workers(address: str) -> int:
     return int(text)
 
 
-def _check_paths(readable: str, writable: str, made: str, version: str) -> str | None:
+def _check_paths(readable: str, writable: str, made: str | None, version: str) -> str | None:
     """On a worker: what it cannot do of reading the file ``readable``, finding the file ``made`` that the client
-    made in the directory ``writable``, and writing into that directory, or that its scrollzarr is not
-    ``version``; ``None`` if all is well."""
+    made in the directory ``writable`` (``None`` for a bucket), and writing into ``writable``, or that its
+    scrollzarr is not ``version``; ``None`` if all is well."""
     if __version__ != version:
         return f"runs scrollzarr {__version__}, this machine {version}; install the same version on every worker"
-    shared = "; every worker must see the input and the output at the same paths (a shared file system)"
     try:
         with open(readable, "rb") as file:
             file.read(1)
     except OSError as error:
-        return f"cannot read the input {readable} ({error.strerror or error}){shared}"
-    if not (Path(writable) / made).is_file():
-        return f"does not see the output {writable} that the client sees (a file made there is missing for it){shared}"
-    probe = Path(writable) / f".scrollzarr-probe-{uuid.uuid4().hex}"
+        return f"cannot read the input {readable} ({error.strerror or error})"
+    output = parse_location(writable)
+    if made is not None and not (Path(writable) / made).is_file():
+        return f"does not see the output {writable} that the client sees (a file made there is missing for it)"
+    name = f".scrollzarr-probe-{uuid.uuid4().hex}"
     try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        return f"cannot write into the output {writable} ({error.strerror or error}){shared}"
+        if isinstance(output, ObjectStore):
+            output.put(name, b"")
+            output.delete(name)
+        else:
+            (output / name).write_bytes(b"")
+            (output / name).unlink()
+    except Exception as error:  # OSError on a disk; botocore and s3fs raise many kinds
+        text = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
+        return f"cannot write into the output {writable} ({text})"
     return None

@@ -16,13 +16,14 @@ if TYPE_CHECKING:
     from scrollzarr.cluster import DaskExecutor
     from scrollzarr.layers import LayerOptions
     from scrollzarr.options import Options
+    from scrollzarr.storage import Location
 
 log = logging.getLogger(__name__)
 
 
 def scroll_to_ome(
     input_dir: Path,
-    output: Path,
+    output: Location,
     options: Options,
     first_new_level: int | None = None,
     chunk_size: int | None = None,
@@ -32,6 +33,8 @@ def scroll_to_ome(
 
     Parameters
     ----------
+    output : Path or ObjectStore
+        The store: a directory, or a prefix in an S3 bucket.
     first_new_level : int or None
         Rebuild levels from this one on in the existing store ``output``
         instead of converting ``input_dir``.
@@ -41,14 +44,21 @@ def scroll_to_ome(
         Print the plan on stdout and write nothing.
     """
     from scrollzarr import pipeline, rebuild
-    from scrollzarr.errors import ScrollzarrError
+    from scrollzarr.errors import ScrollzarrError, UsageError
     from scrollzarr.outputlock import OutputLock
+    from scrollzarr.storage import ObjectStore
     from scrollzarr.store import check_output_name
 
+    if isinstance(output, ObjectStore) and first_new_level is not None:
+        raise UsageError(
+            f"--first_new_level rebuilds a store on a file system, not {output}; copy the store to a shared "
+            "file system (aws s3 sync), rebuild it there and copy it back"
+        )
     if dry_run:
         with _cluster(options) as executor:
             cut = (1, 1) if executor is None else (executor.slots, executor.parallel)
             if first_new_level is not None:
+                assert isinstance(output, Path)  # refused above
                 plan = rebuild.plan_rebuild(output, first_new_level, options, chunk_size, *cut)
                 print(rebuild.describe_rebuild(plan))
             else:
@@ -59,6 +69,7 @@ def scroll_to_ome(
         with _cluster(options) as executor:
             cut = (1, 1) if executor is None else (executor.slots, executor.parallel)
             if first_new_level is not None:
+                assert isinstance(output, Path)  # refused above
                 plan = rebuild.plan_rebuild(output, first_new_level, options, chunk_size, *cut)
                 log.info(rebuild.rebuild_levels(plan, executor).summary())
             else:
@@ -66,6 +77,10 @@ def scroll_to_ome(
                 log.info(pipeline.convert(conversion, executor).summary())
 
     check_output_name(output)
+    if isinstance(output, ObjectStore):
+        # no lock in a bucket (S3 has no lock that a killed run releases): one run per prefix is the user's to keep
+        work()
+        return
     if options.scheduler is not None:  # the workers do not share this process's working directory
         input_dir, output = input_dir.absolute(), output.absolute()
     if options.resume and not output.exists() and not output.is_symlink():
@@ -116,8 +131,8 @@ def has_decompressed(input_dir: Path, output_dir: Path) -> bool:
     return decompress.has_output(input_dir, output_dir)
 
 
-def is_resumable(output: Path) -> bool:
+def is_resumable(output: Location) -> bool:
     """Whether ``output`` holds scroll_to_ome's progress record: a stopped conversion that ``--resume`` continues."""
     from scrollzarr import progress
 
-    return (output / progress.KEY).is_file()
+    return progress.exists(output)

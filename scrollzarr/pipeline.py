@@ -28,7 +28,6 @@ from scrollzarr import downsample as ds
 from scrollzarr import memory, ngff, progress
 from scrollzarr.blocks import Shape3
 from scrollzarr.cluster import Executor, LocalExecutor
-from scrollzarr.durable import sync_file_system
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.ngff_v04 import Multiscale
 from scrollzarr.options import Options
@@ -38,6 +37,7 @@ from scrollzarr.readback import build_from_above
 from scrollzarr.report import LevelReport, ProgressBar, Report, chunk_count, format_runs, progress_bar
 from scrollzarr.sinks import SinkSpec, open_sink
 from scrollzarr.sizes import format_bytes
+from scrollzarr.storage import Location, ObjectStore, storage, zarr_store
 from scrollzarr.store import (
     OutputError,
     check_output_name,
@@ -59,7 +59,7 @@ from scrollzarr.tasks import (
     SliceSource,
     Task,
     level_tasks,
-    markers_of,
+    put_fence,
     remove_markers,
     run_levels,
     unmark_damaged,
@@ -114,7 +114,7 @@ class Plan:
     """
 
     input_dir: Path
-    output: Path
+    output: Location
     options: Options
     stack: TiffStack
     origin: Shape3
@@ -132,7 +132,7 @@ class Plan:
     tasks: bool = False
 
 
-def plan_conversion(input_dir: Path, output: Path, options: Options, slots: int = 1, parallel: int = 1) -> Plan:
+def plan_conversion(input_dir: Path, output: Location, options: Options, slots: int = 1, parallel: int = 1) -> Plan:
     """Discover the stack, check every header and work out shapes, bands, blocks and memory.
 
     Parameters
@@ -149,7 +149,14 @@ def plan_conversion(input_dir: Path, output: Path, options: Options, slots: int 
         For any problem with the input, the output path or the options.
     """
     check_output_name(output)
+    if isinstance(output, ObjectStore):
+        output.check_bucket()
     record = _existing_output(output, options, input_dir)
+    if isinstance(output, ObjectStore) and options.scheduler is None and (record is None or not record.tasks):
+        raise UsageError(
+            f"output {output}: writing to S3 runs as tasks; add --scheduler (local:N for N worker processes "
+            "on this machine, e.g. --scheduler local:2)"
+        )
     z_range, y_range, x_range = parse_ranges(options.ranges)
     files = numbered_tiffs(input_dir)
     z0, z1 = z_range.resolve(max(files) + 1)
@@ -245,7 +252,7 @@ def plan_conversion(input_dir: Path, output: Path, options: Options, slots: int 
     )
 
 
-def _existing_output(output: Path, options: Options, input_dir: Path) -> Progress | None:
+def _existing_output(output: Location, options: Options, input_dir: Path) -> Progress | None:
     """Check what is at ``output`` against ``--resume`` and ``--overwrite``; the record to resume from.
 
     Raises
@@ -255,7 +262,8 @@ def _existing_output(output: Path, options: Options, input_dir: Path) -> Progres
     """
     if options.resume:
         record = progress.load(output) if is_zarr_store(output) else None
-        if record is None and is_abandoned(output) and any(output.glob(f"{progress.KEY}.*.partial")):
+        partial = isinstance(output, Path) and any(output.glob(f"{progress.KEY}.*.partial"))  # none in a bucket
+        if record is None and is_abandoned(output) and partial:
             log.info("the stopped run wrote nothing; starting from the beginning")
             return None
         if record is None and is_emptied(output):
@@ -285,7 +293,7 @@ def _existing_output(output: Path, options: Options, input_dir: Path) -> Progres
     return None
 
 
-def _refuse_rebuild(output: Path, record: Progress | None) -> None:
+def _refuse_rebuild(output: Location, record: Progress | None) -> None:
     """Refuse to take the record of an unfinished ``--first_new_level`` rebuild for a conversion's."""
     first = None if record is None else record.fingerprint.get("rebuild_from_level")
     if first is not None:
@@ -530,11 +538,11 @@ def _open_output(plan: Plan) -> tuple[zarr.Group | None, list[zarr.Array], Progr
     if plan.options.zarr_only:
         arrays, group = [_level(plan.output, None, plan)], None
     else:
-        group = zarr.open_group(str(plan.output), mode="a", zarr_format=plan.options.zarr_format)
+        group = zarr.open_group(zarr_store(plan.output), mode="a", zarr_format=plan.options.zarr_format)
         arrays = [_level(group, str(level), plan) for level in range(len(plan.shapes))]
     # the metadata just written is durable before any chunk is (a name renamed in but not flushed can come
     # back empty after a power cut); the first checkpoint would flush it only after the first slab
-    sync_file_system(plan.output)
+    storage(plan.output).sync()
     if plan.resume_from is not None and not record.tasks:  # a run of tasks: _convert_tasks
         _rewrite_damaged(plan, arrays, record)
     return group, arrays, record
@@ -574,7 +582,7 @@ def _sink_spec(plan: Plan, level: int) -> SinkSpec:
     return SinkSpec(directory, plan.shapes[level], str(plan.dtype), plan.options.layout)
 
 
-def _level(parent: zarr.Group | Path, name: str | None, plan: Plan) -> zarr.Array:
+def _level(parent: zarr.Group | Location, name: str | None, plan: Plan) -> zarr.Array:
     """Level ``name`` of the store (the array at ``parent`` for ``--zarr_only``), created if it is not whole yet.
 
     zarr 2 writes an array's ``.zarray`` and then its ``.zattrs``; a stop between
@@ -588,15 +596,16 @@ def _level(parent: zarr.Group | Path, name: str | None, plan: Plan) -> zarr.Arra
     metadata = [directory / file for file in layout.metadata_names]
     if not all(readable_metadata(path) for path in metadata):
         for path in metadata:
-            path.unlink(missing_ok=True)
+            if isinstance(path, Path):  # in a bucket, an object is put whole: it parses, or is not there
+                path.unlink(missing_ok=True)
         shape = plan.shapes[0 if name is None else int(name)]
-        target = parent if isinstance(parent, zarr.Group) else str(parent)
+        target = parent if isinstance(parent, zarr.Group) else zarr_store(parent)
         return layout.create_array(target, name, shape, plan.dtype, overwrite=False)
     if isinstance(parent, zarr.Group):
         assert name is not None  # every level of a group has a name; only --zarr_only's root array has none
         array = parent[name]
     else:
-        array = zarr.open_array(str(parent), mode="r+")
+        array = zarr.open_array(zarr_store(parent), mode="r+")
     assert isinstance(array, zarr.Array)
     return array
 
@@ -663,6 +672,7 @@ def _convert(plan: Plan, group: zarr.Group | None, arrays: list[zarr.Array], rec
         for band in bands[record.bands_done :]:
             run.convert_band(band)
         if group is not None:
+            assert isinstance(plan.output, Path)  # a store in a bucket is written as tasks (plan_conversion)
             build_from_above(
                 group, plan.output, options.layout, plan.bands.streamed + 1, plan.blocks, options.algorithm,
                 workers, bar, run.report, record, run.checkpoint, None,
@@ -709,16 +719,17 @@ def _convert_tasks(plan: Plan, executor: Executor) -> Report:
     the store) is not run again.  The metadata is written last, here."""
     options = plan.options
     executor.check_paths(next(iter(plan.stack.slices.values())).path, plan.output)
+    if isinstance(plan.output, ObjectStore):  # no lock file in a bucket: say what the user must keep to
+        log.info("writing to %s: no other run may write this prefix until this one ends", plan.output)
     group, arrays, record = _open_output(plan)
-    markers = markers_of(plan.output, record.run)
-    markers.mkdir(parents=True, exist_ok=True)  # the run's fence: its tasks write while it is there
+    put_fence(plan.output, record.run)  # its tasks write while it is there
     levels = _conversion_tasks(plan)
-    if plan.resume_from is not None:
+    if plan.resume_from is not None and isinstance(plan.output, Path):  # an object in a bucket is put whole
         for level, tasks in enumerate(levels):
-            unmark_damaged(markers, _sink_spec(plan, level), tasks)
+            unmark_damaged(plan.output, record.run, _sink_spec(plan, level), tasks)
     job = Job(
         output=plan.output,
-        markers=markers,
+        run=record.run,
         levels=tuple(_sink_spec(plan, level) for level in range(len(plan.shapes))),
         algorithm=options.algorithm,
         source=_slice_source(plan),

@@ -15,13 +15,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scrollzarr.durable import remove_durably, sync_file_system, write_durably
 from scrollzarr.errors import ScrollzarrError
+from scrollzarr.storage import Location, storage
 
 KEY = "scrollzarr_progress.json"
 # The input's slice files of the run, written once when it starts: the record, saved after every slab, holds
 # only their digest (measured: a 14,376-slice list in the record made each save 80 ms and 1 MB).
 SLICES_KEY = "scrollzarr_slices.json"
+# A run of tasks keeps the rest of its record here: each task's marker, and the run's fence (scrollzarr.tasks).
+MARKERS = "scrollzarr_tasks"
 _NAMED = 5
 
 # Options whose change makes a stopped conversion impossible to continue, with their command-line names.
@@ -96,18 +98,20 @@ class Progress:
     run: str = ""
     blocks: list[list[int]] = field(default_factory=list)
 
-    def save(self, output: Path) -> None:
+    def save(self, output: Location) -> None:
         """Write the record into the store at ``output``, once everything written before it is on the disk.
 
         One ``syncfs`` of the store's file system makes every chunk and metadata
         file written so far durable, names included; then the record is replaced
         durably (temporary file, flush, rename, flush of the directory).  So after
         a power cut the record never vouches for data that is not on the disk.
+        In a bucket the record is one object, put whole after the objects it vouches for.
         """
-        sync_file_system(output)
-        write_durably(output / KEY, json.dumps(asdict(self), indent=1).encode())
+        store = storage(output)
+        store.sync()
+        store.put(KEY, json.dumps(asdict(self), indent=1).encode())
 
-    def forget(self, output: Path, damaged: list[Path]) -> None:
+    def forget(self, output: Location, damaged: list[Path]) -> None:
         """Save this record, wound back by the caller to before the units that wrote ``damaged``, then delete them.
 
         The record goes first: a stop in between still finds the damaged files
@@ -128,9 +132,8 @@ class Progress:
         return None
 
 
-def load(output: Path) -> Progress | None:
-    """The record in the store at ``output``, or ``None`` if it has none (read as a file: the record is always
-    on a local disk, written by :meth:`Progress.save`).
+def load(output: Location) -> Progress | None:
+    """The record in the store at ``output``, or ``None`` if it has none.
 
     Raises
     ------
@@ -138,7 +141,7 @@ def load(output: Path) -> Progress | None:
         If the record exists but cannot be read.
     """
     try:
-        raw = (output / KEY).read_bytes()
+        raw = storage(output).get(KEY)
     except FileNotFoundError:
         return None
     try:
@@ -149,19 +152,20 @@ def load(output: Path) -> Progress | None:
         ) from None
 
 
-def remove(output: Path) -> None:
+def remove(output: Location) -> None:
     """Delete the list of slice files, then the record, once the metadata that finishes the store is on the disk.
 
     In that order: a stop between them leaves a resumable store (the list only names changed files).
     """
-    sync_file_system(output)
-    (output / SLICES_KEY).unlink(missing_ok=True)
-    remove_durably(output / KEY)
+    store = storage(output)
+    store.sync()
+    store.delete(SLICES_KEY)
+    store.delete(KEY)
 
 
-def exists(output: Path) -> bool:
+def exists(output: Location) -> bool:
     """Whether the store at ``output`` holds a progress record."""
-    return (output / KEY).is_file()
+    return storage(output).exists(KEY)
 
 
 SliceFiles = list[tuple[str, int, int]]
@@ -172,13 +176,13 @@ def slices_digest(slices: SliceFiles) -> str:
     return hashlib.sha256(json.dumps(slices, separators=(",", ":")).encode()).hexdigest()
 
 
-def save_slices(output: Path, slices: SliceFiles) -> None:
+def save_slices(output: Location, slices: SliceFiles) -> None:
     """Keep the input's slice files in the store at ``output``, to name what changed if a resumed run finds
     another input (written durably, like the record)."""
-    write_durably(output / SLICES_KEY, json.dumps(slices, separators=(",", ":")).encode())
+    storage(output).put(SLICES_KEY, json.dumps(slices, separators=(",", ":")).encode())
 
 
-def input_change(record: Progress, slices: SliceFiles, output: Path) -> str | None:
+def input_change(record: Progress, slices: SliceFiles, output: Location) -> str | None:
     """How the input's slice files differ from the stopped run's, as text; ``None`` if they do not.
 
     Files are told apart by name; a file of the same name whose size or
@@ -187,7 +191,7 @@ def input_change(record: Progress, slices: SliceFiles, output: Path) -> str | No
     if "slices" not in record.fingerprint or record.fingerprint["slices"] == slices_digest(slices):
         return None
     try:
-        raw = (output / SLICES_KEY).read_bytes()
+        raw = storage(output).get(SLICES_KEY)
     except FileNotFoundError:
         return "its list of slice files is missing from the output, so the changed files cannot be named"
     before = {name: (size, mtime) for name, size, mtime in json.loads(raw)}

@@ -42,7 +42,7 @@ from scrollzarr.tasks import (
     Task,
     has_markers,
     level_tasks,
-    markers_of,
+    put_fence,
     remove_markers,
     run_levels,
     unmark_damaged,
@@ -357,11 +357,10 @@ def _level_specs(plan: RebuildPlan) -> tuple[SinkSpec, ...]:
 def _rebuild_tasks(plan: RebuildPlan, executor: Executor, report: Report, run: str) -> None:
     """Build the new levels as tasks of run ``run`` on ``executor``, a level at a time; the tasks finished
     before (marked in the store) are not run again."""
-    markers = markers_of(plan.output, run)
-    markers.mkdir(parents=True, exist_ok=True)  # the run's fence: its tasks write while it is there
+    put_fence(plan.output, run)  # its tasks write while it is there
     job = Job(
         output=plan.output,
-        markers=markers,
+        run=run,
         levels=_level_specs(plan),
         algorithm=plan.algorithm,
         source=None,
@@ -413,8 +412,11 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
     for path in sorted(plan.output.iterdir()):
         ours = path.is_dir() and path.name.isdigit() and int(path.name) >= plan.first
         # a level this rebuild has written part of: rows recorded, or (tasks) a task marked finished
-        markers = markers_of(plan.output, record.run)
-        written = has_markers(markers, int(path.name)) if record.tasks and ours else record.rows_done.get(path.name)
+        written = (
+            has_markers(plan.output, record.run, int(path.name))
+            if record.tasks and ours
+            else record.rows_done.get(path.name)
+        )
         if ours and not written:
             shutil.rmtree(path)
     chunk = plan.layout.chunk
@@ -429,7 +431,7 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
         report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], chunk))
         spec = SinkSpec(plan.output / str(level), plan.shapes[level], str(plan.dtype), plan.layout)
         if record.tasks:
-            unmark_damaged(markers_of(plan.output, record.run), spec, _level_tasks(plan)[level])
+            unmark_damaged(plan.output, record.run, spec, _level_tasks(plan)[level])
             continue
         for path, problem in damaged_units(spec):
             log.warning("chunk file %s is damaged (%s); it is written again", path, problem)

@@ -7,7 +7,6 @@ import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from time import monotonic
 from types import TracebackType
 from typing import Protocol
@@ -18,6 +17,7 @@ from tqdm import tqdm
 from scrollzarr.blocks import Shape3
 from scrollzarr.layout import StoreLayout
 from scrollzarr.sizes import format_bytes
+from scrollzarr.storage import Location, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class LevelReport:
 class Report:
     """What a run wrote, for the final summary."""
 
-    output: Path
+    output: Location
     dtype: np.dtype
     layout: StoreLayout
     levels: dict[int, LevelReport] = field(default_factory=dict)
@@ -74,11 +74,17 @@ class Report:
         return "\n".join(lines)
 
 
-def _files_and_bytes(directories: list[Path]) -> tuple[int, int]:
+def _files_and_bytes(directories: list[Location]) -> tuple[int, int]:
     """Chunk (or shard) files of the level arrays in ``directories``, and their bytes (apparent sizes), found by
     walking the store: the count of a resumed run's earlier files is not kept anywhere else."""
     files = nbytes = 0
     for directory in directories:
+        if isinstance(directory, ObjectStore):
+            for key, size in directory.sizes().items():
+                if all(part.isdigit() or part == "c" for part in key.split("/")):
+                    files += 1
+                    nbytes += size
+            continue
         for path in directory.rglob("*"):
             parts = path.relative_to(directory).parts
             if path.is_file() and all(part.isdigit() or part == "c" for part in parts):

@@ -16,6 +16,10 @@ level's :class:`~scrollzarr.layout.StoreLayout`.
 * :class:`ShardSink`: sharded (zarr 3), compressed or not; the inner chunks
   are encoded and appended to the shard file one at a time, then the index.
 
+A level in an S3 bucket (its directory an :class:`~scrollzarr.storage.ObjectStore`)
+gets the same bytes: each unit is gathered in memory and put as one object
+(:class:`_UnitObject`; a PUT is atomic, so no temporary name).
+
 A sink is made from plain values (:class:`SinkSpec`), so it can be opened in
 any process.
 """
@@ -45,6 +49,7 @@ from numcodecs.abc import Codec
 from scrollzarr.blocks import Box, Shape3
 from scrollzarr.durable import temporary_path
 from scrollzarr.layout import StoreLayout
+from scrollzarr.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +93,8 @@ class SinkSpec:
 
     Attributes
     ----------
-    directory : Path
-        The level array's directory (where its metadata is).
+    directory : Path or ObjectStore
+        The level array's directory (where its metadata is), or its prefix in a bucket.
     shape : (int, int, int)
         The level's shape, z, y, x.
     dtype : str
@@ -97,7 +102,7 @@ class SinkSpec:
     layout : StoreLayout
     """
 
-    directory: Path
+    directory: Path | ObjectStore
     shape: Shape3
     dtype: str
     layout: StoreLayout
@@ -120,8 +125,9 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(block, dtype, count=count).reshape(shape)
 
 
-def write_file(path: Path, data: np.ndarray | bytes | memoryview, direct: bool = False) -> None:
-    """Write ``data``'s bytes to ``path`` atomically: a temporary ``*.partial`` file, then a rename.
+def write_file(path: Path | ObjectStore, data: np.ndarray | bytes | memoryview, direct: bool = False) -> None:
+    """Write ``data``'s bytes to ``path`` atomically: a temporary ``*.partial`` file, then a rename (in a bucket:
+    one object, put whole).
 
     Parameters
     ----------
@@ -131,8 +137,13 @@ def write_file(path: Path, data: np.ndarray | bytes | memoryview, direct: bool =
         and a whole number of :data:`DIRECT_IO_BLOCK` bytes.  A file system without
         direct I/O raises ``OSError`` with ``EINVAL``.
     """
-    with _Partial(path, direct) as file:
+    with _open_unit(path, direct) as file:
         file.append(data)
+
+
+def _open_unit(path: Path | ObjectStore, direct: bool) -> _Partial | _UnitObject:
+    """The writer of a unit file: a temporary file renamed in, or (in a bucket) one object put whole."""
+    return _UnitObject(path) if isinstance(path, ObjectStore) else _Partial(path, direct)
 
 
 class _Partial:
@@ -164,6 +175,10 @@ class _Partial:
             done += os.write(self.descriptor, view[done:])
         self.size += done
 
+    def truncate(self, size: int) -> None:
+        """Cut the file to ``size`` bytes (the padding of a last direct-I/O block)."""
+        os.ftruncate(self.descriptor, size)
+
     def __enter__(self) -> _Partial:
         return self
 
@@ -184,6 +199,34 @@ class _Partial:
                 self.temporary.unlink(missing_ok=True)
                 raise
         self.temporary.unlink(missing_ok=True)
+
+
+class _UnitObject:
+    """A unit written to an object store: its bytes gathered in memory, put as one object when the ``with``
+    block ends without error (an object PUT is atomic: no temporary name).  The same calls as :class:`_Partial`."""
+
+    def __init__(self, location: ObjectStore) -> None:
+        self.location = location
+        self.data = bytearray()
+        self.direct = False
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def append(self, data: np.ndarray | bytes | memoryview) -> None:
+        self.data += (data.data if isinstance(data, np.ndarray) else memoryview(data)).cast("B")
+
+    def truncate(self, size: int) -> None:
+        del self.data[size:]
+
+    def __enter__(self) -> _UnitObject:
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, trace: object) -> None:
+        if error is None:
+            self.location.put("", bytes(self.data))
+        self.data = bytearray()
 
 
 def _chunk_buffer(chunks: Shape3, dtype: np.dtype) -> np.ndarray:
@@ -274,10 +317,10 @@ class _UnitFile:
         Most bytes one piece may take (:func:`encoded_bound`, or an index's size).
     """
 
-    def __init__(self, path: Path, direct: bool, room: int) -> None:
+    def __init__(self, path: Path | ObjectStore, direct: bool, room: int) -> None:
         size = -(-(room + DIRECT_IO_BLOCK) // DIRECT_IO_BLOCK) * DIRECT_IO_BLOCK
         self.buffer = _thread_buffer(("unit file", size), lambda: aligned_empty((size,), np.dtype(np.uint8)))
-        self.file = _Partial(path, direct)
+        self.file = _open_unit(path, direct)
         self.held = 0  # bytes at the buffer's start not yet written
 
     @property
@@ -309,7 +352,7 @@ class _UnitFile:
         size = self.size
         if self.held:
             self.file.append(self.buffer[: -(-self.held // DIRECT_IO_BLOCK) * DIRECT_IO_BLOCK])
-            os.ftruncate(self.file.descriptor, size)
+            self.file.truncate(size)
             self.held = 0
         self.file.__exit__(None, None, None)
 
@@ -355,9 +398,9 @@ class _Sink:
         self.unit: Shape3 = spec.layout.unit
         self.chunks: Shape3 = (spec.layout.chunk,) * 3
         self.dtype = np.dtype(spec.dtype).newbyteorder("<")
-        self._direct = bool(_O_DIRECT)
+        self._direct = bool(_O_DIRECT) and isinstance(spec.directory, Path)  # not to a bucket
 
-    def path(self, corner: Shape3) -> Path:
+    def path(self, corner: Shape3) -> Path | ObjectStore:
         """The file of the unit whose first voxel is at ``corner``."""
         index = tuple(c // n for c, n in zip(corner, self.unit, strict=True))
         return self.spec.directory / self.spec.layout.chunk_key(index)
@@ -367,7 +410,7 @@ class _Sink:
         z, y, x = ((c, min(c + n, size)) for c, n, size in zip(corner, self.unit, self.spec.shape, strict=True))
         return z, y, x
 
-    def _attempt(self, path: Path, write: Callable[[bool], int]) -> int:
+    def _attempt(self, path: Path | ObjectStore, write: Callable[[bool], int]) -> int:
         """``write(direct)``: with direct I/O while the file system allows it, else through the page cache."""
         if self._direct:
             try:
@@ -391,7 +434,7 @@ class _Sink:
         path = self.path(corner)
         return self._attempt(path, lambda direct: self._store(path, data, direct))
 
-    def _store(self, path: Path, data: np.ndarray, direct: bool) -> int:
+    def _store(self, path: Path | ObjectStore, data: np.ndarray, direct: bool) -> int:
         """Write the padded chunk ``data`` to ``path`` (with direct I/O if ``direct``); 1, the chunks stored."""
         raise NotImplementedError
 
@@ -408,7 +451,7 @@ class RawChunkSink(_Sink):
         super().__init__(spec)
         self._direct = self._direct and math.prod(self.unit) * self.dtype.itemsize % DIRECT_IO_BLOCK == 0
 
-    def _store(self, path: Path, data: np.ndarray, direct: bool) -> int:
+    def _store(self, path: Path | ObjectStore, data: np.ndarray, direct: bool) -> int:
         write_file(path, data, direct=direct)
         return 1
 
@@ -424,7 +467,7 @@ class EncodedChunkSink(_Sink):
         self.encode = _encoder(codec)
         self.room = encoded_bound(math.prod(self.unit) * self.dtype.itemsize)
 
-    def _store(self, path: Path, data: np.ndarray, direct: bool) -> int:
+    def _store(self, path: Path | ObjectStore, data: np.ndarray, direct: bool) -> int:
         file = _UnitFile(path, direct, self.room)
         try:
             file.add(data, self.encode)
@@ -480,7 +523,7 @@ class ShardSink(_Sink):
         path = self.path(corner)
         return self._attempt(path, lambda direct: self._write(path, corner, part, direct))
 
-    def _write(self, path: Path, corner: Shape3, part: Parts, direct: bool) -> int:
+    def _write(self, path: Path | ObjectStore, corner: Shape3, part: Parts, direct: bool) -> int:
         entries = np.full((*self.grid, 2), MISSING, dtype="<u8")
         file: _UnitFile | None = None
         try:

@@ -1,7 +1,8 @@
 """The output store: name checks, safe replacement, and level arrays with the project's defaults.
 
 Everything goes through zarr's store abstraction except the checks on what an
-existing directory holds before it may be replaced, which look at the disk.
+existing directory holds before it may be replaced, which look at the disk (or,
+for an output in a bucket, list its prefix: :class:`~scrollzarr.storage.ObjectStore`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from itertools import product
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.layout import UnsupportedLayout, layout_of
 from scrollzarr.outputlock import LOCK_NAME
 from scrollzarr.sinks import SinkSpec, damage
+from scrollzarr.storage import Location, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -31,29 +34,36 @@ log = logging.getLogger(__name__)
 ZARR_METADATA = (".zgroup", ".zarray", "zarr.json")
 # The metadata at a store's root, in the order a replaced store loses it (see empty_output).
 ROOT_METADATA = (".zarray", ".zattrs", ".zgroup", "zarr.json")
+# In a bucket (no lock file to say whose it is): the object that marks a prefix being emptied for --overwrite.
+EMPTYING_KEY = "scrollzarr_emptying"
 
 
 class OutputError(ScrollzarrError):
     """The output path cannot be written as asked."""
 
 
-def check_output_name(output: Path) -> None:
+def check_output_name(output: Location) -> None:
     """Refuse an output whose name does not end in ``.zarr``."""
     if output.suffix != ".zarr":
-        raise UsageError(f"output {output} must end in .zarr (for example {output.with_suffix('.zarr').name})")
+        example = Path(output.name or "output").with_suffix(".zarr").name
+        raise UsageError(f"output {output} must end in .zarr (for example {example})")
 
 
-def is_zarr_store(path: Path) -> bool:
+def is_zarr_store(path: Location) -> bool:
     """Whether ``path`` is a zarr array or group directory (format 2 or 3), or a store begun by scroll_to_ome."""
     # a directory with a progress record is a conversion stopped before it wrote the zarr metadata
+    if isinstance(path, ObjectStore):
+        return any(path.exists(marker) for marker in (*ZARR_METADATA, progress.KEY))
     return path.is_dir() and any((path / marker).is_file() for marker in (*ZARR_METADATA, progress.KEY))
 
 
-def is_emptied(output: Path) -> bool:
+def is_emptied(output: Location) -> bool:
     """Whether ``output`` is what a run stopped while :func:`empty_output` emptied it: its lock file, and
     nothing but level directories, temporary files, the list of slice files and perhaps ``.zattrs``: not the
     files that make a directory a zarr node (which the emptying removes first, and a finished store keeps)
-    or the progress record."""
+    or the progress record.  In a bucket: the object :data:`EMPTYING_KEY`, and neither those nor the record."""
+    if isinstance(output, ObjectStore):
+        return output.exists(EMPTYING_KEY) and not is_zarr_store(output)
     if not output.is_dir() or output.is_symlink():
         return False
     names = {path.name: path for path in output.iterdir()}
@@ -68,18 +78,18 @@ def is_emptied(output: Path) -> bool:
     )
 
 
-def is_abandoned(output: Path) -> bool:
+def is_abandoned(output: Location) -> bool:
     """Whether ``output`` holds nothing but a run's lock file (and temporary files): killed before it wrote anything.
 
-    Our own run, holding the lock, sees its output so too until it writes.
+    Our own run, holding the lock, sees its output so too until it writes.  (A bucket has no lock files.)
     """
-    if not output.is_dir() or output.is_symlink():
+    if isinstance(output, ObjectStore) or not output.is_dir() or output.is_symlink():
         return False
     names = [path.name for path in output.iterdir()]
     return LOCK_NAME in names and all(name == LOCK_NAME or name.endswith(".partial") for name in names)
 
 
-def check_replaceable(output: Path, overwrite: bool, input_dir: Path | None) -> None:
+def check_replaceable(output: Location, overwrite: bool, input_dir: Path | None) -> None:
     """Check, before anything is written, that ``output`` may be created or replaced.
 
     A directory that holds nothing but a lock file (a run killed before its
@@ -91,6 +101,9 @@ def check_replaceable(output: Path, overwrite: bool, input_dir: Path | None) -> 
         If the output exists and ``overwrite`` is false, or it exists but is
         not a zarr store or an empty directory, or it is or contains the input.
     """
+    if isinstance(output, ObjectStore):
+        _check_replaceable_prefix(output, overwrite)
+        return
     if (not output.exists() and not output.is_symlink()) or is_abandoned(output):
         return
     if not overwrite:
@@ -113,6 +126,20 @@ def check_replaceable(output: Path, overwrite: bool, input_dir: Path | None) -> 
         raise OutputError(
             f"output {output} exists and is not a zarr store; --overwrite only replaces zarr stores "
             "or empty directories, so move it away or choose another name"
+        )
+
+
+def _check_replaceable_prefix(output: ObjectStore, overwrite: bool) -> None:
+    """:func:`check_replaceable` for a prefix in a bucket: absent (no object under it), or a zarr store (or one
+    a stopped ``--overwrite`` was emptying) replaced with ``overwrite``."""
+    if not output.listing():
+        return
+    if not overwrite:
+        raise OutputError(f"output {output} already exists; pass --overwrite to replace it, or choose another name")
+    if not (is_zarr_store(output) or is_emptied(output)):
+        raise OutputError(
+            f"output {output} holds objects but is not a zarr store; --overwrite only replaces zarr stores, "
+            "so delete them yourself or choose another prefix"
         )
 
 
@@ -153,7 +180,9 @@ def sink_spec(array: zarr.Array) -> SinkSpec:
 
 def unit_files(spec: SinkSpec) -> list[Path]:
     """The files of the write units (chunks, or shards) of the level ``spec`` describes, not those of the levels
-    beside or below it."""
+    beside or below it; none for a level in a bucket (an object is put whole: no unit there is cut short)."""
+    if isinstance(spec.directory, ObjectStore):
+        return []
     directory = spec.directory if spec.layout.zarr_format == 2 else spec.directory / "c"
     return [
         path
@@ -164,6 +193,7 @@ def unit_files(spec: SinkSpec) -> list[Path]:
 
 def unit_index(spec: SinkSpec, path: Path) -> ChunkIndex:
     """The index of the write unit whose file is ``path``, in units of :attr:`~scrollzarr.layout.StoreLayout.unit`."""
+    assert isinstance(spec.directory, Path)  # unit files are found on disks only (unit_files)
     directory = spec.directory if spec.layout.zarr_format == 2 else spec.directory / "c"
     return tuple(int(part) for part in path.relative_to(directory).parts)
 
@@ -220,6 +250,7 @@ def _damaged_in(array: zarr.Array, region: tuple[slice, ...], decode: bool) -> l
     spans = [part.indices(n)[:2] for part, n in zip(region, array.shape, strict=True)]
     ranges = [range(a // u, -(-b // u)) for (a, b), u in zip(spans, spec.layout.unit, strict=True)]
     found = []
+    assert isinstance(spec.directory, Path)  # a store on disk (sink_spec)
     for index in product(*ranges):
         path = spec.directory / spec.layout.chunk_key(index)
         problem = damage(path, spec, decode=decode) if path.is_file() else None
@@ -228,20 +259,23 @@ def _damaged_in(array: zarr.Array, region: tuple[slice, ...], decode: bool) -> l
     return found
 
 
-def readable_metadata(path: Path) -> bool:
+def readable_metadata(path: Location) -> bool:
     """Whether the zarr metadata file ``path`` is there and holds a JSON object.
 
     A metadata file renamed into place but not yet flushed can come back empty
     after a power cut (ext4 does so); such a file counts as missing.
     """
     try:
-        return isinstance(json.loads(path.read_bytes()), dict)
+        data = path.get("") if isinstance(path, ObjectStore) else path.read_bytes()
+        return isinstance(json.loads(data), dict)
     except (OSError, ValueError):
         return False
 
 
-def remove_unreadable_metadata(directory: Path) -> None:
+def remove_unreadable_metadata(directory: Location) -> None:
     """Delete the zarr metadata files in ``directory`` that are there but do not parse, to be written again."""
+    if isinstance(directory, ObjectStore):  # an object is put whole: it parses, or it is not there
+        return
     for name in ROOT_METADATA:
         path = directory / name
         if path.is_file() and not readable_metadata(path):
@@ -249,15 +283,25 @@ def remove_unreadable_metadata(directory: Path) -> None:
             path.unlink()
 
 
-def remove_partial_files(output: Path) -> int:
-    """Delete the temporary files a stopped run left (the store writes ``*.partial``, then renames)."""
+# --overwrite empties a store again this many times, this many seconds apart, while a unit or two that tasks of a
+# stopped run were writing when their fence went still land in it (each task writes one unit at a time)
+_EMPTY_ATTEMPTS = 10
+_EMPTY_PAUSE = 0.5
+
+
+def remove_partial_files(output: Location) -> int:
+    """Delete the temporary files a stopped run left (the store writes ``*.partial``, then renames; a bucket has
+    none)."""
+    if isinstance(output, ObjectStore):
+        return 0
     leftovers = list(output.rglob("*.partial"))
     for path in leftovers:
-        path.unlink()
+        # missing_ok: a task of the stopped run, still running on its worker, may rename its own away meanwhile
+        path.unlink(missing_ok=True)
     return len(leftovers)
 
 
-def empty_output(output: Path) -> None:
+def empty_output(output: Location) -> None:
     """Delete everything in the directory ``output`` but the lock file; call only after :func:`check_replaceable`.
 
     The directory and the lock stay: deleting them would let another run take
@@ -268,17 +312,54 @@ def empty_output(output: Path) -> None:
     list of slice files and the progress record, durably (until then the record
     vouches only for chunks still there, and ``--resume`` continues that run);
     then the rest.  What a stop leaves after the record is gone is taken by
-    ``--overwrite`` (:func:`is_emptied`).
+    ``--overwrite`` (:func:`is_emptied`).  In a bucket, see :func:`_empty_prefix`.
     """
+    if isinstance(output, ObjectStore):
+        _empty_prefix(output)
+        return
     for name in ROOT_METADATA:
         (output / name).unlink(missing_ok=True)
     fsync_path(output)
     (output / progress.SLICES_KEY).unlink(missing_ok=True)
     remove_durably(output / progress.KEY)
-    for path in output.iterdir():
-        if path.name == LOCK_NAME:
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    # the fences of a run of tasks next, durably: a killed client's tasks still running on their workers stop
+    # before their next unit, instead of writing into the level directories deleted below (and made again)
+    if (output / progress.MARKERS).is_dir():
+        shutil.rmtree(output / progress.MARKERS)
+        fsync_path(output)
+    for attempt in range(_EMPTY_ATTEMPTS):
+        try:
+            for path in output.iterdir():
+                if path.name == LOCK_NAME:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            return
+        except OSError as error:  # ENOTEMPTY, ENOENT: a unit that such a task was writing as its fence went
+            if attempt + 1 == _EMPTY_ATTEMPTS:
+                raise OutputError(
+                    f"cannot empty {output}: something writes into it ({error.strerror}); if a stopped "
+                    "--scheduler run's tasks are still running on the cluster, wait for them to end (or restart "
+                    "the workers), then run again"
+                ) from None
+            time.sleep(_EMPTY_PAUSE)
+
+
+def _empty_prefix(output: ObjectStore) -> None:
+    """:func:`empty_output` in a bucket, where no lock file says whose a prefix is.
+
+    First the object :data:`EMPTYING_KEY`, which marks the prefix as ours while it
+    is emptied (:func:`is_emptied`: ``--overwrite`` again replaces what a stop
+    leaves, ``--resume`` refuses it); then the root metadata, the list of slice
+    files, the record and the task markers (so that no reader takes the rest for a
+    store, and no marker outlives the record it belongs to); then every other
+    object; the mark last.
+    """
+    output.put(EMPTYING_KEY, b"")
+    for name in (*ROOT_METADATA, progress.SLICES_KEY, progress.KEY):
+        output.delete(name)
+    output.delete_all(progress.MARKERS)
+    output.delete_keys([key for key in output.listing() if key != EMPTYING_KEY])
+    output.delete(EMPTYING_KEY)

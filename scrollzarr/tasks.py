@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import product
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -34,11 +32,12 @@ import zarr
 from scrollzarr import downsample as ds
 from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
 from scrollzarr.cluster import Executor
-from scrollzarr.durable import remove_durably, sync_file_system, write_durably
 from scrollzarr.errors import ScrollzarrError
+from scrollzarr.progress import MARKERS
 from scrollzarr.readback import write_downsampled_block
 from scrollzarr.report import ProgressBar
 from scrollzarr.sinks import LevelSink, Parts, SinkSpec, open_sink
+from scrollzarr.storage import Location, storage, zarr_store
 from scrollzarr.store import damaged_units, unit_index
 from scrollzarr.tiffstack import SliceReadError, StackError, TiffStack, first_unreadable_row, read_rows
 from scrollzarr.window import Window
@@ -47,12 +46,12 @@ from scrollzarr.workers import Workers
 log = logging.getLogger(__name__)
 
 # The markers of finished tasks, in the store: MARKERS/<run>/<level>/<Task.name>.json, under the run's identity
-# (:attr:`scrollzarr.progress.Progress.run`): the run's directory is also its fence (see :func:`run_task`).
-MARKERS = "scrollzarr_tasks"
+# (:attr:`scrollzarr.progress.Progress.run`); MARKERS/<run>/FENCE is the run's fence (see :func:`run_task`).
+FENCE = "fence"
 
 
 class StoreReplaced(ScrollzarrError):
-    """The store a task writes was removed or replaced (its run's marker directory is gone)."""
+    """The store a task writes was removed or replaced (its run's fence is gone)."""
 
 
 @dataclass(frozen=True)
@@ -195,10 +194,10 @@ class Job:
 
     Attributes
     ----------
-    output : Path
-        The store.
-    markers : Path
-        The run's marker directory in the store (:func:`markers_of`).
+    output : Path or ObjectStore
+        The store (its markers go in it): a directory, or a prefix in a bucket.
+    run : str
+        The run's identity: its markers and its fence are under it (:func:`run_prefix`).
     levels : tuple of SinkSpec
         Every level of the store, by number.
     algorithm : str
@@ -215,8 +214,8 @@ class Job:
         The level that ``advice`` is about.
     """
 
-    output: Path
-    markers: Path
+    output: Location
+    run: str
     levels: tuple[SinkSpec, ...]
     algorithm: ds.Algorithm
     source: SliceSource | None
@@ -245,16 +244,17 @@ def run_task(job: Job, task: Task) -> TaskResult:
     """Build and write ``task``'s box, make it durable, and mark the task finished in the store.
 
     Safe to run twice, even at once: every unit is written whole under a
-    temporary name and renamed, with the same bytes.  Not safe to outlive its
-    run: a task of a client that was killed goes on running on its worker, and
-    the store may meanwhile be replaced (``--overwrite``, other options).  So
-    before each unit it checks that its run's marker directory is still there
-    (one ``stat``), and stops if not.
+    temporary name and renamed (in a bucket: put as one object), with the same
+    bytes.  Not safe to outlive its run: a task of a client that was killed goes
+    on running on its worker, and the store may meanwhile be replaced
+    (``--overwrite``, other options).  So before each unit it checks that its
+    run's fence is still in the store (one ``stat``, or one request in a
+    bucket), and stops if not.
 
     Raises
     ------
     StoreReplaced
-        If the run's marker directory is gone.
+        If the run's fence is gone.
     """
     started = time.monotonic()
     _limit_threads(job.threads)
@@ -262,16 +262,15 @@ def run_task(job: Job, task: Task) -> TaskResult:
     bad: dict[int, int] = {}
     chunks = _convert_box(job, task.box, sink, bad) if task.level == 0 else _downsample_box(job, task, sink)
     # the units are durable before the marker that vouches for them is written
-    sync_file_system(job.output)
+    store = storage(job.output)
+    store.sync()
     _check_fence(job)
-    marker = marker_path(job.markers, task)
-    marker.parent.mkdir(exist_ok=True)
-    write_durably(marker, json.dumps({"chunks": chunks, "bad_rows": bad}).encode())
+    store.put(marker_key(job.run, task), json.dumps({"chunks": chunks, "bad_rows": bad}).encode())
     return TaskResult(chunks, bad, time.monotonic() - started)
 
 
 def _check_fence(job: Job) -> None:
-    if not job.markers.is_dir():
+    if not storage(job.output).exists(fence_key(job.run)):
         raise StoreReplaced(
             f"{job.output} was removed or replaced while a task of an earlier run was writing it; "
             "that task stopped and wrote nothing more"
@@ -323,7 +322,7 @@ def _convert_box(job: Job, box: Box, sink: _Fenced, bad: dict[int, int]) -> int:
 
 def _downsample_box(job: Job, task: Task, sink: _Fenced) -> int:
     """Build ``task``'s box from the stored level above and write its units; the chunks written."""
-    above = zarr.open_array(str(job.levels[task.level - 1].directory), mode="r")
+    above = zarr.open_array(zarr_store(job.levels[task.level - 1].directory, read_only=True), mode="r")
     advice = job.advice if task.level - 1 == job.first_read else None
     with Workers(job.threads) as workers:
         return sum(
@@ -347,27 +346,38 @@ def task_voxels(task: Task) -> int:
     return box_size(task.box)
 
 
-def markers_of(output: Path, run: str) -> Path:
-    """The marker directory of run ``run`` (its identity) in the store at ``output``."""
-    return output / MARKERS / run
+def run_prefix(run: str) -> str:
+    """Where the markers and the fence of run ``run`` are in the store."""
+    return f"{MARKERS}/{run}"
 
 
-def marker_path(markers: Path, task: Task) -> Path:
-    """Where ``task``'s marker is in the run's marker directory ``markers``."""
-    return markers / str(task.level) / f"{task.name}.json"
+def fence_key(run: str) -> str:
+    """The fence of run ``run``: its tasks write while it is in the store (the client puts it first, and
+    ``--overwrite`` deletes it first)."""
+    return f"{run_prefix(run)}/{FENCE}"
 
 
-def finished(markers: Path, tasks: list[Task]) -> dict[Task, TaskResult]:
-    """The tasks of ``tasks`` whose markers are in the run's marker directory ``markers``, with what they
+def marker_key(run: str, task: Task) -> str:
+    """Where ``task``'s marker is in the store."""
+    return f"{run_prefix(run)}/{task.level}/{task.name}.json"
+
+
+def finished(output: Location, run: str, tasks: list[Task]) -> dict[Task, TaskResult]:
+    """The tasks of ``tasks`` whose markers (of run ``run``) are in the store at ``output``, with what they
     reported.
 
     A marker that cannot be read (a stop while it was written leaves none: it is
     renamed in whole) counts as not finished.
     """
     done = {}
+    store = storage(output)
+    # one listing, not a request per task (in a bucket, a request costs milliseconds)
+    marked = set(store.listing(run_prefix(run)))
     for task in tasks:
+        if marker_key(run, task) not in marked:
+            continue
         try:
-            recorded = json.loads(marker_path(markers, task).read_bytes())
+            recorded = json.loads(store.get(marker_key(run, task)))
             done[task] = TaskResult(recorded["chunks"], {int(z): row for z, row in recorded["bad_rows"].items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
@@ -386,7 +396,7 @@ def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar:
     totals = {}
     for level, tasks in levels.items():
         bar.set_description(f"level {level}")
-        done = finished(job.markers, tasks)
+        done = finished(job.output, job.run, tasks)
         log.debug("level %d: %d tasks, %d finished before", level, len(tasks), len(done))
         bar.update(sum(task_voxels(task) for task in done))
         results = list(done.values())
@@ -409,7 +419,7 @@ def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar:
     return totals
 
 
-def unmark_damaged(markers: Path, spec: SinkSpec, tasks: list[Task]) -> None:
+def unmark_damaged(output: Location, run: str, spec: SinkSpec, tasks: list[Task]) -> None:
     """Find the damaged unit files of the level of ``spec`` (:func:`~scrollzarr.store.damaged_units`); forget
     the task of ``tasks`` that wrote each, then delete it: the resumed run writes it again."""
     for path, problem in damaged_units(spec):
@@ -417,21 +427,25 @@ def unmark_damaged(markers: Path, spec: SinkSpec, tasks: list[Task]) -> None:
         corner = [i * n for i, n in zip(unit_index(spec, path), spec.layout.unit, strict=True)]
         for task in tasks:
             if all(a <= c < b for (a, b), c in zip(task.box, corner, strict=True)):
-                unmark(markers, task)
+                unmark(output, run, task)
         path.unlink()
 
 
-def has_markers(markers: Path, level: int) -> bool:
-    """Whether a task of ``level`` marked itself finished in the run's marker directory ``markers``."""
-    folder = markers / str(level)
-    return folder.is_dir() and any(folder.iterdir())
+def has_markers(output: Location, run: str, level: int) -> bool:
+    """Whether a task of ``level`` of run ``run`` marked itself finished in the store at ``output``."""
+    return bool(storage(output).listing(f"{run_prefix(run)}/{level}"))
 
 
-def unmark(markers: Path, task: Task) -> None:
+def unmark(output: Location, run: str, task: Task) -> None:
     """Forget that ``task`` finished (before one of its units is deleted: never a marker without its units)."""
-    remove_durably(marker_path(markers, task))
+    storage(output).delete(marker_key(run, task))
 
 
-def remove_markers(output: Path) -> None:
+def put_fence(output: Location, run: str) -> None:
+    """Put run ``run``'s fence into the store at ``output``, before any of its tasks runs."""
+    storage(output).put(fence_key(run), run.encode())
+
+
+def remove_markers(output: Location) -> None:
     """Delete every marker of the store at ``output`` (once its metadata is written)."""
-    shutil.rmtree(output / MARKERS, ignore_errors=True)
+    storage(output).delete_all(MARKERS)
