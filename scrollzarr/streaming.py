@@ -75,6 +75,42 @@ class BufferPool:
             self.ready.notify_all()
 
 
+class _FilledRows:
+    """How many rows of the slab being committed are filled, for write groups that wait for their chunks' rows
+    (a unit taller than a stripe: its first chunks are written while its last rows are read)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.failed = False
+        self.changed = threading.Condition()
+
+    def reset(self, rows: int) -> None:
+        with self.changed:
+            self.rows, self.failed = rows, False
+
+    def filled(self, rows: int) -> None:
+        with self.changed:
+            self.rows = rows
+            self.changed.notify_all()
+
+    def fail(self) -> None:
+        """Filling stopped (an error): every waiting group gives up."""
+        with self.changed:
+            self.failed = True
+            self.changed.notify_all()
+
+    def ready(self, rows: int) -> bool:
+        return self.rows >= rows
+
+    def wait(self, rows: int) -> None:
+        """Wait until the first ``rows`` rows are filled; raise if filling stopped before."""
+        with self.changed:
+            while self.rows < rows and not self.failed:
+                self.changed.wait()
+            if self.rows < rows:
+                raise RuntimeError("the slab's rows were not all read")
+
+
 def halving_stripe_rows(row_bytes: int) -> int:
     """Rows halved at a time when a row (all planes of it) is ``row_bytes`` bytes: even, at least 2."""
     rows = max(2, STRIPE_BYTES // max(row_bytes, 1))
@@ -138,6 +174,7 @@ class LevelStream:
         # compressed or sharded units: chunks encoded on the workers, files assembled on the writer threads
         self.pooled = pooled(writer) if workers.count > 1 else None
         self.pool: BufferPool | None = None
+        self.filled = _FilledRows()
         if self.pooled is not None:
             size = self.pooled.buffer_bytes
             shared = below.pool if below is not None else None  # the band's streams share one pool
@@ -191,6 +228,8 @@ class LevelStream:
             workers as soon as it is filled, so that they are written and
             halved while the next stripe is read.  Not for an algorithm that
             needs context across rows (gaussian): that fills all rows at once.
+            Compressed or sharded units are filled a chunk row at a time: a
+            unit's chunks are prepared and written as their rows arrive.
         """
         self.count += planes
         final = self.end == self.depth
@@ -208,18 +247,29 @@ class LevelStream:
             out = self.below.reserve((halved_to + 1) // 2 - halved_from // 2)
             self.halved = halved_to
         height = self.plane_shape[0]
-        step = stripe if fill is not None and stripe and not self.margin else height
+        striped = fill is not None and stripe is not None and stripe > 0 and not self.margin
+        step = stripe if striped and stripe is not None else height
+        if self.pooled is not None and striped:
+            # units taller than a chunk row (shards) are written as their rows are read, a chunk row at a time:
+            # a shard as wide and as high as the plane was written only once its whole slab was read
+            chunk_rows = self.pooled.chunks[1]
+            step = min(step, chunk_rows + chunk_rows % 2)
+        self.filled.reset(0 if fill is not None else height)
         futures: list[Future[object]] = []
         try:
             for r0 in range(0, height, step):
                 rows = (r0, min(r0 + step, height))
                 if fill is not None:
                     fill(*rows)
+                    self.filled.filled(rows[1])
                 for z0, z1 in writes:  # to the writer threads: with direct I/O they mostly wait for the disk
                     futures += [self.workers.submit_write(task) for task in self._write_tasks(z0, z1, rows)]
                 if out is not None:
                     halves = self._halve_tasks(halved_from, halved_to, out, rows=rows)
                     futures += [self.workers.submit(task) for task in halves]
+        except BaseException:
+            self.filled.fail()  # write groups waiting for rows give up
+            raise
         finally:
             wait(futures)  # no task is left writing, even when filling failed
         self.chunks_written += sum(result for future in futures if isinstance(result := future.result(), int))
@@ -237,17 +287,17 @@ class LevelStream:
         return max(ready - ready % 2, self.halved)
 
     def _write_tasks(self, z0: int, z1: int, rows: tuple[int, int]) -> list[Callable[[], int]]:
-        """Tasks that write the units of planes ``[z0, z1)`` in rows ``rows`` (band coordinates): one each, or
-        for compressed or sharded units, a group of consecutive units each (:meth:`_write_group`)."""
+        """Tasks that write the units of planes ``[z0, z1)`` that start in rows ``rows`` (band coordinates): one
+        each, or for compressed or sharded units, a group of consecutive units each (:meth:`_write_group`)."""
         planes = self.buffer[z0 - self.start : z1 - self.start]
         (y0, y1), (x0, x1) = self.rows, self.cols
         _, height, width = self.unit
         units: list[tuple[Shape3, np.ndarray]] = []
-        for y in range(y0 + rows[0], y0 + rows[1], height):
+        for y in range(y0 + -(-rows[0] // height) * height, y0 + rows[1], height):
             for x in range(x0, x1, width):
                 piece = planes[:, y - y0 : min(y + height, y1) - y0, x - x0 : min(x + width, x1) - x0]
                 units.append(((z0, y, x), piece))
-        if self.pooled is None:
+        if self.pooled is None or not units:
             return [partial(self.writer.write, corner, piece) for corner, piece in units]
         # as many groups as writer threads, and enough chunks prepared ahead in each to keep every worker busy
         count = self.workers.count
@@ -263,7 +313,9 @@ class LevelStream:
         Why: a writer thread that encodes and then writes leaves its core idle while it waits for the disk
         (blosc-zstd 3, the synthetic scroll of bench/: 4.6 s of CPU encoding level 0, 3.4 s blocked in direct-I/O
         writes; two writers kept 1.1 cores busy once the slab was read), and a level of fewer units than
-        workers (a shard as wide as the plane) was encoded by one core.  The files are those
+        workers (a shard as wide as the plane) was encoded by one core.  A chunk is prepared once its rows are
+        filled (:class:`_FilledRows`), so a shard taller than a stripe is written while its last rows are read.
+        The files are those
         :meth:`LevelSink.write` writes: each unit by this one task.
 
         Returns
@@ -272,11 +324,11 @@ class LevelStream:
             The chunks stored (not all zero).
         """
         assert self.pool is not None
-        chunks: list[tuple[int, Shape3, np.ndarray]] = []
+        chunks: list[tuple[int, Shape3, np.ndarray, int]] = []  # unit, index in it, voxels, rows they need
         for number, (corner, piece) in enumerate(units):
             for inner, box in sink.chunk_boxes(corner):
                 part = piece[tuple(slice(a - c, b - c) for (a, b), c in zip(box, corner, strict=True))]
-                chunks.append((number, inner, part))
+                chunks.append((number, inner, part, box[1][1] - self.rows[0]))
         buffers = self.pool.take(ahead)
         pending: deque[tuple[Future[int], np.ndarray]] = deque()
         queued = 0
@@ -284,15 +336,20 @@ class LevelStream:
         def prepare_ahead() -> None:
             nonlocal queued
             while buffers and queued < len(chunks):
+                _, _, part, needed = chunks[queued]
+                if not self.filled.ready(needed):
+                    if pending:  # write what is prepared while the rows are read
+                        return
+                    self.filled.wait(needed)
                 buffer = buffers.pop()
-                pending.append((self.workers.submit(sink.prepare, chunks[queued][2], buffer), buffer))
+                pending.append((self.workers.submit(sink.prepare, part, buffer), buffer))
                 queued += 1
 
         stored = 0
         assembly: UnitAssembly | None = None
         try:
             prepare_ahead()
-            for position, (number, inner, _) in enumerate(chunks):
+            for position, (number, inner, _, _) in enumerate(chunks):
                 if assembly is None:
                     assembly = sink.assemble(units[number][0])
                 future, buffer = pending.popleft()

@@ -127,3 +127,44 @@ def test_the_pool_never_makes_more_buffers_than_its_bound():
     waiter.join(5)
     assert [len(buffers) for buffers in taken] == [2]
     assert pool.made == 5
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_shard_taller_than_a_stripe_is_written_as_its_rows_arrive_and_given_up_when_reading_fails(tmp_path, fails):
+    """One shard as high as the plane: its first chunk rows are prepared while later rows are still being read
+    (buffers are taken before the fill reaches the last stripe).  A fill that fails there stops the write
+    group waiting for rows (no hang), raises the fill's error, and leaves no file."""
+    layout = StoreLayout(zarr_format=3, chunk=8, shard=(8, 64, 64), compressor="blosc-lz4")
+    shape = (8, 64, 64)
+    volume = np.random.default_rng(5).integers(1, 65535, size=shape, dtype=np.uint16)
+    level = tmp_path / "level"
+    layout.create_array(str(level), None, shape, np.dtype("uint16"))
+    sink = open_sink(SinkSpec(level, shape, "uint16", layout))
+    seen: list[int] = []
+    with Workers(2, writers=True) as workers:
+        stream = LevelStream(8, (0, 64), (0, 64), np.dtype("uint16"), (8, 64, 64), "mean", sink, None, workers, int)
+        assert stream.pool is not None
+        pool = stream.pool
+        view = stream.reserve(8)
+
+        def fill(r0: int, r1: int) -> None:
+            if r0 == 56:  # the last stripe of 8 rows: the group has been preparing the rows above meanwhile
+                deadline = time.monotonic() + 10
+                while pool.made == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                seen.append(pool.made)
+                if fails:
+                    raise ValueError("slice unreadable")
+            view[:, r0:r1] = volume[:, r0:r1]
+
+        if fails:
+            with pytest.raises(ValueError, match="unreadable"):
+                stream.commit(8, fill, stripe=64)
+        else:
+            stream.commit(8, fill, stripe=64)
+        assert len(pool.free) == pool.made  # every buffer given back
+    assert seen and seen[0] > 0
+    if fails:
+        assert [p for p in level.rglob("*") if p.is_file() and p.name != "zarr.json"] == []
+    else:
+        np.testing.assert_array_equal(zarr.open_array(str(level), mode="r")[...], volume)
