@@ -16,7 +16,7 @@ from scrollzarr import downsample as ds
 from scrollzarr.blocks import Shape3
 from scrollzarr.errors import UsageError
 from scrollzarr.sizes import GIB
-from scrollzarr.streaming import LevelStream, halving_stripe_rows
+from scrollzarr.streaming import LevelStream, halving_stripe_rows, pool_buffers
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ def band_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:
     """Bytes to convert one band of ``rows`` x ``cols`` with levels 1 … ``streamed`` streamed.
 
     The streams' plane buffers, plus for each worker: what reading one slice's
-    rows needs beside them, one padded chunk, and a halving stripe's temporaries.
+    rows needs beside them and a halving stripe's temporaries; and the chunk
+    buffers of writing (:func:`_write_buffers`).
     """
     depth = layout.write_unit[0]
     nbytes = 0
@@ -95,7 +96,25 @@ def band_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:
     if layout.in_itemsize != layout.out_itemsize:
         read += rows * cols * layout.in_itemsize  # the rows before --obytes conversion
     halving = _halving_cost(layout, rows, cols, streamed)
-    return nbytes + layout.workers * (read + layout.chunk_bytes + halving)
+    return nbytes + layout.workers * (read + halving) + _write_buffers(layout)
+
+
+def _write_buffers(layout: Layout) -> int:
+    """Bytes of the chunk buffers that writing the streamed levels holds.
+
+    Each worker's share (:attr:`Layout.chunk_bytes`: a padded chunk and, compressed, the encoded bytes of one:
+    the writer thread's, or with the pool below the worker's padded chunk and the writer's unit-file buffer),
+    and for compressed or sharded units with more than one worker, whose chunks are prepared on the workers
+    while the writer threads assemble the files (:meth:`scrollzarr.streaming.LevelStream._write_group`), the
+    band's pool of prepared chunks (:func:`scrollzarr.streaming.pool_buffers`).  Buffers are counted by the
+    chunk's bytes, the pages a chunk touches (blosc-zstd chunks of the synthetic scroll take 0.82 of the voxels'
+    bytes, 1.922 GiB for 2.336: bench/RESULTS.md; the room for incompressible data, 1/128 and a 4096-byte
+    block more, is seldom touched).
+    """
+    shares = layout.workers * layout.chunk_bytes
+    if layout.workers == 1 or not (layout.encoded or _sharded(layout)):
+        return shares
+    return shares + pool_buffers(layout.workers) * layout.chunk**3 * layout.out_itemsize
 
 
 def _halving_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:

@@ -141,9 +141,9 @@ def write_file(path: Path | ObjectStore, data: np.ndarray | bytes | memoryview, 
         file.append(data)
 
 
-def _open_unit(path: Path | ObjectStore, direct: bool) -> _Partial | _UnitObject:
+def _open_unit(path: Path | ObjectStore, direct: bool, fallback: bool = False) -> _Partial | _UnitObject:
     """The writer of a unit file: a temporary file renamed in, or (in a bucket) one object put whole."""
-    return _UnitObject(path) if isinstance(path, ObjectStore) else _Partial(path, direct)
+    return _UnitObject(path) if isinstance(path, ObjectStore) else _Partial(path, direct, fallback)
 
 
 class _Partial:
@@ -155,14 +155,28 @@ class _Partial:
     writeback), so that the disk writes while the run still reads and computes.
     """
 
-    def __init__(self, path: Path, direct: bool) -> None:
+    def __init__(self, path: Path, direct: bool, fallback: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.temporary = temporary_path(path)
         self.direct = direct
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | (_O_DIRECT if direct else 0)
-        self.descriptor = os.open(self.temporary, flags, 0o666)
+        self.fallback = fallback
+        self.refused = False  # whether direct I/O was refused and the file written through the page cache
+        self.descriptor = -1
+        self.descriptor = self._open()
         self.size = 0
+
+    def _open(self) -> int:
+        """Open (create, empty) the temporary file, with ``O_DIRECT`` if :attr:`direct`; with :attr:`fallback`,
+        without it if the file system refuses it."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            return os.open(self.temporary, flags | (_O_DIRECT if self.direct else 0), 0o666)
+        except OSError as error:
+            if not (self.direct and self.fallback and error.errno == errno.EINVAL):
+                raise
+            self.direct, self.refused = False, True
+            return os.open(self.temporary, flags, 0o666)
 
     def append(self, data: np.ndarray | bytes | memoryview) -> None:
         view = (data.data if isinstance(data, np.ndarray) else memoryview(data)).cast("B")
@@ -172,7 +186,16 @@ class _Partial:
             self.direct = False
         done = 0
         while done < len(view):
-            done += os.write(self.descriptor, view[done:])
+            try:
+                done += os.write(self.descriptor, view[done:])
+            except OSError as error:
+                # refused before a byte was written: the same file again, through the page cache
+                if not (self.direct and self.fallback and error.errno == errno.EINVAL and self.size == done == 0):
+                    raise
+                os.close(self.descriptor)
+                self.descriptor = -1
+                self.direct, self.refused = False, True
+                self.descriptor = self._open()
         self.size += done
 
     def truncate(self, size: int) -> None:
@@ -207,8 +230,10 @@ class _UnitObject:
 
     def __init__(self, location: ObjectStore) -> None:
         self.location = location
+        self.path = location
         self.data = bytearray()
         self.direct = False
+        self.refused = False  # as _Partial's: a bucket has no direct I/O to refuse
 
     @property
     def size(self) -> int:
@@ -317,10 +342,10 @@ class _UnitFile:
         Most bytes one piece may take (:func:`encoded_bound`, or an index's size).
     """
 
-    def __init__(self, path: Path | ObjectStore, direct: bool, room: int) -> None:
+    def __init__(self, path: Path | ObjectStore, direct: bool, room: int, fallback: bool = False) -> None:
         size = -(-(room + DIRECT_IO_BLOCK) // DIRECT_IO_BLOCK) * DIRECT_IO_BLOCK
         self.buffer = _thread_buffer(("unit file", size), lambda: aligned_empty((size,), np.dtype(np.uint8)))
-        self.file = _open_unit(path, direct)
+        self.file = _open_unit(path, direct, fallback)
         self.held = 0  # bytes at the buffer's start not yet written
 
     @property
@@ -374,7 +399,12 @@ def _thread_buffer(kind: object, make: Callable[[], np.ndarray]) -> np.ndarray:
 def _padded(piece: np.ndarray, chunks: Shape3, dtype: np.dtype) -> np.ndarray | None:
     """``piece`` (a chunk, clipped at the level's far edges) copied into this thread's buffer and padded with
     zeros to the whole chunk, as zarr stores edge chunks; ``None`` if it is all zero."""
-    data = _chunk_buffer(chunks, dtype)
+    return _pad_into(piece, _chunk_buffer(chunks, dtype))
+
+
+def _pad_into(piece: np.ndarray, data: np.ndarray) -> np.ndarray | None:
+    """``piece`` copied into ``data`` (a whole chunk) and padded with zeros; ``data``, or ``None`` if all zero."""
+    chunks = data.shape
     if piece.shape == chunks:
         np.copyto(data, piece)
     else:
@@ -384,6 +414,59 @@ def _padded(piece: np.ndarray, chunks: Shape3, dtype: np.dtype) -> np.ndarray | 
     # testing 64-bit words for zero is 8 x faster than bytes
     words = flat.view(np.uint64) if flat.nbytes % 8 == 0 else flat
     return data if words.any() else None
+
+
+class UnitAssembly(Protocol):
+    """A unit file put together from its chunks, prepared elsewhere (:meth:`PooledSink.prepare`), in order."""
+
+    def add(self, inner: Shape3, data: np.ndarray) -> None:
+        """Append the stored bytes ``data`` (uint8) of the chunk at ``inner`` (its index in the unit)."""
+        ...
+
+    def finish(self) -> int:
+        """Write what is left (a shard's index) and rename the file into place; the chunks stored (0: no file)."""
+        ...
+
+    def abort(self, error: BaseException) -> None:
+        """Remove the temporary file, after ``error``."""
+        ...
+
+
+class PooledSink(Protocol):
+    """A sink whose units can be written in two steps, so that other threads encode while one waits for the disk:
+    each chunk prepared (padded, tested for zeros, encoded) by any thread into a buffer of
+    :attr:`buffer_bytes`, then the unit's file assembled from the prepared chunks in order, by one thread.
+    The bytes are those :meth:`LevelSink.write` stores."""
+
+    unit: Shape3
+    chunks: Shape3
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of a buffer that :meth:`prepare` fills: the most a chunk can take stored."""
+        ...
+
+    def chunk_boxes(self, corner: Shape3) -> list[tuple[Shape3, Box]]:
+        """The chunks of the unit at ``corner`` inside the level, in the order they are stored: each one's index
+        in the unit and its box (level coordinates, clipped to the level)."""
+        ...
+
+    def prepare(self, piece: np.ndarray, out: np.ndarray) -> int:
+        """Pad ``piece`` (a chunk's voxels, clipped at the level's far edges) to the whole chunk and, unless it is
+        all zero, put its stored bytes at the start of ``out`` (page-aligned uint8, :attr:`buffer_bytes`);
+        their count, 0 for an all-zero chunk."""
+        ...
+
+    def assemble(self, corner: Shape3) -> UnitAssembly:
+        """The file of the unit at ``corner``, to :meth:`UnitAssembly.add` its prepared chunks to; it is opened
+        with the first."""
+        ...
+
+
+def pooled(sink: LevelSink) -> PooledSink | None:
+    """``sink`` if its units are better written in two steps (compressed or sharded: encoding or many chunks
+    to a unit), else ``None`` (uncompressed chunks: the writer's copy is all the work there is)."""
+    return sink if isinstance(sink, (EncodedChunkSink, ShardSink)) else None
 
 
 class _Sink:
@@ -399,6 +482,12 @@ class _Sink:
         self.chunks: Shape3 = (spec.layout.chunk,) * 3
         self.dtype = np.dtype(spec.dtype).newbyteorder("<")
         self._direct = bool(_O_DIRECT) and isinstance(spec.directory, Path)  # not to a bucket
+
+    def _refused(self, file: _UnitFile) -> None:
+        """Note that ``file``'s file system refused direct I/O (it was written through the page cache)."""
+        if file.file.refused and self._direct:
+            self._direct = False
+            log.debug("direct I/O refused for %s; writing through the page cache", file.file.path)
 
     def path(self, corner: Shape3) -> Path | ObjectStore:
         """The file of the unit whose first voxel is at ``corner``."""
@@ -477,6 +566,20 @@ class EncodedChunkSink(_Sink):
             raise
         return 1
 
+    @property
+    def buffer_bytes(self) -> int:
+        return self.room
+
+    def chunk_boxes(self, corner: Shape3) -> list[tuple[Shape3, Box]]:
+        return [((0, 0, 0), self.unit_box(corner))]
+
+    def prepare(self, piece: np.ndarray, out: np.ndarray) -> int:
+        data = _padded(piece, self.unit, self.dtype)
+        return 0 if data is None else self.encode(data, out)
+
+    def assemble(self, corner: Shape3) -> UnitAssembly:
+        return _ShardFile(self, self.path(corner), self._direct, None, self.room, fallback=True)
+
 
 class ShardSink(_Sink):
     """Shards of a zarr 3 array: each a file of its non-zero inner chunks, then the index.
@@ -505,7 +608,8 @@ class ShardSink(_Sink):
         super().__init__(spec)
         assert spec.layout.shard is not None
         codec = spec.layout.codec(self.dtype)
-        self.grid = tuple(s // c for s, c in zip(self.unit, self.chunks, strict=True))
+        gz, gy, gx = (s // c for s, c in zip(self.unit, self.chunks, strict=True))
+        self.grid: Shape3 = (gz, gy, gx)
         nbytes = math.prod(self.chunks) * self.dtype.itemsize
         self.encode = None if codec is None else _encoder(codec)
         index_bytes = 16 * math.prod(self.grid) + 4
@@ -524,34 +628,100 @@ class ShardSink(_Sink):
         return self._attempt(path, lambda direct: self._write(path, corner, part, direct))
 
     def _write(self, path: Path | ObjectStore, corner: Shape3, part: Parts, direct: bool) -> int:
-        entries = np.full((*self.grid, 2), MISSING, dtype="<u8")
-        file: _UnitFile | None = None
+        shard = _ShardFile(self, path, direct, self.grid, self.room)
         try:
-            for inner in product(*(range(n) for n in self.grid)):
-                starts = (c + i * n for c, i, n in zip(corner, inner, self.chunks, strict=True))
-                z, y, x = (
-                    (a, min(a + n, size)) for a, n, size in zip(starts, self.chunks, self.spec.shape, strict=True)
-                )
-                if z[0] >= z[1] or y[0] >= y[1] or x[0] >= x[1]:  # beyond the level's far edge
-                    continue
-                data = _padded(part((z, y, x)), self.chunks, self.dtype)
-                if data is None:
-                    continue
-                if file is None:
-                    file = _UnitFile(path, direct, self.room)
-                offset = file.size
-                entries[inner] = (offset, file.add(data, self.encode))
-            if file is None:
-                return 0
-            index = entries.tobytes()
-            tail = index + np.uint32(google_crc32c.value(index)).astype("<u4").tobytes()
-            file.add(np.frombuffer(tail, np.uint8), None)
-            file.close()
+            for inner, box in self.chunk_boxes(corner):
+                data = _padded(part(box), self.chunks, self.dtype)
+                if data is not None:
+                    shard.add(inner, data, self.encode)
+            return shard.finish()
         except BaseException as error:
-            if file is not None:
-                file.abort(error)
+            shard.abort(error)
             raise
-        return int(np.count_nonzero(entries[..., 0] != MISSING))
+
+    def chunk_boxes(self, corner: Shape3) -> list[tuple[Shape3, Box]]:
+        boxes = []
+        for inner in product(*(range(n) for n in self.grid)):
+            starts = (c + i * n for c, i, n in zip(corner, inner, self.chunks, strict=True))
+            z, y, x = ((a, min(a + n, size)) for a, n, size in zip(starts, self.chunks, self.spec.shape, strict=True))
+            if z[0] < z[1] and y[0] < y[1] and x[0] < x[1]:  # else beyond the level's far edge
+                boxes.append(((inner[0], inner[1], inner[2]), (z, y, x)))
+        return boxes
+
+    @property
+    def buffer_bytes(self) -> int:
+        nbytes = math.prod(self.chunks) * self.dtype.itemsize
+        return nbytes if self.encode is None else encoded_bound(nbytes)
+
+    def prepare(self, piece: np.ndarray, out: np.ndarray) -> int:
+        if self.encode is None:  # uncompressed: padded straight into ``out``, written from there
+            nbytes = math.prod(self.chunks) * self.dtype.itemsize
+            data = _pad_into(piece, out[:nbytes].view(self.dtype).reshape(self.chunks))
+            return 0 if data is None else nbytes
+        data = _padded(piece, self.chunks, self.dtype)
+        return 0 if data is None else self.encode(data, out)
+
+    def assemble(self, corner: Shape3) -> UnitAssembly:
+        return _ShardFile(self, self.path(corner), self._direct, self.grid, self.room, fallback=True)
+
+
+class _ShardFile:
+    """A unit file assembled a chunk at a time: a shard (its chunks, then its index) or, without a ``grid``, one
+    compressed chunk.  The file is opened with the first chunk added, so a unit of no chunk leaves none.
+
+    Parameters
+    ----------
+    sink : _Sink
+        The sink it belongs to: told when the file system refused direct I/O (``fallback``).
+    grid : (int, int, int) or None
+        Chunks along z, y and x of a shard; ``None`` for a unit of one chunk, which has no index.
+    room : int
+        Most bytes one addition may take (:class:`_UnitFile`).
+    fallback : bool
+        Write through the page cache where the file system refuses direct I/O (else ``EINVAL`` is raised).
+    """
+
+    def __init__(
+        self,
+        sink: _Sink,
+        path: Path | ObjectStore,
+        direct: bool,
+        grid: Shape3 | None,
+        room: int,
+        fallback: bool = False,
+    ) -> None:
+        self.sink, self.path, self.direct, self.room, self.fallback = sink, path, direct, room, fallback
+        self.grid = grid
+        self.entries = None if grid is None else np.full((*grid, 2), MISSING, dtype="<u8")
+        self.file: _UnitFile | None = None
+        self.stored = 0
+
+    def add(
+        self, inner: Shape3, data: np.ndarray, encode: Callable[[np.ndarray, np.ndarray], int] | None = None
+    ) -> None:
+        """Append chunk ``inner``: ``data`` encoded with ``encode``, or as is (its stored bytes) for ``None``."""
+        if self.file is None:
+            self.file = _UnitFile(self.path, self.direct, self.room, self.fallback)
+        offset = self.file.size
+        length = self.file.add(data, encode)
+        if self.entries is not None:
+            self.entries[inner] = (offset, length)
+        self.stored += 1
+
+    def finish(self) -> int:
+        if self.file is None:
+            return 0
+        if self.entries is not None:
+            index = self.entries.tobytes()
+            tail = index + np.uint32(google_crc32c.value(index)).astype("<u4").tobytes()
+            self.file.add(np.frombuffer(tail, np.uint8), None)
+        self.file.close()
+        self.sink._refused(self.file)
+        return self.stored
+
+    def abort(self, error: BaseException) -> None:
+        if self.file is not None:
+            self.file.abort(error)
 
 
 def damage(path: Path, spec: SinkSpec, decode: bool = False) -> str | None:

@@ -14,6 +14,9 @@ each write unit is written by exactly one task.
 
 from __future__ import annotations
 
+import math
+import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, wait
 from functools import partial
@@ -22,7 +25,7 @@ import numpy as np
 
 from scrollzarr import downsample as ds
 from scrollzarr.blocks import Shape3
-from scrollzarr.sinks import LevelSink
+from scrollzarr.sinks import LevelSink, PooledSink, UnitAssembly, aligned_empty, pooled
 from scrollzarr.workers import Workers
 
 # Halving works on stripes of rows of about this many input bytes at a time, which keeps
@@ -30,6 +33,82 @@ from scrollzarr.workers import Workers
 # columns: 3.0 GB/s with 2 MiB stripes, 2.7 with 4 MiB, 1.5 with 16 MiB) and gives every
 # worker a share.
 STRIPE_BYTES = 2 * 2**20
+
+
+def pool_buffers(workers: int) -> int:
+    """Chunk buffers the streams of a band share for compressed or sharded units (:class:`BufferPool`), with
+    ``workers`` workers: a write group may keep every worker encoding while its writer waits for the disk, but
+    all groups together hold at most two buffers a worker and one more."""
+    return 2 * workers + 1
+
+
+class BufferPool:
+    """Page-aligned buffers of ``nbytes`` that write groups borrow (:meth:`take`) and give back (:meth:`give`);
+    at most ``limit`` of them are ever made, and they are freed with the pool (with the band's streams).
+
+    Reused rather than made per chunk: fresh pages cost page faults (blosc-lz4 into a reused buffer 1552 MB/s,
+    into a fresh one 646 MB/s: :func:`scrollzarr.sinks._encoder`).
+    """
+
+    def __init__(self, nbytes: int, limit: int) -> None:
+        self.nbytes = nbytes
+        self.limit = limit
+        self.made = 0
+        self.free: list[np.ndarray] = []
+        self.ready = threading.Condition()
+
+    def take(self, want: int) -> list[np.ndarray]:
+        """Between 1 and ``want`` buffers, waiting until one is free (a group that holds some never waits for
+        more, so every holder finishes and gives its buffers back)."""
+        with self.ready:
+            while not self.free and self.made >= self.limit:
+                self.ready.wait()
+            while len(self.free) < want and self.made < self.limit:
+                self.free.append(aligned_empty((self.nbytes,), np.dtype(np.uint8)))
+                self.made += 1
+            taken, self.free = self.free[:want], self.free[want:]
+            return taken
+
+    def give(self, buffers: list[np.ndarray]) -> None:
+        with self.ready:
+            self.free += buffers
+            self.ready.notify_all()
+
+
+class _FilledRows:
+    """How many rows of the slab being committed are filled, for write groups that wait for their chunks' rows
+    (a unit taller than a stripe: its first chunks are written while its last rows are read)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.failed = False
+        self.changed = threading.Condition()
+
+    def reset(self, rows: int) -> None:
+        with self.changed:
+            self.rows, self.failed = rows, False
+
+    def filled(self, rows: int) -> None:
+        with self.changed:
+            self.rows = rows
+            self.changed.notify_all()
+
+    def fail(self) -> None:
+        """Filling stopped (an error): every waiting group gives up."""
+        with self.changed:
+            self.failed = True
+            self.changed.notify_all()
+
+    def ready(self, rows: int) -> bool:
+        return self.rows >= rows
+
+    def wait(self, rows: int) -> None:
+        """Wait until the first ``rows`` rows are filled; raise if filling stopped before."""
+        with self.changed:
+            while self.rows < rows and not self.failed:
+                self.changed.wait()
+            if self.rows < rows:
+                raise RuntimeError("the slab's rows were not all read")
 
 
 def halving_stripe_rows(row_bytes: int) -> int:
@@ -92,6 +171,16 @@ class LevelStream:
         self.halved = 0  # first z not yet halved (even)
         planes = self.capacity(min(unit[0], depth), algorithm, below is not None)  # a level shallower than a unit
         self.buffer = np.empty((planes, *self.plane_shape), dtype)
+        # compressed or sharded units: chunks encoded on the workers, files assembled on the writer threads
+        self.pooled = pooled(writer) if workers.count > 1 else None
+        self.pool: BufferPool | None = None
+        self.filled = _FilledRows()
+        if self.pooled is not None:
+            size = self.pooled.buffer_bytes
+            shared = below.pool if below is not None else None  # the band's streams share one pool
+            self.pool = shared if shared is not None and shared.nbytes == size else None
+            if self.pool is None:
+                self.pool = BufferPool(size, pool_buffers(workers.count))
 
     @staticmethod
     def capacity(depth: int, algorithm: ds.Algorithm, halves: bool) -> int:
@@ -139,6 +228,8 @@ class LevelStream:
             workers as soon as it is filled, so that they are written and
             halved while the next stripe is read.  Not for an algorithm that
             needs context across rows (gaussian): that fills all rows at once.
+            Compressed or sharded units are filled a chunk row at a time: a
+            unit's chunks are prepared and written as their rows arrive.
         """
         self.count += planes
         final = self.end == self.depth
@@ -156,18 +247,29 @@ class LevelStream:
             out = self.below.reserve((halved_to + 1) // 2 - halved_from // 2)
             self.halved = halved_to
         height = self.plane_shape[0]
-        step = stripe if fill is not None and stripe and not self.margin else height
+        striped = fill is not None and stripe is not None and stripe > 0 and not self.margin
+        step = stripe if striped and stripe is not None else height
+        if self.pooled is not None and striped:
+            # units taller than a chunk row (shards) are written as their rows are read, a chunk row at a time:
+            # a shard as wide and as high as the plane was written only once its whole slab was read
+            chunk_rows = self.pooled.chunks[1]
+            step = min(step, chunk_rows + chunk_rows % 2)
+        self.filled.reset(0 if fill is not None else height)
         futures: list[Future[object]] = []
         try:
             for r0 in range(0, height, step):
                 rows = (r0, min(r0 + step, height))
                 if fill is not None:
                     fill(*rows)
+                    self.filled.filled(rows[1])
                 for z0, z1 in writes:  # to the writer threads: with direct I/O they mostly wait for the disk
                     futures += [self.workers.submit_write(task) for task in self._write_tasks(z0, z1, rows)]
                 if out is not None:
                     halves = self._halve_tasks(halved_from, halved_to, out, rows=rows)
                     futures += [self.workers.submit(task) for task in halves]
+        except BaseException:
+            self.filled.fail()  # write groups waiting for rows give up
+            raise
         finally:
             wait(futures)  # no task is left writing, even when filling failed
         self.chunks_written += sum(result for future in futures if isinstance(result := future.result(), int))
@@ -185,16 +287,90 @@ class LevelStream:
         return max(ready - ready % 2, self.halved)
 
     def _write_tasks(self, z0: int, z1: int, rows: tuple[int, int]) -> list[Callable[[], int]]:
-        """Tasks that write the units of planes ``[z0, z1)`` in rows ``rows`` (band coordinates), one each."""
+        """Tasks that write the units of planes ``[z0, z1)`` that start in rows ``rows`` (band coordinates): one
+        each, or for compressed or sharded units, a group of consecutive units each (:meth:`_write_group`)."""
         planes = self.buffer[z0 - self.start : z1 - self.start]
         (y0, y1), (x0, x1) = self.rows, self.cols
         _, height, width = self.unit
-        tasks: list[Callable[[], int]] = []
-        for y in range(y0 + rows[0], y0 + rows[1], height):
+        units: list[tuple[Shape3, np.ndarray]] = []
+        for y in range(y0 + -(-rows[0] // height) * height, y0 + rows[1], height):
             for x in range(x0, x1, width):
                 piece = planes[:, y - y0 : min(y + height, y1) - y0, x - x0 : min(x + width, x1) - x0]
-                tasks.append(partial(self.writer.write, (z0, y, x), piece))
-        return tasks
+                units.append(((z0, y, x), piece))
+        if self.pooled is None or not units:
+            return [partial(self.writer.write, corner, piece) for corner, piece in units]
+        # as many groups as writer threads, and enough chunks prepared ahead in each to keep every worker busy
+        count = self.workers.count
+        groups = min(count, len(units))
+        ahead = 1 + math.ceil(count / groups)
+        size = math.ceil(len(units) / groups)
+        return [partial(self._write_group, self.pooled, units[i : i + size], ahead) for i in range(0, len(units), size)]
+
+    def _write_group(self, sink: PooledSink, units: list[tuple[Shape3, np.ndarray]], ahead: int) -> int:
+        """Write ``units`` (corner, voxels) in turn, on this (writer) thread; their chunks are prepared (padded,
+        tested for zeros, encoded) on the workers, up to ``ahead`` at a time, in buffers of the pool.
+
+        Why: a writer thread that encodes and then writes leaves its core idle while it waits for the disk
+        (blosc-zstd 3, the synthetic scroll of bench/: 4.6 s of CPU encoding level 0, 3.4 s blocked in direct-I/O
+        writes; two writers kept 1.1 cores busy once the slab was read), and a level of fewer units than
+        workers (a shard as wide as the plane) was encoded by one core.  A chunk is prepared once its rows are
+        filled (:class:`_FilledRows`), so a shard taller than a stripe is written while its last rows are read.
+        The files are those
+        :meth:`LevelSink.write` writes: each unit by this one task.
+
+        Returns
+        -------
+        int
+            The chunks stored (not all zero).
+        """
+        assert self.pool is not None
+        chunks: list[tuple[int, Shape3, np.ndarray, int]] = []  # unit, index in it, voxels, rows they need
+        for number, (corner, piece) in enumerate(units):
+            for inner, box in sink.chunk_boxes(corner):
+                part = piece[tuple(slice(a - c, b - c) for (a, b), c in zip(box, corner, strict=True))]
+                chunks.append((number, inner, part, box[1][1] - self.rows[0]))
+        buffers = self.pool.take(ahead)
+        pending: deque[tuple[Future[int], np.ndarray]] = deque()
+        queued = 0
+
+        def prepare_ahead() -> None:
+            nonlocal queued
+            while buffers and queued < len(chunks):
+                _, _, part, needed = chunks[queued]
+                if not self.filled.ready(needed):
+                    if pending:  # write what is prepared while the rows are read
+                        return
+                    self.filled.wait(needed)
+                buffer = buffers.pop()
+                pending.append((self.workers.submit(sink.prepare, part, buffer), buffer))
+                queued += 1
+
+        stored = 0
+        assembly: UnitAssembly | None = None
+        try:
+            prepare_ahead()
+            for position, (number, inner, _, _) in enumerate(chunks):
+                if assembly is None:
+                    assembly = sink.assemble(units[number][0])
+                future, buffer = pending.popleft()
+                try:
+                    nbytes = future.result()
+                    if nbytes:
+                        assembly.add(inner, buffer[:nbytes])
+                finally:
+                    buffers.append(buffer)
+                prepare_ahead()
+                if position + 1 == len(chunks) or chunks[position + 1][0] != number:  # the unit's last chunk
+                    stored += assembly.finish()
+                    assembly = None
+        except BaseException as error:
+            if assembly is not None:
+                assembly.abort(error)
+            raise
+        finally:
+            wait([future for future, _ in pending])  # no worker is left writing into a buffer
+            self.pool.give(buffers + [buffer for _, buffer in pending])
+        return stored
 
     def _halve_tasks(
         self,
