@@ -9,7 +9,9 @@ optional extra).
 from __future__ import annotations
 
 import logging
+import re
 import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +28,11 @@ log = logging.getLogger(__name__)
 # reschedules those itself, up to distributed.scheduler.allowed-failures).
 RETRIES = 2
 INSTALL = 'pip install "scrollzarr[dask]"'
+# Seconds to reach a scheduler, and for its first worker to join (then the run says which is missing).
+CONNECT_SECONDS = 20
+WAIT_FOR_WORKERS = 60
+# local:N above this is a typo (as --workers' bound): each worker process holds its own interpreter and buffers.
+MAX_LOCAL_WORKERS = 1024
 
 
 S = TypeVar("S")
@@ -94,7 +101,7 @@ class DaskExecutor:
         What to do once the cause of a task's failure is fixed, for its message.
     """
 
-    def __init__(self, address: str, threads: int, then: str = "fix the cause, then continue with --resume") -> None:
+    def __init__(self, address: str, threads: int, then: str = "continue with --resume") -> None:
         self.address = address
         self.threads = threads
         self.then = then
@@ -108,8 +115,12 @@ class DaskExecutor:
             import distributed
         except ImportError:
             raise UsageError(f"--scheduler needs dask.distributed, which is not installed: {INSTALL}") from None
-        # distributed logs each worker's and the scheduler's comings and goings at INFO: not ours to show
-        logging.getLogger("distributed").setLevel(logging.WARNING)
+        # distributed logs each worker's and the scheduler's comings and goings at INFO, and a lost scheduler as a
+        # traceback at ERROR: not ours to show (run() says in one line what went wrong)
+        # (distributed gives some of its loggers levels and handlers of their own: each is set)
+        for name in [*logging.root.manager.loggerDict]:
+            if name == "distributed" or name.startswith("distributed."):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
         try:
             if self.address.startswith("local:"):
                 count = _local_workers(self.address)
@@ -132,21 +143,29 @@ class DaskExecutor:
                 finally:
                     signal.signal(signal.SIGINT, interrupt)
                 self.client = distributed.Client(self._cluster)
-            elif "://" in self.address:
-                self.client = distributed.Client(self.address, timeout="20s")
             else:
-                if not Path(self.address).is_file():
-                    raise UsageError(
-                        f"--scheduler {self.address}: no such scheduler file; give tcp://HOST:PORT, "
-                        "a scheduler file (dask scheduler --scheduler-file), or local:N"
-                    )
-                self.client = distributed.Client(scheduler_file=self.address, timeout="20s")
-            self.client.wait_for_workers(1, timeout=60)
-        except (OSError, TimeoutError) as error:
+                self.client = _connect(distributed, self.address)
+            self.client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS)
+        except UsageError:
+            self.close()
+            raise
+        except TimeoutError as error:
+            connected = self.client is not None
+            self.close()
+            if not connected:
+                raise ScrollzarrError(
+                    f"no Dask scheduler answered at {self.address} within {CONNECT_SECONDS} s ({error}); start it, "
+                    "or check --scheduler (the scheduler's port, 8786 by default, not its dashboard's)"
+                ) from None
+            raise ScrollzarrError(
+                f"no Dask worker joined the scheduler at {self.address} within {WAIT_FOR_WORKERS} s; start workers "
+                "(dask worker ADDRESS), then run again"
+            ) from None
+        except Exception as error:  # distributed raises many kinds for an address it cannot use
             self.close()
             raise ScrollzarrError(
-                f"cannot use the Dask scheduler at {self.address} ({error}); start it (and its workers), "
-                "or check --scheduler"
+                f"cannot use the Dask scheduler at {self.address} ({type(error).__name__}: {error}); start it (and "
+                "its workers), or check --scheduler"
             ) from None
         except BaseException:
             self.close()
@@ -194,13 +213,27 @@ class DaskExecutor:
                 except ScrollzarrError:
                     raise
                 except Exception as error:
-                    raise TaskFailed(
-                        f"the task for {task.describe()} failed on the cluster ({type(error).__name__}: {error}); "
-                        f"{self.then}"
-                    ) from None
+                    raise TaskFailed(self._failure(task, error)) from None
                 yield task, result
         finally:
             self.client.cancel([*futures, held])
+
+    def _failure(self, task: Work, error: Exception) -> str:
+        """What to say of ``task``, which failed for good with ``error``: the scheduler or every worker lost, or
+        the task's own error, in one line."""
+        what = " ".join(f"{type(error).__name__}: {error}".split())
+        if self.client.status != "running" or "connection-lost" in what:
+            return f"lost the Dask scheduler at {self.address} ({what}); restart it and its workers, then {self.then}"
+        try:
+            workers = self.client.scheduler_info()["workers"]
+        except Exception:  # the scheduler went too
+            workers = {}
+        if not workers:
+            return (
+                f"every Dask worker of the scheduler at {self.address} was lost while the task for "
+                f"{task.describe()} ran (killed, or out of memory?); start workers, then {self.then}"
+            )
+        return f"the task for {task.describe()} failed on the cluster ({what}); fix the cause, then {self.then}"
 
     def check_paths(self, readable: Path, writable: Location) -> None:
         """Also refuse workers that cannot run this scrollzarr's tasks (not installed there, or another version)."""
@@ -237,10 +270,57 @@ def _shared(value: S) -> S:
     return value
 
 
+def _connect(distributed: Any, address: str) -> Any:
+    """A client of the scheduler at ``address`` (an address, or a scheduler file), within :data:`CONNECT_SECONDS`.
+
+    The connection is made on a thread of its own: a port that is not a Dask scheduler's (a web server's, say)
+    accepts the connection and never answers the handshake, past distributed's own timeout.
+
+    Raises
+    ------
+    UsageError
+        For an address that is neither a Dask address nor a scheduler file.
+    TimeoutError
+        If no scheduler answered in time.
+    """
+    if "://" not in address and _HOST_PORT.fullmatch(address) and not Path(address).exists():
+        address = f"tcp://{address}"  # as dask takes it
+    if "://" in address:
+        arguments: dict[str, Any] = {"address": address}
+    elif Path(address).is_file():
+        arguments = {"scheduler_file": address}
+    else:
+        raise UsageError(
+            f"scheduler {address} (--scheduler, or DASK_SCHEDULER_ADDRESS): no such scheduler file; give "
+            "tcp://HOST:PORT, a scheduler file (dask scheduler --scheduler-file), or local:N"
+        )
+    outcome: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            outcome["client"] = distributed.Client(**arguments, timeout=f"{CONNECT_SECONDS}s")
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=connect, name="scrollzarr-connect", daemon=True)
+    thread.start()
+    thread.join(CONNECT_SECONDS + 5)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer to the handshake in {CONNECT_SECONDS + 5} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["client"]
+
+
+_HOST_PORT = re.compile(r"[A-Za-z0-9.\-]+:\d+")
+
+
 def _local_workers(address: str) -> int:
     text = address.removeprefix("local:")
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise UsageError(f"--scheduler {address}: local:N needs a whole number of worker processes, 1 or more")
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LOCAL_WORKERS:
+        raise UsageError(
+            f"--scheduler {address}: local:N needs a whole number of worker processes, 1 to {MAX_LOCAL_WORKERS}"
+        )
     return int(text)
 
 

@@ -320,7 +320,7 @@ def _executor(options: LayerOptions) -> Iterator[Executor]:
     if options.scheduler is None:
         yield LocalExecutor(options.threads)
         return
-    then = "fix the cause and render again (nothing was written under a final name)"
+    then = "render again (nothing was written under a final name)"
     with DaskExecutor(options.scheduler, options.threads, then) as executor:
         yield executor
 

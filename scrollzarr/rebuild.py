@@ -77,6 +77,8 @@ class RebuildPlan:
     tasks : bool
         Whether the rebuild runs as tasks (:mod:`scrollzarr.tasks`): on a Dask cluster, or resuming such a
         rebuild here; each level's tasks are its ``blocks``.
+    scheduler : str or None
+        The Dask scheduler (``--scheduler``), for the plan's text.
     """
 
     output: Path
@@ -93,6 +95,7 @@ class RebuildPlan:
     fingerprint: dict[str, Any]
     resume_from: Progress | None
     tasks: bool = False
+    scheduler: str | None = None
 
 
 def plan_rebuild(
@@ -205,6 +208,7 @@ def plan_rebuild(
         fingerprint=fingerprint,
         resume_from=record,
         tasks=tasks,
+        scheduler=options.scheduler,
     )
 
 
@@ -454,5 +458,16 @@ def describe_rebuild(plan: RebuildPlan) -> str:
             f"  level {level}: {shape[0]} x {shape[1]} x {shape[2]} (z, y, x), "
             f"{chunk_count(shape, plan.layout.chunk)} chunks of {plan.layout.chunk}^3, {plan.algorithm}"
         )
-    lines.append(f"memory: about {format_bytes(plan.need)} for buffers, {plan.workers} worker(s)")
+    if plan.tasks:
+        where = f"on the Dask cluster at {plan.scheduler}" if plan.scheduler else "on this machine"
+        counts = {level: len(tasks) for level, tasks in _level_tasks(plan).items()}
+        lines.append(
+            f"tasks, {where}: {sum(counts.values())} in all, {plan.workers} thread(s) each, "
+            f"about {format_bytes(plan.need)} each for buffers"
+        )
+        lines += [
+            f"  level {level}: {count} task(s) from the stored level {level - 1}" for level, count in counts.items()
+        ]
+    else:
+        lines.append(f"memory: about {format_bytes(plan.need)} for buffers, {plan.workers} worker(s)")
     return "\n".join(lines)

@@ -394,6 +394,7 @@ def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar:
         For each level: its chunks written, and the bad slices its tasks found, by all its tasks.
     """
     totals = {}
+    reported: set[int] = set()
     for level, tasks in levels.items():
         bar.set_description(f"level {level}")
         done = finished(job.output, job.run, tasks)
@@ -402,6 +403,13 @@ def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar:
         results = list(done.values())
         seconds = []
         for task, result in executor.run(run_task, job, [task for task in tasks if task not in done]):
+            for z, row in sorted(result.bad_rows.items()):
+                if z not in reported:  # the worker logged why, on its side
+                    where = f" from row {row} on" if row else ""
+                    log.warning(
+                        "slice %d could not be read by the task for %s; written as zeros%s", z, task.describe(), where
+                    )
+                    reported.add(z)
             results.append(result)
             seconds.append(result.seconds)
             bar.update(task_voxels(task))

@@ -285,6 +285,8 @@ def test_a_slice_that_cannot_be_read_stops_the_run_resumably(tmp_path, volume):
     assert_one_line_error(result, "cannot resume", "--bad_slices was 'error' in the stopped run")
     result = convert(slices, tmp_path / "zero.zarr", *SMALL, "--scheduler", "local:2", "--bad_slices", "zero")
     assert_ok(result)
+    # the worker that found it logs why, on its side; the client says which slice became zeros
+    assert re.search(r"slice 40 could not be read by the task for level 0, .*; written as zeros", result.stderr)
     expected = volume.copy()
     expected[40] = 0
     check_pyramid(tmp_path / "zero.zarr", expected)
@@ -296,8 +298,11 @@ def test_a_slice_that_cannot_be_read_stops_the_run_resumably(tmp_path, volume):
     [
         ("local:0", ["local:N needs a whole number of worker processes"]),
         ("local:two", ["local:N needs a whole number of worker processes"]),
-        ("no-such-file.json", ["no such scheduler file", "tcp://HOST:PORT"]),
+        ("local:2000", ["local:N needs a whole number of worker processes, 1 to 1024"]),
+        ("no-such-file.json", ["no such scheduler file", "tcp://HOST:PORT", "DASK_SCHEDULER_ADDRESS"]),
         ("tcp://127.0.0.1:9", ["cannot use the Dask scheduler at tcp://127.0.0.1:9", "start it"]),
+        ("foo://bar", ["cannot use the Dask scheduler at foo://bar", "ValueError"]),
+        ("tcp://[::1", ["cannot use the Dask scheduler at tcp://[::1"]),
     ],
 )
 def test_a_bad_scheduler_is_one_line(tmp_path, slices, scheduler, fragments):
@@ -467,3 +472,49 @@ def test_without_a_scheduler_dask_is_not_imported(tmp_path, slices):
     )
     assert_ok(result)
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_a_port_that_is_not_a_scheduler_is_one_line_not_a_hang(tmp_path, slices):
+    """A web server (a dashboard's port, say) takes the connection and never answers Dask's handshake."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"tcp://127.0.0.1:{server.server_address[1]}"
+        result = convert(slices, tmp_path / "s.zarr", "--scheduler", address, "--dry_run")
+        assert_one_line_error(result, f"no Dask scheduler answered at {address} within 20 s", "not its dashboard's")
+    finally:
+        server.shutdown()
+
+
+def test_a_scheduler_without_workers_is_one_line(tmp_path, slices):
+    cluster = Cluster(tmp_path / "cluster", 0)
+    try:
+        result = convert(slices, tmp_path / "s.zarr", "--scheduler", cluster.file)
+        assert_one_line_error(result, "no Dask worker joined the scheduler at", "within 60 s", "start workers")
+    finally:
+        cluster.stop()
+
+
+def test_an_address_without_its_scheme_is_taken_as_tcp(cluster, slices, local_stores, tmp_path):
+    out = tmp_path / "s.zarr"
+    assert_ok(convert(slices, out, *SMALL, "--scheduler", cluster.address.removeprefix("tcp://")))
+    assert store_files(out) == local_stores["zarr 2"]
+
+
+def test_a_scheduler_lost_mid_run_is_one_line_and_the_store_resumes(tmp_path, slices, local_stores, slow_tasks):
+    cluster = Cluster(tmp_path / "cluster", 2, (slow_tasks,), **SLOW)
+    try:
+        out = tmp_path / "s.zarr"
+        process = start_conversion(slices, out, "--scheduler", cluster.file)
+        wait_for_tasks(out, process, 2)
+        cluster.scheduler.kill()
+        _, err = process.communicate(timeout=300)
+        result = subprocess.CompletedProcess(process.args, process.returncode, "", err)
+        assert_one_line_error(result, f"lost the Dask scheduler at {cluster.file}", "then continue with --resume")
+    finally:
+        cluster.stop()
+    assert_ok(convert(slices, out, *SMALL, "--resume"))
+    assert store_files(out) == local_stores["zarr 2"]

@@ -157,7 +157,7 @@ def test_a_band_that_fails_for_good_is_one_line_naming_its_rows_and_nothing_is_w
     result = ppm_to_layers(scroll / "sheet.ppm", broken, out, tmp_path / "s.tif", *OPTIONS, "--scheduler", "local:1")
     assert_one_line_error(
         result, "the task for surface rows ", "failed on the cluster (OSError", "Too many levels of symbolic links",
-        "fix the cause and render again (nothing was written under a final name)",
+        "fix the cause, then render again (nothing was written under a final name)",
     )  # fmt: skip
     # no layer, no stacked image, no partial file, no record: the directory the run made is gone again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.zarr"]
