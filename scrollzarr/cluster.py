@@ -181,6 +181,11 @@ class DaskExecutor:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
+        if error is not None and self._cluster is None and self.client is not None:
+            # a worker cannot stop a task midway: those running finish (and a run replaced meanwhile gets nothing)
+            log.warning(
+                "tasks already running on the cluster at %s finish on their own, for up to a task's time", self.address
+            )
         self.close()
 
     def close(self) -> None:

@@ -514,6 +514,7 @@ def test_a_scheduler_lost_mid_run_is_one_line_and_the_store_resumes(tmp_path, sl
         _, err = process.communicate(timeout=300)
         result = subprocess.CompletedProcess(process.args, process.returncode, "", err)
         assert_one_line_error(result, f"lost the Dask scheduler at {cluster.file}", "then continue with --resume")
+        assert "tasks already running on the cluster at" in err and "finish on their own" in err
     finally:
         cluster.stop()
     assert_ok(convert(slices, out, *SMALL, "--resume"))
