@@ -262,7 +262,7 @@ class DaskExecutor:
         remote = isinstance(writable, ObjectStore)
         for worker, problem in sorted(problems.items()):
             if problem is not None:
-                need = "the same paths (a shared file system)"
+                need = "the output at the same paths (a shared file system)"
                 if remote and "output" in problem:
                     need = "the bucket, with AWS_ENDPOINT_URL and credentials in their environment"
                 if problem.startswith("runs scrollzarr"):

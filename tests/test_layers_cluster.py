@@ -126,9 +126,12 @@ def test_the_summary_counts_what_the_local_render_counts(scroll, tmp_path):
 @pytest.mark.parametrize(
     ("address", "fragments"),
     [
-        ("local:0", ["--scheduler local:0", "local:N needs a whole number of worker processes, 1 or more"]),
+        ("local:0", ["--scheduler local:0", "local:N needs a whole number of worker processes, 1 to 1024"]),
         ("local:two", ["--scheduler local:two", "local:N needs a whole number"]),
-        ("no-such-scheduler.json", ["--scheduler no-such-scheduler.json: no such scheduler file", "tcp://HOST:PORT"]),
+        (
+            "no-such-scheduler.json",
+            ["scheduler no-such-scheduler.json (--scheduler", "no such scheduler file", "tcp://HOST:PORT"],
+        ),
         ("tcp://127.0.0.1:9", ["cannot use the Dask scheduler at tcp://127.0.0.1:9", "check --scheduler"]),
     ],
 )
