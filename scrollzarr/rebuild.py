@@ -426,6 +426,7 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
     chunk = plan.layout.chunk
     report = Report(plan.output, plan.dtype, plan.layout)
     damaged = []
+    tasks = _level_tasks(plan) if record.tasks else {}  # once, not for every level
     for level in range(plan.first, len(plan.shapes)):
         metadata = [plan.output / str(level) / name for name in plan.layout.metadata_names]
         if not all(readable_metadata(path) for path in metadata):  # missing, or empty after a power cut
@@ -435,7 +436,7 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
         report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], chunk))
         spec = SinkSpec(plan.output / str(level), plan.shapes[level], str(plan.dtype), plan.layout)
         if record.tasks:
-            unmark_damaged(plan.output, record.run, spec, _level_tasks(plan)[level])
+            unmark_damaged(plan.output, record.run, spec, tasks[level])
             continue
         for path, problem in damaged_units(spec):
             log.warning("chunk file %s is damaged (%s); it is written again", path, problem)
