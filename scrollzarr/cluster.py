@@ -200,14 +200,19 @@ class DaskExecutor:
 
         if not tasks:
             return
+        from scrollzarr.clustershared import Shared, call
+
         run = uuid.uuid4().hex[:8]
-        # Sent once (each worker fetches it once, as a dependency), not with every task; and a task's result, not
-        # scattered data, so that Dask makes it again where every worker that held it is lost.  Scattered, a
-        # worker killed before it was copied to the others failed every task ("lost dependencies"; measured: 1 run
-        # in 3 with a worker killed a second into the render).
-        held = self.client.submit(_shared, shared, key=f"scrollzarr-{run}-shared", pure=False, retries=RETRIES)
+        # Sent once to each worker (and to a worker that joins or is restarted later), not with every task.  Not
+        # scattered: a worker killed before it was copied to the others failed every task ("lost dependencies";
+        # measured: 1 run in 3 with a worker killed a second into the render).  Not a task's result either (see
+        # scrollzarr.clustershared: Dask then ran the tasks of a small level on one worker).
+        name = f"scrollzarr-{run}-shared"
+        self.client.register_plugin(Shared(shared), name=name)
         futures = {
-            self.client.submit(function, held, task, key=f"scrollzarr-{run}-{index}", pure=False, retries=RETRIES): task
+            self.client.submit(
+                call, name, function, task, key=f"scrollzarr-{run}-{index}", pure=False, retries=RETRIES
+            ): task
             for index, task in enumerate(tasks)
         }
         try:
@@ -221,7 +226,9 @@ class DaskExecutor:
                     raise TaskFailed(self._failure(task, error)) from None
                 yield task, result
         finally:
-            self.client.cancel([*futures, held])
+            self.client.cancel([*futures])
+            if self.client.status == "running":
+                self.client.unregister_worker_plugin(name)
 
     def _failure(self, task: Work, error: Exception) -> str:
         """What to say of ``task``, which failed for good with ``error``: the scheduler or every worker lost, or
@@ -268,11 +275,6 @@ class DaskExecutor:
                 if problem.startswith("runs scrollzarr"):
                     raise ScrollzarrError(f"Dask worker {worker} {problem}")
                 raise ScrollzarrError(f"Dask worker {worker} {problem}; every worker must see the input and {need}")
-
-
-def _shared(value: S) -> S:
-    """On a worker: what every task of a run needs (the task that holds it)."""
-    return value
 
 
 def _connect(distributed: Any, address: str) -> Any:

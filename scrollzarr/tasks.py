@@ -30,6 +30,7 @@ import numpy as np
 import zarr
 
 from scrollzarr import downsample as ds
+from scrollzarr.allocator import keep_freed_memory
 from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
 from scrollzarr.cluster import Executor
 from scrollzarr.errors import ScrollzarrError
@@ -258,6 +259,9 @@ def run_task(job: Job, task: Task) -> TaskResult:
     """
     started = time.monotonic()
     _limit_threads(job.threads)
+    # a decoded slice and zarr's buffers are fresh memory from the kernel otherwise, page-faulted in for every
+    # slice (measured on the cluster bench: 7.0 s of system time in 10.5 s, 5.0 s with this; wall 9.4 s)
+    keep_freed_memory()
     sink = _Fenced(open_sink(job.levels[task.level]), job)
     bad: dict[int, int] = {}
     chunks = _convert_box(job, task.box, sink, bad) if task.level == 0 else _downsample_box(job, task, sink)
