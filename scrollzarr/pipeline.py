@@ -26,7 +26,7 @@ import zarr
 
 from scrollzarr import downsample as ds
 from scrollzarr import memory, ngff, progress
-from scrollzarr.blocks import Shape3
+from scrollzarr.blocks import Shape3, iter_boxes
 from scrollzarr.cluster import Executor, LocalExecutor
 from scrollzarr.errors import ScrollzarrError, UsageError
 from scrollzarr.ngff_v04 import Multiscale
@@ -213,13 +213,20 @@ def plan_conversion(input_dir: Path, output: Location, options: Options, slots: 
     bands = memory.plan_bands(layout, limit)
     if record is not None and record.bands != [bands.rows, bands.cols, bands.streamed]:
         rows, cols, streamed = record.bands  # the stopped run's bands, so that its work fits
-        bands = memory.BandPlan(rows, cols, streamed, memory.band_cost(layout, rows, cols, streamed))
+        if tasks:
+            cost = memory.task_cost(layout, rows, cols, streamed + 1)
+        else:
+            cost = memory.band_cost(layout, rows, cols, streamed)
+        bands = memory.BandPlan(rows, cols, streamed, cost)
         log.info("resuming with the stopped run's bands of %d x %d (rows x columns)", rows, cols)
-    if tasks and record is None:  # a level-0 task is a row of write units in z by a band
-        depth = options.layout.unit[0]
-        _, rows, cols = memory.split_for(shapes[0], (depth, bands.rows, bands.cols), layout.write_unit, parallel)
-        bands = memory.BandPlan(rows, cols, 0, memory.band_cost(layout, rows, cols, 0))
-    first_read_back = 1 if tasks else bands.streamed + 1
+    if tasks and record is None:  # level-0 tasks that write the most levels; else each a row of units in z
+        several = memory.task_band(layout, limit, parallel)
+        if several is None:
+            depth = options.layout.unit[0]
+            _, rows, cols = memory.split_for(shapes[0], (depth, bands.rows, bands.cols), layout.write_unit, parallel)
+            several = memory.BandPlan(rows, cols, 0, memory.task_cost(layout, rows, cols, 1))
+        bands = several
+    first_read_back = bands.streamed + 1
     budget = limit if limit is not None else max(bands.nbytes, memory.read_back_need(layout, first_read_back))
     blocks = memory.read_back_blocks(layout, first_read_back, budget)
     if tasks:
@@ -350,16 +357,19 @@ def describe_plan(plan: Plan) -> str:
 
 def _describe_tasks(plan: Plan) -> list[str]:
     where = f"on the Dask cluster at {plan.options.scheduler}" if plan.options.scheduler else "on this machine"
-    counts = [len(tasks) for tasks in _conversion_tasks(plan)]
-    depth = plan.options.layout.unit[0]
+    tasks = _conversion_tasks(plan)
+    below = plan.bands.streamed
+    depth = memory.task_depth(plan.options.layout.unit[0], plan.shapes[0][0], below + 1)
+    writes = f", writing levels 0 to {below} (each halved in memory)" if below else ""
     return [
-        f"tasks, {where}: {sum(counts)} in all, {plan.options.worker_count} thread(s) each, "
+        f"tasks, {where}: {sum(map(len, tasks.values()))} in all, {plan.options.worker_count} thread(s) each, "
         f"about {format_bytes(plan.need)} each for buffers",
-        f"  level 0: {counts[0]} task(s) of {depth} slices by {plan.bands.rows} x {plan.bands.cols} "
-        "(rows x columns), from the TIFFs",
+        f"  level 0: {len(tasks[0])} task(s) of {depth} slices by {plan.bands.rows} x {plan.bands.cols} "
+        f"(rows x columns), from the TIFFs{writes}",
         *(
-            f"  level {level}: {count} task(s) from the stored level {level - 1}"
-            for level, count in enumerate(counts[1:], start=1)
+            f"  level {level}: {len(work)} task(s) from the stored level {level - 1}"
+            for level, work in tasks.items()
+            if level
         ),
     ]
 
@@ -704,13 +714,15 @@ def _slice_source(plan: Plan) -> SliceSource:
     return SliceSource(plan.stack, str(plan.dtype), plan.window, plan.options.bad_slices)
 
 
-def _conversion_tasks(plan: Plan) -> list[list[Task]]:
-    """The tasks of every level: level 0's in boxes of one row of write units in z by a band, each lower
-    level's in its read-back blocks."""
-    depth = plan.options.layout.unit[0]
-    tasks = [level_tasks(plan.shapes[0], (depth, plan.bands.rows, plan.bands.cols), 0)]
-    for level, block in enumerate(plan.blocks, start=1):
-        tasks.append(level_tasks(plan.shapes[level], block, level))
+def _conversion_tasks(plan: Plan) -> dict[int, list[Task]]:
+    """The tasks, by the level they start at: level 0's in boxes of a band by ``unit depth x 2**k`` slices,
+    each writing levels 0 … k (``k``: ``plan.bands.streamed``); each lower level's in its read-back blocks."""
+    below = plan.bands.streamed
+    depth = memory.task_depth(plan.options.layout.unit[0], plan.shapes[0][0], below + 1)
+    boxes = iter_boxes(plan.shapes[0], (depth, plan.bands.rows, plan.bands.cols))
+    tasks = {0: [Task(0, box, below + 1) for box in boxes]}
+    for level, block in enumerate(plan.blocks, start=below + 1):
+        tasks[level] = level_tasks(plan.shapes[level], block, level)
     return tasks
 
 
@@ -725,8 +737,9 @@ def _convert_tasks(plan: Plan, executor: Executor) -> Report:
     put_fence(plan.output, record.run)  # its tasks write while it is there
     levels = _conversion_tasks(plan)
     if plan.resume_from is not None and isinstance(plan.output, Path):  # an object in a bucket is put whole
-        for level, tasks in enumerate(levels):
-            unmark_damaged(plan.output, record.run, _sink_spec(plan, level), tasks)
+        every = [task for tasks in levels.values() for task in tasks]
+        for level in range(len(plan.shapes)):
+            unmark_damaged(plan.output, record.run, level, _sink_spec(plan, level), every)
     job = Job(
         output=plan.output,
         run=record.run,
@@ -739,7 +752,7 @@ def _convert_tasks(plan: Plan, executor: Executor) -> Report:
     report = Report(plan.output, plan.dtype, options.layout, missing=plan.missing, plain=options.zarr_only)
     bad = {z: record.bad_rows.get(str(z), 0) for z in record.bad_slices} | dict.fromkeys(plan.stack.bad, 0)
     with progress_bar(plan.shapes, options.quiet) as bar:
-        totals = run_levels(executor, job, dict(enumerate(levels)), bar)
+        totals = run_levels(executor, job, levels, bar)
     for level, total in totals.items():
         report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], options.chunk_size))
         report.levels[level].chunks_written = total.chunks

@@ -436,7 +436,7 @@ def _prepare_levels(plan: RebuildPlan, group: zarr.Group, record: Progress) -> R
         report.levels[level] = LevelReport(plan.shapes[level], chunk_count(plan.shapes[level], chunk))
         spec = SinkSpec(plan.output / str(level), plan.shapes[level], str(plan.dtype), plan.layout)
         if record.tasks:
-            unmark_damaged(plan.output, record.run, spec, tasks[level])
+            unmark_damaged(plan.output, record.run, level, spec, tasks[level])
             continue
         for path, problem in damaged_units(spec):
             log.warning("chunk file %s is damaged (%s); it is written again", path, problem)

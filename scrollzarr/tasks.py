@@ -1,10 +1,12 @@
 """The conversion as task values: plain, picklable descriptions of work that any executor runs.
 
-A :class:`Task` is a box of one level.  A level-0 task reads its box from the
-TIFFs (one row of write units in z: ``unit depth`` slices of a band of rows
-and columns); a task of a lower level builds its box from the stored level
-above.  Every box is whole write units of its level, so no two tasks write
-one unit (the way to corrupt a sharded store is two writers of one shard).
+A :class:`Task` is a box of one level, and the boxes below it of the levels it
+also writes.  A level-0 task reads its box from the TIFFs (``unit depth x
+2**k`` slices of a band of rows and columns) and halves it in memory into the
+``k`` levels below, so that the largest levels are never read back from the
+store; a task of a lower level builds its box from the stored level above.
+Every box is whole write units of its level, so no two tasks write one unit
+(the way to corrupt a sharded store is two writers of one shard).
 A task is idempotent: run again, it writes the same bytes.  Once its units
 are durable it writes a *marker* into the store, with what it found; a
 resumed run skips the tasks whose markers are there, so the record of a
@@ -24,14 +26,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import product
 
 import numpy as np
 import zarr
 
 from scrollzarr import downsample as ds
 from scrollzarr.allocator import keep_freed_memory
-from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
+from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes, shape3
 from scrollzarr.cluster import Executor
 from scrollzarr.errors import ScrollzarrError
 from scrollzarr.progress import MARKERS
@@ -40,6 +41,7 @@ from scrollzarr.report import ProgressBar
 from scrollzarr.sinks import LevelSink, Parts, SinkSpec, open_sink
 from scrollzarr.storage import Location, storage, zarr_store
 from scrollzarr.store import damaged_units, unit_index
+from scrollzarr.streaming import halving_stripe_rows
 from scrollzarr.tiffstack import SliceReadError, StackError, TiffStack, first_unreadable_row, read_rows
 from scrollzarr.window import Window
 from scrollzarr.workers import Workers
@@ -166,17 +168,28 @@ class SliceSource:
 
 @dataclass(frozen=True)
 class Task:
-    """A box of one level: whole write units, written by this task alone.
+    """A box of one level, and of the levels below it the task also writes: whole write units of each, written
+    by this task alone.
 
     Attributes
     ----------
     level : int
     box : ((int, int), (int, int), (int, int))
         ``[start, stop)`` in z, y and x, in the level's voxels.
+    levels : int
+        Levels the task writes: ``level`` and the ``levels - 1`` below it, each halved in memory from the one
+        above (:meth:`box_at`).  The box's start is a multiple of the write unit times ``2**(levels - 1)``.
     """
 
     level: int
     box: Box
+    levels: int = 1
+
+    def box_at(self, below: int) -> Box:
+        """The box the task writes of level ``level + below``: its box halved ``below`` times, rounded up (the
+        volume's odd edges)."""
+        scale = 2**below
+        return tuple((start // scale, -(-stop // scale)) for start, stop in self.box)  # type: ignore[return-value]
 
     @property
     def name(self) -> str:
@@ -228,12 +241,22 @@ class Job:
 
 @dataclass
 class TaskResult:
-    """What a finished task reports: chunk files written (not all zero), the bad slices it found (slice: first
-    row written as zeros), and the seconds it took (0 for a task finished by an earlier run)."""
+    """What a finished task reports: chunk files written (not all zero) of each level it writes (its own first),
+    the bad slices it found (slice: first row written as zeros), and the seconds it took (0 for a task finished
+    by an earlier run)."""
+
+    chunks: tuple[int, ...] = ()
+    bad_rows: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class LevelTotal:
+    """What the tasks that write a level found: its chunk files written (not all zero), and the bad slices
+    (slice: first row written as zeros; level 0's tasks)."""
 
     chunks: int = 0
     bad_rows: dict[int, int] = field(default_factory=dict)
-    seconds: float = 0.0
 
 
 def level_tasks(shape: Shape3, block: Shape3, level: int) -> list[Task]:
@@ -262,14 +285,18 @@ def run_task(job: Job, task: Task) -> TaskResult:
     # a decoded slice and zarr's buffers are fresh memory from the kernel otherwise, page-faulted in for every
     # slice (measured on the cluster bench: 7.0 s of system time in 10.5 s, 5.0 s with this; wall 9.4 s)
     keep_freed_memory()
-    sink = _Fenced(open_sink(job.levels[task.level]), job)
+    sinks = [_Fenced(open_sink(job.levels[level]), job) for level in range(task.level, task.level + task.levels)]
     bad: dict[int, int] = {}
-    chunks = _convert_box(job, task.box, sink, bad) if task.level == 0 else _downsample_box(job, task, sink)
+    if task.level == 0:
+        chunks = _convert_box(job, task, sinks, bad)
+    else:
+        assert task.levels == 1  # lower levels are built a level at a time, from the stored level above
+        chunks = (_downsample_box(job, task, sinks[0]),)
     # the units are durable before the marker that vouches for them is written
     store = storage(job.output)
     store.sync()
     _check_fence(job)
-    store.put(marker_key(job.run, task), json.dumps({"chunks": chunks, "bad_rows": bad}).encode())
+    store.put(marker_key(job.run, task), json.dumps({"chunks": list(chunks), "bad_rows": bad}).encode())
     return TaskResult(chunks, bad, time.monotonic() - started)
 
 
@@ -304,24 +331,57 @@ def _limit_threads(threads: int) -> None:
         zarr.config.set({"threading.max_workers": threads})
 
 
-def _convert_box(job: Job, box: Box, sink: _Fenced, bad: dict[int, int]) -> int:
-    """Read level-0 ``box`` from the slices and write its units; the chunks written."""
+def _convert_box(job: Job, task: Task, sinks: list[_Fenced], bad: dict[int, int]) -> tuple[int, ...]:
+    """Read level-0 ``task``'s box from the slices, write its units, and halve it into the levels below that the
+    task writes, writing theirs; the chunks written of each level."""
     assert job.source is not None  # a job with level-0 tasks is a conversion's
     source = job.source
-    (z0, z1), (y0, y1), (x0, x1) = box
+    (z0, z1), (y0, y1), (x0, x1) = task.box
     oz, oy, ox = job.origin
     slab = np.empty((z1 - z0, y1 - y0, x1 - x0), np.dtype(source.dtype))
     lock = threading.Lock()
     rows, cols = (oy + y0, oy + y1), (ox + x0, ox + x1)
     with Workers(job.threads) as workers:
         workers.run(partial(source.read, oz + z, rows, cols, slab[z - z0], bad, lock) for z in range(z0, z1))
-        _, height, width = sink.unit
-        corners = product(range(y0, y1, height), range(x0, x1, width))
-        pieces = [
-            partial(sink.write, (z0, y, x), slab[:, y - y0 : y + height - y0, x - x0 : x + width - x0])
-            for y, x in corners
-        ]
-        return sum(workers.run(pieces))
+        written = [_write_units(workers, sinks[0], (z0, y0, x0), slab)]
+        for below, sink in enumerate(sinks[1:], start=1):
+            slab = _halved(workers, slab, job.algorithm)
+            (z, _), (y, _), (x, _) = task.box_at(below)
+            written.append(_write_units(workers, sink, (z, y, x), slab))
+    return tuple(written)
+
+
+def _write_units(workers: Workers, sink: _Fenced, corner: Shape3, block: np.ndarray) -> int:
+    """Write ``block`` (whole write units of ``sink`` from ``corner``, or up to the level's edge); the chunks
+    written."""
+    z0, y0, x0 = corner
+    return sum(
+        workers.run(
+            partial(sink.write, (z0 + z, y0 + y, x0 + x), block[z:z1, y:y1, x:x1])
+            for (z, z1), (y, y1), (x, x1) in iter_boxes(shape3(block.shape), sink.unit)
+        )
+    )
+
+
+def _halved(workers: Workers, block: np.ndarray, algorithm: ds.Algorithm) -> np.ndarray:
+    """``block`` halved with ``algorithm`` (one with no context beyond a 2 x 2 x 2 cell), a stripe of rows at a
+    time on ``workers`` (stripes small enough to stay in the processor's cache: :data:`STRIPE_BYTES`).
+
+    Returns
+    -------
+    ndarray, shape (ceil(Z/2), ceil(Y/2), ceil(X/2)), ``block``'s dtype
+    """
+    assert not ds.halo(algorithm)
+    target = np.empty(ds.halved_shape(shape3(block.shape)), block.dtype)
+    height = block.shape[1]
+    stripe = halving_stripe_rows(block.shape[0] * block.shape[2] * block.itemsize)
+
+    def halve(r0: int) -> None:
+        r1 = min(r0 + stripe, height)
+        target[:, r0 // 2 : (r1 + 1) // 2] = ds.downsample(block[:, r0:r1], algorithm)
+
+    workers.run(partial(halve, r0) for r0 in range(0, height, stripe))
+    return target
 
 
 def _downsample_box(job: Job, task: Task, sink: _Fenced) -> int:
@@ -346,8 +406,8 @@ def _split(box: Box, unit: Shape3, parts: int) -> list[Box]:
 
 
 def task_voxels(task: Task) -> int:
-    """Voxels ``task`` writes (for the progress bar)."""
-    return box_size(task.box)
+    """Voxels ``task`` writes, of all its levels (for the progress bar)."""
+    return sum(box_size(task.box_at(below)) for below in range(task.levels))
 
 
 def run_prefix(run: str) -> str:
@@ -382,22 +442,26 @@ def finished(output: Location, run: str, tasks: list[Task]) -> dict[Task, TaskRe
             continue
         try:
             recorded = json.loads(store.get(marker_key(run, task)))
-            done[task] = TaskResult(recorded["chunks"], {int(z): row for z, row in recorded["bad_rows"].items()})
+            chunks = recorded["chunks"]  # a number in the markers of runs before a task wrote several levels
+            done[task] = TaskResult(
+                tuple(chunks) if isinstance(chunks, list) else (chunks,),
+                {int(z): row for z, row in recorded["bad_rows"].items()},
+            )
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return done
 
 
-def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar: ProgressBar) -> dict[int, TaskResult]:
+def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar: ProgressBar) -> dict[int, LevelTotal]:
     """Run the tasks of each level of ``levels`` on ``executor``, a level after the one above (a barrier: a
     level is built from the stored level above), but those marked finished by an earlier run.
 
     Returns
     -------
-    dict of int to TaskResult
-        For each level: its chunks written, and the bad slices its tasks found, by all its tasks.
+    dict of int to LevelTotal
+        For each level written: what the tasks that write it found.
     """
-    totals = {}
+    totals: dict[int, LevelTotal] = {}
     reported: set[int] = set()
     for level, tasks in levels.items():
         bar.set_description(f"level {level}")
@@ -422,23 +486,25 @@ def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar:
                 "level %d: %d task(s) run, %.3f s each on average (%.3f s the longest)",
                 level, len(seconds), sum(seconds) / len(seconds), max(seconds),
             )  # fmt: skip
-        total = TaskResult()
         for result in results:
-            total.chunks += result.chunks
+            for below, chunks in enumerate(result.chunks):
+                totals.setdefault(level + below, LevelTotal()).chunks += chunks
+            bad = totals.setdefault(level, LevelTotal()).bad_rows
             for z, row in result.bad_rows.items():
-                total.bad_rows[z] = min(row, total.bad_rows.get(z, row))
-        totals[level] = total
+                bad[z] = min(row, bad.get(z, row))
     return totals
 
 
-def unmark_damaged(output: Location, run: str, spec: SinkSpec, tasks: list[Task]) -> None:
-    """Find the damaged unit files of the level of ``spec`` (:func:`~scrollzarr.store.damaged_units`); forget
-    the task of ``tasks`` that wrote each, then delete it: the resumed run writes it again."""
+def unmark_damaged(output: Location, run: str, level: int, spec: SinkSpec, tasks: list[Task]) -> None:
+    """Find the damaged unit files of ``level`` (its ``spec``: :func:`~scrollzarr.store.damaged_units`); forget
+    the task of ``tasks`` (of any level) that wrote each, then delete it: the resumed run writes it again."""
     for path, problem in damaged_units(spec):
         log.warning("chunk file %s is damaged (%s); it is written again", path, problem)
         corner = [i * n for i, n in zip(unit_index(spec, path), spec.layout.unit, strict=True)]
         for task in tasks:
-            if all(a <= c < b for (a, b), c in zip(task.box, corner, strict=True)):
+            if not task.level <= level < task.level + task.levels:
+                continue
+            if all(a <= c < b for (a, b), c in zip(task.box_at(level - task.level), corner, strict=True)):
                 unmark(output, run, task)
         path.unlink()
 

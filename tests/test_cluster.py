@@ -519,3 +519,107 @@ def test_a_scheduler_lost_mid_run_is_one_line_and_the_store_resumes(tmp_path, sl
         cluster.stop()
     assert_ok(convert(slices, out, *SMALL, "--resume"))
     assert store_files(out) == local_stores["zarr 2"]
+
+
+# Level-0 tasks that halve their slab in memory into the levels below
+
+
+def dry_run(source: Path, out: Path, *args: object) -> str:
+    result = scroll_to_ome(source, out, "--chunk_size", CHUNK, "--nlevels", LEVELS, "--dry_run", *args)
+    assert_ok(result)
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "written"),
+    [
+        ("zarr 2", (), 1),
+        ("zarr 2, every level by level 0's tasks", ("--max_gb", "1"), 2),
+        ("zarr 2, 1 of 2 bytes", ("--obytes", "1"), 1),
+        (
+            "zarr 3, sharded, blosc-zstd",
+            ("--zarr_format", "3", "--shard_shape", "16,32,32", "--compressor", "blosc-zstd"),
+            1,
+        ),
+    ],
+)
+def test_tasks_writing_several_levels_write_the_local_runs_store(name, args, written, slices, volume, tmp_path):
+    local = tmp_path / "local" / "s.zarr"
+    local.parent.mkdir()
+    assert_ok(scroll_to_ome(slices, local, "--chunk_size", CHUNK, "--nlevels", LEVELS, "--quiet", *args))
+    out = tmp_path / "s.zarr"
+    assert f"writing levels 0 to {written} (each halved in memory)" in dry_run(
+        slices, out, *args, "--scheduler", "local:2"
+    )
+    assert_ok(
+        scroll_to_ome(
+            slices, out, "--chunk_size", CHUNK, "--nlevels", LEVELS, "--quiet", *args, "--scheduler", "local:2"
+        )
+    )
+    assert store_files(out) == store_files(local)
+    if "--obytes" not in args:
+        group = zarr.open_group(str(out), mode="r")
+        for level, expected in enumerate(pyramid(volume, LEVELS)):
+            np.testing.assert_array_equal(group[str(level)][...], expected)
+
+
+def test_gaussian_level_0_tasks_write_level_0_only_and_the_local_runs_store(slices, volume, tmp_path):
+    args = ("--algorithm", "gaussian")
+    local = tmp_path / "local" / "s.zarr"
+    local.parent.mkdir()
+    assert_ok(scroll_to_ome(slices, local, "--chunk_size", CHUNK, "--nlevels", LEVELS, "--quiet", *args))
+    out = tmp_path / "s.zarr"
+    plan = dry_run(slices, out, *args, "--scheduler", "local:2")
+    assert "writing levels" not in plan and "level 1: " in plan and "from the stored level 0" in plan
+    assert_ok(
+        scroll_to_ome(
+            slices, out, "--chunk_size", CHUNK, "--nlevels", LEVELS, "--quiet", *args, "--scheduler", "local:2"
+        )
+    )
+    assert store_files(out) == store_files(local)
+
+
+def test_odd_edges_in_every_axis_give_the_reference_pyramid(tmp_path):
+    """A volume whose sizes are odd at every level, so that a task's last box is halved with padding."""
+    z, y, x = np.mgrid[0:67, 0:83, 0:45]
+    volume = ((z * 977 + y * 131 + x * 17) % 65521).astype(np.uint16)
+    source = tmp_path / "slices"
+    write_stack(source, volume, compression="zlib")
+    out = tmp_path / "s.zarr"
+    assert "writing levels 0 to" in dry_run(source, out, "--scheduler", "local:2", "--nlevels", 4)
+    assert_ok(scroll_to_ome(source, out, "--chunk_size", CHUNK, "--nlevels", 4, "--quiet", "--scheduler", "local:2"))
+    group = zarr.open_group(str(out), mode="r")
+    for level, expected in enumerate(pyramid(volume, 4)):
+        np.testing.assert_array_equal(group[str(level)][...], expected)
+
+
+def test_a_damaged_lower_level_chunk_of_a_finished_level_0_task_is_written_again_on_resume(
+    tmp_path, slices, volume, local_stores, slow_tasks
+):
+    out = tmp_path / "s.zarr"
+    every_level = ("--max_gb", "1")  # after SMALL: tasks of level 0 that write every level
+    process = start_conversion(
+        slices, out, "--scheduler", "local:2", *every_level, env={"PYTHONPATH": str(slow_tasks), **SLOW}
+    )
+    wait_for_tasks(out, process, 2)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    markers = sorted((out / "scrollzarr_tasks").rglob("*.json"))
+    assert markers and all(marker.parent.name == "0" for marker in markers)  # level-0 tasks write level 1 too
+    boxes = [[tuple(map(int, side.split("-"))) for side in marker.stem.split("_")] for marker in markers]
+    # a level-1 chunk of a finished task, at a place that is not that task's in level-0 coordinates (a wrong
+    # task forgotten on resume leaves the chunk unwritten)
+    damaged = next(
+        path
+        for path in sorted((out / "1").rglob("*"))
+        if path.is_file() and not path.name.startswith(".")
+        for corner in [[CHUNK * int(part) for part in path.relative_to(out / "1").parts]]
+        for box in boxes
+        if all(a // 2 <= c < -(-b // 2) for (a, b), c in zip(box, corner, strict=True))
+        and not all(a <= c < b for (a, b), c in zip(box, corner, strict=True))
+    )
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    result = scroll_to_ome(slices, out, "--chunk_size", CHUNK, "--nlevels", LEVELS, *every_level, "--resume", "-v")
+    assert_ok(result)
+    assert re.search(rf"chunk file \S*{re.escape(damaged.name)} is damaged", result.stderr), result.stderr
+    assert store_files(out) == local_stores["zarr 2"]
