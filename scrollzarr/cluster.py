@@ -8,6 +8,7 @@ optional extra).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -227,8 +228,10 @@ class DaskExecutor:
                 yield task, result
         finally:
             self.client.cancel([*futures])
-            if self.client.status == "running":
-                self.client.unregister_worker_plugin(name)
+            # a scheduler lost meanwhile took the plugin with it; its error is what the run reports
+            with contextlib.suppress(OSError, TimeoutError):
+                if self.client.status == "running":
+                    self.client.unregister_worker_plugin(name)
 
     def _failure(self, task: Work, error: Exception) -> str:
         """What to say of ``task``, which failed for good with ``error``: the scheduler or every worker lost, or
