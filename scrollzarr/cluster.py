@@ -209,14 +209,19 @@ class DaskExecutor:
         # measured: 1 run in 3 with a worker killed a second into the render).  Not a task's result either (see
         # scrollzarr.clustershared: Dask then ran the tasks of a small level on one worker).
         name = f"scrollzarr-{run}-shared"
-        self.client.register_plugin(Shared(shared), name=name)
-        futures = {
-            self.client.submit(
-                call, name, function, task, key=f"scrollzarr-{run}-{index}", pure=False, retries=RETRIES
-            ): task
-            for index, task in enumerate(tasks)
-        }
+        futures: dict[Any, T] = {}
         try:
+            try:
+                self.client.register_plugin(Shared(shared), name=name)
+            except Exception as error:  # distributed raises many kinds: a worker or the scheduler lost, ...
+                what = " ".join(f"{type(error).__name__}: {error}".split())
+                raise TaskFailed(
+                    f"could not send the run's work to every Dask worker of {self.address} ({what}); check the "
+                    f"workers, then {self.then}"
+                ) from None
+            for index, task in enumerate(tasks):
+                key = f"scrollzarr-{run}-{index}"
+                futures[self.client.submit(call, name, function, task, key=key, pure=False, retries=RETRIES)] = task
             for future in distributed.as_completed(futures):
                 task = futures[future]
                 try:
@@ -227,11 +232,17 @@ class DaskExecutor:
                     raise TaskFailed(self._failure(task, error)) from None
                 yield task, result
         finally:
+            self._release(futures, name)
+
+    def _release(self, futures: dict[Any, T], name: str) -> None:
+        """Cancel the run's tasks and remove its plugin from the cluster.  Quietly: after a scheduler was lost
+        or restarted meanwhile (distributed then raises a connection error, a ValueError for a plugin the new
+        scheduler never had, or a ClosedClientError), what the run reports is that, not this."""
+        with contextlib.suppress(Exception):
             self.client.cancel([*futures])
-            # a scheduler lost meanwhile took the plugin with it; its error is what the run reports
-            with contextlib.suppress(OSError, TimeoutError):
-                if self.client.status == "running":
-                    self.client.unregister_worker_plugin(name)
+        with contextlib.suppress(Exception):
+            if self.client.status == "running":
+                self.client.unregister_worker_plugin(name)
 
     def _failure(self, task: Work, error: Exception) -> str:
         """What to say of ``task``, which failed for good with ``error``: the scheduler or every worker lost, or

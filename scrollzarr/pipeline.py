@@ -211,14 +211,15 @@ def plan_conversion(input_dir: Path, output: Location, options: Options, slots: 
     if limit is not None and tasks:
         limit //= slots
     bands = memory.plan_bands(layout, limit)
-    if record is not None and record.bands != [bands.rows, bands.cols, bands.streamed]:
+    if record is not None and (tasks or record.bands != [bands.rows, bands.cols, bands.streamed]):
         rows, cols, streamed = record.bands  # the stopped run's bands, so that its work fits
-        if tasks:
+        if tasks:  # a level-0 task's band is not a streamed band, even where their shapes agree
             cost = memory.task_cost(layout, rows, cols, streamed + 1)
         else:
             cost = memory.band_cost(layout, rows, cols, streamed)
+        if record.bands != [bands.rows, bands.cols, bands.streamed]:
+            log.info("resuming with the stopped run's bands of %d x %d (rows x columns)", rows, cols)
         bands = memory.BandPlan(rows, cols, streamed, cost)
-        log.info("resuming with the stopped run's bands of %d x %d (rows x columns)", rows, cols)
     if tasks and record is None:  # level-0 tasks that write the most levels; else each a row of units in z
         several = memory.task_band(layout, limit, parallel)
         if several is None:

@@ -431,7 +431,8 @@ def finished(output: Location, run: str, tasks: list[Task]) -> dict[Task, TaskRe
     reported.
 
     A marker that cannot be read (a stop while it was written leaves none: it is
-    renamed in whole) counts as not finished.
+    renamed in whole), or that counts the chunks of another number of levels than
+    the task writes, counts as not finished.
     """
     done = {}
     store = storage(output)
@@ -443,10 +444,10 @@ def finished(output: Location, run: str, tasks: list[Task]) -> dict[Task, TaskRe
         try:
             recorded = json.loads(store.get(marker_key(run, task)))
             chunks = recorded["chunks"]  # a number in the markers of runs before a task wrote several levels
-            done[task] = TaskResult(
-                tuple(chunks) if isinstance(chunks, list) else (chunks,),
-                {int(z): row for z, row in recorded["bad_rows"].items()},
-            )
+            chunks = tuple(chunks) if isinstance(chunks, list) else (chunks,)
+            if len(chunks) != task.levels:  # a marker of a task that wrote other levels: run it again
+                continue
+            done[task] = TaskResult(chunks, {int(z): row for z, row in recorded["bad_rows"].items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return done

@@ -623,3 +623,50 @@ def test_a_damaged_lower_level_chunk_of_a_finished_level_0_task_is_written_again
     assert_ok(result)
     assert re.search(rf"chunk file \S*{re.escape(damaged.name)} is damaged", result.stderr), result.stderr
     assert store_files(out) == local_stores["zarr 2"]
+
+
+def test_workers_that_cannot_take_the_runs_work_stop_it_in_one_line_and_it_resumes(tmp_path, slices, local_stores):
+    """A worker that cannot install what every task needs (here its unpickling fails, as for a worker lost but
+    not yet dropped by the scheduler) stops the run before any task, in one line; the store resumes elsewhere."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "scrollzarr_nojob.py").write_text(
+        "import scrollzarr.clustershared\n"
+        "def refuse(self, state):\n"
+        "    raise RuntimeError('this worker refuses the job')\n"
+        "scrollzarr.clustershared.Shared.__setstate__ = refuse\n"
+    )
+    cluster = Cluster(tmp_path / "cluster", 2, (broken,), DASK_DISTRIBUTED__WORKER__PRELOAD='["scrollzarr_nojob"]')
+    try:
+        out = tmp_path / "s.zarr"
+        result = convert(slices, out, *SMALL, "--scheduler", cluster.file)
+        assert_one_line_error(
+            result, "could not send the run's work to every Dask worker of", "then continue with --resume"
+        )
+        assert finished_tasks(out) == 0
+    finally:
+        cluster.stop()
+    assert_ok(convert(slices, out, *SMALL, "--scheduler", "local:2", "--resume"))
+    assert store_files(out) == local_stores["zarr 2"]
+
+
+def test_a_marker_of_a_task_that_wrote_other_levels_is_not_taken_as_finished(
+    tmp_path, slices, local_stores, slow_tasks
+):
+    out = tmp_path / "s.zarr"
+    every_level = ("--max_gb", "1")  # after SMALL: tasks of level 0 that write every level
+    process = start_conversion(
+        slices, out, "--scheduler", "local:2", *every_level, env={"PYTHONPATH": str(slow_tasks), **SLOW}
+    )
+    wait_for_tasks(out, process, 2)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    markers = sorted((out / "scrollzarr_tasks").rglob("*.json"))
+    marker = json.loads(markers[0].read_text())
+    assert len(marker["chunks"]) == LEVELS
+    # as an earlier version's task of the same box that wrote level 0 only would have marked it
+    markers[0].write_text(json.dumps({**marker, "chunks": marker["chunks"][0]}))
+    result = scroll_to_ome(slices, out, "--chunk_size", CHUNK, "--nlevels", LEVELS, *every_level, "--resume", "-v")
+    assert_ok(result)
+    assert re.search(rf"level 0: \d+ tasks, {len(markers) - 1} finished before", result.stderr), result.stderr
+    assert store_files(out) == local_stores["zarr 2"]
