@@ -10,7 +10,7 @@ from pathlib import Path
 from scrollzarr import commands
 from scrollzarr._cli import Parser, add_scheduler, add_verbosity, add_workers, run, scheduler_address, setup_logging
 from scrollzarr.layers import LayerOptions
-from scrollzarr.sampling import STACK_FILTERS
+from scrollzarr.sampling import DIRECTIONS, STACK_FILTERS
 
 PROGRAM = "ppm_to_layers"
 
@@ -33,17 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--number-of-layers",
         type=int,
         default=65,
-        help="layers, centred on the surface: layer k lies (k - (N-1)/2) x spacing voxels along the normal",
+        help="layers, centred on the surface by default: layer k lies (k - (N-1)/2) x spacing voxels along the "
+        "normal (see --direction)",
     )
     parser.add_argument(
         "--number_of_stacked_layers",
         "--number-of-stacked-layers",
         type=int,
         default=None,
-        help="layers closest to the middle that the stacked image combines (default 25, or all layers if fewer)",
+        help="layers nearest the surface that the stacked image combines (default 25, or all layers if fewer)",
     )
     parser.add_argument(
         "--layer_spacing", "--layer-spacing", type=float, default=1.0, help="distance between layers, in voxels"
+    )
+    parser.add_argument(
+        "--direction",
+        choices=DIRECTIONS,
+        default="both",
+        help="where the layers lie: both sides of the surface (layer k at (k - (N-1)/2) x spacing), the positive "
+        "side of the normal (k x spacing: layer 0 on the surface) or the negative side ((k - (N-1)) x spacing), "
+        "as volume-cartographer's programs allow",
     )
     parser.add_argument(
         "--stack_filter",
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         layers=args.number_of_layers,
         stacked=args.number_of_stacked_layers,
         spacing=args.layer_spacing,
+        direction=args.direction,
         stack_filter=args.stack_filter,
         workers=args.workers,
         cache_gb=args.zarr_cache_max_size_gb,

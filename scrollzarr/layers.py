@@ -43,7 +43,15 @@ from scrollzarr.options import check_workers
 from scrollzarr.outputlock import LOCK_NAME, OutputLock, holder
 from scrollzarr.ppm import Ppm, open_ppm
 from scrollzarr.report import progress
-from scrollzarr.sampling import STACK_FILTERS, layer_offsets, sample_bounds, sample_layers, stack, stacked_layers
+from scrollzarr.sampling import (
+    DIRECTIONS,
+    STACK_FILTERS,
+    layer_offsets,
+    sample_bounds,
+    sample_layers,
+    stack,
+    stacked_layers,
+)
 from scrollzarr.sizes import GIB, format_bytes
 from scrollzarr.store import ZARR_METADATA
 from scrollzarr.volume import open_volume
@@ -70,6 +78,7 @@ class LayerOptions:
     layers: int = 65
     stacked: int | None = None
     spacing: float = 1.0
+    direction: str = "both"
     stack_filter: str = "max"
     workers: int | None = None
     cache_gb: float = 8.0
@@ -106,6 +115,8 @@ class LayerOptions:
             raise UsageError(
                 f"--layer_spacing must be at most {MAX_SPACING} voxels (wider than any scroll), not {self.spacing}"
             )
+        if self.direction not in DIRECTIONS:
+            raise UsageError(f"--direction must be one of {', '.join(DIRECTIONS)}, not {self.direction}")
         if self.stack_filter not in STACK_FILTERS:
             raise UsageError(f"--stack_filter must be one of {', '.join(STACK_FILTERS)}, not {self.stack_filter}")
         if self.workers is not None:
@@ -249,7 +260,7 @@ def ppm_to_layers(
             ppm.width,
             ppm.height,
             options.layers,
-            stacked_layers(options.layers, options.stacked_count),
+            stacked_layers(options.layers, options.stacked_count, options.direction),
             options.stack_filter,
             dtype,
             options.level,
@@ -273,6 +284,7 @@ def ppm_to_layers(
                 level=options.level,
                 layers=options.layers,
                 spacing=options.spacing,
+                direction=options.direction,
                 stacked=report.stacked,
                 stack_filter=options.stack_filter,
                 block_size=options.block_size,
@@ -382,7 +394,7 @@ class RenderJob:
         The surface (its path absolute).
     zarr : Path
         The volume (absolute); each process opens it once per job.
-    level, layers, spacing, stacked, stack_filter, block_size
+    level, layers, spacing, direction, stacked, stack_filter, block_size
         As :class:`LayerOptions` gives them (``stacked``: the layers the stacked image combines).
     cache_bytes : int
         Bound on each process's chunk cache, shared by the bands it renders.
@@ -403,6 +415,7 @@ class RenderJob:
     level: int
     layers: int
     spacing: float
+    direction: str
     stacked: range
     stack_filter: str
     block_size: int
@@ -518,7 +531,7 @@ class _Sampler:
         self.volume = open_volume(job.zarr, job.level)
         self.shape = self.volume.shape
         self.dtype = self.volume.array.dtype
-        self.offsets = layer_offsets(job.layers, job.spacing)
+        self.offsets = layer_offsets(job.layers, job.spacing, job.direction)
         self.cache = ChunkCache(self.volume.array, job.cache_bytes)
 
     def tile(

@@ -20,23 +20,34 @@ OUTSIDE = -1.0
 BATCH = 1 << 17
 
 
-def layer_offsets(count: int, spacing: float) -> np.ndarray:
-    """Distances along the normal of the ``count`` layers, in voxels: ``(k - (count - 1) / 2) · spacing``.
+# Where the layers lie around the surface (``--direction``), as volume-cartographer's programs let them lie.
+DIRECTIONS = ("both", "positive", "negative")
+
+
+def layer_offsets(count: int, spacing: float, direction: str = "both") -> np.ndarray:
+    """Distances along the normal of the ``count`` layers, in voxels.
+
+    ``both``: ``(k - (count - 1) / 2) · spacing``, centred on the surface;
+    ``positive``: ``k · spacing`` (layer 0 on the surface); ``negative``:
+    ``(k - (count - 1)) · spacing`` (the last layer on the surface).
 
     Returns
     -------
     ndarray, shape (count,), float64
     """
-    return (np.arange(count, dtype=np.float64) - (count - 1) / 2) * spacing
+    layer = np.arange(count, dtype=np.float64)
+    first = {"both": (count - 1) / 2, "positive": 0, "negative": count - 1}[direction]
+    return (layer - first) * spacing
 
 
-def stacked_layers(count: int, stacked: int) -> range:
-    """The ``stacked`` layers of ``count`` closest to the middle one (ties go to the lower layers).
+def stacked_layers(count: int, stacked: int, direction: str = "both") -> range:
+    """The ``stacked`` layers of ``count`` nearest the surface (see :func:`layer_offsets`).
 
-    With odd ``count`` and odd ``stacked`` these are
-    ``(count - 1) / 2 ± (stacked - 1) / 2``.
+    ``both``: those closest to the middle one (ties go to the lower layers; with
+    odd ``count`` and odd ``stacked``, ``(count - 1) / 2 ± (stacked - 1) / 2``);
+    ``positive``: the first ``stacked``; ``negative``: the last ``stacked``.
     """
-    first = (count - stacked) // 2
+    first = {"both": (count - stacked) // 2, "positive": 0, "negative": count - stacked}[direction]
     return range(first, first + stacked)
 
 

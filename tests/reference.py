@@ -83,17 +83,26 @@ def trilinear(volume: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def layers_reference(
-    volume: np.ndarray, surface: np.ndarray, count: int, spacing: float, scale: float = 1.0, origin=(0, 0, 0)
+    volume: np.ndarray,
+    surface: np.ndarray,
+    count: int,
+    spacing: float,
+    scale: float = 1.0,
+    origin=(0, 0, 0),
+    direction: str = "both",
 ) -> np.ndarray:
     """Layer values (count, H, W), float64 before rounding, of a .ppm ``surface`` (H, W, 6: x, y, z, nx, ny, nz).
 
     ``volume`` covers scroll voxels from ``origin`` (z, y, x) in steps of ``scale``; unmapped pixels are 0.
+    Layer k lies (k - (count - 1) / 2) spacings along the normal (``both``), k spacings (``positive``) or
+    k - (count - 1) spacings (``negative``).
     """
     mapped = np.any(surface[..., 3:] != 0, axis=-1)
     position = surface[mapped][:, [2, 1, 0]].T
     normal = surface[mapped][:, [5, 4, 3]].T
     out = np.zeros((count, *surface.shape[:2]))
     for k in range(count):
-        point = position + (k - (count - 1) / 2) * spacing * normal
+        steps = {"both": k - (count - 1) / 2, "positive": k, "negative": k - (count - 1)}[direction]
+        point = position + steps * spacing * normal
         out[k][mapped] = trilinear(volume, (point - np.array(origin, dtype=float)[:, None]) / scale)
     return out

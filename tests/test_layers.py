@@ -296,3 +296,37 @@ def test_memory_stays_bounded_on_a_segment_larger_than_the_bound(scroll, volume,
     reference = np.tile(layers_reference(volume, surface, 65, 1.0)[32], (80, 14))
     reference[:, np.arange(big.shape[1]) % 64 != 0] = 0
     assert_matches(middle, reference)
+
+
+@pytest.mark.parametrize(
+    ("direction", "stacked"),
+    [("positive", slice(0, 3)), ("negative", slice(4, 7)), ("both", slice(2, 5))],
+)
+def test_layers_on_one_side_of_the_surface(scroll, volume, sheet, tmp_path, direction, stacked):
+    """--direction positive puts layer 0 on the surface and the others along the normal; negative the last layer
+    on it and the others against the normal; the stacked image combines the layers nearest the surface."""
+    ppm, surface = sheet
+    options = ["--number_of_layers", 7, "--layer_spacing", 1.5, "--number_of_stacked_layers", 3]
+    result = ppm_to_layers(
+        ppm, scroll / "scroll.zarr", tmp_path / "l", tmp_path / "s.tif", *options, "--direction", direction
+    )
+    assert_ok(result)
+    _, layers = read_layers(tmp_path / "l")
+    assert_matches(layers, layers_reference(volume, surface, 7, 1.5, direction=direction))
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "s.tif"), layers[stacked].max(axis=0))
+    mapped = np.any(surface[..., 3:] != 0, axis=-1)
+    on_surface = {"positive": 0, "negative": 6, "both": 3}[direction]
+    assert layers[on_surface][mapped].mean() > 0.8 * SHEET_LEVEL  # the traced sheet
+
+
+def test_the_layers_of_the_two_sides_are_those_of_both_where_they_meet(scroll, sheet, tmp_path):
+    """Layers 0-3 of positive and 3-6 of negative (spacing 1) are layers 3-6 and 0-3 of both, N = 7."""
+    ppm, _ = sheet
+    rendered = {}
+    for direction in ("both", "positive", "negative"):
+        out = tmp_path / direction
+        options = ["--number_of_layers", 7, "--direction", direction, "--quiet"]
+        assert_ok(ppm_to_layers(ppm, scroll / "scroll.zarr", out, *options))
+        rendered[direction] = read_layers(out)[1]
+    np.testing.assert_array_equal(rendered["positive"][:4], rendered["both"][3:])
+    np.testing.assert_array_equal(rendered["negative"][3:], rendered["both"][:4])

@@ -159,6 +159,7 @@ def test_an_unfinished_store_is_refused(tmp_path, ppm, store):
         (["--block_size", 0], "--block_size must be at least 1, not 0"),
         (["--level", -1], "--level must be 0 or more, not -1"),
         (["--stack_filter", "mode"], "invalid choice: 'mode'"),
+        (["--direction", "up"], "invalid choice: 'up'"),
         (["--number_of_layers", "many"], "invalid int value: 'many'"),
     ],
 )
@@ -225,3 +226,11 @@ def test_dashed_spellings_and_the_num_threads_alias(tmp_path, ppm, store):
     for name in ("00.tif", "01.tif", "02.tif"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a.tif").read_bytes() == (tmp_path / "b.tif").read_bytes()
+
+
+def test_a_direction_unknown_to_the_library_is_a_usage_error():
+    from scrollzarr.errors import UsageError
+    from scrollzarr.layers import LayerOptions
+
+    with pytest.raises(UsageError, match="--direction must be one of both, positive, negative, not up"):
+        LayerOptions(direction="up").check()

@@ -340,6 +340,7 @@ def test_a_band_of_a_stopped_render_writes_nothing_into_the_files_of_the_next(sc
             level=0,
             layers=1,
             spacing=1.0,
+            direction="both",
             stacked=range(1),
             stack_filter="max",
             block_size=8,
@@ -370,3 +371,18 @@ def test_a_band_of_a_stopped_render_writes_nothing_into_the_files_of_the_next(sc
         layers.render_band(job, layers.Band(0, (0, 8)))
     assert not tifffile.imread(image.path).any()
     image.discard()
+
+
+def test_a_local_cluster_renders_layers_on_one_side_as_the_definition_says(scroll, tmp_path):
+    """--direction reaches the bands on the workers: layer k at k spacings against the normal's side, negative."""
+    options = [*OPTIONS[:-1], "--direction", "negative", "--number_of_stacked_layers", 2]
+    result = ppm_to_layers(
+        scroll / "sheet.ppm", scroll / "scroll.zarr", tmp_path / "layers", tmp_path / "stack.tif", *options,
+        "--scheduler", "local:2",
+    )  # fmt: skip
+    assert_ok(result)
+    surface = np.load(scroll / "sheet.npy")
+    volume = zarr.open_array(scroll / "scroll.zarr" / "0", mode="r")[:]
+    layers = np.stack([tifffile.imread(tmp_path / "layers" / f"{k:02d}.tif") for k in range(9)])
+    assert np.abs(layers - layers_reference(volume, surface, 9, 1.5, direction="negative")).max() < 0.55
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "stack.tif"), layers[7:9].max(axis=0))
