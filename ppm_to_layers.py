@@ -18,11 +18,15 @@ PROGRAM = "ppm_to_layers"
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=PROGRAM,
-        description="Sample a zarr scroll volume along the normals of a .ppm surface (volume-cartographer's "
-        "per-pixel map) into one TIFF per layer, like vc_layers_from_ppm, and optionally a stacked image, "
-        "like vc_render.",
+        description="Sample a zarr scroll volume along the normals of a surface (a .ppm, volume-cartographer's "
+        "per-pixel map, or a tifxyz folder, VC3D's) into one TIFF per layer, like vc_layers_from_ppm and "
+        "vc_render_tifxyz, and optionally a stacked image, like vc_render.",
     )
-    parser.add_argument("ppm_file", type=Path, help="the surface: a .ppm per-pixel map")
+    parser.add_argument(
+        "ppm_file",
+        type=Path,
+        help="the surface: a .ppm per-pixel map, or a tifxyz folder (x.tif, y.tif, z.tif, meta.json)",
+    )
     parser.add_argument("zarr", type=Path, help="the volume: an OME-Zarr group (level 0 is sampled) or a zarr array")
     parser.add_argument("output_tiff_dir", type=Path, help="directory for the layer TIFFs 00.tif, 01.tif, ...")
     parser.add_argument(
@@ -53,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the layers lie: both sides of the surface (layer k at (k - (N-1)/2) x spacing), the positive "
         "side of the normal (k x spacing: layer 0 on the surface) or the negative side ((k - (N-1)) x spacing), "
         "as volume-cartographer's programs allow",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="tifxyz surfaces: output pixels per voxel (default 1, as vc_render_tifxyz); the grid is upsampled "
+        "bilinearly to it",
+    )
+    parser.add_argument(
+        "--flip_normals",
+        "--flip-normals",
+        action="store_true",
+        help="sample along the surface's normals turned round (VC3D's tifxyz normals point out of the scroll)",
     )
     parser.add_argument(
         "--stack_filter",
@@ -100,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         stacked=args.number_of_stacked_layers,
         spacing=args.layer_spacing,
         direction=args.direction,
+        scale=args.scale,
+        flip_normals=args.flip_normals,
         stack_filter=args.stack_filter,
         workers=args.workers,
         cache_gb=args.zarr_cache_max_size_gb,

@@ -17,6 +17,7 @@ segment.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import shutil
@@ -54,6 +55,7 @@ from scrollzarr.sampling import (
 )
 from scrollzarr.sizes import GIB, format_bytes
 from scrollzarr.store import ZARR_METADATA
+from scrollzarr.tifxyz import COORDINATES, MASK, META, Tifxyz, is_tifxyz, open_tifxyz
 from scrollzarr.volume import open_volume
 from scrollzarr.workers import Workers, available_cores
 
@@ -79,6 +81,8 @@ class LayerOptions:
     stacked: int | None = None
     spacing: float = 1.0
     direction: str = "both"
+    scale: float | None = None
+    flip_normals: bool = False
     stack_filter: str = "max"
     workers: int | None = None
     cache_gb: float = 8.0
@@ -115,6 +119,8 @@ class LayerOptions:
             raise UsageError(
                 f"--layer_spacing must be at most {MAX_SPACING} voxels (wider than any scroll), not {self.spacing}"
             )
+        if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
+            raise UsageError(f"--scale must be a positive number of output pixels per voxel, not {self.scale}")
         if self.direction not in DIRECTIONS:
             raise UsageError(f"--direction must be one of {', '.join(DIRECTIONS)}, not {self.direction}")
         if self.stack_filter not in STACK_FILTERS:
@@ -225,7 +231,7 @@ def ppm_to_layers(
     """
     options.check()
     keep_freed_memory()
-    ppm = open_ppm(ppm_path)
+    ppm = open_surface(ppm_path, options)
     volume = open_volume(zarr_path, options.level)
     names = layer_names(options.layers)
     dtype = volume.array.dtype
@@ -247,7 +253,8 @@ def ppm_to_layers(
                 lock.mark(run)
         _check_outputs(output_dir, stack_path, options.overwrite)
         _check_space(output_dir, stack_path, ppm, options.layers, dtype)
-        readable = [ppm_path] + [path for path, _ in volume.metadata[:1]]
+        surface_file = ppm_path / COORDINATES[0] if isinstance(ppm, Tifxyz) else ppm_path
+        readable = [surface_file] + [path for path, _ in volume.metadata[:1]]
         writable = [output_dir] if stack_path is None else [output_dir, stack_path.parent]
         for path in readable:
             for directory in writable:
@@ -279,7 +286,8 @@ def ppm_to_layers(
             holders = [held[0]] * options.layers + held[1:]  # the lock that holds each file: the stack's its own
             job = RenderJob(
                 run=run,
-                ppm=replace(ppm, path=ppm.path.absolute()),
+                surface=replace(ppm, path=ppm.path.absolute()),
+                flip_normals=options.flip_normals,
                 zarr=zarr_path.absolute(),
                 level=options.level,
                 layers=options.layers,
@@ -325,6 +333,21 @@ def ppm_to_layers(
     return report
 
 
+def open_surface(path: Path, options: LayerOptions) -> Ppm | Tifxyz:
+    """The surface at ``path``: a tifxyz folder (rendered at ``--scale``, 1 output pixel per voxel by default)
+    or a ``.ppm`` file (whose pixels are its own: ``--scale`` is refused).
+
+    Raises
+    ------
+    ScrollzarrError
+    """
+    if is_tifxyz(path):
+        return open_tifxyz(path, 1.0 if options.scale is None else options.scale)
+    if options.scale is not None:
+        raise UsageError(f"--scale is for tifxyz surfaces; the .ppm {path} has its pixels already (leave --scale out)")
+    return open_ppm(path)
+
+
 @contextmanager
 def _executor(options: LayerOptions) -> Iterator[Executor]:
     """What runs the bands: the Dask cluster of ``--scheduler``, connected, or this machine's threads (dask is then
@@ -339,7 +362,7 @@ def _executor(options: LayerOptions) -> Iterator[Executor]:
 
 def _render(executor: Executor, job: RenderJob, report: LayerReport, quiet: bool) -> None:
     """Render every band of ``job`` on ``executor``, adding what each found to ``report``."""
-    ppm = job.ppm
+    ppm = job.surface
     itemsize = np.dtype(report.dtype).itemsize
     row_bytes = ppm.width * (job.layers + 1) * itemsize
     rows = max(1, min(job.block_size, BAND_BYTES // row_bytes))
@@ -390,7 +413,7 @@ class RenderJob:
     ----------
     run : str
         The render's identifier, which the output directory's record names while it runs.
-    ppm : Ppm
+    surface : Ppm or Tifxyz
         The surface (its path absolute).
     zarr : Path
         The volume (absolute); each process opens it once per job.
@@ -404,13 +427,15 @@ class RenderJob:
         Where to write: the layers in order, then the stacked image if there is one.
     stacked_image : bool
         Whether the last of ``images`` is the stacked image.
+    flip_normals : bool
+        Sample along the surface's normals turned round (``--flip_normals``).
     remote : bool
         Bands run on a cluster: each makes its rows durable before it reports, and writes into a file only while
         the lock that holds it bears the run's mark (a band of a stopped render may still be running).
     """
 
     run: str
-    ppm: Ppm
+    surface: Ppm | Tifxyz
     zarr: Path
     level: int
     layers: int
@@ -423,6 +448,7 @@ class RenderJob:
     threads: int
     images: tuple[ImageRows, ...]
     stacked_image: bool
+    flip_normals: bool
     remote: bool
 
 
@@ -456,7 +482,7 @@ def render_band(job: RenderJob, band: Band) -> BandResult:
     """
     started = time.monotonic()
     sampler = _sampler(job)
-    (v0, v1), width, block = band.rows, job.ppm.width, job.block_size
+    (v0, v1), width, block = band.rows, job.surface.width, job.block_size
     layers = np.zeros((job.layers, v1 - v0, width), sampler.dtype)
     stacked = np.zeros((v1 - v0, width), sampler.dtype) if job.stacked_image else None
     starts = list(range(0, width, block))
@@ -550,7 +576,9 @@ class _Sampler:
         -------
         mapped, nonfinite : int
         """
-        positions, normals = job.ppm.rows(*rows, *columns)
+        positions, normals = job.surface.rows(*rows, *columns)
+        if job.flip_normals:
+            normals = -normals
         finite = np.isfinite(positions).all(axis=-1) & np.isfinite(normals).all(axis=-1)
         mapped = finite & (normals != 0).any(axis=-1)
         count = int(mapped.sum())
@@ -610,6 +638,11 @@ def _check_paths(ppm_path: Path, zarr_path: Path, output_dir: Path, stack_path: 
     stack = stack_path.resolve()
     if stack == ppm:
         raise ScrollzarrError(f"OUTPUT_STACK_TIFF {stack_path} is the .ppm; give the stacked image another name")
+    if is_tifxyz(ppm_path) and stack in {ppm / name for name in (*COORDINATES, MASK, META)}:
+        raise ScrollzarrError(
+            f"OUTPUT_STACK_TIFF {stack_path} is a file of the tifxyz surface {ppm_path}; give the stacked image "
+            "another name"
+        )
     if stack == store or store in stack.parents:
         raise ScrollzarrError(
             f"OUTPUT_STACK_TIFF {stack_path} is inside the zarr store {store}; write the stacked image elsewhere"
@@ -650,7 +683,7 @@ def _check_outputs(output_dir: Path, stack_path: Path | None, overwrite: bool) -
             raise ScrollzarrError(f"{stack_path} exists; add --overwrite to replace it")
 
 
-def _check_space(output_dir: Path, stack_path: Path | None, ppm: Ppm, layers: int, dtype: np.dtype) -> None:
+def _check_space(output_dir: Path, stack_path: Path | None, ppm: Ppm | Tifxyz, layers: int, dtype: np.dtype) -> None:
     """Refuse to start a run whose TIFFs cannot fit on their file systems."""
     image = ppm.width * ppm.height * dtype.itemsize
     needs = [(output_dir, image * layers, "layer TIFFs")]

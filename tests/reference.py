@@ -106,3 +106,51 @@ def layers_reference(
         point = position + steps * spacing * normal
         out[k][mapped] = trilinear(volume, (point - np.array(origin, dtype=float)[:, None]) / scale)
     return out
+
+
+def tifxyz_reference(
+    points: np.ndarray, valid: np.ndarray, grid_scale: tuple[float, float], scale: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A tifxyz grid as output pixels, pixel by pixel, the slow and obvious way (the README's definition).
+
+    ``points`` (H, W, 3: x, y, z) and ``valid`` (H, W); ``grid_scale`` meta.json's (sx, sy); ``scale`` output
+    pixels per voxel.  Returns positions (h, w, 3: x, y, z), unit normals d/dc x d/dr (h, w, 3) and the pixels
+    that are mapped (h, w).
+    """
+    height, width = valid.shape
+    sx, sy = grid_scale
+    out_h = int(np.floor((height - 1) * scale / sy + 1e-9)) + 1
+    out_w = int(np.floor((width - 1) * scale / sx + 1e-9)) + 1
+    positions = np.zeros((out_h, out_w, 3))
+    ok = np.zeros((out_h, out_w), bool)
+    for r in range(out_h):
+        for c in range(out_w):
+            gr, gc = r * sy / scale, c * sx / scale
+            if not (0 <= gr <= height - 1 and 0 <= gc <= width - 1):
+                continue
+            i, j = min(int(gr), height - 2), min(int(gc), width - 2)
+            fr, fc = gr - i, gc - j
+            total = np.zeros(3)
+            good = True
+            for di, dj, weight in (
+                (0, 0, (1 - fr) * (1 - fc)),
+                (0, 1, (1 - fr) * fc),
+                (1, 0, fr * (1 - fc)),
+                (1, 1, fr * fc),
+            ):
+                if weight > 0:
+                    good &= bool(valid[i + di, j + dj])
+                    total += weight * points[i + di, j + dj]
+            positions[r, c], ok[r, c] = total, good
+    normals = np.zeros_like(positions)
+    mapped = np.zeros_like(ok)
+    for r in range(1, out_h - 1):
+        for c in range(1, out_w - 1):
+            if not (ok[r, c] and ok[r, c - 1] and ok[r, c + 1] and ok[r - 1, c] and ok[r + 1, c]):
+                continue
+            along_c = (positions[r, c + 1] - positions[r, c - 1]) / 2
+            along_r = (positions[r + 1, c] - positions[r - 1, c]) / 2
+            n = np.cross(along_c, along_r)
+            if np.linalg.norm(n) > 0:
+                normals[r, c], mapped[r, c] = n / np.linalg.norm(n), True
+    return positions, normals, mapped

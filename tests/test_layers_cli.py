@@ -108,8 +108,9 @@ def test_binary_header(tmp_path, store):
 def test_missing_and_unreadable_ppm(tmp_path, store):
     result = ppm_to_layers(tmp_path / "none.ppm", store, tmp_path / "out")
     assert_one_line_error(result, "cannot read the .ppm", "none.ppm", "No such file", code=1)
-    result = ppm_to_layers(tmp_path, store, tmp_path / "out")
-    assert_one_line_error(result, "cannot read the .ppm", "Is a directory", code=1)
+    (tmp_path / "folder").mkdir()
+    result = ppm_to_layers(tmp_path / "folder", store, tmp_path / "out")
+    assert_one_line_error(result, "a folder without meta.json; a surface is a .ppm file or a tifxyz folder", code=1)
 
 
 def test_volume_errors(tmp_path, ppm, store):

@@ -335,7 +335,7 @@ def test_a_band_of_a_stopped_render_writes_nothing_into_the_files_of_the_next(sc
         before = image.path.read_bytes()
         job = layers.RenderJob(
             run="stopped",
-            ppm=ppm,
+            surface=ppm,
             zarr=scroll / "scroll.zarr",
             level=0,
             layers=1,
@@ -348,6 +348,7 @@ def test_a_band_of_a_stopped_render_writes_nothing_into_the_files_of_the_next(sc
             threads=1,
             images=(image.rows(lock.path),),
             stacked_image=False,
+            flip_normals=False,
             remote=True,
         )
         lock.mark("next")
