@@ -62,8 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale",
         type=float,
         default=None,
-        help="tifxyz surfaces: output pixels per voxel (default 1, as vc_render_tifxyz); the grid is upsampled "
-        "bilinearly to it",
+        help="tifxyz surfaces: output pixels per voxel (default 1); the grid is upsampled bilinearly to it",
     )
     parser.add_argument(
         "--flip_normals",

@@ -638,7 +638,7 @@ def _check_paths(ppm_path: Path, zarr_path: Path, output_dir: Path, stack_path: 
     stack = stack_path.resolve()
     if stack == ppm:
         raise ScrollzarrError(f"OUTPUT_STACK_TIFF {stack_path} is the .ppm; give the stacked image another name")
-    if is_tifxyz(ppm_path) and stack in {ppm / name for name in (*COORDINATES, MASK, META)}:
+    if is_tifxyz(ppm_path) and stack in {(ppm / name).resolve() for name in (*COORDINATES, MASK, META)}:
         raise ScrollzarrError(
             f"OUTPUT_STACK_TIFF {stack_path} is a file of the tifxyz surface {ppm_path}; give the stacked image "
             "another name"

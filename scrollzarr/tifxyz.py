@@ -5,8 +5,10 @@ grid point, any integer or float type, tiled or stripped), ``meta.json``
 (``"format": "tifxyz"``, ``"scale": [sx, sy]``: grid samples per voxel along the
 grid's columns and rows) and optionally ``mask.tif`` (channel 0; a value below
 255 marks the point invalid; its size may be an integer multiple of the
-grid's).  A point is invalid where it is (-1, -1, -1), where z <= 0 or where a
-coordinate is not finite, as volume-cartographer's loader has it.
+grid's: a point is then masked if any pixel of its block is).  A point is
+invalid where it is (-1, -1, -1), where z <= 0 or where a coordinate is not
+finite, as volume-cartographer's loader has it.  Only the first page of each
+image is read, as VC reads it.
 
 How the grid becomes output pixels, at ``scale`` output pixels per voxel (the
 choices where the definition had to choose are marked *):
@@ -21,11 +23,12 @@ choices where the definition had to choose are marked *):
   pixel on a grid point needs that point only).
 - Its normal is the cross product of the central differences of the
   interpolated surface one output pixel away along the columns and along the
-  rows, ``d/dc x d/dr``, made unit length, as vc_render_tifxyz computes it
-  (pointing out of the scroll for VC3D's surfaces; ``--flip_normals`` turns
-  it round).  A pixel whose four neighbours are not all valid, the output's
-  outermost pixels among them, or whose differences are parallel, has no
-  normal and is unmapped, as in vc_render_tifxyz.
+  rows, ``d/dc x d/dr``, made unit length: vc_render_tifxyz's sign, pointing
+  out of the scroll for VC3D's surfaces (``--flip_normals`` turns it round).
+  vc_render_tifxyz takes each pixel's normal from its nearest grid point
+  instead (the README says where the two differ).  A pixel whose four
+  neighbours are not all valid, the output's outermost pixels among them, or
+  whose differences are parallel, has no normal and is unmapped.
 
 Unmapped pixels are given a zero normal, a ``.ppm``'s mark of an unmapped
 pixel, so that both surfaces render through one path.
@@ -33,6 +36,7 @@ pixel, so that both surfaces render through one path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -109,8 +113,8 @@ def upsample(
 
     Parameters
     ----------
-    points : ndarray, shape (H, W, 3), float64
-        (x, y, z) of each grid point, voxels.
+    points : ndarray, shape (H, W, 3), float32 or float64
+        (x, y, z) of each grid point, voxels (invalid points' values are not used).
     valid : ndarray, shape (H, W), bool
     rows, cols : ndarray, shape (R,) and (C,), float64
         Grid coordinates; outside ``[0, H - 1]`` x ``[0, W - 1]`` is invalid.
@@ -190,13 +194,13 @@ def open_tifxyz(path: Path, scale: float) -> Tifxyz:
     height, width = valid.shape
     sizes = []
     for points_count, step in ((height, grid_scale[1]), (width, grid_scale[0])):
-        pixels = math.floor((points_count - 1) * scale / step + 1e-9) + 1
-        if pixels > MAX_PIXELS:
+        span = (points_count - 1) * scale / step  # output pixels the grid spans (float: inf for absurd scales)
+        if not span < MAX_PIXELS:
             raise TifxyzError(
-                f"{path}: at --scale {scale} the output would be {pixels} pixels along an axis (the grid has "
-                f"{points_count} points, {step:g} per voxel); give a smaller --scale"
+                f"{path}: at --scale {scale:g} the output would be {span + 1:.3g} pixels along an axis (the grid has "
+                f"{points_count} points, {step:g} per voxel; at most {MAX_PIXELS} are made); give a smaller --scale"
             )
-        sizes.append(pixels)
+        sizes.append(math.floor(span + 1e-9) + 1)
     if not valid.any():
         raise TifxyzError(f"{path}: no grid point is valid (all are -1, z <= 0, not finite or masked)")
     return Tifxyz(path.absolute(), width=sizes[1], height=sizes[0], grid_scale=grid_scale, scale=scale)
@@ -205,7 +209,7 @@ def open_tifxyz(path: Path, scale: float) -> Tifxyz:
 def _meta(path: Path) -> tuple[float, float]:
     """meta.json's scale, checked."""
     try:
-        meta = json.loads((path / META).read_text())
+        meta = json.loads((path / META).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise TifxyzError(
             f"{path}: a folder without {META}; a surface is a .ppm file or a tifxyz folder (x.tif, y.tif, z.tif "
@@ -213,18 +217,21 @@ def _meta(path: Path) -> tuple[float, float]:
         ) from None
     except (OSError, ValueError) as error:
         raise TifxyzError(f"{path / META}: cannot be read as JSON ({error})") from None
-    if not isinstance(meta, dict) or meta.get("format", "tifxyz") != "tifxyz":
+    if not isinstance(meta, dict):
+        raise TifxyzError(f"{path / META}: not a tifxyz surface's (a JSON object with 'scale' is expected)")
+    if meta.get("format", "tifxyz") != "tifxyz":
         raise TifxyzError(f"{path / META}: not a tifxyz surface's (its format is {meta.get('format')!r})")
     scale = meta.get("scale")
-    if (
-        not isinstance(scale, list)
-        or len(scale) != 2
-        or not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in scale)
-    ):
-        raise TifxyzError(
-            f"{path / META}: 'scale' must be two positive numbers (grid samples per voxel), not {scale!r}"
-        )
-    return float(scale[0]), float(scale[1])
+    numbers = []
+    if isinstance(scale, list) and len(scale) == 2:
+        for value in scale:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                with contextlib.suppress(OverflowError):  # a whole number of hundreds of digits: left out
+                    numbers.append(float(value))
+    if len(numbers) != 2 or not all(math.isfinite(n) and n > 0 for n in numbers):
+        shown = repr(scale) if len(repr(scale)) <= 60 else repr(scale)[:57] + "..."
+        raise TifxyzError(f"{path / META}: 'scale' must be two positive numbers (grid samples per voxel), not {shown}")
+    return numbers[0], numbers[1]
 
 
 _GRIDS: dict[tuple[str, tuple[tuple[int, int], ...]], tuple[np.ndarray, np.ndarray]] = {}
@@ -255,20 +262,18 @@ def _read_grid(path: Path) -> tuple[np.ndarray, np.ndarray]:
     for name in COORDINATES:
         file = path / name
         try:
-            image = tifffile.imread(file)
+            image = tifffile.imread(file, key=0)  # the first page, as VC reads it
         except FileNotFoundError:
             raise TifxyzError(
                 f"{path}: no {name}; a tifxyz surface folder has x.tif, y.tif, z.tif and {META}"
             ) from None
         except Exception as error:  # tifffile raises many kinds for a damaged file
             raise TifxyzError(f"{file}: cannot be read as a TIFF ({type(error).__name__}: {error})") from None
-        if image.ndim == 3 and image.shape[0] == 1:  # one page of a stack
-            image = image[0]
         if image.ndim != 2 or not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
             raise TifxyzError(
                 f"{file}: a coordinate image must be one 2-D plane of numbers, not {image.shape} {image.dtype}"
             )
-        coordinates.append(image.astype(np.float64))
+        coordinates.append(image.astype(np.float32))  # as VC holds them: 12 bytes a point
     shapes = {image.shape for image in coordinates}
     if len(shapes) != 1:
         sizes = ", ".join(str(image.shape) for image in coordinates)
@@ -281,17 +286,18 @@ def _read_grid(path: Path) -> tuple[np.ndarray, np.ndarray]:
     mask_file = path / MASK
     if mask_file.exists():
         try:
-            mask = tifffile.imread(mask_file)
+            mask = tifffile.imread(mask_file, key=0)  # VC3D may store the mask with an image as a second page
         except Exception as error:  # tifffile raises many kinds for a damaged file
             raise TifxyzError(f"{mask_file}: cannot be read as a TIFF ({type(error).__name__}: {error})") from None
         if mask.ndim == 3:
-            mask = mask[..., 0] if mask.shape[-1] <= 4 else mask[0]  # channel 0 of a colour or a multi-page image
-        factor = mask.shape[0] // height if mask.ndim == 2 else 0
-        if factor < 1 or mask.shape != (height * factor, width * factor):
+            mask = mask[..., 0]  # channel 0
+        rows, cols = (mask.shape[0] // height, mask.shape[1] // width) if mask.ndim == 2 else (0, 0)
+        if rows < 1 or cols < 1 or mask.shape != (height * rows, width * cols):
             raise TifxyzError(
                 f"{mask_file}: {mask.shape} is not the grid's size ({height} x {width}) or a whole multiple of it"
             )
-        valid &= mask[::factor, ::factor] >= 255
+        # a point is masked if any pixel of its block is (as VC's loader reduces a larger mask)
+        valid &= mask.reshape(height, rows, width, cols).min(axis=(1, 3)) >= 255
     # an invalid point's coordinates (-1, NaN) never reach an output pixel, not even with a weight of 0 (NaN x 0)
     points[~valid] = 0.0
     return points, valid

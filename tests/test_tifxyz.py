@@ -131,7 +131,13 @@ def holey_grid(spacing: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
     grid[11, 3, 0] = np.nan
     mask = np.full((28, 34), 255, np.uint8)
     mask[14:18, 20:26] = 0  # grid points (7-8, 10-12)
+    mask[5, 7] = 100  # one pixel of point (2, 3)'s block: the point is masked
     return grid, mask
+
+
+def mask_valid(mask: np.ndarray) -> np.ndarray:
+    """The points a mask of twice the grid's size leaves valid: those whose 2 x 2 pixels are all 255."""
+    return (mask[0::2, 0::2] == 255) & (mask[1::2, 0::2] == 255) & (mask[0::2, 1::2] == 255) & (mask[1::2, 1::2] == 255)
 
 
 @pytest.mark.parametrize(
@@ -146,7 +152,7 @@ def test_holes_masks_and_odd_grids_render_as_the_definition_says(scroll, tmp_pat
         options += ["--scale", scale]
     assert_ok(ppm_to_layers(folder, store, tmp_path / "layers", *options))
     valid = np.isfinite(grid).all(axis=-1) & (grid[..., 2] > 0) & ~(grid == -1).all(axis=-1)
-    valid &= mask[::2, ::2] == 255
+    valid &= mask_valid(mask)
     positions, normals, mapped = tifxyz_reference(grid.astype(np.float32).astype(np.float64), valid, grid_scale, scale)
     layers = read_layers(tmp_path / "layers", 3)
     assert layers.shape[1:] == mapped.shape
@@ -165,7 +171,7 @@ def test_a_tifxyz_and_a_ppm_of_the_same_points_and_normals_render_the_same_files
     grid = np.rint(np.nan_to_num(grid, nan=-1))  # whole voxels, so that integer images hold them exactly
     grid[grid[..., 2] <= 0] = -1
     folder = write_tifxyz(tmp_path / "sheet", grid, (1.0, 1.0), mask, x=np.int32, y=np.float64, z=np.int16)
-    valid = ~(grid == -1).all(axis=-1) & (mask[::2, ::2] == 255)
+    valid = ~(grid == -1).all(axis=-1) & mask_valid(mask)
     positions, normals, mapped = tifxyz_reference(grid, valid, (1.0, 1.0), 1.0)
     write_ppm(tmp_path / "sheet.ppm", as_surface(positions, normals, mapped))
     options = ["--number_of_layers", 5, "--quiet"]
@@ -207,6 +213,13 @@ def broken(tmp_path: Path, change) -> Path:
         (lambda f: (f / "meta.json").write_text("{"), ["meta.json: cannot be read as JSON"]),
         (lambda f: (f / "meta.json").write_text('{"scale": [0, 1]}'), ["'scale' must be two positive numbers"]),
         (lambda f: (f / "meta.json").write_text('{"format": "obj", "scale": [1, 1]}'), ["not a tifxyz surface's"]),
+        (lambda f: (f / "meta.json").write_text("[1, 2]"), ["not a tifxyz surface's (a JSON object with 'scale'"]),
+        (lambda f: (f / "meta.json").write_text('{"scale": [true, true]}'), ["'scale' must be two positive numbers"]),
+        (
+            lambda f: (f / "meta.json").write_text('{"scale": [1' + "0" * 400 + ", 1]}"),
+            ["'scale' must be two positive numbers", "..."],
+        ),
+        (lambda f: (f / "meta.json").write_text('{"scale": [5e-324, 1]}'), ["pixels along an axis", "smaller --scale"]),
         (lambda f: (f / "y.tif").unlink(), ["no y.tif; a tifxyz surface folder has"]),
         (lambda f: (f / "z.tif").write_bytes(b"not a tiff"), ["z.tif: cannot be read as a TIFF"]),
         (lambda f: tifffile.imwrite(f / "x.tif", np.zeros((3, 3), np.float32)), ["differ in size"]),
@@ -243,6 +256,7 @@ def test_scale_and_output_paths_that_cannot_be_used_are_one_line(scroll, tmp_pat
         ([folder, store, tmp_path / "b", "--scale", 0], ["--scale must be a positive number", "not 0.0"], 2),
         ([folder, store, tmp_path / "c", "--scale", "nan"], ["--scale must be a positive number", "not nan"], 2),
         ([folder, store, tmp_path / "d", "--scale", 1e8], ["pixels along an axis", "give a smaller --scale"], 1),
+        ([folder, store, tmp_path / "f", "--scale", 1e308], ["pixels along an axis", "give a smaller --scale"], 1),
         ([folder, store, tmp_path / "e", folder / "x.tif"], ["is a file of the tifxyz surface"], 1),
     ]
     for args, fragments, code in cases:
@@ -260,3 +274,34 @@ def test_the_layers_may_be_written_into_the_surfaces_own_folder(scroll, tmp_path
     assert {path.name: path.read_bytes() for path in folder.iterdir() if path.name in before} == before
     assert all((folder / f"{k:02d}.tif").exists() for k in range(3))
     assert math.isfinite(float(tifffile.imread(folder / "01.tif").mean()))
+
+
+def test_a_stacked_image_onto_a_surface_file_behind_a_link_is_refused(scroll, tmp_path):
+    """The surface's x.tif a link to a file elsewhere: a stacked image written to that file would replace it."""
+    store, _ = scroll
+    folder = broken(tmp_path, lambda f: None)
+    data = tmp_path / "data"
+    data.mkdir()
+    (folder / "x.tif").rename(data / "x.tif")
+    (folder / "x.tif").symlink_to(data / "x.tif")
+    before = (data / "x.tif").read_bytes()
+    result = ppm_to_layers(folder, store, tmp_path / "l", data / "x.tif", "--overwrite")
+    assert_one_line_error(result, "is a file of the tifxyz surface", code=1)
+    assert (data / "x.tif").read_bytes() == before
+
+
+def test_first_pages_a_byte_order_mark_and_a_mask_stored_with_an_image(scroll, tmp_path):
+    """VC3D may keep an image as a second page of mask.tif; meta.json may start with a BOM; each coordinate
+    image's first page is read: the same render as the plain folder's."""
+    store, _ = scroll
+    grid, mask = holey_grid()
+    plain = write_tifxyz(tmp_path / "plain", grid, (0.25, 0.25), mask)
+    odd = write_tifxyz(tmp_path / "odd", grid, (0.25, 0.25))
+    tifffile.imwrite(odd / "mask.tif", np.stack([mask, np.zeros_like(mask)]))  # two pages
+    tifffile.imwrite(odd / "x.tif", np.stack([grid[..., 0], np.zeros(grid.shape[:2])]).astype(np.float32))
+    (odd / "meta.json").write_text("\ufeff" + (odd / "meta.json").read_text(), encoding="utf-8")
+    options = ["--number_of_layers", 3, "--quiet"]
+    assert_ok(ppm_to_layers(plain, store, tmp_path / "a", *options))
+    assert_ok(ppm_to_layers(odd, store, tmp_path / "b", *options))
+    for k in range(3):
+        assert (tmp_path / "a" / f"{k:02d}.tif").read_bytes() == (tmp_path / "b" / f"{k:02d}.tif").read_bytes()
