@@ -383,6 +383,12 @@ def _render(executor: Executor, job: RenderJob, report: LayerReport, quiet: bool
         "%d band(s) of %d rows rendered, %.3f s each on average (%.3f s the longest)",
         len(bands), rows, sum(seconds) / len(seconds), max(seconds),
     )  # fmt: skip
+    if not report.mapped:
+        log.warning(
+            "no pixel of the surface %s is mapped: every layer is 0 (a .ppm with no non-zero normal, or a tifxyz "
+            "grid without a valid point whose four neighbours are valid)",
+            ppm.path,
+        )
 
 
 @dataclass(frozen=True)

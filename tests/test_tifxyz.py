@@ -305,3 +305,15 @@ def test_first_pages_a_byte_order_mark_and_a_mask_stored_with_an_image(scroll, t
     assert_ok(ppm_to_layers(odd, store, tmp_path / "b", *options))
     for k in range(3):
         assert (tmp_path / "a" / f"{k:02d}.tif").read_bytes() == (tmp_path / "b" / f"{k:02d}.tif").read_bytes()
+
+
+def test_a_surface_with_no_mapped_pixel_is_rendered_with_a_warning(scroll, tmp_path):
+    """One valid cell of 2 x 2 points: its four output pixels are the outermost, so none has a normal."""
+    store, _ = scroll
+    grid = np.full((4, 4, 3), -1.0)
+    grid[1:3, 1:3] = [[[10, 10, 10], [11, 10, 10]], [[10, 11, 10], [11, 11, 10]]]
+    folder = write_tifxyz(tmp_path / "tiny", grid, (1.0, 1.0))
+    result = ppm_to_layers(folder, store, tmp_path / "l", "--number_of_layers", 1)
+    assert_ok(result)
+    assert "ppm_to_layers: no pixel of the surface" in result.stderr and "every layer is 0" in result.stderr
+    assert not tifffile.imread(tmp_path / "l" / "00.tif").any()
