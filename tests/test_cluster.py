@@ -593,18 +593,25 @@ def test_odd_edges_in_every_axis_give_the_reference_pyramid(tmp_path):
         np.testing.assert_array_equal(group[str(level)][...], expected)
 
 
-def test_a_damaged_lower_level_chunk_of_a_finished_level_0_task_is_written_again_on_resume(
-    tmp_path, slices, volume, local_stores, slow_tasks
-):
-    out = tmp_path / "s.zarr"
-    every_level = ("--max_gb", "1")  # after SMALL: tasks of level 0 that write every level
+EVERY_LEVEL = ("--max_gb", "1")  # after SMALL: tasks of level 0 that write every level
+
+
+def stopped_with_tasks_of_every_level(slices: Path, out: Path, slow_tasks: Path) -> list[Path]:
+    """A run on local:2 whose level-0 tasks write every level, killed once two tasks finished; their markers."""
     process = start_conversion(
-        slices, out, "--scheduler", "local:2", *every_level, env={"PYTHONPATH": str(slow_tasks), **SLOW}
+        slices, out, "--scheduler", "local:2", *EVERY_LEVEL, env={"PYTHONPATH": str(slow_tasks), **SLOW}
     )
     wait_for_tasks(out, process, 2)
     process.send_signal(signal.SIGKILL)
     process.communicate()
-    markers = sorted((out / "scrollzarr_tasks").rglob("*.json"))
+    return sorted((out / "scrollzarr_tasks").rglob("*.json"))
+
+
+def test_a_damaged_lower_level_chunk_of_a_finished_level_0_task_is_written_again_on_resume(
+    tmp_path, slices, volume, local_stores, slow_tasks
+):
+    out = tmp_path / "s.zarr"
+    markers = stopped_with_tasks_of_every_level(slices, out, slow_tasks)
     assert markers and all(marker.parent.name == "0" for marker in markers)  # level-0 tasks write level 1 too
     boxes = [[tuple(map(int, side.split("-"))) for side in marker.stem.split("_")] for marker in markers]
     # a level-1 chunk of a finished task, at a place that is not that task's in level-0 coordinates (a wrong
@@ -619,7 +626,7 @@ def test_a_damaged_lower_level_chunk_of_a_finished_level_0_task_is_written_again
         and not all(a <= c < b for (a, b), c in zip(box, corner, strict=True))
     )
     damaged.write_bytes(damaged.read_bytes()[:100])
-    result = scroll_to_ome(slices, out, "--chunk_size", CHUNK, "--nlevels", LEVELS, *every_level, "--resume", "-v")
+    result = scroll_to_ome(slices, out, "--chunk_size", CHUNK, "--nlevels", LEVELS, *EVERY_LEVEL, "--resume", "-v")
     assert_ok(result)
     assert re.search(rf"chunk file \S*{re.escape(damaged.name)} is damaged", result.stderr), result.stderr
     assert store_files(out) == local_stores["zarr 2"]
@@ -654,19 +661,12 @@ def test_a_marker_of_a_task_that_wrote_other_levels_is_not_taken_as_finished(
     tmp_path, slices, local_stores, slow_tasks
 ):
     out = tmp_path / "s.zarr"
-    every_level = ("--max_gb", "1")  # after SMALL: tasks of level 0 that write every level
-    process = start_conversion(
-        slices, out, "--scheduler", "local:2", *every_level, env={"PYTHONPATH": str(slow_tasks), **SLOW}
-    )
-    wait_for_tasks(out, process, 2)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    markers = sorted((out / "scrollzarr_tasks").rglob("*.json"))
+    markers = stopped_with_tasks_of_every_level(slices, out, slow_tasks)
     marker = json.loads(markers[0].read_text())
     assert len(marker["chunks"]) == LEVELS
     # as an earlier version's task of the same box that wrote level 0 only would have marked it
     markers[0].write_text(json.dumps({**marker, "chunks": marker["chunks"][0]}))
-    result = scroll_to_ome(slices, out, "--chunk_size", CHUNK, "--nlevels", LEVELS, *every_level, "--resume", "-v")
+    result = scroll_to_ome(slices, out, "--chunk_size", CHUNK, "--nlevels", LEVELS, *EVERY_LEVEL, "--resume", "-v")
     assert_ok(result)
     assert re.search(rf"level 0: \d+ tasks, {len(markers) - 1} finished before", result.stderr), result.stderr
     assert store_files(out) == local_stores["zarr 2"]
