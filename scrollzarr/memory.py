@@ -90,13 +90,18 @@ def band_cost(layout: Layout, rows: int, cols: int, streamed: int) -> int:
         area = math.ceil(rows / 2**level) * math.ceil(cols / 2**level)
         planes = LevelStream.capacity(min(depth, layout.shapes[level][0]), layout.algorithm, level < streamed)
         nbytes += planes * area * layout.out_itemsize
+    halving = _halving_cost(layout, rows, cols, streamed)
+    return nbytes + layout.workers * (_read_cost(layout, rows, cols) + halving) + _write_buffers(layout)
+
+
+def _read_cost(layout: Layout, rows: int, cols: int) -> int:
+    """Bytes a worker needs beside a band's planes to read one slice's ``rows`` x ``cols``."""
     read = layout.decode_bytes  # a decoded strip (or whole tiled slice)
     if not layout.decode_bytes and cols < layout.slice_shape[1]:
         read += rows * layout.slice_shape[1] * layout.in_itemsize  # whole rows, then cut
     if layout.in_itemsize != layout.out_itemsize:
         read += rows * cols * layout.in_itemsize  # the rows before --obytes conversion
-    halving = _halving_cost(layout, rows, cols, streamed)
-    return nbytes + layout.workers * (read + halving) + _write_buffers(layout)
+    return read
 
 
 def _write_buffers(layout: Layout) -> int:
@@ -205,12 +210,7 @@ def task_cost(layout: Layout, rows: int, cols: int, levels: int) -> int:
             row_bytes = shape[0] * shape[2] * layout.out_itemsize
             stripe = halving_stripe_rows(row_bytes) * row_bytes
             halving = max(halving, _stripe_cost(layout, stripe, odd=any(n % 2 for n in shape)))
-    read = layout.decode_bytes  # a decoded strip (or whole tiled slice)
-    if not layout.decode_bytes and cols < layout.slice_shape[1]:
-        read += rows * layout.slice_shape[1] * layout.in_itemsize  # whole rows, then cut
-    if layout.in_itemsize != layout.out_itemsize:
-        read += rows * cols * layout.in_itemsize  # the rows before --obytes conversion
-    return nbytes + layout.workers * (read + halving) + _write_buffers(layout)
+    return nbytes + layout.workers * (_read_cost(layout, rows, cols) + halving) + _write_buffers(layout)
 
 
 def task_depth(unit: int, slices: int, levels: int) -> int:
