@@ -10,6 +10,7 @@ from pathlib import Path
 from scrollzarr import commands
 from scrollzarr._cli import Parser, add_scheduler, add_verbosity, add_workers, run, scheduler_address, setup_logging
 from scrollzarr.layers import LayerOptions
+from scrollzarr.remote import volume_source
 from scrollzarr.sampling import DIRECTIONS, STACK_FILTERS
 
 PROGRAM = "ppm_to_layers"
@@ -27,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="the surface: a .ppm per-pixel map, or a tifxyz folder (x.tif, y.tif, z.tif, meta.json)",
     )
-    parser.add_argument("zarr", type=Path, help="the volume: an OME-Zarr group (level 0 is sampled) or a zarr array")
+    parser.add_argument(
+        "zarr",
+        type=volume_source,
+        help="the volume: an OME-Zarr group (level 0 is sampled) or a zarr array, a directory or an https:// or "
+        "s3:// URL",
+    )
     parser.add_argument("output_tiff_dir", type=Path, help="directory for the layer TIFFs 00.tif, 01.tif, ...")
     parser.add_argument(
         "output_stack_tiff", type=Path, nargs="?", default=None, help="file for the stacked image (optional)"
@@ -93,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="bound on the volume chunks kept in memory, in GB (GiB); peak memory is about this plus 1 GB",
     )
     parser.add_argument(
+        "--cache_dir",
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="remote volumes: where fetched chunks are kept for later runs (default ~/.cache/scrollzarr)",
+    )
+    parser.add_argument(
+        "--cache_gb",
+        "--cache-gb",
+        type=float,
+        default=20.0,
+        help="remote volumes: bound on the disk cache, in GB (GiB), least recently used out first; 0: no disk cache",
+    )
+    parser.add_argument(
         "--block_size",
         "--block-size",
         type=int,
@@ -126,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite,
         quiet=args.quiet,
         scheduler=scheduler_address(args.scheduler),
+        cache_dir=args.cache_dir,
+        disk_cache_gb=args.cache_gb,
     )
     return run(
         PROGRAM,

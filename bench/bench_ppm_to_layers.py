@@ -5,10 +5,13 @@ converted once to OME-Zarr, and a .ppm that follows the scroll's sheet, its rows
 and down (default 2304 x 16000 pixels, all mapped: 65 layers are 4.8 GB, more than 4 GiB). With the
 volume in the page cache it measures, in one run: the I/O floor (reading every chunk the segment
 touches, with ``cat`` and through zarr with 2 threads), then ppm_to_layers with its defaults and a
-stacked image, with ``--workers 1``, and with ``--zarr_cache_max_size_gb 1``. For each: wall,
+stacked image, with ``--workers 1``, with ``--zarr_cache_max_size_gb 1``, the same surface as a tifxyz
+folder, and the volume fetched from a local web server that answers each request after 20 ms
+(tests/dataserver.py; ``--cache_gb 0``, so that every chunk crosses the network). For each: wall,
 user+sys CPU, peak resident memory of the process tree, samples per second (layers x mapped pixels /
 wall), chunk reads against distinct chunks, and the ratio of wall to the floor. Every run's layers
-and stacked image are checked identical to the default run's.
+and stacked image are checked identical to the default run's (the tifxyz run's normals come from the
+grid, so its files differ). Then the sampling kernels alone, numpy's and the compiled one, on one thread.
 
 Usage: python bench/bench_ppm_to_layers.py [--shape Z Y X] [--rows H] [--width W] [--repeats N]
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -27,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import zarr
 
 from scrollzarr.ppm import write_ppm
@@ -34,8 +39,12 @@ from scrollzarr.synthetic import sheet_surface
 
 from measure import HERE, ROOT, Sample, ensure_stack, machine, median_sample, publish, run_once, warm_file
 
+sys.path.insert(0, str(ROOT / "tests"))
+from dataserver import data_server  # the tests' web server, with latency
+
 SCRIPT = [sys.executable, str(ROOT / "ppm_to_layers.py")]
 LAYERS = 65
+LATENCY = 0.020  # seconds before the web server answers each request
 
 
 def ensure_store(tiffs: Path, store: Path) -> None:
@@ -72,6 +81,44 @@ def touched_chunks(ppm: Path, rows: int, width: int, chunk: int, step: int = 8) 
                 index = np.unique(np.floor(points + corner).astype(np.int64) // chunk, axis=0)
                 found.update(map(tuple, index.tolist()))
     return found
+
+
+def ensure_tifxyz(folder: Path, ppm: Path, rows: int, width: int) -> None:
+    """The .ppm's points as a tifxyz folder (float32 x, y, z; scale 1: a grid point per pixel)."""
+    if (folder / "meta.json").exists():
+        return
+    print(f"writing {folder} ...", file=sys.stderr, flush=True)
+    header = ppm.read_bytes()[:4096]
+    offset = header.index(b"<>\n") + 3
+    data = np.memmap(ppm, dtype="<f8", mode="r", offset=offset, shape=(rows, width, 6))
+    folder.mkdir(parents=True, exist_ok=True)
+    for axis, name in enumerate("xyz"):
+        tifffile.imwrite(folder / f"{name}.tif", data[..., axis].astype(np.float32), tile=(256, 256))
+    (folder / "meta.json").write_text(json.dumps({"format": "tifxyz", "type": "seg", "scale": [1.0, 1.0]}))
+
+
+def kernel_rates(store: Path, seconds: float = 3.0) -> tuple[float, float]:
+    """M samples/s of the numpy kernel and of the compiled one, one thread, on a box of level 0 and a sheet
+    of 128 x 128 pixels with 65 layers through it."""
+    from scrollzarr import kernel, sampling
+
+    array = zarr.open_array(store / "0", mode="r")
+    box = np.ascontiguousarray(array[64:192, 512:640, 512:640])
+    rng = np.random.default_rng(0)
+    count = 128 * 128
+    positions = np.stack([np.full(count, 64.0), *(rng.uniform(40, 88, (2, count)))]) + rng.uniform(-1, 1, (3, count))
+    normals = np.tile(np.array([[1.0], [0.0], [0.0]]), count)
+    offsets = np.arange(LAYERS) - (LAYERS - 1) / 2
+    out = np.empty((LAYERS, count), box.dtype)
+    rates = []
+    for sample in (sampling.sample_layers, kernel.sample_layers):
+        sample(box, np.zeros(3, np.int64), positions, normals, offsets, box.shape, out)  # compiled, cached
+        calls, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            sample(box, np.zeros(3, np.int64), positions, normals, offsets, box.shape, out)
+            calls += 1
+        rates.append(calls * LAYERS * count / (time.perf_counter() - started) / 1e6)
+    return rates[0], rates[1]
 
 
 def read_floor(store: Path, chunks: set[tuple[int, int, int]]) -> tuple[Sample, float, int]:
@@ -128,15 +175,22 @@ def main() -> int:
             warm_file(path)
     cat, zarr_seconds, floor_bytes = read_floor(store, chunks)
 
+    surface = args.data / f"sheet_{tag}_{args.rows}x{args.width}.tifxyz"
+    ensure_tifxyz(surface, ppm, args.rows, args.width)
+    server = data_server(store.parent, latency=LATENCY)
+    served = server.__enter__()
+    url = f"{served.url}/{store.name}"
     runs = [
-        ("ppm_to_layers (default: 2 workers, cache 8 GB)", [], 8.0),
-        ("--workers 1", ["--workers", "1"], 8.0),
-        ("--zarr_cache_max_size_gb 1", ["--zarr_cache_max_size_gb", "1"], 1.0),
+        ("ppm_to_layers (default: 2 workers, cache 8 GB)", ppm, store, [], 8.0),
+        ("--workers 1", ppm, store, ["--workers", "1"], 8.0),
+        ("--zarr_cache_max_size_gb 1", ppm, store, ["--zarr_cache_max_size_gb", "1"], 1.0),
+        ("tifxyz surface (the same points)", surface, store, [], 8.0),
+        (f"volume over HTTP, {LATENCY * 1000:.0f} ms a request", ppm, url, ["--cache_gb", "0"], 8.0),
     ]
     rows = []
     reference = None
     log = work / "ppm_to_layers.log"
-    for name, extra, cache_gb in runs:
+    for name, source, volume, extra, cache_gb in runs:
         samples = []
         for _ in range(args.repeats):
             shutil.rmtree(layers_dir, ignore_errors=True)
@@ -144,12 +198,15 @@ def main() -> int:
             os.sync()
             warm_file(ppm)
             print(f"{name} ...", file=sys.stderr, flush=True)
-            samples.append(run_once([*SCRIPT, str(ppm), str(store), str(layers_dir), str(stack), *extra], False, log))
+            command = [*SCRIPT, str(source), str(volume), str(layers_dir), str(stack), *extra]
+            samples.append(run_once(command, False, log))
             text = log.read_text()
         hash_ = digest(layers_dir, stack)
         reference = reference or hash_
-        if hash_ != reference:
+        if hash_ != reference and source == ppm:
             raise SystemExit(f"benchmark: the layers of '{name}' differ from the default run's")
+        if not rows:
+            local_wall = median_sample(samples).wall
         sample = median_sample(samples)
         wall, cpu, peak = sample.wall, sample.cpu, sample.peak_rss
         mapped = int(re.search(r"(\d+) of \d+ pixels mapped", text).group(1))
@@ -157,8 +214,10 @@ def main() -> int:
         rate = LAYERS * mapped / wall / 1e6
         rows.append(
             f"| {name} | {wall:.1f} | {cpu:.1f} | {peak / 2**30:.2f} (bound {cache_gb + 1:.0f}) | {rate:.1f} | "
-            f"{reads} / {distinct} | {wall / cat.wall:.1f} |"
+            f"{reads} / {distinct} | {wall / cat.wall:.1f} | {wall / local_wall:.2f} |"
         )
+    server.__exit__(None, None, None)
+    numpy_rate, compiled_rate = kernel_rates(store)
     output_bytes = sum(p.stat().st_size for p in layers_dir.iterdir()) + stack.stat().st_size
     shutil.rmtree(layers_dir)
     stack.unlink()
@@ -173,9 +232,14 @@ def main() -> int:
             f"I/O floor: the {len(chunks)} chunks the segment touches (estimated from every 8th pixel and "
             f"layer; {floor_bytes / 2**30:.2f} GiB on disk, all-zero chunks have no file): `cat` "
             f"{cat.wall:.2f} s, zarr `get_block_selection` with 2 threads {zarr_seconds:.2f} s.\n",
-            "| run | wall s | CPU s | peak RSS GiB | M samples/s | chunk reads / distinct | x floor (cat) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| run | wall s | CPU s | peak RSS GiB | M samples/s | chunk reads / distinct | x floor (cat) "
+            "| x default |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows,
+            "",
+            f"Sampling kernels alone, one thread, 65 layers of 128 x 128 pixels in a 128³ box: numpy "
+            f"{numpy_rate:.1f} M samples/s, compiled (numba) {compiled_rate:.1f} M samples/s "
+            f"({compiled_rate / numpy_rate:.1f}x).",
         ],
         args.output,
     )

@@ -14,8 +14,8 @@ from __future__ import annotations
 import gzip
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
-from concurrent.futures import Future
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import product
@@ -26,6 +26,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from scrollzarr.blocks import shape3
+from scrollzarr.errors import ScrollzarrError
 from scrollzarr.layout import UnsupportedLayout
 from scrollzarr.sinks import SinkSpec, damage
 from scrollzarr.store import DamagedChunkError, chunk_file, chunk_nbytes, sink_spec
@@ -75,6 +76,7 @@ class ChunkCache:
         self._lock = threading.Lock()
         self._framed = _framed(array)
         self._counting = threading.local()
+        self._fetcher: ThreadPoolExecutor | None = None
 
     @contextmanager
     def counting(self, stats: CacheStats) -> Iterator[None]:
@@ -133,10 +135,7 @@ class ChunkCache:
         out = np.zeros(tuple(int(h - lo_) for lo_, h in zip(lo, hi, strict=True)), dtype=self.array.dtype)
         inner_lo = [max(int(a), 0) for a in lo]
         inner_hi = [min(int(b), n) for b, n in zip(hi, self.shape, strict=True)]
-        if any(a >= b for a, b in zip(inner_lo, inner_hi, strict=True)):
-            return out
-        rz, ry, rx = (range(a // c, (b - 1) // c + 1) for a, b, c in zip(inner_lo, inner_hi, self.chunks, strict=True))
-        for index in product(rz, ry, rx):
+        for index in self.chunks_of(lo, hi):
             data = self.chunk(index)
             if data is None:
                 continue
@@ -148,6 +147,39 @@ class ChunkCache:
             ]
         return out
 
+    def chunks_of(self, lo: np.ndarray, hi: np.ndarray) -> list[ChunkIndex]:
+        """The chunks that hold voxels of the box ``[lo, hi)`` (z, y, x), in C order (none if it lies outside)."""
+        inner_lo = [max(int(a), 0) for a in lo]
+        inner_hi = [min(int(b), n) for b, n in zip(hi, self.shape, strict=True)]
+        if any(a >= b for a, b in zip(inner_lo, inner_hi, strict=True)):
+            return []
+        rz, ry, rx = (range(a // c, (b - 1) // c + 1) for a, b, c in zip(inner_lo, inner_hi, self.chunks, strict=True))
+        return list(product(rz, ry, rx))
+
+    def prefetch(
+        self, indices: Iterable[ChunkIndex], fetches: int, stats: CacheStats
+    ) -> list[Future[np.ndarray | None]]:
+        """Start reading ``indices`` that are neither cached nor being read, on at most ``fetches`` threads of the
+        cache's own, counted into ``stats``; the futures of the reads started (their errors are raised again to
+        whoever needs the chunk).
+
+        For a volume on a web server or in a bucket: a tile's thread waiting for
+        its chunks one at a time would wait a round trip for each.
+        """
+        with self._lock:
+            if self._fetcher is None:
+                self._fetcher = ThreadPoolExecutor(fetches, thread_name_prefix="prefetch")
+            fetcher = self._fetcher
+            wanted = [index for index in indices if index not in self._cached and index not in self._loading]
+        return [fetcher.submit(self._quietly, index, stats) for index in wanted]
+
+    def _quietly(self, index: ChunkIndex, stats: CacheStats) -> np.ndarray | None:
+        try:
+            with self.counting(stats):
+                return self.chunk(index)
+        except Exception:  # raised again, to the tile that needs the chunk, when it reads it itself
+            return None
+
     def _read(self, index: ChunkIndex) -> np.ndarray | None:
         if self._framed is not None:
             _check_frame(self._framed, index)
@@ -156,7 +188,9 @@ class ChunkCache:
         try:
             data = np.ascontiguousarray(self.array[region])
         except Exception as error:  # zarr and its codecs raise many kinds for a chunk they cannot decode
-            if isinstance(error, OSError | MemoryError) and not isinstance(error, gzip.BadGzipFile):
+            if isinstance(error, ScrollzarrError | MemoryError):
+                raise  # a remote volume that could not be fetched says so itself
+            if isinstance(error, OSError) and not isinstance(error, gzip.BadGzipFile):
                 raise  # the disk or the machine, not the chunk: reported as such (gzip's bad bytes are an OSError)
             damage = _damage(self.array, index, error)
             if damage is None:
@@ -209,6 +243,11 @@ def _damage(array: zarr.Array, index: ChunkIndex, error: Exception) -> DamagedCh
     """
     advice = "convert the volume again with scroll_to_ome"
     why = f"{type(error).__name__}: {error}"
+    if not isinstance(array.store, LocalStore):
+        return DamagedChunkError(
+            f"chunk {index} (z, y, x) of the volume {array.store} cannot be decoded ({why}); the volume on the server "
+            "is damaged, or an object in the disk cache (--cache_dir) is: remove the cache and render again"
+        )
     if array.shards is not None:
         shard = tuple(i * c // s for i, c, s in zip(index, array.chunks, array.shards, strict=True))
         return DamagedChunkError(

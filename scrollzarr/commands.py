@@ -107,7 +107,7 @@ def _cluster(options: Options) -> Iterator[DaskExecutor | None]:
 
 
 def ppm_to_layers(
-    ppm_path: Path, zarr_path: Path, output_dir: Path, stack_path: Path | None, options: LayerOptions
+    ppm_path: Path, zarr_path: Path | str, output_dir: Path, stack_path: Path | None, options: LayerOptions
 ) -> None:
     """Everything ``ppm_to_layers`` does: render the layers (and stacked image), then print a summary."""
     from scrollzarr import layers

@@ -35,7 +35,7 @@ import numpy as np
 
 from scrollzarr import layermanifest as manifest
 from scrollzarr.allocator import keep_freed_memory
-from scrollzarr.chunkcache import CacheStats, ChunkCache
+from scrollzarr.chunkcache import CacheStats, ChunkCache, ChunkIndex
 from scrollzarr.cluster import DaskExecutor, Executor, LocalExecutor
 from scrollzarr.durable import fsync_directories, hidden_partial_path
 from scrollzarr.errors import ScrollzarrError, UsageError
@@ -43,6 +43,7 @@ from scrollzarr.layertiff import ImageRows, LayerTiff
 from scrollzarr.options import check_workers
 from scrollzarr.outputlock import LOCK_NAME, OutputLock, holder
 from scrollzarr.ppm import Ppm, open_ppm
+from scrollzarr.remote import FETCHES, CachedStore, CacheSettings, FetchStats, is_url
 from scrollzarr.report import progress
 from scrollzarr.sampling import (
     DIRECTIONS,
@@ -54,9 +55,9 @@ from scrollzarr.sampling import (
     stacked_layers,
 )
 from scrollzarr.sizes import GIB, format_bytes
-from scrollzarr.store import ZARR_METADATA
+from scrollzarr.store import ZARR_METADATA, chunk_nbytes
 from scrollzarr.tifxyz import COORDINATES, MASK, META, Tifxyz, is_tifxyz, open_tifxyz
-from scrollzarr.volume import open_volume
+from scrollzarr.volume import NO_CACHE, open_volume
 from scrollzarr.workers import Workers, available_cores
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,19 @@ class LayerOptions:
     overwrite: bool = False
     quiet: bool = False
     scheduler: str | None = None
+    cache_dir: Path | None = None
+    disk_cache_gb: float = 20.0
+
+    @property
+    def disk_cache(self) -> CacheSettings:
+        """Where a remote volume's objects are kept: ``--cache_dir`` (default ``$XDG_CACHE_HOME/scrollzarr``, else
+        ``~/.cache/scrollzarr``), at most ``--cache_gb``; nowhere with ``--cache_gb 0``."""
+        if self.disk_cache_gb == 0:
+            return CacheSettings(None, 0)
+        directory = self.cache_dir
+        if directory is None:
+            directory = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scrollzarr"
+        return CacheSettings(directory.absolute(), int(self.disk_cache_gb * GIB))
 
     @property
     def threads(self) -> int:
@@ -147,6 +161,10 @@ class LayerOptions:
                 f"--zarr_cache_max_size_gb must be at most {MAX_CACHE_GB} (1 PiB, more than any machine's memory), "
                 f"not {self.cache_gb}"
             )
+        if not (math.isfinite(self.disk_cache_gb) and self.disk_cache_gb >= 0):
+            raise UsageError(
+                f"--cache_gb must be 0 (no disk cache) or a positive number of GB, not {self.disk_cache_gb}"
+            )
         if self.block_size < 1:
             raise UsageError(f"--block_size must be at least 1, not {self.block_size}")
         if self.block_size > MAX_BLOCK_SIZE:
@@ -175,6 +193,7 @@ class LayerReport:
     nonfinite: int = 0
     seconds: float = 0.0
     cache: CacheStats | None = None
+    fetched: FetchStats | None = None
 
     @property
     def samples(self) -> int:
@@ -196,6 +215,11 @@ class LayerReport:
                 f"  volume: {self.cache.reads} chunk reads of {len(self.cache.distinct)} different chunks "
                 f"({format_bytes(self.cache.nbytes_read)})"
             )
+        if self.fetched is not None:
+            lines.append(
+                f"  network: {self.fetched.fetched} chunk objects fetched ({format_bytes(self.fetched.nbytes)}), "
+                f"{self.fetched.cached} read from the disk cache"
+            )
         if self.nonfinite:
             lines.append(f"  {self.nonfinite} pixels with non-finite coordinates left unmapped (0)")
         return "\n".join(lines)
@@ -208,7 +232,7 @@ def layer_names(count: int) -> list[str]:
 
 
 def ppm_to_layers(
-    ppm_path: Path, zarr_path: Path, output_dir: Path, stack_path: Path | None, options: LayerOptions
+    ppm_path: Path, zarr_path: Path | str, output_dir: Path, stack_path: Path | None, options: LayerOptions
 ) -> LayerReport:
     """Render the layer TIFFs (and the stacked image, if ``stack_path``) of a surface.
 
@@ -236,7 +260,7 @@ def ppm_to_layers(
     options.check()
     keep_freed_memory()
     ppm = open_surface(ppm_path, options)
-    volume = open_volume(zarr_path, options.level)
+    volume = open_volume(zarr_path, options.level, options.disk_cache)
     names = layer_names(options.layers)
     dtype = volume.array.dtype
     _check_paths(ppm_path, zarr_path, output_dir, stack_path, names)
@@ -293,7 +317,8 @@ def ppm_to_layers(
                 surface=replace(ppm, path=ppm.path.absolute()),
                 flip_normals=options.flip_normals,
                 compiled=ppm.width * ppm.height * options.layers >= COMPILED_SAMPLES,
-                zarr=zarr_path.absolute(),
+                zarr=zarr_path if isinstance(zarr_path, str) else zarr_path.absolute(),
+                cache=options.disk_cache,
                 level=options.level,
                 layers=options.layers,
                 spacing=options.spacing,
@@ -308,6 +333,9 @@ def ppm_to_layers(
                 remote=options.scheduler is not None,
             )
             _render(executor, job, report, options.quiet)
+            here = _samplers.get(job)
+            if here is not None and isinstance(here.volume.array.store, CachedStore):  # a run on this machine
+                report.fetched = here.volume.array.store.stats
             changed = volume.changed()
             if changed:  # chunks read meanwhile may have been missing (zeros) or another volume's
                 raise ScrollzarrError(
@@ -426,8 +454,8 @@ class RenderJob:
         The render's identifier, which the output directory's record names while it runs.
     surface : Ppm or Tifxyz
         The surface (its path absolute).
-    zarr : Path
-        The volume (absolute); each process opens it once per job.
+    zarr : Path or str
+        The volume (absolute), or its URL; each process opens it once per job.
     level, layers, spacing, direction, stacked, stack_filter, block_size
         As :class:`LayerOptions` gives them (``stacked``: the layers the stacked image combines).
     cache_bytes : int
@@ -440,6 +468,8 @@ class RenderJob:
         Whether the last of ``images`` is the stacked image.
     flip_normals : bool
         Sample along the surface's normals turned round (``--flip_normals``).
+    cache : CacheSettings
+        Where a remote volume's objects are kept on disk (none for a volume on disk).
     compiled : bool
         Sample with the compiled kernel (:mod:`scrollzarr.kernel`), for renders of at least
         :data:`COMPILED_SAMPLES`.
@@ -450,7 +480,7 @@ class RenderJob:
 
     run: str
     surface: Ppm | Tifxyz
-    zarr: Path
+    zarr: Path | str
     level: int
     layers: int
     spacing: float
@@ -465,6 +495,7 @@ class RenderJob:
     flip_normals: bool
     remote: bool
     compiled: bool = False
+    cache: CacheSettings = NO_CACHE
 
 
 @dataclass
@@ -504,20 +535,24 @@ def render_band(job: RenderJob, band: Band) -> BandResult:
     if band.number % 2:
         starts.reverse()
     stats = CacheStats()
-    tiles = [
-        partial(
-            sampler.tile,
-            job,
-            stats,
-            (v0, v1),
-            (u0, min(width, u0 + block)),
-            layers[:, :, u0 : u0 + block],
+    spans = [((v0, v1), (u0, min(width, u0 + block))) for u0 in starts]
+    prefetch = Prefetch(sampler, job, spans, stats) if sampler.remote else None
+
+    def tile(number: int) -> tuple[int, int]:
+        if prefetch is not None:
+            prefetch.begin(number)
+        u0 = spans[number][1][0]
+        return sampler.tile(
+            job, stats, *spans[number], layers[:, :, u0 : u0 + block],
             None if stacked is None else stacked[:, u0 : u0 + block],
-        )
-        for u0 in starts
-    ]
-    with Workers(job.threads) as pool:
-        counts = pool.run(tiles)
+        )  # fmt: skip
+
+    try:
+        with Workers(job.threads) as pool:
+            counts = pool.run([partial(tile, number) for number in range(len(spans))])
+    finally:
+        if prefetch is not None:
+            prefetch.stop()
     _write_band(job, v0, [*layers] if stacked is None else [*layers, stacked])
     mapped = sum(count for count, _ in counts)
     nonfinite = sum(count for _, count in counts)
@@ -569,7 +604,8 @@ class _Sampler:
         # A Dask worker trims its heap at 64 KiB (distributed's MALLOC_TRIM_THRESHOLD_): measured, a band then took
         # 3.9 s instead of 0.9 s, most of it page faults in the kernel.
         keep_freed_memory()
-        self.volume = open_volume(job.zarr, job.level)
+        self.volume = open_volume(job.zarr, job.level, job.cache)
+        self.remote = is_url(job.zarr)
         self.shape = self.volume.shape
         self.dtype = self.volume.array.dtype
         self.offsets = layer_offsets(job.layers, job.spacing, job.direction)
@@ -596,19 +632,12 @@ class _Sampler:
         -------
         mapped, nonfinite : int
         """
-        positions, normals = job.surface.rows(*rows, *columns)
-        if job.flip_normals:
-            normals = -normals
-        finite = np.isfinite(positions).all(axis=-1) & np.isfinite(normals).all(axis=-1)
-        mapped = finite & (normals != 0).any(axis=-1)
-        count = int(mapped.sum())
+        mapped, nonfinite, p, n = self._pixels(job, rows, columns)
+        count = p.shape[1]
         if count:
-            p, n = self.volume.to_index(
-                np.ascontiguousarray(positions[mapped].T), np.ascontiguousarray(normals[mapped].T)
-            )
             samples = np.empty((job.layers, count), self.dtype)
             with self.cache.counting(stats):
-                self._sample(p, n, self.offsets, samples)
+                self._sample(p, n, samples)
             whole = count == mapped.size  # every pixel mapped: plain copies instead of masked scatters
             if whole:
                 layers[...] = samples.reshape(layers.shape)
@@ -620,28 +649,113 @@ class _Sampler:
                     stacked[...] = combined.reshape(stacked.shape)
                 else:
                     stacked[mapped] = combined
-        return count, int((~finite).sum())
+        return count, nonfinite
 
-    def _sample(self, p: np.ndarray, n: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:
-        """Fill ``out`` (K, M), halving the pixels (or the layers) while their box of voxels is too big."""
-        lo, hi = sample_bounds(p, n, offsets, self.shape)
-        if np.prod(hi - lo) > MAX_BOX_VOXELS:
-            if p.shape[1] > 1:
-                half = p.shape[1] // 2
-                self._sample(p[:, :half], n[:, :half], offsets, out[:, :half])
-                self._sample(p[:, half:], n[:, half:], offsets, out[:, half:])
-                return
-            if len(offsets) > 1:
-                half = len(offsets) // 2
-                self._sample(p, n, offsets[:half], out[:half])
-                self._sample(p, n, offsets[half:], out[half:])
-                return
-        self.kernel(self.cache.box(lo, hi), lo, p, n, offsets, self.shape, out)
+    def _pixels(
+        self, job: RenderJob, rows: tuple[int, int], columns: tuple[int, int]
+    ) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+        """The pixels ``[v0:v1, u0:u1]`` that are mapped (a mask), how many have non-finite coordinates, and the
+        mapped pixels' positions and normals in array voxels, each shape (3, M)."""
+        positions, normals = job.surface.rows(*rows, *columns)
+        if job.flip_normals:
+            normals = -normals
+        finite = np.isfinite(positions).all(axis=-1) & np.isfinite(normals).all(axis=-1)
+        mapped = finite & (normals != 0).any(axis=-1)
+        p, n = self.volume.to_index(np.ascontiguousarray(positions[mapped].T), np.ascontiguousarray(normals[mapped].T))
+        return mapped, int((~finite).sum()), p, n
+
+    def _boxes(self, p: np.ndarray, n: np.ndarray) -> Iterator[tuple[slice, slice, np.ndarray, np.ndarray]]:
+        """The pieces the kernel samples ``p``, ``n`` (3, M) in: pixels, layers and their box ``[lo, hi)`` of
+        voxels, halving the pixels (or the layers) while the box is too big."""
+        pieces = [(0, p.shape[1], 0, len(self.offsets))]
+        while pieces:
+            a, b, c, d = pieces.pop()
+            lo, hi = sample_bounds(p[:, a:b], n[:, a:b], self.offsets[c:d], self.shape)
+            if np.prod(hi - lo) > MAX_BOX_VOXELS:
+                if b - a > 1:
+                    pieces += [((a + b) // 2, b, c, d), (a, (a + b) // 2, c, d)]
+                    continue
+                if d - c > 1:
+                    pieces += [(a, b, (c + d) // 2, d), (a, b, c, (c + d) // 2)]
+                    continue
+            yield slice(a, b), slice(c, d), lo, hi
+
+    def _sample(self, p: np.ndarray, n: np.ndarray, out: np.ndarray) -> None:
+        """Fill ``out`` (K, M) with the samples of pixels ``p``, ``n`` (3, M)."""
+        for pixels, layers, lo, hi in self._boxes(p, n):
+            self.kernel(
+                self.cache.box(lo, hi), lo, p[:, pixels], n[:, pixels], self.offsets[layers], self.shape,
+                out[layers, pixels],
+            )  # fmt: skip
+
+    def chunks(self, job: RenderJob, rows: tuple[int, int], columns: tuple[int, int]) -> list[ChunkIndex]:
+        """The chunks of the volume that :meth:`tile` reads for the same pixels, in the order it reads them."""
+        _, _, p, n = self._pixels(job, rows, columns)
+        if not p.shape[1]:
+            return []
+        return [index for _, _, lo, hi in self._boxes(p, n) for index in self.cache.chunks_of(lo, hi)]
 
 
-def _check_paths(ppm_path: Path, zarr_path: Path, output_dir: Path, stack_path: Path | None, names: list[str]) -> None:
+class Prefetch:
+    """Reads a band's chunks ahead of its tiles, on a thread of its own: the chunks of the tiles in the order the
+    tiles are sampled, started while those of the tiles not yet begun fit in a quarter of the chunk cache.
+
+    A volume on a web server costs a round trip for every chunk; a tile's
+    thread reading its chunks one at a time would wait them out one after the
+    other.
+    """
+
+    def __init__(
+        self,
+        sampler: _Sampler,
+        job: RenderJob,
+        tiles: list[tuple[tuple[int, int], tuple[int, int]]],
+        stats: CacheStats,
+    ) -> None:
+        self.sampler = sampler
+        self.stats = stats
+        self.job = job
+        self.tiles = tiles
+        self.budget = max(1, job.cache_bytes // 4 // chunk_nbytes(sampler.volume.array))
+        self.begun = 0  # tiles whose sampling has begun
+        self.ahead: list[int] = []  # the tile of every chunk started, in order
+        self.stopped = False
+        self.condition = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="prefetch-band", daemon=True)
+        self.thread.start()
+
+    def begin(self, tile: int) -> None:
+        """Tile number ``tile`` is being sampled: the chunks of those before it no longer count as ahead."""
+        with self.condition:
+            self.begun = max(self.begun, tile + 1)
+            self.condition.notify()
+
+    def stop(self) -> None:
+        with self.condition:
+            self.stopped = True
+            self.condition.notify()
+        self.thread.join()
+
+    def _run(self) -> None:
+        seen: set[ChunkIndex] = set()
+        for number, (rows, columns) in enumerate(self.tiles):
+            indices = [index for index in self.sampler.chunks(self.job, rows, columns) if index not in seen]
+            seen.update(indices)
+            with self.condition:
+                while not self.stopped and sum(tile >= self.begun for tile in self.ahead) >= self.budget:
+                    self.condition.wait()
+                if self.stopped:
+                    return
+                self.ahead += [number] * len(indices)
+            self.sampler.cache.prefetch(indices, FETCHES, self.stats)
+
+
+def _check_paths(
+    ppm_path: Path, zarr_path: Path | str, output_dir: Path, stack_path: Path | None, names: list[str]
+) -> None:
     """Refuse outputs that would overwrite the inputs or each other (paths resolved, so ``..`` and links count)."""
-    store = _store_root(zarr_path.resolve())
+    # a remote volume is nowhere here: a path that cannot be anywhere
+    store = Path("/\0remote") if isinstance(zarr_path, str) else _store_root(zarr_path.resolve())
     out = output_dir.resolve()
     if out == store or store in out.parents:
         raise ScrollzarrError(

@@ -16,17 +16,22 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.storage import LocalStore
+from zarr.core.sync import sync
+from zarr.storage import LocalStore, StoreLike
 
 from scrollzarr import ngff, progress
 from scrollzarr.blocks import Shape3, shape3
 from scrollzarr.errors import ScrollzarrError
 from scrollzarr.ngff_v04 import Multiscale
+from scrollzarr.remote import CacheSettings, is_url, open_store
 from scrollzarr.store import ZARR_METADATA
 
 
 class VolumeError(ScrollzarrError):
     """A path that cannot be sampled as a scroll volume."""
+
+
+NO_CACHE = CacheSettings(None, 0)
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,9 @@ class Volume:
         return (positions - self.translation[:, None]) / scale, normals / scale
 
 
-def open_volume(path: Path, level: int = 0) -> Volume:
-    """Open ``path`` (a zarr array, or an OME-Zarr group whose level ``level`` is used).
+def open_volume(path: Path | str, level: int = 0, cache: CacheSettings = NO_CACHE) -> Volume:
+    """Open ``path`` (a zarr array, or an OME-Zarr group whose level ``level`` is used): a directory, or the URL of
+    one on a web server or in a bucket (see :mod:`scrollzarr.remote`), whose objects ``cache`` keeps on disk.
 
     Raises
     ------
@@ -86,21 +92,27 @@ def open_volume(path: Path, level: int = 0) -> Volume:
         If the path is not a zarr array or OME-Zarr group, the store is an
         unfinished conversion, the level does not exist, or the array is not
         a 3-D array of unsigned integers.
+    ScrollzarrError
+        If a remote volume cannot be fetched, or its URL holds a login.
     """
-    if not path.exists():
-        raise VolumeError(f"{path}: no such zarr store")
-    try:
-        node = zarr.open(store=str(path), mode="r")
-    except Exception as error:  # zarr raises many kinds for a directory that is not a store
-        raise VolumeError(
-            f"{path} is neither a zarr array nor an OME-Zarr group ({type(error).__name__}: {error}); "
-            "give the .zarr made by scroll_to_ome, or one of its levels"
-        ) from None
-    if _unfinished(path.resolve()) is not None:
-        raise VolumeError(
-            f"{path} belongs to an unfinished conversion (its store holds {progress.KEY}); "
-            "finish it with scroll_to_ome --resume first"
-        )
+    if is_url(path):
+        store = open_store(str(path), cache)
+        node = _open_node(path, store)
+        if sync(store.exists(progress.KEY)):
+            raise VolumeError(
+                f"{path} belongs to an unfinished conversion (its store holds {progress.KEY}); "
+                "finish it with scroll_to_ome --resume first"
+            )
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise VolumeError(f"{path}: no such zarr store")
+        node = _open_node(path, str(path))
+        if _unfinished(path.resolve()) is not None:
+            raise VolumeError(
+                f"{path} belongs to an unfinished conversion (its store holds {progress.KEY}); "
+                "finish it with scroll_to_ome --resume first"
+            )
     if isinstance(node, zarr.Array):
         if level != 0:
             raise VolumeError(f"{path} is a plain zarr array with no levels; --level needs an OME-Zarr group")
@@ -121,7 +133,19 @@ def open_volume(path: Path, level: int = 0) -> Volume:
     return _checked(path, Volume(array, level, np.asarray(dataset.scale) / base_size, translation))
 
 
-def _multiscale(path: Path, attrs: dict[str, Any]) -> Multiscale:
+def _open_node(path: Path | str, store: StoreLike) -> zarr.Array | zarr.Group:
+    try:
+        return zarr.open(store=store, mode="r")
+    except ScrollzarrError:
+        raise
+    except Exception as error:  # zarr raises many kinds for a directory that is not a store
+        raise VolumeError(
+            f"{path} is neither a zarr array nor an OME-Zarr group ({type(error).__name__}: {error}); "
+            "give the .zarr made by scroll_to_ome, or one of its levels"
+        ) from None
+
+
+def _multiscale(path: Path | str, attrs: dict[str, Any]) -> Multiscale:
     """The first ``multiscales`` entry of NGFF 0.4 (top level) or 0.5 (under ``ome``) attributes."""
     try:
         return ngff.read(attrs)
@@ -147,7 +171,7 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return status.st_dev, status.st_ino, status.st_mtime_ns
 
 
-def _checked(path: Path, volume: Volume) -> Volume:
+def _checked(path: Path | str, volume: Volume) -> Volume:
     array = volume.array
     if array.ndim != 3:
         raise VolumeError(f"{path}: the array has {array.ndim} dimensions; a scroll volume has 3 (z, y, x)")

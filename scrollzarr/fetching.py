@@ -1,0 +1,148 @@
+"""HTTP requests that survive a busy server: retried with backoff, logins from ``~/.netrc`` or the environment.
+
+The public data server answers bursts with 429 and, now and then, a 5xx or
+a dropped connection; a render fetches thousands of objects, and one lost
+request must not stop it.  A request is retried on 429, 500, 502, 503, 504,
+timeouts and connection errors, waiting as the server's ``Retry-After``
+says, else 0.5 s doubling up to 30 s, for :data:`ATTEMPTS` attempts (about
+two minutes of backoff in all).
+
+Logins never come from the command line (it is visible to every user of the
+machine, and stays in shell histories): a URL with a user name in it is
+refused; ``~/.netrc`` (or the file ``NETRC`` names) is read as curl and git
+read it, and otherwise ``SCROLLZARR_HTTP_USER`` and
+``SCROLLZARR_HTTP_PASSWORD``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import netrc
+import os
+import time
+from pathlib import Path
+
+import httpx
+
+from scrollzarr.errors import ScrollzarrError, UsageError
+
+log = logging.getLogger(__name__)
+
+RETRIED = frozenset({429, 500, 502, 503, 504})
+ATTEMPTS = 8
+FIRST_WAIT = 0.5  # seconds, doubled at each attempt
+MAX_WAIT = 30.0  # seconds between two attempts, whatever Retry-After says
+USER_VARIABLE = "SCROLLZARR_HTTP_USER"
+PASSWORD_VARIABLE = "SCROLLZARR_HTTP_PASSWORD"
+TIMEOUT = httpx.Timeout(60.0, connect=15.0)  # a 128³ uint16 chunk (4 MiB) at 1 Mbit/s takes 34 s
+
+
+class FetchError(ScrollzarrError):
+    """A request that failed for good."""
+
+
+def check_url(url: str) -> str:
+    """``url`` without a trailing ``/``, refused if it holds a login.
+
+    Raises
+    ------
+    UsageError
+    """
+    parsed = httpx.URL(url)
+    if parsed.userinfo:
+        raise UsageError(
+            f"{parsed.copy_with(username=None, password=None)}: a login does not belong on the command line (every "
+            f"user of the machine sees it); put it in ~/.netrc (machine {parsed.host} login NAME password ...) or "
+            f"in {USER_VARIABLE} and {PASSWORD_VARIABLE}"
+        )
+    if not parsed.host:
+        raise UsageError(f"{url} has no host name; give a URL such as https://server/path/volume.zarr")
+    return url.rstrip("/")
+
+
+def login(host: str) -> httpx.BasicAuth | None:
+    """The login for ``host``: its ``~/.netrc`` entry, else the environment's, else none.
+
+    Raises
+    ------
+    UsageError
+        For a ``.netrc`` that cannot be parsed, or a user name without a password in the environment.
+    """
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    if path.is_file():
+        try:
+            entry = netrc.netrc(path).authenticators(host)
+        except (netrc.NetrcParseError, OSError) as error:
+            raise UsageError(f"{path} cannot be read ({error}); fix it, or move it away") from None
+        if entry is not None and entry[2]:
+            return httpx.BasicAuth(entry[0], entry[2])
+    user, password = os.environ.get(USER_VARIABLE), os.environ.get(PASSWORD_VARIABLE)
+    if user and not password:
+        raise UsageError(f"{USER_VARIABLE} is set but {PASSWORD_VARIABLE} is not; set both, or neither")
+    return httpx.BasicAuth(user, password) if user and password else None
+
+
+def client(url: str, connections: int) -> httpx.AsyncClient:
+    """An async client for requests under ``url``, with its host's login and at most ``connections`` open."""
+    return httpx.AsyncClient(
+        auth=login(httpx.URL(url).host),
+        timeout=TIMEOUT,
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        follow_redirects=True,  # httpx drops the login on a redirect to another host
+    )
+
+
+async def get(session: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    """GET ``url``, retried while the server is busy or the network fails; the final response, whatever its status.
+
+    Raises
+    ------
+    FetchError
+        If every attempt failed (the last status or error named), or the server asks for a login it was not given.
+    """
+    failure = ""
+    for attempt in range(ATTEMPTS):
+        try:
+            response = await session.get(url, headers=headers)
+        except httpx.TransportError as error:  # timeouts, refused and dropped connections
+            failure, wait = f"{type(error).__name__}: {error}", None
+        else:
+            if response.status_code not in RETRIED:
+                if response.status_code in (401, 403):
+                    raise FetchError(_refused(url, response.status_code, session.auth is not None))
+                return response
+            failure, wait = f"HTTP {response.status_code}", _retry_after(response)
+        if attempt + 1 < ATTEMPTS:
+            delay = min(MAX_WAIT, FIRST_WAIT * 2**attempt if wait is None else wait)
+            log.debug("%s: %s; trying again in %.1f s", url, failure, delay)
+            await asyncio.sleep(delay)
+    raise FetchError(f"{url} could not be fetched: {failure} after {ATTEMPTS} attempts; try again later")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The seconds ``Retry-After`` asks for (a number, or an HTTP date), or ``None``."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _refused(url: str, status: int, logged_in: bool) -> str:
+    host = httpx.URL(url).host
+    if logged_in:
+        return (
+            f"{url}: the server refused the login (HTTP {status}); check the entry for {host} in ~/.netrc, or "
+            f"{USER_VARIABLE} and {PASSWORD_VARIABLE}"
+        )
+    return (
+        f"{url}: the server asks for a login (HTTP {status}); put it in ~/.netrc (machine {host} login NAME "
+        f"password ...) or in {USER_VARIABLE} and {PASSWORD_VARIABLE}"
+    )

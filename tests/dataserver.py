@@ -1,0 +1,114 @@
+"""A web server like the scroll data server, started by a test: a directory's files over HTTP, with byte ranges,
+latency, a 429 now and then, an optional basic-auth login, and a record of every request it answered."""
+
+from __future__ import annotations
+
+import base64
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+@dataclass
+class Request:
+    path: str
+    range: str | None
+    status: int
+    authorization: str | None
+
+
+@dataclass
+class DataServer:
+    """The server's settings (changeable while it runs) and what it answered."""
+
+    root: Path
+    latency: float = 0.0  # seconds before each answer
+    busy_every: int = 0  # every n-th request is answered 429 (0: never)
+    login: tuple[str, str] | None = None
+    honour_ranges: bool = True
+    requests: list[Request] = field(default_factory=list)
+    port: int = 0
+    _count: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def answered(self, status: int = 200) -> list[Request]:
+        """Requests answered with data (200 or 206) or, with ``status``, with that status."""
+        ok = {200, 206} if status == 200 else {status}
+        return [request for request in self.requests if request.status in ok]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_state: DataServer
+
+    def log_message(self, format: str, *args: object) -> None:  # the test's output stays quiet
+        pass
+
+    def do_GET(self) -> None:
+        state = self.server_state
+        time.sleep(state.latency)
+        header = self.headers.get("Range")
+        auth = self.headers.get("Authorization")
+        with state._lock:
+            state._count += 1
+            busy = state.busy_every and state._count % state.busy_every == 0
+        if state.login is not None:
+            expected = "Basic " + base64.b64encode(":".join(state.login).encode()).decode()
+            if auth != expected:
+                return self._answer(401, b"", header, auth, {"WWW-Authenticate": 'Basic realm="scrolls"'})
+        if busy:
+            return self._answer(429, b"slow down", header, auth, {"Retry-After": "0"})
+        path = (state.root / self.path.lstrip("/")).resolve()
+        if state.root.resolve() not in path.parents or not path.is_file():
+            return self._answer(404, b"", header, auth)
+        data = path.read_bytes()
+        match = re.fullmatch(r"bytes=(\d*)-(\d*)", header or "")
+        if match is None or not state.honour_ranges:
+            return self._answer(200, data, header, auth)
+        first, last = match.groups()
+        if first == "":
+            start, stop = max(0, len(data) - int(last)), len(data)
+        else:
+            start, stop = int(first), len(data) if last == "" else min(len(data), int(last) + 1)
+        if start >= len(data):
+            return self._answer(416, b"", header, auth, {"Content-Range": f"bytes */{len(data)}"})
+        extra = {"Content-Range": f"bytes {start}-{stop - 1}/{len(data)}"}
+        return self._answer(206, data[start:stop], header, auth, extra)
+
+    def _answer(
+        self, status: int, body: bytes, range_: str | None, auth: str | None, headers: dict[str, str] | None = None
+    ) -> None:
+        state = self.server_state
+        with state._lock:
+            state.requests.append(Request(self.path, range_, status, auth))
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@contextmanager
+def data_server(root: Path, **settings: object) -> Iterator[DataServer]:
+    """A :class:`DataServer` of ``root`` on a free port of 127.0.0.1, for the ``with`` block."""
+    state = DataServer(root, **settings)  # type: ignore[arg-type]
+    handler = type("Handler", (_Handler,), {"server_state": state, "protocol_version": "HTTP/1.1"})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
