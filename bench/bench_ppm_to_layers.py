@@ -228,7 +228,8 @@ def main() -> int:
             f"scroll_to_ome (128 chunks), in the page cache. Segment: {args.rows} x {args.width} pixels along "
             f"the sheet, {mapped} mapped, {LAYERS} layers: {LAYERS * mapped / 1e9:.2f} G samples, "
             f"{output_bytes / 2**30:.2f} GiB of layer and stacked TIFFs written. "
-            f"Median of {args.repeats} run(s). Every run's TIFFs are identical to the default run's.\n",
+            f"Median of {args.repeats} run(s). Every run's TIFFs are identical to the default run's, but the "
+            "tifxyz run's (its normals come from the grid).\n",
             f"I/O floor: the {len(chunks)} chunks the segment touches (estimated from every 8th pixel and "
             f"layer; {floor_bytes / 2**30:.2f} GiB on disk, all-zero chunks have no file): `cat` "
             f"{cat.wall:.2f} s, zarr `get_block_selection` with 2 threads {zarr_seconds:.2f} s.\n",
