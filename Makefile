@@ -11,20 +11,26 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # Synthetic scroll (plain and masked) converted to OME-Zarr (and the plain one to a sharded zarr 3 store, in
-# shards of 128 x 256 x 256 so that the small demo scroll has several), the masked TIFFs decompressed, and a surface
-# along the sheet rendered into layer TIFFs; each script prints a summary of what it wrote.
+# shards of 128 x 256 x 256 so that the small demo scroll has several), the masked TIFFs decompressed, and the
+# sheet, which carries ink, rendered into layer TIFFs from a .ppm and from a tifxyz folder of the same surface; each
+# script prints a summary of what it wrote.
 demo: $(BIN)/python
 	$(BIN)/python -m pip install --quiet .
-	$(BIN)/python -m scrollzarr.synthetic $(DEMO)/scroll --shape 256 320 352 --ppm $(DEMO)/sheet.ppm
+	$(BIN)/python -m scrollzarr.synthetic $(DEMO)/scroll --shape 256 320 352 --ink "HERCVLANEVM PAPYRVS" \
+		--ppm $(DEMO)/sheet.ppm --tifxyz $(DEMO)/sheet
 	$(BIN)/python -m scrollzarr.synthetic $(DEMO)/scroll_masked --shape 256 320 352 --masked
 	$(BIN)/scroll_to_ome $(DEMO)/scroll $(DEMO)/scroll.zarr --overwrite
 	$(BIN)/scroll_to_ome $(DEMO)/scroll_masked $(DEMO)/scroll_masked.zarr --overwrite --obytes 1
 	$(BIN)/scroll_to_ome $(DEMO)/scroll $(DEMO)/scroll_v3.zarr --overwrite --preset v3-sharded --shard_shape 128,256,256
 	$(BIN)/decompress_tiffs $(DEMO)/scroll_masked $(DEMO)/scroll_masked_plain --overwrite
 	$(BIN)/ppm_to_layers $(DEMO)/sheet.ppm $(DEMO)/scroll.zarr $(DEMO)/layers $(DEMO)/sheet_stack.tif --overwrite
+	$(BIN)/ppm_to_layers $(DEMO)/sheet $(DEMO)/scroll.zarr $(DEMO)/layers_tifxyz $(DEMO)/sheet_tifxyz_stack.tif \
+		--overwrite
 	@echo "demo stores: $(DEMO)/scroll.zarr (uint16), $(DEMO)/scroll_masked.zarr (uint8) and $(DEMO)/scroll_v3.zarr"
 	@echo "  (zarr 3, OME-NGFF 0.5, sharded, blosc-zstd); see README 'Viewing'"
-	@echo "demo layers: $(DEMO)/layers/00.tif ... 64.tif and $(DEMO)/sheet_stack.tif, the sheet unrolled"
+	@echo "demo layers: $(DEMO)/layers/00.tif ... 64.tif and $(DEMO)/sheet_stack.tif, the sheet unrolled: its ink"
+	@echo "  reads HERCVLANEVM PAPYRVS; the same from the tifxyz surface $(DEMO)/sheet in $(DEMO)/layers_tifxyz and"
+	@echo "  $(DEMO)/sheet_tifxyz_stack.tif"
 
 # mypy: the package and the three scripts (all annotated); not tests/ nor bench/, unannotated scripts whose zarr reads
 # (Array | Group, array-like | scalar) and regex matches (Match | None) would each need a narrowing first.
