@@ -7,8 +7,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from scrollzarr import commands
-from scrollzarr._cli import Parser, add_scheduler, add_verbosity, add_workers, run, scheduler_address, setup_logging
+from scrollzarr import commands, renderprogress
+from scrollzarr._cli import (
+    Parser,
+    add_scheduler,
+    add_verbosity,
+    add_workers,
+    rerun_command,
+    run,
+    scheduler_address,
+    setup_logging,
+)
 from scrollzarr.layers import LayerOptions
 from scrollzarr.remote import volume_source
 from scrollzarr.sampling import DIRECTIONS, STACK_FILTERS
@@ -120,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="edge of the surface tiles sampled at a time, in pixels",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the render that stopped in OUTPUT_TIFF_DIR (killed, interrupted or cut off), with the same "
+        "arguments; the bands it wrote are kept",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the layer TIFFs of a non-empty OUTPUT_TIFF_DIR (other files are kept) and OUTPUT_STACK_TIFF",
@@ -148,10 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         scheduler=scheduler_address(args.scheduler),
         cache_dir=args.cache_dir,
         disk_cache_gb=args.cache_gb,
+        resume=args.resume,
     )
+
+    def resume() -> str | None:
+        """``--resume`` once the output directory holds a stopped render's record."""
+        return rerun_command(argv, "--resume") if renderprogress.exists(args.output_tiff_dir) else None
+
     return run(
         PROGRAM,
         lambda: commands.ppm_to_layers(args.ppm_file, args.zarr, args.output_tiff_dir, args.output_stack_tiff, options),
+        resume,
     )
 
 

@@ -36,14 +36,16 @@ from typing import Any
 import numpy as np
 
 from scrollzarr.durable import remove_durably, write_durably
+from scrollzarr.renderprogress import NAME as PROGRESS_NAME
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = ".scrollzarr-layers.json"
 LAYER_NAME = re.compile(r"^\d+\.tif$")
 PARTIAL_NAME = re.compile(r"^\.\d+\.tif\.partial$")
-# write_durably's temporary file of the record, left by a run stopped while it wrote it
-LEFTOVER_NAME = re.compile(rf"^{re.escape(MANIFEST_NAME)}\.[0-9a-f]{{32}}\.partial$")
+# write_durably's temporary files of the records (this one, and the render's progress), left by a run stopped while
+# it wrote one
+LEFTOVER_NAME = re.compile(rf"^({re.escape(MANIFEST_NAME)}|{re.escape(PROGRESS_NAME)})\.[0-9a-f]{{32}}\.partial$")
 
 # file name -> (size in bytes, or None for a file about to be created, of a size not yet known; modification
 # time in ns, or None where it is not kept: a file still being written or renamed changes it)

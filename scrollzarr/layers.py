@@ -16,6 +16,7 @@ segment.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -30,10 +31,12 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from scrollzarr import layermanifest as manifest
+from scrollzarr import renderprogress
 from scrollzarr.allocator import keep_freed_memory
 from scrollzarr.chunkcache import CacheStats, ChunkCache, ChunkIndex
 from scrollzarr.cluster import DaskExecutor, Executor, LocalExecutor
@@ -57,7 +60,7 @@ from scrollzarr.sampling import (
 from scrollzarr.sizes import GIB, format_bytes
 from scrollzarr.store import ZARR_METADATA, chunk_nbytes
 from scrollzarr.tifxyz import COORDINATES, MASK, META, Tifxyz, is_tifxyz, open_tifxyz
-from scrollzarr.volume import NO_CACHE, open_volume
+from scrollzarr.volume import NO_CACHE, Volume, open_volume
 from scrollzarr.workers import Workers, available_cores
 
 log = logging.getLogger(__name__)
@@ -98,6 +101,7 @@ class LayerOptions:
     scheduler: str | None = None
     cache_dir: Path | None = None
     disk_cache_gb: float = 20.0
+    resume: bool = False
 
     @property
     def disk_cache(self) -> CacheSettings:
@@ -174,6 +178,8 @@ class LayerOptions:
             )
         if self.level < 0:
             raise UsageError(f"--level must be 0 or more, not {self.level}")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume continues a stopped render, --overwrite starts again: give one of them")
 
 
 @dataclass
@@ -194,10 +200,13 @@ class LayerReport:
     seconds: float = 0.0
     cache: CacheStats | None = None
     fetched: FetchStats | None = None
+    resumed: int = 0  # bands a stopped render had written
+    resumed_mapped: int = 0  # their pixels mapped
 
     @property
     def samples(self) -> int:
-        return self.mapped * self.layers
+        """Samples this run took (not those of the bands a stopped render had written)."""
+        return (self.mapped - self.resumed_mapped) * self.layers
 
     def summary(self) -> str:
         lines = [
@@ -215,6 +224,8 @@ class LayerReport:
                 f"  volume: {self.cache.reads} chunk reads of {len(self.cache.distinct)} different chunks "
                 f"({format_bytes(self.cache.nbytes_read)})"
             )
+        if self.resumed:
+            lines.append(f"  resumed: {self.resumed} band(s) of rows were on the disk already (not in the samples)")
         if self.fetched is not None:
             lines.append(
                 f"  network: {self.fetched.fetched} chunk objects fetched ({format_bytes(self.fetched.nbytes)}), "
@@ -279,8 +290,11 @@ def ppm_to_layers(
             # Before any partial file is made: a band checks the lock's mark after it opens a file (see _write_band).
             for lock in held:
                 lock.mark(run)
-        _check_outputs(output_dir, stack_path, options.overwrite)
-        _check_space(output_dir, stack_path, ppm, options.layers, dtype)
+        fingerprint = _fingerprint(ppm, volume, zarr_path, stack_path, options, dtype)
+        resumed = renderprogress.resume(output_dir, fingerprint) if options.resume else None
+        if resumed is None:
+            _check_outputs(output_dir, stack_path, options.overwrite)
+            _check_space(output_dir, stack_path, ppm, options.layers, dtype)
         surface_file = ppm_path / COORDINATES[0] if isinstance(ppm, Tifxyz) else ppm_path
         readable = [surface_file] + [path for path, _ in volume.metadata[:1]]
         writable = [output_dir] if stack_path is None else [output_dir, stack_path.parent]
@@ -288,7 +302,8 @@ def ppm_to_layers(
             for directory in writable:
                 executor.check_paths(path.absolute(), directory.absolute())
         manifest.remove_leftovers(output_dir)
-        previous = manifest.read_manifest(output_dir) if options.overwrite else None
+        overwrite = options.overwrite if resumed is None else resumed.overwrite
+        previous = manifest.read_manifest(output_dir) if overwrite else None
         report = LayerReport(
             output_dir,
             stack_path,
@@ -303,14 +318,24 @@ def ppm_to_layers(
         start = time.perf_counter()
         files: list[LayerTiff] = []
         partial_names = [hidden_partial_path(output_dir / name).name for name in names]
-        restored = previous  # the record a failed run puts back
+        # the record a failed run puts back: a resumed render's lists the stopped render's partial files
+        restored = manifest.read_manifest(output_dir) if resumed is not None else previous
+        progress_record = resumed
         try:
-            creating = manifest.add_pending(output_dir, previous, dict.fromkeys(partial_names))
-            for name in names:
-                files.append(LayerTiff(output_dir / name, ppm.height, ppm.width, dtype))
-            if stack_path is not None:
-                files.append(LayerTiff(stack_path, ppm.height, ppm.width, dtype))
-            pending = manifest.add_pending(output_dir, creating, {name: name for name in partial_names})
+            finals = [output_dir / name for name in names] + ([] if stack_path is None else [stack_path])
+            if resumed is None:
+                creating = manifest.add_pending(output_dir, previous, dict.fromkeys(partial_names))
+                for final in finals:
+                    files.append(LayerTiff(final, ppm.height, ppm.width, dtype))
+                pending = manifest.add_pending(output_dir, creating, {name: name for name in partial_names})
+                record = progress_record = renderprogress.RenderProgress(output_dir, fingerprint, overwrite)
+                record.save()
+            else:
+                record = resumed
+                for final in finals:
+                    files.append(LayerTiff(final, ppm.height, ppm.width, dtype, existing=True))
+                pending = restored or manifest.Record()
+                log.info("resuming: %d band(s) of the stopped render are on the disk", len(resumed.done))
             holders = [held[0]] * options.layers + held[1:]  # the lock that holds each file: the stack's its own
             job = RenderJob(
                 run=run,
@@ -332,7 +357,7 @@ def ppm_to_layers(
                 stacked_image=stack_path is not None,
                 remote=options.scheduler is not None,
             )
-            _render(executor, job, report, options.quiet)
+            _render(executor, job, report, options.quiet, record, files)
             here = _samplers.get(job)
             if here is not None and isinstance(here.volume.array.store, CachedStore):  # a run on this machine
                 report.fetched = here.volume.array.store.stats
@@ -347,12 +372,19 @@ def ppm_to_layers(
             # The final names too, before the first rename: a run stopped during the renames or after them
             # leaves a record of every file it wrote, and a failed one keeps it.
             restored = manifest.add_pending(output_dir, pending, dict(zip(names, partial_names, strict=True)))
+            record.remove()
+            progress_record = None
             for file in files:
                 file.commit()
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, KeyboardInterrupt) and progress_record is not None:
+                _keep_for_resume(files, progress_record)  # Ctrl-C, SIGTERM (a batch system's time limit)
+                raise
             for file in files:
                 file.discard()
             manifest.restore(output_dir, restored)
+            if progress_record is not None:
+                progress_record.remove()
             raise
         removed = manifest.remove_stale(output_dir, previous, set(names) | set(partial_names))
         if removed:
@@ -364,6 +396,46 @@ def ppm_to_layers(
         fsync_directories([*written, *(directory.parent for directory in created)])
         report.seconds = time.perf_counter() - start  # not the cluster's shutdown (a LocalCluster's: about 1 s)
     return report
+
+
+def _keep_for_resume(files: list[LayerTiff], progress_record: renderprogress.RenderProgress) -> None:
+    """Keep an interrupted render's partial files, and the bands on the disk, for ``--resume``."""
+    for file in files:
+        file.sync()
+        file.close()
+    progress_record.save()
+
+
+def _fingerprint(
+    surface: Ppm | Tifxyz,
+    volume: Volume,
+    zarr_path: Path | str,
+    stack_path: Path | None,
+    options: LayerOptions,
+    dtype: np.dtype,
+) -> dict[str, Any]:
+    """What a render is, for ``--resume`` to tell a stopped render of the same thing (JSON values)."""
+    path = surface.path
+    files = [path / name for name in (*COORDINATES, MASK)] if isinstance(surface, Tifxyz) else [path]
+    identities = {file.name: [file.stat().st_size, file.stat().st_mtime_ns] for file in files if file.exists()}
+    value = {
+        "surface": str(path.absolute()),
+        "surface files (size, time)": identities,
+        "volume": zarr_path if isinstance(zarr_path, str) else str(zarr_path.absolute()),
+        "volume metadata (device, inode, time)": [[str(file), identity] for file, identity in volume.metadata],
+        "level": options.level,
+        "layers": options.layers,
+        "spacing": options.spacing,
+        "direction": options.direction,
+        "stacked layers": options.stacked_count,
+        "stack filter": options.stack_filter,
+        "flip normals": options.flip_normals,
+        "scale": options.scale,
+        "block size": options.block_size,
+        "image": [surface.height, surface.width, str(dtype)],
+        "stacked image": None if stack_path is None else str(stack_path.absolute()),
+    }
+    return json.loads(json.dumps(value))  # compared with the record as JSON gives it back (lists, not tuples)
 
 
 def open_surface(path: Path, options: LayerOptions) -> Ppm | Tifxyz:
@@ -393,17 +465,32 @@ def _executor(options: LayerOptions) -> Iterator[Executor]:
         yield executor
 
 
-def _render(executor: Executor, job: RenderJob, report: LayerReport, quiet: bool) -> None:
-    """Render every band of ``job`` on ``executor``, adding what each found to ``report``."""
+def _render(
+    executor: Executor,
+    job: RenderJob,
+    report: LayerReport,
+    quiet: bool,
+    record: renderprogress.RenderProgress,
+    files: list[LayerTiff],
+) -> None:
+    """Render every band of ``job`` on ``executor`` but those ``record`` lists as done, adding what each found to
+    ``report``, and record the bands done (at most once a second, after flushing ``files``)."""
     ppm = job.surface
     itemsize = np.dtype(report.dtype).itemsize
     row_bytes = ppm.width * (job.layers + 1) * itemsize
     rows = max(1, min(job.block_size, BAND_BYTES // row_bytes))
-    bands = [Band(number, (v0, min(ppm.height, v0 + rows))) for number, v0 in enumerate(range(0, ppm.height, rows))]
+    every = [Band(number, (v0, min(ppm.height, v0 + rows))) for number, v0 in enumerate(range(0, ppm.height, rows))]
+    bands = [band for band in every if band.number not in record.done]
+    report.resumed = len(record.done)
+    for mapped, nonfinite in record.done.values():
+        report.mapped += mapped
+        report.resumed_mapped += mapped
+        report.nonfinite += nonfinite
     report.cache = stats = CacheStats()
     seconds = []
     with progress(ppm.width * ppm.height, "px", "rendering", quiet) as bar:
-        for _, result in executor.run(render_band, job, bands):
+        bar.update(sum(band.rows[1] - band.rows[0] for band in every if band.number in record.done) * ppm.width)
+        for band, result in executor.run(render_band, job, bands):
             report.mapped += result.mapped
             report.nonfinite += result.nonfinite
             stats.reads += result.cache.reads
@@ -411,11 +498,17 @@ def _render(executor: Executor, job: RenderJob, report: LayerReport, quiet: bool
             stats.nbytes_read += result.cache.nbytes_read
             seconds.append(result.seconds)
             bar.update(result.pixels)
-    log.log(
-        logging.INFO if job.remote else logging.DEBUG,
-        "%d band(s) of %d rows rendered, %.3f s each on average (%.3f s the longest)",
-        len(bands), rows, sum(seconds) / len(seconds), max(seconds),
-    )  # fmt: skip
+            record.done[band.number] = (result.mapped, result.nonfinite)
+            if record.due():
+                for file in files:
+                    file.sync()
+                record.save()
+    if seconds:
+        log.log(
+            logging.INFO if job.remote else logging.DEBUG,
+            "%d band(s) of %d rows rendered, %.3f s each on average (%.3f s the longest)",
+            len(bands), rows, sum(seconds) / len(seconds), max(seconds),
+        )  # fmt: skip
     if not report.mapped:
         log.warning(
             "no pixel of the surface %s is mapped: every layer is 0 (a .ppm with no non-zero normal, or a tifxyz "
@@ -805,6 +898,11 @@ def _stack_lock_name(stack_path: Path) -> str:
 
 def _check_outputs(output_dir: Path, stack_path: Path | None, overwrite: bool) -> None:
     locks = {LOCK_NAME} if stack_path is None else {LOCK_NAME, _stack_lock_name(stack_path)}
+    if renderprogress.exists(output_dir) and not overwrite:
+        raise ScrollzarrError(
+            f"{output_dir} holds a render that stopped before it finished; continue it with --resume (and the same "
+            "arguments), or add --overwrite to start again"
+        )
     if any(path.name not in locks for path in output_dir.iterdir()) and not overwrite:
         raise ScrollzarrError(
             f"{output_dir} is not empty; add --overwrite to replace its layer TIFFs (other files are kept), "

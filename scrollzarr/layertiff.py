@@ -70,24 +70,39 @@ class LayerTiff:
         The name the image gets once complete.
     height, width : int
     dtype : numpy dtype
+    existing : bool
+        Open the partial file a stopped render laid out (checked to be this image's) instead of making it.
     """
 
-    def __init__(self, final: Path, height: int, width: int, dtype: np.dtype) -> None:
+    def __init__(self, final: Path, height: int, width: int, dtype: np.dtype, existing: bool = False) -> None:
         self.final = final
         self.path = hidden_partial_path(final)
         self.row_bytes = width * dtype.itemsize
-        tifffile.imwrite(
-            self.path,
-            shape=(height, width),
-            dtype=dtype,
-            photometric="minisblack",
-            bigtiff=height * self.row_bytes > CLASSIC_TIFF_LIMIT,
-            rowsperstrip=max(1, STRIP_BYTES // self.row_bytes),
-        )
-        with tifffile.TiffFile(self.path) as tiff:
-            page = tiff.pages[0]
-            contiguous = page.is_contiguous and sum(page.databytecounts) == height * self.row_bytes
-            self.offset = int(page.dataoffsets[0])
+        if not existing:
+            tifffile.imwrite(
+                self.path,
+                shape=(height, width),
+                dtype=dtype,
+                photometric="minisblack",
+                bigtiff=height * self.row_bytes > CLASSIC_TIFF_LIMIT,
+                rowsperstrip=max(1, STRIP_BYTES // self.row_bytes),
+            )
+        try:
+            with tifffile.TiffFile(self.path) as tiff:
+                page = tiff.pages[0]
+                same = page.shape == (height, width) and page.dtype == dtype and len(tiff.pages) == 1
+                contiguous = page.is_contiguous and sum(page.databytecounts) == height * self.row_bytes
+                self.offset = int(page.dataoffsets[0])
+                end = self.offset + height * self.row_bytes
+        except FileNotFoundError:
+            raise ScrollzarrError(f"{self.path} is missing; render again with --overwrite") from None
+        except (tifffile.TiffFileError, ValueError, IndexError) as error:  # a file cut short or not a TIFF
+            raise ScrollzarrError(f"{self.path} is damaged ({error}); render again with --overwrite") from None
+        if existing and not (same and contiguous and os.path.getsize(self.path) >= end):
+            raise ScrollzarrError(
+                f"{self.path} is not the partial image of this render ({height} x {width} {dtype}, laid out in "
+                "full); render again with --overwrite"
+            )
         if not contiguous:
             raise ScrollzarrError(f"tifffile did not lay {self.path} out contiguously; cannot write it by rows")
         self._fd = os.open(self.path, os.O_WRONLY)
@@ -105,6 +120,14 @@ class LayerTiff:
         any: a flush that fails then leaves no final name replaced.
         """
         os.fsync(self._fd)
+        self._close()
+
+    def sync(self) -> None:
+        """Flush the rows written so far to the disk, keeping the file open."""
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        """Close the unfinished file and keep it, for ``--resume``."""
         self._close()
 
     def commit(self) -> None:

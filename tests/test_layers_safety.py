@@ -267,7 +267,9 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
         process.send_signal(signal.SIGTERM)  # not SIGINT: a shell's background job ignores that
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr
-    assert not out.exists()  # created by the first run, which removed it with its partial files
+    # The first run kept its partial files for --resume, and nothing under a final name; its lock is gone.
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == []
+    assert not (out / ".scrollzarr.lock").exists() and (out / ".scrollzarr-render.json").exists()
 
 
 def test_two_runs_writing_one_stacked_image_from_other_layer_directories_never_share_it(tmp_path, store):
@@ -293,7 +295,8 @@ def test_two_runs_writing_one_stacked_image_from_other_layer_directories_never_s
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr
-    assert not stack.parent.exists()  # made by the first run, which removed it with its partial file and lock
+    # The first run kept its partial stacked image for --resume, and released the stacked image's lock.
+    assert sorted(p.name for p in stack.parent.iterdir()) == [".st.tif.partial"]
     # one after the other, both run; a stacked image in OUTPUT_TIFF_DIR itself holds no lock against its own run
     assert_ok(ppm_to_layers(small, store, tmp_path / "B", tmp_path / "B" / "st.tif", "--number_of_layers", 3))
     assert sorted(p.name for p in (tmp_path / "B").iterdir()) == [
