@@ -135,6 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
         "arguments; the bands it wrote are kept",
     )
     parser.add_argument(
+        "--num_parts",
+        "--num-parts",
+        type=int,
+        default=1,
+        help="render in K parts (bands of rows, K runs that may run at once on other machines): this run renders "
+        "--part_id's rows into NN.partI.tif; join them with --merge_parts",
+    )
+    parser.add_argument(
+        "--part_id",
+        "--part-id",
+        type=int,
+        default=0,
+        help="which part this run renders, 0 ... --num_parts - 1",
+    )
+    parser.add_argument(
+        "--merge_parts",
+        "--merge-parts",
+        action="store_true",
+        help="join the --num_parts parts rendered into OUTPUT_TIFF_DIR into the layer TIFFs (same arguments "
+        "otherwise), then remove the part files",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the layer TIFFs of a non-empty OUTPUT_TIFF_DIR (other files are kept) and OUTPUT_STACK_TIFF",
@@ -164,15 +186,21 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         disk_cache_gb=args.cache_gb,
         resume=args.resume,
+        num_parts=args.num_parts,
+        part_id=args.part_id,
     )
 
     def resume() -> str | None:
-        """``--resume`` once the output directory holds a stopped render's record."""
-        return rerun_command(argv, "--resume") if renderprogress.exists(args.output_tiff_dir) else None
+        """``--resume`` once the output directory holds a stopped render's (or this part's) record."""
+        record = renderprogress.record_name(args.part_id, args.num_parts)
+        stopped = not args.merge_parts and renderprogress.exists(args.output_tiff_dir, record)
+        return rerun_command(argv, "--resume") if stopped else None
 
     return run(
         PROGRAM,
-        lambda: commands.ppm_to_layers(args.ppm_file, args.zarr, args.output_tiff_dir, args.output_stack_tiff, options),
+        lambda: commands.ppm_to_layers(
+            args.ppm_file, args.zarr, args.output_tiff_dir, args.output_stack_tiff, options, args.merge_parts
+        ),
         resume,
     )
 

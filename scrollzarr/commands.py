@@ -107,9 +107,20 @@ def _cluster(options: Options) -> Iterator[DaskExecutor | None]:
 
 
 def ppm_to_layers(
-    ppm_path: Path, zarr_path: Path | str, output_dir: Path, stack_path: Path | None, options: LayerOptions
+    ppm_path: Path,
+    zarr_path: Path | str,
+    output_dir: Path,
+    stack_path: Path | None,
+    options: LayerOptions,
+    merge: bool = False,
 ) -> None:
-    """Everything ``ppm_to_layers`` does: render the layers (and stacked image), then print a summary."""
+    """Everything ``ppm_to_layers`` does: render the layers (and stacked image), or with ``merge`` join the parts
+    of a render, then print a summary."""
+    if merge:
+        from scrollzarr import layermerge
+
+        log.info(layermerge.merge_parts(ppm_path, zarr_path, output_dir, stack_path, options))
+        return
     from scrollzarr import layers
 
     log.info(layers.ppm_to_layers(ppm_path, zarr_path, output_dir, stack_path, options).summary())

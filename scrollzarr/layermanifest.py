@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,16 +36,15 @@ from typing import Any
 import numpy as np
 
 from scrollzarr.durable import remove_durably, write_durably
-from scrollzarr.renderprogress import NAME as PROGRESS_NAME
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = ".scrollzarr-layers.json"
-LAYER_NAME = re.compile(r"^\d+\.tif$")
-PARTIAL_NAME = re.compile(r"^\.\d+\.tif\.partial$")
-# write_durably's temporary files of the records (this one, and the render's progress), left by a run stopped while
-# it wrote one
-LEFTOVER_NAME = re.compile(rf"^({re.escape(MANIFEST_NAME)}|{re.escape(PROGRESS_NAME)})\.[0-9a-f]{{32}}\.partial$")
+LAYER_NAME = re.compile(r"^\d+(\.part\d+)?\.tif$")  # 00.tif, and a part's 00.part3.tif (--num_parts)
+PARTIAL_NAME = re.compile(r"^\.\d+(\.part\d+)?\.tif\.partial$")
+# write_durably's temporary files of the records (this one, and the render's progress; a part's too), left by a run
+# stopped while it wrote one
+LEFTOVER_NAME = re.compile(r"^\.scrollzarr-(layers|render)(\.part\d+)?\.json\.[0-9a-f]{32}\.partial$")
 
 # file name -> (size in bytes, or None for a file about to be created, of a size not yet known; modification
 # time in ns, or None where it is not kept: a file still being written or renamed changes it)
@@ -72,13 +71,26 @@ class Record:
     partial: Recorded = field(default_factory=dict)
 
 
-def write_finished(directory: Path, names: list[str], height: int, width: int, dtype: np.dtype) -> None:
-    """Record the finished layer TIFFs ``names`` of ``directory``, each ``height x width`` of ``dtype``."""
+def write_finished(
+    directory: Path,
+    names: list[str],
+    height: int,
+    width: int,
+    dtype: np.dtype,
+    name: str = MANIFEST_NAME,
+    fingerprint: dict[str, Any] | None = None,
+) -> None:
+    """Record the finished layer TIFFs ``names`` of ``directory``, each ``height x width`` of ``dtype``, and what
+    rendered them (a part's ``fingerprint``, which ``--merge_parts`` checks)."""
     description = {"layers": names, "count": len(names), "height": height, "width": width, "dtype": str(dtype)}
-    write_manifest(directory, Record(description, _current(directory, names)))
+    if fingerprint is not None:
+        description["fingerprint"] = fingerprint
+    write_manifest(directory, Record(description, _current(directory, names)), name)
 
 
-def add_pending(directory: Path, previous: Record | None, names: dict[str, str | None]) -> Record:
+def add_pending(
+    directory: Path, previous: Record | None, names: Mapping[str, str | None], name: str = MANIFEST_NAME
+) -> Record:
     """Add to the record ``previous`` the files ``names`` (keys), each of the size its file (value) has now.
 
     A value of ``None`` records a file about to be created, of any size: a run
@@ -89,22 +101,22 @@ def add_pending(directory: Path, previous: Record | None, names: dict[str, str |
     """
     record = previous or Record()
     now = {
-        name: (None if source is None else os.stat(directory / source).st_size, None) for name, source in names.items()
+        file: (None if source is None else os.stat(directory / source).st_size, None) for file, source in names.items()
     }
     updated = Record(record.description, record.files, record.partial | now)
-    write_manifest(directory, updated)
+    write_manifest(directory, updated, name)
     return updated
 
 
-def restore(directory: Path, previous: Record | None) -> None:
+def restore(directory: Path, previous: Record | None, name: str = MANIFEST_NAME) -> None:
     """Put back the record ``previous`` after a run that failed (``None``: there was none)."""
     if previous is None:
-        remove_durably(directory / MANIFEST_NAME)
+        remove_durably(directory / name)
     else:
-        write_manifest(directory, previous)
+        write_manifest(directory, previous, name)
 
 
-def write_manifest(directory: Path, record: Record) -> None:
+def write_manifest(directory: Path, record: Record, name: str = MANIFEST_NAME) -> None:
     """Write ``record`` durably: whole or not at all, and the directory flushed, after a power cut."""
     content = {
         "written_by": "ppm_to_layers",
@@ -112,7 +124,7 @@ def write_manifest(directory: Path, record: Record) -> None:
         "files": {name: {"size": size, "mtime_ns": mtime} for name, (size, mtime) in record.files.items()},
         "partial": {name: {"size": size} for name, (size, _) in record.partial.items()},
     }
-    write_durably(directory / MANIFEST_NAME, json.dumps(content, indent=1).encode())
+    write_durably(directory / name, json.dumps(content, indent=1).encode())
 
 
 def remove_leftovers(directory: Path) -> int:
@@ -123,12 +135,13 @@ def remove_leftovers(directory: Path) -> int:
     return len(leftovers)
 
 
-def read_manifest(directory: Path) -> Record | None:
+def read_manifest(directory: Path, name: str = MANIFEST_NAME) -> Record | None:
     """The record an earlier run left in ``directory``: ``None`` if there is none, empty if it cannot be read."""
-    path = directory / MANIFEST_NAME
+    path = directory / name
     try:
         content = json.loads(path.read_text())
-        description = {key: content[key] for key in ("layers", "count", "height", "width", "dtype") if key in content}
+        keys = ("layers", "count", "height", "width", "dtype", "fingerprint")
+        description = {key: content[key] for key in keys if key in content}
         files = {name: (int(entry["size"]), int(entry["mtime_ns"])) for name, entry in content["files"].items()}
         partial = {name: (_size(entry["size"]), None) for name, entry in content.get("partial", {}).items()}
     except FileNotFoundError:

@@ -102,6 +102,8 @@ class LayerOptions:
     cache_dir: Path | None = None
     disk_cache_gb: float = 20.0
     resume: bool = False
+    num_parts: int = 1
+    part_id: int = 0
 
     @property
     def disk_cache(self) -> CacheSettings:
@@ -180,6 +182,12 @@ class LayerOptions:
             raise UsageError(f"--level must be 0 or more, not {self.level}")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues a stopped render, --overwrite starts again: give one of them")
+        if self.num_parts < 1:
+            raise UsageError(f"--num_parts must be at least 1, not {self.num_parts}")
+        if not 0 <= self.part_id < self.num_parts:
+            raise UsageError(
+                f"--part_id must be between 0 and --num_parts - 1 ({self.num_parts - 1}), not {self.part_id}"
+            )
 
 
 @dataclass
@@ -200,6 +208,7 @@ class LayerReport:
     seconds: float = 0.0
     cache: CacheStats | None = None
     fetched: FetchStats | None = None
+    part: str = ""  # which part of a render this run wrote, in words (--num_parts)
     resumed: int = 0  # bands a stopped render had written
     resumed_mapped: int = 0  # their pixels mapped
 
@@ -210,7 +219,8 @@ class LayerReport:
 
     def summary(self) -> str:
         lines = [
-            f"wrote {self.layers} layers of {self.width} x {self.height} ({self.dtype}) to {self.output_dir}",
+            f"wrote {self.layers} layers of {self.width} x {self.height} ({self.dtype}) to {self.output_dir}"
+            + (f" ({self.part})" if self.part else ""),
             f"  {self.mapped} of {self.width * self.height} pixels mapped; {self.samples / 1e6:.1f} M samples "
             f"of level {self.level} in {self.seconds:.1f} s ({self.samples / max(self.seconds, 1e-9) / 1e6:.1f} M/s)",
         ]
@@ -272,17 +282,20 @@ def ppm_to_layers(
     keep_freed_memory()
     ppm = open_surface(ppm_path, options)
     volume = open_volume(zarr_path, options.level, options.disk_cache)
-    names = layer_names(options.layers)
     dtype = volume.array.dtype
-    _check_paths(ppm_path, zarr_path, output_dir, stack_path, names)
+    part = render_part(ppm, options, dtype)
+    names = [part.name(name) for name in layer_names(options.layers)]
+    stack_path = None if stack_path is None else part.file(stack_path)
+    _check_paths(ppm_path, zarr_path, output_dir, stack_path, names, part)
     if output_dir.exists() and not output_dir.is_dir():
         raise ScrollzarrError(f"{output_dir} is a file; OUTPUT_TIFF_DIR must be a directory for the layer TIFFs")
+    record_name, lock_name = part.name(manifest.MANIFEST_NAME), part.name(LOCK_NAME)
     with _executor(options) as executor, ExitStack() as locks:
-        held = [locks.enter_context(OutputLock(output_dir, "output directory"))]
+        held = [locks.enter_context(OutputLock(output_dir, "output directory", lock_name))]
         if stack_path is not None:
             # The stacked image may lie outside the directory: held on its own, so that two runs writing it
             # (with other layer directories) never share its partial file (measured: one exited 0 with a mix).
-            stack_lock = OutputLock(stack_path.parent, "stacked image", _stack_lock_name(stack_path), stack_path)
+            stack_lock = OutputLock(stack_path.parent, "stacked image", stack_lock_name(stack_path), stack_path)
             held.append(locks.enter_context(stack_lock))
         created = [directory for lock in held for directory in lock.created]
         run = uuid.uuid4().hex
@@ -290,11 +303,12 @@ def ppm_to_layers(
             # Before any partial file is made: a band checks the lock's mark after it opens a file (see _write_band).
             for lock in held:
                 lock.mark(run)
-        fingerprint = _fingerprint(ppm, volume, zarr_path, stack_path, options, dtype)
-        resumed = renderprogress.resume(output_dir, fingerprint) if options.resume else None
+        fingerprint = fingerprint_of(ppm, volume, zarr_path, stack_path, options, dtype, part)
+        progress_name = part.name(renderprogress.NAME)
+        resumed = renderprogress.resume(output_dir, fingerprint, progress_name) if options.resume else None
         if resumed is None:
-            _check_outputs(output_dir, stack_path, options.overwrite)
-            _check_space(output_dir, stack_path, ppm, options.layers, dtype)
+            _check_outputs(output_dir, stack_path, options.overwrite, names, part)
+            check_space(output_dir, stack_path, part.height * ppm.width * dtype.itemsize, options.layers)
         surface_file = ppm_path / COORDINATES[0] if isinstance(ppm, Tifxyz) else ppm_path
         readable = [surface_file] + [path for path, _ in volume.metadata[:1]]
         writable = [output_dir] if stack_path is None else [output_dir, stack_path.parent]
@@ -303,37 +317,45 @@ def ppm_to_layers(
                 executor.check_paths(path.absolute(), directory.absolute())
         manifest.remove_leftovers(output_dir)
         overwrite = options.overwrite if resumed is None else resumed.overwrite
-        previous = manifest.read_manifest(output_dir) if overwrite else None
+        previous = manifest.read_manifest(output_dir, record_name) if overwrite else None
         report = LayerReport(
             output_dir,
             stack_path,
             ppm.width,
-            ppm.height,
+            part.height,
             options.layers,
             stacked_layers(options.layers, options.stacked_count, options.direction),
             options.stack_filter,
             dtype,
             options.level,
         )
+        if part.suffix:
+            report.part = (
+                f"part {part.number} of {part.count}: surface rows {part.rows[0]}:{part.rows[1]}; once every part "
+                "is rendered, join them with --merge_parts"
+            )
         start = time.perf_counter()
         files: list[LayerTiff] = []
         partial_names = [hidden_partial_path(output_dir / name).name for name in names]
         # the record a failed run puts back: a resumed render's lists the stopped render's partial files
-        restored = manifest.read_manifest(output_dir) if resumed is not None else previous
+        restored = manifest.read_manifest(output_dir, record_name) if resumed is not None else previous
         progress_record = resumed
         try:
             finals = [output_dir / name for name in names] + ([] if stack_path is None else [stack_path])
             if resumed is None:
-                creating = manifest.add_pending(output_dir, previous, dict.fromkeys(partial_names))
+                creating = manifest.add_pending(output_dir, previous, dict.fromkeys(partial_names), record_name)
                 for final in finals:
-                    files.append(LayerTiff(final, ppm.height, ppm.width, dtype))
-                pending = manifest.add_pending(output_dir, creating, {name: name for name in partial_names})
-                record = progress_record = renderprogress.RenderProgress(output_dir, fingerprint, overwrite)
+                    files.append(LayerTiff(final, part.height, ppm.width, dtype))
+                laid_out = {name: name for name in partial_names}
+                pending = manifest.add_pending(output_dir, creating, laid_out, record_name)
+                record = progress_record = renderprogress.RenderProgress(
+                    output_dir, fingerprint, overwrite, name=progress_name
+                )
                 record.save()
             else:
                 record = resumed
                 for final in finals:
-                    files.append(LayerTiff(final, ppm.height, ppm.width, dtype, existing=True))
+                    files.append(LayerTiff(final, part.height, ppm.width, dtype, existing=True))
                 pending = restored or manifest.Record()
                 log.info("resuming: %d band(s) of the stopped render are on the disk", len(resumed.done))
             holders = [held[0]] * options.layers + held[1:]  # the lock that holds each file: the stack's its own
@@ -356,8 +378,9 @@ def ppm_to_layers(
                 images=tuple(file.rows(lock.path) for file, lock in zip(files, holders, strict=True)),
                 stacked_image=stack_path is not None,
                 remote=options.scheduler is not None,
+                first_row=part.rows[0],
             )
-            _render(executor, job, report, options.quiet, record, files)
+            _render(executor, job, report, options.quiet, record, files, part.bands)
             here = _samplers.get(job)
             if here is not None and isinstance(here.volume.array.store, CachedStore):  # a run on this machine
                 report.fetched = here.volume.array.store.stats
@@ -371,7 +394,8 @@ def ppm_to_layers(
                 file.flush()
             # The final names too, before the first rename: a run stopped during the renames or after them
             # leaves a record of every file it wrote, and a failed one keeps it.
-            restored = manifest.add_pending(output_dir, pending, dict(zip(names, partial_names, strict=True)))
+            finals_named = dict(zip(names, partial_names, strict=True))
+            restored = manifest.add_pending(output_dir, pending, finals_named, record_name)
             record.remove()
             progress_record = None
             for file in files:
@@ -382,14 +406,16 @@ def ppm_to_layers(
                 raise
             for file in files:
                 file.discard()
-            manifest.restore(output_dir, restored)
+            manifest.restore(output_dir, restored, record_name)
             if progress_record is not None:
                 progress_record.remove()
             raise
         removed = manifest.remove_stale(output_dir, previous, set(names) | set(partial_names))
         if removed:
             log.info(f"removed {len(removed)} file(s) of earlier runs from {output_dir}")
-        manifest.write_finished(output_dir, names, ppm.height, ppm.width, dtype)
+        manifest.write_finished(
+            output_dir, names, part.height, ppm.width, dtype, record_name, fingerprint if part.suffix else None
+        )
         # The directories written in, and the parents of those this run created (else a power cut can lose a
         # new directory's entry, and the files in it with it).
         written = [output_dir] if stack_path is None else [output_dir, stack_path.parent]
@@ -406,13 +432,14 @@ def _keep_for_resume(files: list[LayerTiff], progress_record: renderprogress.Ren
     progress_record.save()
 
 
-def _fingerprint(
+def fingerprint_of(
     surface: Ppm | Tifxyz,
     volume: Volume,
     zarr_path: Path | str,
     stack_path: Path | None,
     options: LayerOptions,
     dtype: np.dtype,
+    part: RenderPart,
 ) -> dict[str, Any]:
     """What a render is, for ``--resume`` to tell a stopped render of the same thing (JSON values)."""
     path = surface.path
@@ -434,6 +461,7 @@ def _fingerprint(
         "block size": options.block_size,
         "image": [surface.height, surface.width, str(dtype)],
         "stacked image": None if stack_path is None else str(stack_path.absolute()),
+        "part (number, count)": [part.number, part.count],
     }
     return json.loads(json.dumps(value))  # compared with the record as JSON gives it back (lists, not tuples)
 
@@ -472,14 +500,12 @@ def _render(
     quiet: bool,
     record: renderprogress.RenderProgress,
     files: list[LayerTiff],
+    every: list[Band],
 ) -> None:
-    """Render every band of ``job`` on ``executor`` but those ``record`` lists as done, adding what each found to
-    ``report``, and record the bands done (at most once a second, after flushing ``files``)."""
+    """Render the bands ``every`` of ``job`` on ``executor`` but those ``record`` lists as done, adding what each
+    found to ``report``, and record the bands done (at most once a second, after flushing ``files``)."""
     ppm = job.surface
-    itemsize = np.dtype(report.dtype).itemsize
-    row_bytes = ppm.width * (job.layers + 1) * itemsize
-    rows = max(1, min(job.block_size, BAND_BYTES // row_bytes))
-    every = [Band(number, (v0, min(ppm.height, v0 + rows))) for number, v0 in enumerate(range(0, ppm.height, rows))]
+    rows = every[0].rows[1] - every[0].rows[0]
     bands = [band for band in every if band.number not in record.done]
     report.resumed = len(record.done)
     for mapped, nonfinite in record.done.values():
@@ -488,7 +514,7 @@ def _render(
         report.nonfinite += nonfinite
     report.cache = stats = CacheStats()
     seconds = []
-    with progress(ppm.width * ppm.height, "px", "rendering", quiet) as bar:
+    with progress(ppm.width * sum(band.rows[1] - band.rows[0] for band in every), "px", "rendering", quiet) as bar:
         bar.update(sum(band.rows[1] - band.rows[0] for band in every if band.number in record.done) * ppm.width)
         for band, result in executor.run(render_band, job, bands):
             report.mapped += result.mapped
@@ -515,6 +541,73 @@ def _render(
             "grid without a valid point whose four neighbours are valid)",
             ppm.path,
         )
+
+
+@dataclass(frozen=True)
+class RenderPart:
+    """The rows of a render one run writes: all of them, or part ``number`` of ``count`` (``--num_parts``).
+
+    Attributes
+    ----------
+    number, count : int
+    bands : list of Band
+        The part's bands, numbered as in the whole render.
+    """
+
+    number: int
+    count: int
+    bands: list[Band]
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """``[v0, v1)``: the surface rows of the part."""
+        return self.bands[0].rows[0], self.bands[-1].rows[1]
+
+    @property
+    def height(self) -> int:
+        return self.rows[1] - self.rows[0]
+
+    @property
+    def suffix(self) -> str:
+        """What the part's file names carry: ``.part3``, nothing for a whole render."""
+        return f".part{self.number}" if self.count > 1 else ""
+
+    def name(self, name: str) -> str:
+        """``name`` of the part: ``00.tif`` -> ``00.part3.tif``, ``.scrollzarr.lock`` -> ``.scrollzarr.part3.lock``."""
+        stem, dot, extension = name.rpartition(".")
+        return f"{stem}{self.suffix}.{extension}" if dot and stem else f"{name}{self.suffix}"
+
+    def file(self, path: Path) -> Path:
+        """``path`` of the part (the stacked image: ``stack.tif`` -> ``stack.part3.tif``)."""
+        return path.with_name(self.name(path.name))
+
+
+def bands_of(surface: Ppm | Tifxyz, layers: int, dtype: np.dtype, block_size: int) -> list[Band]:
+    """The bands of rows of a render: as many rows as ``block_size``, fewer when one row of every image (the
+    layers and the stacked image) is more than :data:`BAND_BYTES` / ``block_size``."""
+    row_bytes = surface.width * (layers + 1) * np.dtype(dtype).itemsize
+    rows = max(1, min(block_size, BAND_BYTES // row_bytes))
+    starts = range(0, surface.height, rows)
+    return [Band(number, (v0, min(surface.height, v0 + rows))) for number, v0 in enumerate(starts)]
+
+
+def render_part(surface: Ppm | Tifxyz, options: LayerOptions, dtype: np.dtype) -> RenderPart:
+    """The part of the render that ``--num_parts`` and ``--part_id`` ask for: the bands of the whole render cut
+    into ``num_parts`` runs of consecutive bands, as even as whole bands allow.
+
+    Raises
+    ------
+    UsageError
+        If there are fewer bands than parts.
+    """
+    bands = bands_of(surface, options.layers, dtype, options.block_size)
+    count = options.num_parts
+    if count > len(bands):
+        raise UsageError(
+            f"--num_parts {count} is more than the render's {len(bands)} band(s) of rows; give at most {len(bands)}"
+        )
+    number = options.part_id
+    return RenderPart(number, count, bands[number * len(bands) // count : (number + 1) * len(bands) // count])
 
 
 @dataclass(frozen=True)
@@ -563,6 +656,8 @@ class RenderJob:
         Sample along the surface's normals turned round (``--flip_normals``).
     cache : CacheSettings
         Where a remote volume's objects are kept on disk (none for a volume on disk).
+    first_row : int
+        The surface row that is row 0 of the images (a part of a render, ``--num_parts``, writes its rows alone).
     compiled : bool
         Sample with the compiled kernel (:mod:`scrollzarr.kernel`), for renders of at least
         :data:`COMPILED_SAMPLES`.
@@ -589,6 +684,7 @@ class RenderJob:
     remote: bool
     compiled: bool = False
     cache: CacheSettings = NO_CACHE
+    first_row: int = 0
 
 
 @dataclass
@@ -646,7 +742,7 @@ def render_band(job: RenderJob, band: Band) -> BandResult:
     finally:
         if prefetch is not None:
             prefetch.stop()
-    _write_band(job, v0, [*layers] if stacked is None else [*layers, stacked])
+    _write_band(job, v0 - job.first_row, [*layers] if stacked is None else [*layers, stacked])
     mapped = sum(count for count, _ in counts)
     nonfinite = sum(count for _, count in counts)
     return BandResult(mapped, nonfinite, (v1 - v0) * width, stats, time.monotonic() - started)
@@ -844,7 +940,12 @@ class Prefetch:
 
 
 def _check_paths(
-    ppm_path: Path, zarr_path: Path | str, output_dir: Path, stack_path: Path | None, names: list[str]
+    ppm_path: Path,
+    zarr_path: Path | str,
+    output_dir: Path,
+    stack_path: Path | None,
+    names: list[str],
+    part: RenderPart,
 ) -> None:
     """Refuse outputs that would overwrite the inputs or each other (paths resolved, so ``..`` and links count)."""
     # a remote volume is nowhere here: a path that cannot be anywhere
@@ -854,7 +955,7 @@ def _check_paths(
         raise ScrollzarrError(
             f"OUTPUT_TIFF_DIR {output_dir} is inside the zarr store {store}; write the layers elsewhere"
         )
-    ours = {out / name for name in (*names, manifest.MANIFEST_NAME, LOCK_NAME)}
+    ours = {out / name for name in (*names, part.name(manifest.MANIFEST_NAME), part.name(LOCK_NAME))}
     ppm = ppm_path.resolve()
     if ppm in ours:
         raise ScrollzarrError(
@@ -891,23 +992,37 @@ def _store_root(path: Path) -> Path:
     return root
 
 
-def _stack_lock_name(stack_path: Path) -> str:
+def stack_lock_name(stack_path: Path) -> str:
     """The lock file that holds the stacked image, beside it."""
     return f".{stack_path.name}.lock"
 
 
-def _check_outputs(output_dir: Path, stack_path: Path | None, overwrite: bool) -> None:
-    locks = {LOCK_NAME} if stack_path is None else {LOCK_NAME, _stack_lock_name(stack_path)}
-    if renderprogress.exists(output_dir) and not overwrite:
+def _check_outputs(
+    output_dir: Path, stack_path: Path | None, overwrite: bool, names: list[str], part: RenderPart
+) -> None:
+    """Refuse to write into a directory that holds files (of a whole render: any; of a part: the part's own)
+    without ``--overwrite``."""
+    if renderprogress.exists(output_dir, part.name(renderprogress.NAME)) and not overwrite:
+        what = "a render" if not part.suffix else f"part {part.number} of a render"
         raise ScrollzarrError(
-            f"{output_dir} holds a render that stopped before it finished; continue it with --resume (and the same "
+            f"{output_dir} holds {what} that stopped before it finished; continue it with --resume (and the same "
             "arguments), or add --overwrite to start again"
         )
-    if any(path.name not in locks for path in output_dir.iterdir()) and not overwrite:
-        raise ScrollzarrError(
-            f"{output_dir} is not empty; add --overwrite to replace its layer TIFFs (other files are kept), "
-            "or choose an empty directory"
-        )
+    if part.suffix:
+        mine = {*names, *(hidden_partial_path(output_dir / name).name for name in names)}
+        clash = sorted(path.name for path in output_dir.iterdir() if path.name in mine)
+        if clash and not overwrite:
+            raise ScrollzarrError(
+                f"{output_dir} holds files of part {part.number} already ({clash[0]}, ...); add --overwrite to "
+                "replace them"
+            )
+    else:
+        locks = {LOCK_NAME} if stack_path is None else {LOCK_NAME, stack_lock_name(stack_path)}
+        if any(path.name not in locks for path in output_dir.iterdir()) and not overwrite:
+            raise ScrollzarrError(
+                f"{output_dir} is not empty; add --overwrite to replace its layer TIFFs (other files are kept), "
+                "or choose an empty directory"
+            )
     if stack_path is not None:
         if stack_path.is_dir():
             raise ScrollzarrError(f"{stack_path} is a directory; OUTPUT_STACK_TIFF must be a file name")
@@ -915,9 +1030,8 @@ def _check_outputs(output_dir: Path, stack_path: Path | None, overwrite: bool) -
             raise ScrollzarrError(f"{stack_path} exists; add --overwrite to replace it")
 
 
-def _check_space(output_dir: Path, stack_path: Path | None, ppm: Ppm | Tifxyz, layers: int, dtype: np.dtype) -> None:
-    """Refuse to start a run whose TIFFs cannot fit on their file systems."""
-    image = ppm.width * ppm.height * dtype.itemsize
+def check_space(output_dir: Path, stack_path: Path | None, image: int, layers: int) -> None:
+    """Refuse to start a run whose TIFFs (``image`` bytes each) cannot fit on their file systems."""
     needs = [(output_dir, image * layers, "layer TIFFs")]
     if stack_path is not None:
         needs.append((stack_path.parent, image, "stacked image"))

@@ -23,6 +23,14 @@ from scrollzarr.durable import remove_durably, write_durably
 from scrollzarr.errors import ScrollzarrError, UsageError
 
 NAME = ".scrollzarr-render.json"
+
+
+def record_name(number: int, count: int) -> str:
+    """The record of part ``number`` of ``count`` (``--num_parts``): :data:`NAME`, or ``.scrollzarr-render.part3.json``
+    (as :meth:`scrollzarr.layers.RenderPart.name` names a part's files)."""
+    return NAME if count <= 1 else NAME.replace(".json", f".part{number}.json")
+
+
 SAVE_SECONDS = 1.0  # at most this often: each save flushes every partial TIFF
 
 
@@ -33,7 +41,7 @@ class RenderProgress:
     Attributes
     ----------
     directory : Path
-        OUTPUT_TIFF_DIR, where the record lives.
+        OUTPUT_TIFF_DIR, where the record lives (as ``name``: a part of a render has its own).
     fingerprint : dict
         What the render is (JSON values).
     overwrite : bool
@@ -46,6 +54,7 @@ class RenderProgress:
     fingerprint: dict[str, Any]
     overwrite: bool
     done: dict[int, tuple[int, int]] = field(default_factory=dict)
+    name: str = NAME
     saved: float = field(default=0.0, compare=False)
 
     def save(self) -> None:
@@ -56,7 +65,7 @@ class RenderProgress:
             "overwrite": self.overwrite,
             "done": {str(number): list(counts) for number, counts in sorted(self.done.items())},
         }
-        write_durably(self.directory / NAME, json.dumps(content, indent=1).encode())
+        write_durably(self.directory / self.name, json.dumps(content, indent=1).encode())
         self.saved = time.monotonic()
 
     def due(self) -> bool:
@@ -64,14 +73,14 @@ class RenderProgress:
         return time.monotonic() - self.saved >= SAVE_SECONDS
 
     def remove(self) -> None:
-        remove_durably(self.directory / NAME)
+        remove_durably(self.directory / self.name)
 
 
-def exists(directory: Path) -> bool:
-    return (directory / NAME).is_file()
+def exists(directory: Path, name: str = NAME) -> bool:
+    return (directory / name).is_file()
 
 
-def resume(directory: Path, fingerprint: dict[str, Any]) -> RenderProgress:
+def resume(directory: Path, fingerprint: dict[str, Any], name: str = NAME) -> RenderProgress:
     """The stopped render of ``directory`` whose fingerprint is ``fingerprint``.
 
     Raises
@@ -81,7 +90,7 @@ def resume(directory: Path, fingerprint: dict[str, Any]) -> RenderProgress:
     ScrollzarrError
         If its record cannot be read, or it was a render of something else (the first difference named).
     """
-    path = directory / NAME
+    path = directory / name
     try:
         content = json.loads(path.read_text())
         recorded = content["fingerprint"]
@@ -89,7 +98,7 @@ def resume(directory: Path, fingerprint: dict[str, Any]) -> RenderProgress:
         overwrite = bool(content["overwrite"])
     except FileNotFoundError:
         raise UsageError(
-            f"--resume: {directory} holds no stopped render (no {NAME}); render without --resume"
+            f"--resume: {directory} holds no stopped render (no {name}); render without --resume"
         ) from None
     except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
         raise ScrollzarrError(
@@ -102,7 +111,7 @@ def resume(directory: Path, fingerprint: dict[str, Any]) -> RenderProgress:
                 f"{_shown(fingerprint.get(key))}; give the stopped render's arguments (and inputs) to continue it, "
                 "or render again with --overwrite"
             )
-    return RenderProgress(directory, fingerprint, overwrite, done)
+    return RenderProgress(directory, fingerprint, overwrite, done, name)
 
 
 def _shown(value: Any) -> str:
