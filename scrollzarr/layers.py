@@ -11,7 +11,10 @@ which write into the same files on a shared file system: the files are the
 same, byte for byte.  A process keeps one chunk cache for all the bands it
 renders of a run.  Memory holds the chunk cache, one band of output and one
 box of voxels per thread for each task running, whatever the size of the
-segment.
+segment.  The bands on the disk are recorded as they finish, so that a render
+stopped half-way continues from them (``--resume``), and a render may be cut
+into parts of consecutive bands, rendered by separate runs and joined
+(``--num_parts``, :mod:`scrollzarr.layermerge`).
 """
 
 from __future__ import annotations
@@ -267,6 +270,11 @@ def ppm_to_layers(
     rendered on that Dask cluster, whose workers must see the inputs and the
     outputs at the same paths; each task makes its rows durable before it
     reports, and this process renames the files once every band is written.
+
+    The bands on the disk are recorded as they finish (:mod:`scrollzarr.renderprogress`): a run killed or
+    interrupted keeps its partial files, and ``options.resume`` renders only the bands missing.  With
+    ``options.num_parts`` the run renders part ``options.part_id`` of the bands alone, into files, a lock and
+    records of the part's own (:class:`RenderPart`; :mod:`scrollzarr.layermerge` joins the parts).
 
     Raises
     ------
