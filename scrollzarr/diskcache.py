@@ -6,16 +6,20 @@ sees a whole file or none; a trailer of its length and CRC-32C lets a file
 that a power cut or a full disk left short read as a miss, not as voxels.
 A hit touches the file: its modification time is its last use.  The bound
 is kept by the process that crosses it: it lists the cache (every process's
-files) and removes the files used longest ago until a tenth is free.
+files) and removes the files used longest ago until a tenth is free.  Only
+files of the cache's own naming (a folder of two hex digits, a file of 62)
+are ever counted or removed: ``--cache_dir`` may name a folder that holds
+other files, and they are not the cache's to delete.  The folder is tagged
+with a ``CACHEDIR.TAG``, so that backup tools leave it out.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import logging
 import os
+import re
 import struct
 import threading
 import uuid
@@ -25,6 +29,10 @@ import google_crc32c
 
 log = logging.getLogger(__name__)
 
+TAG = "CACHEDIR.TAG"  # https://bford.info/cachedir/
+TAG_TEXT = "Signature: 8a477f597d28d172789f06886806bc55\n# scrollzarr's cache of remote volume chunks\n"
+FOLDER = re.compile(r"^[0-9a-f]{2}$")
+FILE = re.compile(r"^[0-9a-f]{62}$")
 TRAILER = struct.Struct("<QI")  # the object's length in bytes and its CRC-32C
 PARTIAL = ".partial-"  # the temporary names of files being written
 KEEP = 0.9  # an eviction leaves the cache at this fraction of its bound, so that it lists the cache rarely
@@ -48,6 +56,8 @@ class DiskCache:
         self._lock = threading.Lock()
         self._full = False
         directory.mkdir(parents=True, exist_ok=True)
+        if not (directory / TAG).exists():
+            (directory / TAG).write_text(TAG_TEXT)
         self._bytes = sum(size for _, size, _ in self._files())
 
     def get(self, key: str) -> bytes | None:
@@ -82,10 +92,9 @@ class DiskCache:
                 file.write(data)
                 file.write(trailer)
             os.replace(partial, path)
-        except OSError as error:
-            partial.unlink(missing_ok=True)
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                raise
+        except OSError as error:  # a full disk, a read-only or forbidden folder: the render goes on without
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
             self._full = True
             log.warning("the disk cache %s cannot take more (%s); fetching on without it", self.directory, error)
             return
@@ -111,10 +120,10 @@ class DiskCache:
         """Modification time (ns), size and path of every cached file (others' files being written left out)."""
         found = []
         for folder in os.scandir(self.directory):
-            if not folder.is_dir(follow_symlinks=False):
+            if not (FOLDER.match(folder.name) and folder.is_dir(follow_symlinks=False)):
                 continue
             for entry in os.scandir(folder.path):
-                if entry.name.startswith(PARTIAL):
+                if not FILE.match(entry.name):  # files being written, and anything not the cache's
                     continue
                 try:
                     status = entry.stat(follow_symlinks=False)

@@ -5,7 +5,8 @@ a dropped connection; a render fetches thousands of objects, and one lost
 request must not stop it.  A request is retried on 429, 500, 502, 503, 504,
 timeouts and connection errors, waiting as the server's ``Retry-After``
 says, else 0.5 s doubling up to 30 s, for :data:`ATTEMPTS` attempts (about
-two minutes of backoff in all).
+a minute of backoff in all).  :func:`stop` ends every retry of the process
+at once (Ctrl-C: the run stops, it does not wait out the backoff).
 
 Logins never come from the command line (it is visible to every user of the
 machine, and stays in shell histories): a URL with a user name in it is
@@ -21,6 +22,7 @@ import email.utils
 import logging
 import netrc
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +45,15 @@ class FetchError(ScrollzarrError):
     """A request that failed for good."""
 
 
+_STOPPED = threading.Event()
+STEP = 0.1  # seconds: how often a wait before a retry looks whether the process is stopping
+
+
+def stop() -> None:
+    """Give up every request of this process that waits to be retried, and every retry to come."""
+    _STOPPED.set()
+
+
 def check_url(url: str) -> str:
     """``url`` without a trailing ``/``, refused if it holds a login.
 
@@ -50,7 +61,12 @@ def check_url(url: str) -> str:
     ------
     UsageError
     """
-    parsed = httpx.URL(url)
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as error:
+        raise UsageError(
+            f"{url} is not a valid URL ({error}); give one such as https://server/path/volume.zarr"
+        ) from None
     if parsed.userinfo:
         raise UsageError(
             f"{parsed.copy_with(username=None, password=None)}: a login does not belong on the command line (every "
@@ -74,7 +90,7 @@ def login(host: str) -> httpx.BasicAuth | None:
     if path.is_file():
         try:
             entry = netrc.netrc(path).authenticators(host)
-        except (netrc.NetrcParseError, OSError) as error:
+        except (netrc.NetrcParseError, OSError, ValueError) as error:  # ValueError: not text (UnicodeDecodeError)
             raise UsageError(f"{path} cannot be read ({error}); fix it, or move it away") from None
         if entry is not None and entry[2]:
             return httpx.BasicAuth(entry[0], entry[2])
@@ -104,6 +120,8 @@ async def get(session: httpx.AsyncClient, url: str, headers: dict[str, str] | No
     """
     failure = ""
     for attempt in range(ATTEMPTS):
+        if _STOPPED.is_set():
+            raise FetchError(f"{url}: not fetched, the run is stopping")
         try:
             response = await session.get(url, headers=headers)
         except httpx.TransportError as error:  # timeouts, refused and dropped connections
@@ -117,7 +135,10 @@ async def get(session: httpx.AsyncClient, url: str, headers: dict[str, str] | No
         if attempt + 1 < ATTEMPTS:
             delay = min(MAX_WAIT, FIRST_WAIT * 2**attempt if wait is None else wait)
             log.debug("%s: %s; trying again in %.1f s", url, failure, delay)
-            await asyncio.sleep(delay)
+            waited = 0.0
+            while waited < delay and not _STOPPED.is_set():
+                await asyncio.sleep(min(STEP, delay - waited))
+                waited += STEP
     raise FetchError(f"{url} could not be fetched: {failure} after {ATTEMPTS} attempts; try again later")
 
 
@@ -141,6 +162,11 @@ def _refused(url: str, status: int, logged_in: bool) -> str:
         return (
             f"{url}: the server refused the login (HTTP {status}); check the entry for {host} in ~/.netrc, or "
             f"{USER_VARIABLE} and {PASSWORD_VARIABLE}"
+        )
+    if status == 403:
+        return (
+            f"{url}: the server refuses access (HTTP 403); if it needs a login, put it in ~/.netrc (machine {host} "
+            f"login NAME password ...) or in {USER_VARIABLE} and {PASSWORD_VARIABLE}"
         )
     return (
         f"{url}: the server asks for a login (HTTP {status}); put it in ~/.netrc (machine {host} login NAME "

@@ -64,6 +64,8 @@ def merge_parts(
         raise UsageError("--merge_parts joins the parts of a render: give --num_parts, the number of parts rendered")
     if options.resume:
         raise UsageError("--merge_parts has nothing to resume: merge again (the parts are kept until it succeeds)")
+    if options.part_id:
+        raise UsageError("--merge_parts joins every part: leave --part_id out")
     surface = open_surface(surface_path, options)
     volume = open_volume(zarr_path, options.level, options.disk_cache)
     dtype = volume.array.dtype
@@ -73,7 +75,8 @@ def merge_parts(
     with ExitStack() as locks:
         locks.enter_context(OutputLock(output_dir, "output directory"))
         for part in parts:
-            locks.enter_context(OutputLock(output_dir, f"part {part.number}", part.name(LOCK_NAME)))
+            what = f"output directory (part {part.number} of its render)"
+            locks.enter_context(OutputLock(output_dir, what, part.name(LOCK_NAME)))
         if stack_path is not None:
             locks.enter_context(OutputLock(stack_path.parent, "stacked image", stack_lock_name(stack_path), stack_path))
         sources = []
@@ -154,6 +157,12 @@ def _part_files(
                 page = tiff.pages[0]
                 good = page.shape == (part.height, width) and page.dtype == dtype and page.is_contiguous
         except FileNotFoundError:
+            merged = manifest.read_manifest(output_dir)
+            if merged is not None and merged.description.get("height", 0) > part.height:
+                raise ScrollzarrError(
+                    f"{path} is missing, and {output_dir} holds the merged images already: a merge stopped while it "
+                    "removed the part files; delete the part files left (NN.partI.tif) yourself"
+                ) from None
             raise ScrollzarrError(
                 f"{path} is missing: part {part.number} of {part.count} has not been rendered into {output_dir} "
                 f"(render it with --num_parts {part.count} --part_id {part.number}), or was rendered with other "

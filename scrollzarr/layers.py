@@ -45,6 +45,8 @@ from scrollzarr.chunkcache import CacheStats, ChunkCache, ChunkIndex
 from scrollzarr.cluster import DaskExecutor, Executor, LocalExecutor
 from scrollzarr.durable import fsync_directories, hidden_partial_path
 from scrollzarr.errors import ScrollzarrError, UsageError
+from scrollzarr.fetching import FetchError
+from scrollzarr.fetching import stop as stop_fetching
 from scrollzarr.layertiff import ImageRows, LayerTiff
 from scrollzarr.options import check_workers
 from scrollzarr.outputlock import LOCK_NAME, OutputLock, holder
@@ -299,7 +301,8 @@ def ppm_to_layers(
         raise ScrollzarrError(f"{output_dir} is a file; OUTPUT_TIFF_DIR must be a directory for the layer TIFFs")
     record_name, lock_name = part.name(manifest.MANIFEST_NAME), part.name(LOCK_NAME)
     with _executor(options) as executor, ExitStack() as locks:
-        held = [locks.enter_context(OutputLock(output_dir, "output directory", lock_name))]
+        what = "output directory" if not part.suffix else f"output directory (part {part.number} of its render)"
+        held = [locks.enter_context(OutputLock(output_dir, what, lock_name))]
         if stack_path is not None:
             # The stacked image may lie outside the directory: held on its own, so that two runs writing it
             # (with other layer directories) never share its partial file (measured: one exited 0 with a mix).
@@ -409,8 +412,18 @@ def ppm_to_layers(
             for file in files:
                 file.commit()
         except BaseException as error:
-            if isinstance(error, KeyboardInterrupt) and progress_record is not None:
-                _keep_for_resume(files, progress_record)  # Ctrl-C, SIGTERM (a batch system's time limit)
+            # Kept for --resume: the bands of a render interrupted (Ctrl-C, SIGTERM: a batch system's time limit) or
+            # cut off from its volume's server, and a resumed render's whatever stopped it (they are the stopped
+            # render's too: a damaged or missing partial file must not cost the others).
+            kept = isinstance(error, KeyboardInterrupt | FetchError) or resumed is not None
+            if kept and progress_record is not None:
+                _keep_for_resume(files, progress_record)
+                if isinstance(error, FetchError):
+                    raise FetchError(
+                        f"{error}; the bands rendered so far are kept: to continue, run the same command with --resume"
+                    ) from None
+                if isinstance(error, ScrollzarrError):
+                    raise type(error)(f"{error} (the stopped render's files are kept)") from None
                 raise
             for file in files:
                 file.discard()
@@ -433,7 +446,7 @@ def ppm_to_layers(
 
 
 def _keep_for_resume(files: list[LayerTiff], progress_record: renderprogress.RenderProgress) -> None:
-    """Keep an interrupted render's partial files, and the bands on the disk, for ``--resume``."""
+    """Keep a stopped render's partial files, and the bands on the disk, for ``--resume``."""
     for file in files:
         file.sync()
         file.close()
@@ -457,7 +470,11 @@ def fingerprint_of(
         "surface": str(path.absolute()),
         "surface files (size, time)": identities,
         "volume": zarr_path if isinstance(zarr_path, str) else str(zarr_path.absolute()),
-        "volume metadata (device, inode, time)": [[str(file), identity] for file, identity in volume.metadata],
+        # absolute, and not the device number: a part rendered on another machine (NFS) or from another folder
+        "volume metadata (time)": [
+            [str(Path(file).absolute()), None if identity is None else identity[2]]
+            for file, identity in volume.metadata
+        ],
         "level": options.level,
         "layers": options.layers,
         "spacing": options.spacing,
@@ -746,7 +763,11 @@ def render_band(job: RenderJob, band: Band) -> BandResult:
 
     try:
         with Workers(job.threads) as pool:
-            counts = pool.run([partial(tile, number) for number in range(len(spans))])
+            try:
+                counts = pool.run([partial(tile, number) for number in range(len(spans))])
+            except KeyboardInterrupt:
+                stop_fetching()  # the tiles still running give up the requests they wait to retry
+                raise
     finally:
         if prefetch is not None:
             prefetch.stop()

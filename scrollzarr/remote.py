@@ -12,9 +12,11 @@ they were (published volumes do not change; empty the cache otherwise).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
@@ -51,8 +53,21 @@ def is_url(source: str | Path) -> bool:
 
 
 def volume_source(text: str) -> Path | str:
-    """A volume named on the command line: a URL as given, else a path."""
-    return text if is_url(text) else Path(text)
+    """A volume named on the command line: a URL (its scheme in small letters), else a path.
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        For a URL of a scheme that is not read (``ftp://`` …).
+    """
+    scheme, separator, rest = text.partition("://")
+    if separator and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        if f"{scheme.lower()}://" not in SCHEMES:
+            raise argparse.ArgumentTypeError(
+                f"{text}: {scheme}:// is not read; give an https://, http:// or s3:// URL, or a path"
+            )
+        return f"{scheme.lower()}://{rest}"
+    return Path(text)
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,10 @@ class HttpStore(Store):
         headers = None if byte_range is None else {"Range": _range_header(byte_range)}
         response = await fetching.get(self._client(), f"{self.url}/{key}", headers)
         if response.status_code in (404, 410):
+            return None
+        if response.headers.get("content-type", "").startswith("text/html"):
+            # No object of a zarr store is a web page: a server that answers a missing file with one (a custom "not
+            # found" page sent as 200) is saying it has no such object.
             return None
         if response.status_code == 416:  # a range past the end of the object
             return b""
@@ -162,6 +181,10 @@ class CachedStore(Store):
         self._pending: dict[str, asyncio.Future[bytes | None]] = {}
         self._small: OrderedDict[str, bytes] = OrderedDict()
         self._small_bytes = 0
+        self._failure: fetching.FetchError | None = None
+
+    def __str__(self) -> str:
+        return self.url
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CachedStore) and other.inner == self.inner
@@ -184,6 +207,8 @@ class CachedStore(Store):
             if data is not None:
                 self._small.move_to_end(name)
                 return data
+        if self._failure is not None:  # the server failed for good: the next requests would wait it out again
+            raise fetching.FetchError(str(self._failure))
         pending = self._pending.get(name)  # on zarr's event loop: no other coroutine runs meanwhile
         if pending is not None:
             return await asyncio.shield(pending)
@@ -191,6 +216,8 @@ class CachedStore(Store):
         try:
             data = await self._load(key, byte_range, name)
         except BaseException as error:
+            if isinstance(error, fetching.FetchError):
+                self._failure = error
             pending.set_exception(error)
             pending.exception()  # retrieved: the waiters, if any, raise it themselves
             raise
@@ -270,8 +297,13 @@ def open_store(url: str, settings: CacheSettings) -> CachedStore:
         try:
             cache = DiskCache(settings.directory, settings.max_bytes)
         except OSError as error:
-            log.warning("no disk cache (%s cannot be used: %s); every chunk is fetched", settings.directory, error)
+            if settings.directory not in _WARNED:  # once, not at each of the process's opens of the volume
+                _WARNED.add(settings.directory)
+                log.warning("no disk cache (%s cannot be used: %s); every chunk is fetched", settings.directory, error)
     return CachedStore(inner, url, cache)
+
+
+_WARNED: set[Path] = set()
 
 
 def _s3_store(url: str) -> Store:

@@ -97,8 +97,10 @@ def resume(directory: Path, fingerprint: dict[str, Any], name: str = NAME) -> Re
         done = {int(number): (int(counts[0]), int(counts[1])) for number, counts in content["done"].items()}
         overwrite = bool(content["overwrite"])
     except FileNotFoundError:
+        parts = sorted(path.name for path in directory.glob(NAME.replace(".json", ".part*.json")))
+        hint = f" (it holds stopped parts of one: {parts[0]} ...; give --num_parts and --part_id)" if parts else ""
         raise UsageError(
-            f"--resume: {directory} holds no stopped render (no {name}); render without --resume"
+            f"--resume: {directory} holds no stopped render (no {name}){hint}; render without --resume"
         ) from None
     except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
         raise ScrollzarrError(

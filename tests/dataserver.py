@@ -31,6 +31,10 @@ class DataServer:
     busy_every: int = 0  # every n-th request is answered 429 (0: never)
     login: tuple[str, str] | None = None
     honour_ranges: bool = True
+    fail_after: int | None = None  # requests answered before every later one is answered 503 (a server going down)
+    retry_after: str = "0"  # the Retry-After of the 429 and 503 answers
+    refuse: int | None = None  # a status to answer every request with (403: a forbidden folder)
+    html_for_missing: bool = False  # a missing file answered 200 with an HTML page, as some servers do
     requests: list[Request] = field(default_factory=list)
     port: int = 0
     _count: int = 0
@@ -64,10 +68,17 @@ class _Handler(BaseHTTPRequestHandler):
             expected = "Basic " + base64.b64encode(":".join(state.login).encode()).decode()
             if auth != expected:
                 return self._answer(401, b"", header, auth, {"WWW-Authenticate": 'Basic realm="scrolls"'})
+        if state.refuse is not None:
+            return self._answer(state.refuse, b"no", header, auth)
+        if state.fail_after is not None and state._count > state.fail_after:
+            return self._answer(503, b"down", header, auth, {"Retry-After": state.retry_after})
         if busy:
-            return self._answer(429, b"slow down", header, auth, {"Retry-After": "0"})
+            return self._answer(429, b"slow down", header, auth, {"Retry-After": state.retry_after})
         path = (state.root / self.path.lstrip("/")).resolve()
         if state.root.resolve() not in path.parents or not path.is_file():
+            if state.html_for_missing:
+                page = b"<html><body>Not here</body></html>"
+                return self._answer(200, page, header, auth, {"Content-Type": "text/html; charset=utf-8"})
             return self._answer(404, b"", header, auth)
         data = path.read_bytes()
         match = re.fullmatch(r"bytes=(\d*)-(\d*)", header or "")

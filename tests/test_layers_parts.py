@@ -175,9 +175,28 @@ def test_a_part_does_not_replace_its_own_files_without_overwrite(scroll, tmp_pat
         (["--num_parts", 121], ["--num_parts 121 is more than the render's 120 band(s) of rows; give at most 120"]),
         (["--merge_parts"], ["--merge_parts joins the parts of a render: give --num_parts"]),
         (["--merge_parts", "--num_parts", 2, "--resume"], ["--merge_parts has nothing to resume"]),
+        (["--merge_parts", "--num_parts", 2, "--part_id", 1], ["--merge_parts joins every part: leave --part_id out"]),
     ],
 )
 def test_part_options_that_cannot_work_are_one_line(scroll, tmp_path, args, fragments):
     result = ppm_to_layers(scroll, tmp_path, *args)
     assert_one_line_error(result, *fragments, code=2)
     assert not (tmp_path / "l").exists()
+
+
+def test_a_merge_stopped_while_it_removed_the_parts_is_told_as_such(scroll, whole, tmp_path):
+    for part in range(2):
+        assert_ok(ppm_to_layers(scroll, tmp_path, "--num_parts", 2, "--part_id", part, "--quiet"))
+    leftover = (tmp_path / "l" / "00.part1.tif").read_bytes()
+    assert_ok(ppm_to_layers(scroll, tmp_path, "--num_parts", 2, "--merge_parts", "--quiet"))
+    (tmp_path / "l" / "00.part1.tif").write_bytes(leftover)  # as if the removal had stopped before this file
+    again = ppm_to_layers(scroll, tmp_path, "--num_parts", 2, "--merge_parts", "--overwrite")
+    assert_one_line_error(again, "00.part0.tif is missing", "holds the merged images already", code=1)
+    assert {name: data for name, data in outputs(tmp_path).items() if ".part" not in name} == whole
+
+
+def test_resume_without_the_part_of_a_stopped_part_names_the_parts(scroll, tmp_path):
+    (tmp_path / "l").mkdir(parents=True)
+    (tmp_path / "l" / ".scrollzarr-render.part1.json").write_text("{}")
+    result = ppm_to_layers(scroll, tmp_path, "--resume")
+    assert_one_line_error(result, "holds no stopped render", ".scrollzarr-render.part1.json", "--part_id", code=2)

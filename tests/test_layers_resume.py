@@ -188,3 +188,19 @@ def test_resume_after_the_surface_changed_is_refused(scroll, tmp_path):
     os.utime(surface_copy / "long.ppm", ns=(0, 0))  # touched: it may have been rewritten since
     result = ppm_to_layers(surface_copy, tmp_path, "--resume")
     assert_one_line_error(result, "surface files (size, time)", code=1)
+
+
+def test_a_render_stopped_with_relative_paths_is_resumed_from_another_folder(scroll, uninterrupted, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "long.ppm").symlink_to(scroll / "long.ppm")
+    (work / "scroll.zarr").symlink_to(scroll / "scroll.zarr")
+    command = [sys.executable, ROOT / "ppm_to_layers.py", "long.ppm", "scroll.zarr", "out/l", "out/s.tif", *SLOW]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(list(map(str, command)), stderr=subprocess.PIPE, text=True, env=env, cwd=work)
+    wait_for_bands(process, work / "out", 1)
+    process.kill()
+    process.wait()
+    result = ppm_to_layers(work, work / "out", "--resume")  # absolute paths, from the tests' folder
+    assert_ok(result)
+    assert outputs(work / "out") == uninterrupted

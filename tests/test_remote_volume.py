@@ -11,8 +11,10 @@ byte with the local render's, and the local render with the numpy reference.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +271,22 @@ def test_the_disk_cache_keeps_its_bound_the_most_recently_used_first(tmp_path):
     assert [cache.get(f"k{k}") is not None for k in range(11)] == [True, False, False, False] + [True] * 7
     # Another cache (another run) over the same directory finds what this one kept.
     assert DiskCache(tmp_path / "c", max_bytes=12_000).get("k9") == bytes([9]) * 1000
+    assert (tmp_path / "c" / "CACHEDIR.TAG").read_text().startswith("Signature: 8a477f597d28d172789f06886806bc55")
+
+
+def test_the_disk_cache_never_removes_files_that_are_not_its_own(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "seg").mkdir(parents=True)
+    (folder / "seg" / "00.tif").write_bytes(b"a layer" * 1000)
+    (folder / "ab").mkdir()
+    (folder / "ab" / "notes.txt").write_text("mine")  # in a folder named like the cache's, not named like its files
+    os.utime(folder / "seg" / "00.tif", ns=(0, 0))  # older than anything the cache writes
+    cache = DiskCache(folder, max_bytes=3000)
+    for k in range(10):
+        cache.put(f"k{k}", bytes(1000))  # far over the bound: evicted again and again
+    assert (folder / "seg" / "00.tif").read_bytes() == b"a layer" * 1000
+    assert (folder / "ab" / "notes.txt").read_text() == "mine"
+    assert cache.get("k9") == bytes(1000)
 
 
 def test_a_damaged_cache_file_is_a_miss_not_voxels(tmp_path):
@@ -328,3 +346,69 @@ def _boto(credentials: dict[str, str]) -> dict[str, str]:
         "aws_secret_access_key": credentials["AWS_SECRET_ACCESS_KEY"],
         "region_name": credentials["AWS_DEFAULT_REGION"],
     }
+
+
+def test_a_server_going_down_keeps_the_bands_and_resume_finishes(stores, sheet, local_renders, tmp_path):
+    out = tmp_path / "remote"
+    with data_server(stores / "served") as server:
+        url = f"{server.url}/uint8.zarr"
+        server.fail_after = 12  # the volume's metadata, twice (this process and the sampler), and a few chunks
+        failed = render(sheet, url, out, "--cache_gb", 0, "--block_size", 4, "--workers", 1)
+        assert_one_line_error(failed, "could not be fetched: HTTP 503 after 8 attempts", "--resume", code=1)
+        assert "the bands rendered so far are kept" in failed.stderr
+        assert not list((out / "layers").glob("*.tif")) and (out / "layers" / ".00.tif.partial").exists()
+        server.fail_after = None
+        resumed = render(sheet, url, out, "--cache_gb", 0, "--block_size", 4, "--workers", 1, "--resume")
+        assert_ok(resumed)
+    assert files(out) == files(local_renders["uint8"])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_while_requests_wait_to_be_retried_stops_at_once(stores, sheet, tmp_path, workers):
+    out = tmp_path / "remote"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("SCROLLZARR_HTTP_", "AWS_"))}
+    with data_server(stores / "served", retry_after="20") as server:
+        server.fail_after = 12
+        command = [sys.executable, ROOT / "ppm_to_layers.py", sheet[0], f"{server.url}/uint8.zarr", out / "layers"]
+        command += ["--number_of_layers", 5, "--cache_gb", 0, "--block_size", 4, "--workers", workers]
+        process = subprocess.Popen(
+            list(map(str, command)), stderr=subprocess.PIPE, text=True, env={**environment, "PYTHONPATH": str(ROOT)}
+        )
+        deadline = time.monotonic() + 60
+        while not server.answered(503) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.answered(503), "the render never reached the server going down"
+        process.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        _, stderr = process.communicate(timeout=120)
+        waited = time.monotonic() - stopped
+    assert process.returncode == 130, stderr
+    assert waited < 10, f"{waited:.1f} s after Ctrl-C (a retry waits 20 s)"
+    assert "interrupted; to continue: " in stderr and "--resume" in stderr
+
+
+def test_urls_and_logins_that_cannot_be_used_are_one_line(sheet, tmp_path):
+    bad = ppm_to_layers(sheet[0], "http://[::1", tmp_path / "o")
+    assert_one_line_error(bad, "is not a valid URL", code=2)
+    ftp = ppm_to_layers(sheet[0], "ftp://example.org/v.zarr", tmp_path / "o")
+    assert_one_line_error(ftp, "ftp:// is not read; give an https://, http:// or s3:// URL, or a path", code=2)
+    netrc = tmp_path / "binary.netrc"
+    netrc.write_bytes(b"\xff\xfe\x00machine")
+    garbled = ppm_to_layers(sheet[0], "http://127.0.0.1:9/v.zarr", tmp_path / "o", env={"NETRC": str(netrc)})
+    assert_one_line_error(garbled, "binary.netrc cannot be read", "fix it, or move it away", code=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_forbidden_folder_is_one_line(stores, sheet, tmp_path):
+    with data_server(stores / "served", refuse=403) as server:
+        forbidden = ppm_to_layers(sheet[0], f"{server.url}/uint8.zarr", tmp_path / "o", "--cache_gb", 0)
+    assert_one_line_error(forbidden, "the server refuses access (HTTP 403)", code=1)
+
+
+def test_a_server_answering_missing_files_with_a_web_page_renders_as_on_disk(stores, sheet, local_renders, tmp_path):
+    """All-zero chunks have no file; a server that answers a missing file with an HTML page (200) has none."""
+    with data_server(stores / "served", html_for_missing=True) as server:
+        out = tmp_path / "remote"
+        assert_ok(render(sheet, f"{server.url}/uint8.zarr", out, "--cache_gb", 0))
+        assert server.answered(200)
+    assert files(out) == files(local_renders["uint8"])
