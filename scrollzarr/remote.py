@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.storage import FsspecStore
 
 from scrollzarr import fetching
@@ -246,6 +247,24 @@ class CachedStore(Store):
         self._keep_small(name, data)
         return data
 
+    async def probe(self) -> None:
+        """Fetch the store's zarr 3 metadata (there or not), to tell a server or bucket that cannot be reached in one
+        line before zarr asks for several objects at once.
+
+        Raises
+        ------
+        FetchError
+        """
+        try:
+            await self.inner.get("zarr.json", default_buffer_prototype())
+        except fetching.FetchError:
+            raise
+        except Exception as error:  # s3fs and botocore raise many kinds for endpoints, networks and credentials
+            raise fetching.FetchError(
+                f"{self.url} cannot be reached ({type(error).__name__}: {error}); check the URL, the network and "
+                "the credentials"
+            ) from None
+
     def _keep_small(self, name: str, data: bytes) -> None:
         """Keep ``data`` in memory if it is small: a shard's index is read again for every chunk of the shard."""
         if len(data) > SMALL:
@@ -300,7 +319,9 @@ def open_store(url: str, settings: CacheSettings) -> CachedStore:
             if settings.directory not in _WARNED:  # once, not at each of the process's opens of the volume
                 _WARNED.add(settings.directory)
                 log.warning("no disk cache (%s cannot be used: %s); every chunk is fetched", settings.directory, error)
-    return CachedStore(inner, url, cache)
+    store = CachedStore(inner, url, cache)
+    sync(store.probe())
+    return store
 
 
 _WARNED: set[Path] = set()

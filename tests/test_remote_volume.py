@@ -412,3 +412,13 @@ def test_a_server_answering_missing_files_with_a_web_page_renders_as_on_disk(sto
         assert_ok(render(sheet, f"{server.url}/uint8.zarr", out, "--cache_gb", 0))
         assert server.answered(200)
     assert files(out) == files(local_renders["uint8"])
+
+
+def test_a_bucket_that_cannot_be_reached_is_one_line(sheet, tmp_path):
+    with data_server(tmp_path) as server:
+        endpoint = server.url  # a port that is free once the server is gone
+    env = {"AWS_ENDPOINT_URL": endpoint, **CREDENTIALS}
+    result = ppm_to_layers(sheet[0], "s3://scrolls/v.zarr", tmp_path / "o", "--cache_gb", 0, env=env)
+    assert_one_line_error(result, "s3://scrolls/v.zarr cannot be reached", "check the URL, the network", code=1)
+    assert "Exception ignored" not in result.stderr
+    assert not (tmp_path / "o").exists()
