@@ -33,7 +33,8 @@ class DataServer:
     honour_ranges: bool = True
     fail_after: int | None = None  # requests answered before every later one is answered 503 (a server going down)
     retry_after: str = "0"  # the Retry-After of the 429 and 503 answers
-    refuse: int | None = None  # a status to answer every request with (403: a forbidden folder)
+    refuse: int | None = None  # a status to answer requests with (403: a forbidden folder)
+    refused: tuple[str, ...] = ("",)  # the ends of the paths refused (all by default)
     html_for_missing: bool = False  # a missing file answered 200 with an HTML page, as some servers do
     requests: list[Request] = field(default_factory=list)
     port: int = 0
@@ -68,7 +69,7 @@ class _Handler(BaseHTTPRequestHandler):
             expected = "Basic " + base64.b64encode(":".join(state.login).encode()).decode()
             if auth != expected:
                 return self._answer(401, b"", header, auth, {"WWW-Authenticate": 'Basic realm="scrolls"'})
-        if state.refuse is not None:
+        if state.refuse is not None and self.path.endswith(state.refused):
             return self._answer(state.refuse, b"no", header, auth)
         if state.fail_after is not None and state._count > state.fail_after:
             return self._answer(503, b"down", header, auth, {"Retry-After": state.retry_after})
