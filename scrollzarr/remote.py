@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import threading
+from abc import abstractmethod
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -89,27 +90,54 @@ class FetchStats:
     cached: int = 0
 
 
-class HttpStore(Store):
-    """The objects under ``url`` on a web server, read-only; a missing object (404) is a missing chunk."""
+class _ReadOnly(Store):
+    """What both stores here share: read-only, objects read through :meth:`fetch` (bytes, or ``None`` for an
+    object that is not there)."""
 
     supports_writes = False
     supports_deletes = False
     supports_listing = False
+    url: str
+
+    def __init__(self) -> None:
+        super().__init__(read_only=True)
+
+    def __str__(self) -> str:
+        return self.url
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @abstractmethod
+    async def fetch(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
+        """The bytes of ``key`` (its range ``byte_range``), or ``None`` if there is no such object."""
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        data = await self.fetch(key, byte_range)
+        return None if data is None else prototype.buffer.from_bytes(data)
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
+        return list(await asyncio.gather(*(self.get(key, prototype, byte_range) for key, byte_range in key_ranges)))
+
+    async def set(self, key: str, value: Buffer) -> None:
+        raise PermissionError(f"{self.url} is read-only")
+
+    async def delete(self, key: str) -> None:
+        raise PermissionError(f"{self.url} is read-only")
+
+
+class HttpStore(_ReadOnly):
+    """The objects under ``url`` on a web server, read-only; a missing object (404) is a missing chunk."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(read_only=True)
+        super().__init__()
         self.url = fetching.check_url(url)
         fetching.login(httpx.URL(self.url).host)  # a .netrc that cannot be read is told before anything is fetched
         self._clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HttpStore) and other.url == self.url
-
-    __hash__ = None  # type: ignore[assignment]
-
-    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
-        data = await self.fetch(key, byte_range)
-        return None if data is None else prototype.buffer.from_bytes(data)
 
     async def fetch(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
         """The bytes of ``key`` (its range ``byte_range``), or ``None`` if the server has no such object."""
@@ -132,19 +160,8 @@ class HttpStore(Store):
             data = _cut(data, byte_range)
         return data
 
-    async def get_partial_values(
-        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
-    ) -> list[Buffer | None]:
-        return list(await asyncio.gather(*(self.get(key, prototype, byte_range) for key, byte_range in key_ranges)))
-
     async def exists(self, key: str) -> bool:
         return await self.fetch(key, RangeByteRequest(0, 1)) is not None
-
-    async def set(self, key: str, value: Buffer) -> None:
-        raise PermissionError(f"{self.url} is read-only")
-
-    async def delete(self, key: str) -> None:
-        raise PermissionError(f"{self.url} is read-only")
 
     def list(self) -> AsyncIterator[str]:
         raise NotImplementedError("a web server's objects cannot be listed")
@@ -164,16 +181,12 @@ class HttpStore(Store):
         return session
 
 
-class CachedStore(Store):
+class CachedStore(_ReadOnly):
     """``inner``'s objects, each fetched once while it stays in ``cache`` (``None``: fetched every time), counted
     into ``stats``."""
 
-    supports_writes = False
-    supports_deletes = False
-    supports_listing = False
-
     def __init__(self, inner: Store, url: str, cache: DiskCache | None) -> None:
-        super().__init__(read_only=True)
+        super().__init__()
         self.inner = inner
         self.url = url
         self.cache = cache
@@ -184,19 +197,10 @@ class CachedStore(Store):
         self._small_bytes = 0
         self._failure: fetching.FetchError | None = None
 
-    def __str__(self) -> str:
-        return self.url
-
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CachedStore) and other.inner == self.inner
 
-    __hash__ = None  # type: ignore[assignment]
-
-    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
-        data = await self.fetch(key, byte_range)
-        return None if data is None else prototype.buffer.from_bytes(data)
-
-    async def fetch(self, key: str, byte_range: ByteRequest | None) -> bytes | None:
+    async def fetch(self, key: str, byte_range: ByteRequest | None = None) -> bytes | None:
         """The bytes of ``key`` (its range ``byte_range``): from memory (small objects), the disk cache, a request
         for the same object already in flight, or the network, in that order; ``None`` if there is no such object."""
         if key.rsplit("/", 1)[-1] in METADATA:
@@ -276,19 +280,8 @@ class CachedStore(Store):
                 _, old = self._small.popitem(last=False)
                 self._small_bytes -= len(old)
 
-    async def get_partial_values(
-        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
-    ) -> list[Buffer | None]:
-        return list(await asyncio.gather(*(self.get(key, prototype, byte_range) for key, byte_range in key_ranges)))
-
     async def exists(self, key: str) -> bool:
         return await self.inner.exists(key)
-
-    async def set(self, key: str, value: Buffer) -> None:
-        raise PermissionError(f"{self.url} is read-only")
-
-    async def delete(self, key: str) -> None:
-        raise PermissionError(f"{self.url} is read-only")
 
     def list(self) -> AsyncIterator[str]:
         return self.inner.list()
