@@ -40,7 +40,7 @@ from scrollzarr.layers import (
     render_part,
     stack_lock_name,
 )
-from scrollzarr.layertiff import LayerTiff, write_at
+from scrollzarr.layertiff import ImageRows, LayerTiff
 from scrollzarr.outputlock import LOCK_NAME, OutputLock
 from scrollzarr.sizes import format_bytes
 from scrollzarr.volume import open_volume
@@ -184,6 +184,7 @@ def _copy_rows(source: Path, target: LayerTiff, first: int, row_bytes: int) -> N
         page = tiff.pages[0]
         offset, height = int(page.dataoffsets[0]), page.shape[0]
     rows = max(1, BAND_BYTES // row_bytes)
+    image = ImageRows(target.path, target.offset, row_bytes)
     fd = os.open(target.path, os.O_WRONLY)
     try:
         with open(source, "rb") as file:
@@ -193,7 +194,7 @@ def _copy_rows(source: Path, target: LayerTiff, first: int, row_bytes: int) -> N
                 data = file.read(count * row_bytes)
                 if len(data) != count * row_bytes:
                     raise ScrollzarrError(f"{source} is cut short; render its part again")
-                write_at(fd, np.frombuffer(data, np.uint8), target.offset + (first + v0) * row_bytes)
+                image.write(fd, first + v0, np.frombuffer(data, np.uint8).reshape(count, row_bytes))
     finally:
         os.close(fd)
 

@@ -465,7 +465,8 @@ def fingerprint_of(
     """What a render is, for ``--resume`` to tell a stopped render of the same thing (JSON values)."""
     path = surface.path
     files = [path / name for name in (*COORDINATES, MASK)] if isinstance(surface, Tifxyz) else [path]
-    identities = {file.name: [file.stat().st_size, file.stat().st_mtime_ns] for file in files if file.exists()}
+    statuses = {file.name: file.stat() for file in files if file.exists()}
+    identities = {name: [status.st_size, status.st_mtime_ns] for name, status in statuses.items()}
     value = {
         "surface": str(path.absolute()),
         "surface files (size, time)": identities,
@@ -598,9 +599,8 @@ class RenderPart:
         return f".part{self.number}" if self.count > 1 else ""
 
     def name(self, name: str) -> str:
-        """``name`` of the part: ``00.tif`` -> ``00.part3.tif``, ``.scrollzarr.lock`` -> ``.scrollzarr.part3.lock``."""
-        stem, dot, extension = name.rpartition(".")
-        return f"{stem}{self.suffix}.{extension}" if dot and stem else f"{name}{self.suffix}"
+        """``name`` of the part (:func:`scrollzarr.renderprogress.part_name`)."""
+        return renderprogress.part_name(name, self.number, self.count)
 
     def file(self, path: Path) -> Path:
         """``path`` of the part (the stacked image: ``stack.tif`` -> ``stack.part3.tif``)."""

@@ -25,10 +25,18 @@ from scrollzarr.errors import ScrollzarrError, UsageError
 NAME = ".scrollzarr-render.json"
 
 
+def part_name(name: str, number: int, count: int) -> str:
+    """``name`` of part ``number`` of ``count`` of a render (``--num_parts``): ``00.tif`` -> ``00.part3.tif``,
+    ``.scrollzarr.lock`` -> ``.scrollzarr.part3.lock``; ``name`` itself for a render in one part."""
+    if count <= 1:
+        return name
+    stem, dot, extension = name.rpartition(".")
+    return f"{stem}.part{number}.{extension}" if dot and stem else f"{name}.part{number}"
+
+
 def record_name(number: int, count: int) -> str:
-    """The record of part ``number`` of ``count`` (``--num_parts``): :data:`NAME`, or ``.scrollzarr-render.part3.json``
-    (as :meth:`scrollzarr.layers.RenderPart.name` names a part's files)."""
-    return NAME if count <= 1 else NAME.replace(".json", f".part{number}.json")
+    """The record of part ``number`` of ``count``: :data:`NAME`, or ``.scrollzarr-render.part3.json``."""
+    return part_name(NAME, number, count)
 
 
 SAVE_SECONDS = 1.0  # at most this often: each save flushes every partial TIFF

@@ -98,21 +98,18 @@ def open_volume(path: Path | str, level: int = 0, cache: CacheSettings = NO_CACH
     if is_url(path):
         store = open_store(str(path), cache)
         node = _open_node(path, store)
-        if sync(store.exists(progress.KEY)):
-            raise VolumeError(
-                f"{path} belongs to an unfinished conversion (its store holds {progress.KEY}); "
-                "finish it with scroll_to_ome --resume first"
-            )
+        unfinished = sync(store.exists(progress.KEY))
     else:
         path = Path(path)
         if not path.exists():
             raise VolumeError(f"{path}: no such zarr store")
         node = _open_node(path, str(path))
-        if _unfinished(path.resolve()) is not None:
-            raise VolumeError(
-                f"{path} belongs to an unfinished conversion (its store holds {progress.KEY}); "
-                "finish it with scroll_to_ome --resume first"
-            )
+        unfinished = _unfinished(path.resolve()) is not None
+    if unfinished:
+        raise VolumeError(
+            f"{path} belongs to an unfinished conversion (its store holds {progress.KEY}); "
+            "finish it with scroll_to_ome --resume first"
+        )
     if isinstance(node, zarr.Array):
         if level != 0:
             raise VolumeError(f"{path} is a plain zarr array with no levels; --level needs an OME-Zarr group")

@@ -26,6 +26,19 @@ def write_stack(directory: Path, volume: np.ndarray, first: int = 0, digits: int
     return paths
 
 
+def write_sheet(directory: Path, shape: tuple[int, int, int]) -> tuple[Path, np.ndarray]:
+    """``directory/sheet.ppm``: 300 pixels along the synthetic scroll's sheet through every slice, with an unmapped
+    hole; its path and pixels (H, W, 6)."""
+    from scrollzarr.ppm import write_ppm
+    from scrollzarr.synthetic import sheet_surface
+
+    surface = sheet_surface(shape, np.arange(shape[0], dtype=np.float64), 300)
+    surface[10:17, 40:90] = 0
+    path = directory / "sheet.ppm"
+    write_ppm(path, surface)
+    return path, surface
+
+
 def run_script(script: str, *args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run a top-level script of the checkout (or ``-m module``) in a fresh Python process."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))

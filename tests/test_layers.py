@@ -22,7 +22,7 @@ import zarr
 from scrollzarr.ppm import write_ppm
 from scrollzarr.synthetic import SHEET_LEVEL, sheet_surface, write_stack
 
-from conftest import ROOT, assert_ok, run_script, scroll_to_ome
+from conftest import ROOT, assert_ok, run_script, scroll_to_ome, write_sheet
 from reference import layers_reference
 
 SHAPE = (40, 96, 112)  # z, y, x
@@ -49,11 +49,7 @@ def volume(scroll) -> np.ndarray:
 @pytest.fixture(scope="module")
 def sheet(scroll) -> tuple[Path, np.ndarray]:
     """A .ppm along the sheet through every slice, with an unmapped hole."""
-    surface = sheet_surface(SHAPE, np.arange(SHAPE[0], dtype=np.float64), 300)
-    surface[10:17, 40:90] = 0
-    path = scroll / "sheet.ppm"
-    write_ppm(path, surface)
-    return path, surface
+    return write_sheet(scroll, SHAPE)
 
 
 def read_layers(directory: Path) -> tuple[list[str], np.ndarray]:

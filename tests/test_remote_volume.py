@@ -22,10 +22,9 @@ import pytest
 import zarr
 
 from scrollzarr.diskcache import DiskCache
-from scrollzarr.ppm import write_ppm
-from scrollzarr.synthetic import sheet_surface, write_stack
+from scrollzarr.synthetic import write_stack
 
-from conftest import ROOT, assert_ok, assert_one_line_error, scroll_to_ome
+from conftest import ROOT, assert_ok, assert_one_line_error, scroll_to_ome, write_sheet
 from dataserver import data_server
 from reference import layers_reference
 
@@ -72,11 +71,8 @@ def stores(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sheet(stores) -> tuple[Path, np.ndarray]:
-    surface = sheet_surface(SHAPE, np.arange(SHAPE[0], dtype=np.float64), 300)
-    surface[10:17, 40:90] = 0
-    path = stores / "sheet.ppm"
-    write_ppm(path, surface)
-    return path, surface
+    """A .ppm along the sheet through every slice, with an unmapped hole."""
+    return write_sheet(stores, SHAPE)
 
 
 @pytest.fixture(scope="module")
