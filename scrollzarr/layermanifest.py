@@ -42,9 +42,6 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = ".scrollzarr-layers.json"
 LAYER_NAME = re.compile(r"^\d+(\.part\d+)?\.tif$")  # 00.tif, and a part's 00.part3.tif (--num_parts)
 PARTIAL_NAME = re.compile(r"^\.\d+(\.part\d+)?\.tif\.partial$")
-# write_durably's temporary files of the records (this one, and the render's progress; a part's too), left by a run
-# stopped while it wrote one
-LEFTOVER_NAME = re.compile(r"^\.scrollzarr-(layers|render)(\.part\d+)?\.json\.[0-9a-f]{32}\.partial$")
 
 # file name -> (size in bytes, or None for a file about to be created, of a size not yet known; modification
 # time in ns, or None where it is not kept: a file still being written or renamed changes it)
@@ -127,9 +124,15 @@ def write_manifest(directory: Path, record: Record, name: str = MANIFEST_NAME) -
     write_durably(directory / name, json.dumps(content, indent=1).encode())
 
 
-def remove_leftovers(directory: Path) -> int:
-    """Delete the temporary files of the record that runs stopped while writing it left; return how many."""
-    leftovers = [path for path in directory.iterdir() if LEFTOVER_NAME.match(path.name)]
+def remove_leftovers(directory: Path, records: Iterable[str]) -> int:
+    """Delete the temporary files that runs stopped while writing the named records left; return how many.
+
+    Only the records of the run's own lock: the parts of a render run at once in one directory, and a part's
+    record being written this moment is not another part's leftover (measured: a part failed on its vanished
+    ``.scrollzarr-layers.part0.json.<hex>.partial`` when this removed every record's).
+    """
+    pattern = re.compile("|".join(rf"^{re.escape(name)}\.[0-9a-f]{{32}}\.partial$" for name in records))
+    leftovers = [path for path in directory.iterdir() if pattern.match(path.name)]
     for path in leftovers:
         path.unlink()
     return len(leftovers)

@@ -89,7 +89,10 @@ def merge_parts(
         if existing and not options.overwrite:
             raise ScrollzarrError(f"{existing[0]} exists; add --overwrite to replace the merged images")
         check_space(output_dir, stack_path, surface.height * surface.width * dtype.itemsize, options.layers)
-        manifest.remove_leftovers(output_dir)
+        # The merge holds the whole render's lock and every part's: each of their records is its own to tidy.
+        records = [manifest.MANIFEST_NAME, renderprogress.NAME]
+        records += [part.name(record) for part in parts for record in (manifest.MANIFEST_NAME, renderprogress.NAME)]
+        manifest.remove_leftovers(output_dir, records)
         previous = manifest.read_manifest(output_dir) if options.overwrite else None
         partial_names = [hidden_partial_path(output_dir / name).name for name in names]
         files: list[LayerTiff] = []

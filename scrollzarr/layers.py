@@ -326,7 +326,7 @@ def ppm_to_layers(
         for path in readable:
             for directory in writable:
                 executor.check_paths(path.absolute(), directory.absolute())
-        manifest.remove_leftovers(output_dir)
+        manifest.remove_leftovers(output_dir, [record_name, progress_name])
         overwrite = options.overwrite if resumed is None else resumed.overwrite
         previous = manifest.read_manifest(output_dir, record_name) if overwrite else None
         report = LayerReport(

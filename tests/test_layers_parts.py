@@ -90,6 +90,25 @@ def test_parts_rendered_at_once_merge_into_the_single_part_render(scroll, whole,
     assert record["height"] == 480 and sorted(record["files"]) == [f"0{k}.tif" for k in range(5)]
 
 
+def test_a_part_leaves_the_records_being_written_by_the_other_parts(scroll, whole, tmp_path):
+    """The race CI once hit: part 1 deleted part 0's record while part 0 was writing it (each record is written
+    to a temporary name, then renamed).  A part tidies only its own records' temporary files; the merge, holding
+    every part's lock, tidies them all."""
+    out = tmp_path / "l"
+    out.mkdir()
+    others = [out / f".scrollzarr-{kind}.part1.json.{'a' * 32}.partial" for kind in ("layers", "render")]
+    own = [out / f".scrollzarr-{kind}.part0.json.{'b' * 32}.partial" for kind in ("layers", "render")]
+    for path in others + own:
+        path.write_text("{")
+    assert_ok(ppm_to_layers(scroll, tmp_path, "--num_parts", 2, "--part_id", 0, "--quiet"))
+    assert all(path.exists() for path in others) and not any(path.exists() for path in own)
+
+    assert_ok(ppm_to_layers(scroll, tmp_path, "--num_parts", 2, "--part_id", 1, "--quiet"))
+    assert_ok(ppm_to_layers(scroll, tmp_path, "--num_parts", 2, "--merge_parts", "--quiet"))
+    assert not any(path.exists() for path in others)
+    assert outputs(tmp_path) == whole
+
+
 def test_a_killed_part_resumed_then_merged_gives_the_single_part_render(scroll, tmp_path):
     """A surface five times as long, so that part 1 on one thread lasts long enough to be killed half-way."""
     surface = sheet_surface(SHAPE, np.tile(np.arange(SHAPE[0], dtype=np.float64), 60), 300)
