@@ -38,7 +38,7 @@ lint: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy scrollzarr scroll_to_ome.py ppm_to_layers.py decompress_tiffs.py
+	$(BIN)/mypy scrollzarr scroll_to_ome.py ppm_to_layers.py decompress_tiffs.py scroll_serve.py
 
 # zarr-python 2.x (the reader khartes uses) cannot share an environment with zarr 3: a folder of its own.
 ZARR2 := $(VENV)/zarr2

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from scrollzarr.cluster import DaskExecutor
@@ -147,3 +147,24 @@ def is_resumable(output: Location) -> bool:
     from scrollzarr import progress
 
     return progress.exists(output)
+
+
+def scroll_serve(
+    path: Path | None,
+    proxy: str | None,
+    user: str | None,
+    cache_dir: Path | None,
+    cache_gb: float,
+    **options: Any,
+) -> None:
+    """Everything ``scroll_serve`` does: serve ``path``, or with ``proxy`` the files of that server, until stopped;
+    ``options`` are :class:`scrollzarr.serve.ServeOptions`'."""
+    from scrollzarr import serve
+    from scrollzarr.remote import cache_settings
+
+    settings = serve.ServeOptions(**{name: value for name, value in options.items() if value is not None})
+    if proxy is not None:
+        serve.serve_proxy(proxy, user, cache_settings(cache_dir, cache_gb), settings)
+    else:
+        assert path is not None
+        serve.serve_folder(path, settings)

@@ -78,13 +78,13 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def login(host: str) -> httpx.BasicAuth | None:
-    """The login for ``host``: its ``~/.netrc`` entry, else the environment's, else none.
+def netrc_login(host: str) -> httpx.BasicAuth | None:
+    """``host``'s entry in ``~/.netrc`` (or the file ``NETRC`` names), as curl and git read it, or ``None``.
 
     Raises
     ------
     UsageError
-        For a ``.netrc`` that cannot be parsed, or a user name without a password in the environment.
+        For a ``.netrc`` that cannot be parsed.
     """
     path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
     if path.is_file():
@@ -94,24 +94,56 @@ def login(host: str) -> httpx.BasicAuth | None:
             raise UsageError(f"{path} cannot be read ({error}); fix it, or move it away") from None
         if entry is not None and entry[2]:
             return httpx.BasicAuth(entry[0], entry[2])
+    return None
+
+
+def login(host: str) -> httpx.BasicAuth | None:
+    """The login for ``host``: its ``~/.netrc`` entry, else the environment's, else none.
+
+    Raises
+    ------
+    UsageError
+        For a ``.netrc`` that cannot be parsed, or a user name without a password in the environment.
+    """
+    entry = netrc_login(host)
+    if entry is not None:
+        return entry
     user, password = os.environ.get(USER_VARIABLE), os.environ.get(PASSWORD_VARIABLE)
     if user and not password:
         raise UsageError(f"{USER_VARIABLE} is set but {PASSWORD_VARIABLE} is not; set both, or neither")
     return httpx.BasicAuth(user, password) if user and password else None
 
 
-def client(url: str, connections: int) -> httpx.AsyncClient:
-    """An async client for requests under ``url``, with its host's login and at most ``connections`` open."""
+def client(url: str, connections: int, auth: httpx.BasicAuth | None = None) -> httpx.AsyncClient:
+    """An async client for requests under ``url``, with at most ``connections`` open, logged in with ``auth``
+    (default: :func:`login` of its host)."""
     return httpx.AsyncClient(
-        auth=login(httpx.URL(url).host),
+        auth=auth or login(httpx.URL(url).host),
         timeout=TIMEOUT,
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         follow_redirects=True,  # httpx drops the login on a redirect to another host
     )
 
 
-async def get(session: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None) -> httpx.Response:
+async def get(
+    session: httpx.AsyncClient,
+    url: str,
+    headers: dict[str, str] | None = None,
+    *,
+    method: str = "GET",
+    stream: bool = False,
+    refusal_is_error: bool = True,
+) -> httpx.Response:
     """GET ``url``, retried while the server is busy or the network fails; the final response, whatever its status.
+
+    Parameters
+    ----------
+    method : str
+        ``"GET"`` or ``"HEAD"``.
+    stream : bool
+        Return once the headers are in; the caller reads the body, and closes the response.
+    refusal_is_error : bool
+        Raise for a 401 or 403 (with what to do about the login); otherwise return it, as a proxy does.
 
     Raises
     ------
@@ -123,14 +155,16 @@ async def get(session: httpx.AsyncClient, url: str, headers: dict[str, str] | No
         if _STOPPED.is_set():
             raise FetchError(f"{url}: not fetched, the run is stopping")
         try:
-            response = await session.get(url, headers=headers)
+            response = await session.send(session.build_request(method, url, headers=headers), stream=stream)
         except httpx.TransportError as error:  # timeouts, refused and dropped connections
             failure, wait = f"{type(error).__name__}: {error}", None
         else:
             if response.status_code not in RETRIED:
-                if response.status_code in (401, 403):
-                    raise FetchError(_refused(url, response.status_code, session.auth is not None))
+                if response.status_code in (401, 403) and refusal_is_error:
+                    await response.aclose()
+                    raise FetchError(refused(url, response.status_code, session.auth is not None))
                 return response
+            await response.aclose()
             failure, wait = f"HTTP {response.status_code}", _retry_after(response)
         if attempt + 1 < ATTEMPTS:
             delay = min(MAX_WAIT, FIRST_WAIT * 2**attempt if wait is None else wait)
@@ -156,7 +190,8 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _refused(url: str, status: int, logged_in: bool) -> str:
+def refused(url: str, status: int, logged_in: bool) -> str:
+    """What to do about a 401 or 403 from ``url``: one line."""
     host = httpx.URL(url).host
     if logged_in:
         return (

@@ -51,7 +51,7 @@ from scrollzarr.layertiff import ImageRows, LayerTiff
 from scrollzarr.options import check_workers
 from scrollzarr.outputlock import LOCK_NAME, OutputLock, holder
 from scrollzarr.ppm import Ppm, open_ppm
-from scrollzarr.remote import FETCHES, CachedStore, CacheSettings, FetchStats, is_url
+from scrollzarr.remote import FETCHES, CachedStore, CacheSettings, FetchStats, cache_settings, is_url
 from scrollzarr.report import progress
 from scrollzarr.sampling import (
     DIRECTIONS,
@@ -114,12 +114,7 @@ class LayerOptions:
     def disk_cache(self) -> CacheSettings:
         """Where a remote volume's objects are kept: ``--cache_dir`` (default ``$XDG_CACHE_HOME/scrollzarr``, else
         ``~/.cache/scrollzarr``), at most ``--cache_gb``; nowhere with ``--cache_gb 0``."""
-        if self.disk_cache_gb == 0:
-            return CacheSettings(None, 0)
-        directory = self.cache_dir
-        if directory is None:
-            directory = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scrollzarr"
-        return CacheSettings(directory.absolute(), int(self.disk_cache_gb * GIB))
+        return cache_settings(self.cache_dir, self.disk_cache_gb)
 
     @property
     def threads(self) -> int:
@@ -172,10 +167,7 @@ class LayerOptions:
                 f"--zarr_cache_max_size_gb must be at most {MAX_CACHE_GB} (1 PiB, more than any machine's memory), "
                 f"not {self.cache_gb}"
             )
-        if not (math.isfinite(self.disk_cache_gb) and self.disk_cache_gb >= 0):
-            raise UsageError(
-                f"--cache_gb must be 0 (no disk cache) or a positive number of GB, not {self.disk_cache_gb}"
-            )
+        cache_settings(self.cache_dir, self.disk_cache_gb)  # raises for a --cache_gb that is not a size
         if self.block_size < 1:
             raise UsageError(f"--block_size must be at least 1, not {self.block_size}")
         if self.block_size > MAX_BLOCK_SIZE:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import re
 import threading
@@ -34,6 +35,7 @@ from zarr.storage import FsspecStore
 from scrollzarr import fetching
 from scrollzarr.diskcache import DiskCache
 from scrollzarr.errors import UsageError
+from scrollzarr.sizes import GIB
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,24 @@ class CacheSettings:
 
     directory: Path | None
     max_bytes: int
+
+
+def cache_settings(directory: Path | None, gb: float) -> CacheSettings:
+    """The disk cache of ``--cache_dir`` (default ``$XDG_CACHE_HOME/scrollzarr``, else ``~/.cache/scrollzarr``) and
+    ``--cache_gb`` (0: none).
+
+    Raises
+    ------
+    UsageError
+        For a ``gb`` that is negative or not a number.
+    """
+    if not (math.isfinite(gb) and gb >= 0):
+        raise UsageError(f"--cache_gb must be 0 (no disk cache) or a positive number of GB, not {gb}")
+    if gb == 0:
+        return CacheSettings(None, 0)
+    if directory is None:
+        directory = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scrollzarr"
+    return CacheSettings(directory.absolute(), int(gb * GIB))
 
 
 @dataclass
@@ -128,12 +148,14 @@ class _ReadOnly(Store):
 
 
 class HttpStore(_ReadOnly):
-    """The objects under ``url`` on a web server, read-only; a missing object (404) is a missing chunk."""
+    """The objects under ``url`` on a web server, read-only; a missing object (404) is a missing chunk.  Logged in
+    with ``auth``, else with :func:`fetching.login` of its host."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, auth: httpx.BasicAuth | None = None) -> None:
         super().__init__()
         self.url = fetching.check_url(url)
-        fetching.login(httpx.URL(self.url).host)  # a .netrc that cannot be read is told before anything is fetched
+        # a .netrc that cannot be read is told before anything is fetched
+        self.auth = auth or fetching.login(httpx.URL(self.url).host)
         self._clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
 
     def __eq__(self, other: object) -> bool:
@@ -177,7 +199,7 @@ class HttpStore(_ReadOnly):
         loop = asyncio.get_running_loop()
         session = self._clients.get(loop)
         if session is None:
-            session = self._clients[loop] = fetching.client(self.url, FETCHES)
+            session = self._clients[loop] = fetching.client(self.url, FETCHES, self.auth)
         return session
 
 
@@ -293,9 +315,9 @@ class CachedStore(_ReadOnly):
         return self.inner.list_dir(prefix)
 
 
-def open_store(url: str, settings: CacheSettings) -> CachedStore:
+def open_store(url: str, settings: CacheSettings, auth: httpx.BasicAuth | None = None) -> CachedStore:
     """The store of the volume at ``url`` (``https://``, ``http://`` or ``s3://``), behind the disk cache of
-    ``settings``.
+    ``settings``; a web server's logged in with ``auth`` (default: :func:`fetching.login`).
 
     Raises
     ------
@@ -303,7 +325,7 @@ def open_store(url: str, settings: CacheSettings) -> CachedStore:
         For a URL with a login in it, a ``.netrc`` that cannot be read, or ``s3://`` without s3fs.
     """
     url = fetching.check_url(url)
-    inner: Store = _s3_store(url) if url.startswith("s3://") else HttpStore(url)
+    inner: Store = _s3_store(url) if url.startswith("s3://") else HttpStore(url, auth)
     cache = None
     if settings.directory is not None:
         try:

@@ -1,0 +1,163 @@
+"""What scroll_serve does: serve a folder of stores, or proxy a remote server, and print the Neuroglancer links."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import webbrowser
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from zarr.core.sync import sync
+
+from scrollzarr import serving, viewerlink
+from scrollzarr.diskcache import DiskCache
+from scrollzarr.errors import UsageError
+from scrollzarr.proxy import Proxy, check_upstream, proxy_login
+from scrollzarr.remote import CacheSettings, HttpStore, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """scroll_serve's options.
+
+    Attributes
+    ----------
+    bind : str
+        The address listened on (127.0.0.1: this machine only).
+    port : int
+        The port (0: any free one, told).
+    app : str
+        The Neuroglancer app the links open.
+    open_browser : bool
+        Open the link in the default browser (``$BROWSER`` if set).
+    log_requests : bool
+        One line per request answered.
+    """
+
+    bind: str = serving.LOOPBACK
+    port: int = 9000
+    app: str = viewerlink.DEFAULT_APP
+    open_browser: bool = False
+    log_requests: bool = False
+
+    def check(self) -> None:
+        """Raises :class:`UsageError` for a port out of range or an app that is not a web address."""
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"--port must be between 0 (any free port) and 65535, not {self.port}")
+        if not self.app.lower().startswith(("https://", "http://")):
+            raise UsageError(f"--neuroglancer {self.app}: give the app's address, such as {viewerlink.DEFAULT_APP}")
+
+
+def serve_folder(root: Path, options: ServeOptions) -> None:
+    """Serve ``root`` (a store, or a folder of them) read-only, printing a Neuroglancer link for each store.
+
+    Raises
+    ------
+    UsageError
+        For a ``root`` that is not a folder, or an address or port that cannot be listened on.
+    """
+    options.check()
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise UsageError(f"{root} {what}; give a zarr store or a folder of stores")
+    stores = viewerlink.find_stores(root)
+    sock = _listen(options)
+    base = serving.base_url(sock)
+    log.info("serving %s read-only at %s/ (Ctrl-C to stop)", root, base)
+    if not stores:
+        log.warning(
+            "no zarr store found in %s (searched %d folders deep); its files are served all the same",
+            root,
+            viewerlink.DEPTH,
+        )
+    links = []
+    for store in stores:
+        name = Path(store.path).name if store.path else root.absolute().name
+        link = viewerlink.neuroglancer_url(options.app, base, store, name)
+        links.append(link)
+        low, high = store.contrast
+        log.info(
+            "%s: zarr %d, %s, contrast %g to %g",
+            store.path or root.absolute().name,
+            store.zarr_format,
+            store.dtype,
+            low,
+            high,
+        )
+        print(f"{store.path or '.'}: {link}", flush=True)
+    _open(links, options)
+    serving.run(serving.folder_app(root), sock, options.log_requests)
+
+
+def serve_proxy(upstream: str, user: str | None, cache: CacheSettings, options: ServeOptions) -> None:
+    """Serve the upstream's files on this machine, logged in, retried and cached; print a Neuroglancer link if the
+    upstream is itself a store.
+
+    Raises
+    ------
+    UsageError
+        For an upstream that is not a web address, a login that cannot be had, or a port that cannot be listened on.
+    FetchError
+        For an upstream that cannot be reached, or refuses the login.
+    """
+    options.check()
+    upstream = check_upstream(upstream)
+    auth = proxy_login(httpx.URL(upstream).host, user)
+    disk = None
+    if cache.directory is not None:
+        try:
+            disk = DiskCache(cache.directory, cache.max_bytes)
+        except OSError as error:
+            log.warning("no disk cache (%s cannot be used: %s); every request goes upstream", cache.directory, error)
+    sock = _listen(options)
+    base = serving.base_url(sock)
+    log.info("proxying %s at %s/ (Ctrl-C to stop)", upstream, base)
+    links = []
+    store = _upstream_store(upstream, cache, auth)
+    if store is not None:
+        name = httpx.URL(upstream).path.rstrip("/").rsplit("/", 1)[-1] or "volume"
+        links.append(viewerlink.neuroglancer_url(options.app, base, store, name))
+        print(f"{upstream}: {links[0]}", flush=True)
+    else:
+        log.info("add a store below it in Neuroglancer as zarr2://%s/PATH/ (zarr 2) or zarr3://%s/PATH/", base, base)
+    _open(links, options)
+    serving.run(Proxy(upstream, auth, disk).app(), sock, options.log_requests)  # type: ignore[arg-type]
+
+
+def _upstream_store(upstream: str, cache: CacheSettings, auth: httpx.BasicAuth | None) -> viewerlink.StoreFound | None:
+    """The image at the upstream prefix itself, or ``None`` if it holds no zarr metadata (a folder of stores).
+
+    Raises
+    ------
+    FetchError
+        For an upstream that cannot be reached, or refuses the login.
+    """
+    probe = HttpStore(upstream, auth)
+    names = ("zarr.json", ".zattrs", ".zarray")
+    if not any(sync(probe.fetch(name)) is not None for name in names):
+        return None
+    return viewerlink.describe(open_store(upstream, cache, auth), "")
+
+
+def _listen(options: ServeOptions) -> socket.socket:
+    sock = serving.bind(options.bind, options.port)
+    if options.bind not in (serving.LOOPBACK, "localhost", "::1"):
+        log.warning(
+            "listening on %s: every machine that reaches this one on port %d can read what is served",
+            options.bind,
+            sock.getsockname()[1],
+        )
+    return sock
+
+
+def _open(links: list[str], options: ServeOptions) -> None:
+    if not options.open_browser or not links:
+        return
+    if len(links) > 1:
+        log.info("opening the first of the %d links in the browser", len(links))
+    if not webbrowser.open(links[0]):
+        log.warning("no browser could be opened; open the link printed above")
