@@ -133,6 +133,7 @@ async def get(
     method: str = "GET",
     stream: bool = False,
     refusal_is_error: bool = True,
+    attempts: int = ATTEMPTS,
 ) -> httpx.Response:
     """GET ``url``, retried while the server is busy or the network fails; the final response, whatever its status.
 
@@ -144,6 +145,8 @@ async def get(
         Return once the headers are in; the caller reads the body, and closes the response.
     refusal_is_error : bool
         Raise for a 401 or 403 (with what to do about the login); otherwise return it, as a proxy does.
+    attempts : int
+        Requests made at most.
 
     Raises
     ------
@@ -151,7 +154,7 @@ async def get(
         If every attempt failed (the last status or error named), or the server asks for a login it was not given.
     """
     failure = ""
-    for attempt in range(ATTEMPTS):
+    for attempt in range(attempts):
         if _STOPPED.is_set():
             raise FetchError(f"{url}: not fetched, the run is stopping")
         try:
@@ -166,14 +169,14 @@ async def get(
                 return response
             await response.aclose()
             failure, wait = f"HTTP {response.status_code}", _retry_after(response)
-        if attempt + 1 < ATTEMPTS:
+        if attempt + 1 < attempts:
             delay = min(MAX_WAIT, FIRST_WAIT * 2**attempt if wait is None else wait)
             log.debug("%s: %s; trying again in %.1f s", url, failure, delay)
             waited = 0.0
             while waited < delay and not _STOPPED.is_set():
                 await asyncio.sleep(min(STEP, delay - waited))
                 waited += STEP
-    raise FetchError(f"{url} could not be fetched: {failure} after {ATTEMPTS} attempts; try again later")
+    raise FetchError(f"{url} could not be fetched: {failure} after {attempts} attempts; try again later")
 
 
 def _retry_after(response: httpx.Response) -> float | None:

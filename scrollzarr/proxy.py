@@ -52,7 +52,9 @@ CONNECTIONS = 16  # upstream requests at once; the data server answers more with
 MAX_CACHED = 64 * 2**20  # bytes: larger answers (a whole shard) are streamed through, not kept
 CACHED_STATUSES = frozenset({200, 206, 404})
 PASSED_HEADERS = ("content-type", "content-range", "content-length", "etag", "last-modified")
-SAFE = "/~!$&'()*+,;=:@-._"  # characters of a path kept as they are when a segment is encoded again
+SAFE = "~!$&'()*+,;=:@-._"  # characters of a path segment kept as they are when it is encoded again
+PROBED = ("zarr.json", ".zattrs", ".zarray")  # an image's metadata: zarr 3, OME-Zarr 0.4 group, plain zarr 2 array
+PROBE_ATTEMPTS = 2  # a server that is down is told at once: the proxy starts all the same, and each request retries
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ class Proxy:
         decoded = [urllib.parse.unquote(segment) for segment in segments]
         if any(part in (".", "..") or "\\" in part or "\0" in part for part in decoded):
             return None
-        url = self.upstream + "/".join(urllib.parse.quote(part, safe=SAFE.replace("/", "")) for part in decoded)
+        url = self.upstream + "/".join(urllib.parse.quote(part, safe=SAFE) for part in decoded)
         return url if str(httpx.URL(url)).startswith(self.upstream) else None
 
     async def _endpoint(self, request: Request) -> Response:
@@ -217,7 +219,7 @@ class Proxy:
             passed = {name: upstream.headers[name] for name in PASSED_HEADERS if name in upstream.headers}
             if upstream.status_code in (401, 403):
                 await upstream.aclose()
-                self._tell_refusal(url, upstream.status_code)
+                self._tell_refusal(upstream.status_code)
                 return Answer(upstream.status_code, {}, b"")
             if method == "GET" and ("content-encoding" in upstream.headers or "content-length" not in passed):
                 passed.pop("content-length", None)  # httpx decodes what a server compressed anyway: not its length
@@ -244,22 +246,43 @@ class Proxy:
             self._slots = asyncio.Semaphore(CONNECTIONS)
         return self._session, self._slots
 
-    def _tell_refusal(self, url: str, status: int) -> None:
+    async def holds_metadata(self) -> bool:
+        """Whether the upstream prefix itself is a zarr store (so that scroll_serve prints a link to it).
+
+        A refused login or an upstream that does not answer is told (a warning, once) and taken as no: the proxy
+        serves anyway, and the browser then gets the upstream's 401, or each request tries again.  Run on an event
+        loop of its own, before the server's: a client of its own, closed at the end.
+        """
+        async with fetching.client(self.upstream, len(PROBED), self.auth) as session:
+            for name in PROBED:
+                try:
+                    response = await fetching.get(
+                        session, self.upstream + name, refusal_is_error=False, attempts=PROBE_ATTEMPTS
+                    )
+                except fetching.FetchError as error:
+                    log.warning("%s; proxying it anyway", error)
+                    return False
+                if response.status_code in (401, 403):
+                    self._tell_refusal(response.status_code)
+                    return False
+                if response.status_code == 200 and not response.headers.get("content-type", "").startswith("text/"):
+                    return True
+        return False
+
+    def _tell_refusal(self, status: int) -> None:
         """Log once per status what to do about a login the upstream refused (never the login itself)."""
-        if status in self._told:
-            return
-        self._told.add(status)
-        host = httpx.URL(url).host
-        what = "refused the login" if self.auth is not None else "asks for a login"
-        log.warning(
-            "%s %s (HTTP %d); put the login in ~/.netrc (machine %s login NAME password ...), or give --user NAME "
-            "and the password in %s or at the prompt",
-            self.upstream,
-            what,
-            status,
-            host,
-            fetching.PASSWORD_VARIABLE,
-        )
+        if status not in self._told:
+            self._told.add(status)
+            log.warning("%s", refusal(self.upstream, status, self.auth is not None))
+
+
+def refusal(upstream: str, status: int, logged_in: bool) -> str:
+    """What to do about an upstream answering 401 or 403: one line, without the login."""
+    what = "refused the login" if logged_in else "asks for a login"
+    return (
+        f"{upstream} {what} (HTTP {status}); put the login in ~/.netrc (machine {httpx.URL(upstream).host} login "
+        f"NAME password ...), or give --user NAME and the password in {fetching.PASSWORD_VARIABLE} or at the prompt"
+    )
 
 
 class _Streamed(Exception):

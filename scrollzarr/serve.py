@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import webbrowser
@@ -9,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from zarr.core.sync import sync
 
 from scrollzarr import serving, viewerlink
 from scrollzarr.diskcache import DiskCache
 from scrollzarr.errors import UsageError
+from scrollzarr.fetching import FetchError
 from scrollzarr.proxy import Proxy, check_upstream, proxy_login
-from scrollzarr.remote import CacheSettings, HttpStore, open_store
+from scrollzarr.remote import CacheSettings, open_store
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,6 @@ def serve_proxy(upstream: str, user: str | None, cache: CacheSettings, options: 
     ------
     UsageError
         For an upstream that is not a web address, a login that cannot be had, or a port that cannot be listened on.
-    FetchError
-        For an upstream that cannot be reached, or refuses the login.
     """
     options.check()
     upstream = check_upstream(upstream)
@@ -113,11 +112,12 @@ def serve_proxy(upstream: str, user: str | None, cache: CacheSettings, options: 
             disk = DiskCache(cache.directory, cache.max_bytes)
         except OSError as error:
             log.warning("no disk cache (%s cannot be used: %s); every request goes upstream", cache.directory, error)
+    proxy = Proxy(upstream, auth, disk)
     sock = _listen(options)
+    store = _upstream_store(proxy, cache)
     base = serving.base_url(sock)
     log.info("proxying %s at %s/ (Ctrl-C to stop)", upstream, base)
     links = []
-    store = _upstream_store(upstream, cache, auth)
     if store is not None:
         name = httpx.URL(upstream).path.rstrip("/").rsplit("/", 1)[-1] or "volume"
         links.append(viewerlink.neuroglancer_url(options.app, base, store, name))
@@ -125,22 +125,19 @@ def serve_proxy(upstream: str, user: str | None, cache: CacheSettings, options: 
     else:
         log.info("add a store below it in Neuroglancer as zarr2://%s/PATH/ (zarr 2) or zarr3://%s/PATH/", base, base)
     _open(links, options)
-    serving.run(Proxy(upstream, auth, disk).app(), sock, options.log_requests)  # type: ignore[arg-type]
+    serving.run(proxy.app(), sock, options.log_requests)  # type: ignore[arg-type]
 
 
-def _upstream_store(upstream: str, cache: CacheSettings, auth: httpx.BasicAuth | None) -> viewerlink.StoreFound | None:
-    """The image at the upstream prefix itself, or ``None`` if it holds no zarr metadata (a folder of stores).
-
-    Raises
-    ------
-    FetchError
-        For an upstream that cannot be reached, or refuses the login.
-    """
-    probe = HttpStore(upstream, auth)
-    names = ("zarr.json", ".zattrs", ".zarray")
-    if not any(sync(probe.fetch(name)) is not None for name in names):
+def _upstream_store(proxy: Proxy, cache: CacheSettings) -> viewerlink.StoreFound | None:
+    """The image at the upstream prefix itself, or ``None`` if it holds no zarr metadata (a folder of stores), or
+    cannot be read now (told)."""
+    if not asyncio.run(proxy.holds_metadata()):
         return None
-    return viewerlink.describe(open_store(upstream, cache, auth), "")
+    try:
+        return viewerlink.describe(open_store(proxy.upstream, cache, proxy.auth), "")
+    except FetchError as error:
+        log.warning("%s; proxying it anyway", error)
+        return None
 
 
 def _listen(options: ServeOptions) -> socket.socket:

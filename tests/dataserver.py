@@ -20,6 +20,7 @@ class Request:
     range: str | None
     status: int
     authorization: str | None
+    method: str = "GET"
 
 
 @dataclass
@@ -56,6 +57,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # the test's output stays quiet
         pass
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
 
     def do_GET(self) -> None:
         state = self.server_state
@@ -100,13 +104,14 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         state = self.server_state
         with state._lock:
-            state.requests.append(Request(self.path, range_, status, auth))
+            state.requests.append(Request(self.path, range_, status, auth, self.command))
         self.send_response(status)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
 
 @contextmanager

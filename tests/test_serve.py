@@ -212,6 +212,8 @@ def test_log_requests_prints_each_request_and_quiet_prints_only_links(root):
     try:
         links = [process.stdout.readline() for _ in range(3)]
         assert all("#!" in link for link in links)
+        source = state_of(links[0].split(": ", 1)[1])["layers"][0]["source"]
+        assert httpx.get(source.split("://", 1)[1] + "zarr.json").status_code == 200  # listening: Ctrl-C stops it
     finally:
         process.send_signal(2)
         _, err = process.communicate(timeout=30)
