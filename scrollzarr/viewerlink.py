@@ -176,7 +176,7 @@ def neuroglancer_url(app: str, base: str, store: StoreFound, name: str) -> str:
         "name": name,
         "shaderControls": {"normalized": {"range": [_number(store.contrast[0]), _number(store.contrast[1])]}},
     }
-    state = {"layers": [layer], "selectedLayer": {"layer": name, "visible": True}, "layout": "4panel"}
+    state = {"layers": [layer], "layout": "4panel"}
     fragment = urllib.parse.quote(json.dumps(state, separators=(",", ":")), safe="~@$&()*!+=:;,.?/'")
     return f"{app}#!{fragment}"
 
