@@ -27,12 +27,12 @@ demo: $(BIN)/python
 	$(BIN)/ppm_to_layers $(DEMO)/sheet $(DEMO)/scroll.zarr $(DEMO)/layers_tifxyz $(DEMO)/sheet_tifxyz_stack.tif \
 		--overwrite
 	@echo "demo stores: $(DEMO)/scroll.zarr (uint16), $(DEMO)/scroll_masked.zarr (uint8) and $(DEMO)/scroll_v3.zarr"
-	@echo "  (zarr 3, OME-NGFF 0.5, sharded, blosc-zstd); see README 'Viewing'"
+	@echo "  (zarr 3, OME-NGFF 0.5, sharded, blosc-zstd); to view them: $(BIN)/scroll_serve $(DEMO) (README 'scroll_serve')"
 	@echo "demo layers: $(DEMO)/layers/00.tif ... 64.tif and $(DEMO)/sheet_stack.tif, the sheet unrolled: its ink"
 	@echo "  reads HERCVLANEVM PAPYRVS; the same from the tifxyz surface $(DEMO)/sheet in $(DEMO)/layers_tifxyz and"
 	@echo "  $(DEMO)/sheet_tifxyz_stack.tif"
 
-# mypy: the package and the three scripts (all annotated); not tests/ nor bench/, unannotated scripts whose zarr reads
+# mypy: the package and the four scripts (all annotated); not tests/ nor bench/, unannotated scripts whose zarr reads
 # (Array | Group, array-like | scalar) and regex matches (Match | None) would each need a narrowing first.
 lint: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
@@ -52,12 +52,14 @@ test: lint $(ZARR2)
 # Speed and memory (not part of the tests): scroll_to_ome against `cp -r` of the same TIFFs, written to
 # bench/RESULTS.md; ppm_to_layers against reading the chunks it touches, written to bench/RESULTS_ppm_to_layers.md;
 # decompress_tiffs against `tiffcp -c none` (needs Debian's libtiff-tools), bench/RESULTS_decompress_tiffs.md;
-# one shard written by scrollzarr against zarr's own sharding codec (printed).
+# one shard written by scrollzarr against zarr's own sharding codec (printed); scroll_serve's chunks a second
+# against `python -m http.server`, and through its proxy against a slow upstream, bench/RESULTS_scroll_serve.md.
 # BENCH_ARGS="--shape 512 2048 2048 --repeats 5" for a larger scroll_to_ome run.
 bench: $(BIN)/python
 	$(BIN)/python -m pip install --quiet .
 	$(BIN)/python bench/bench_scroll_to_ome.py $(BENCH_ARGS)
 	$(BIN)/python bench/bench_ppm_to_layers.py
+	$(BIN)/python bench/bench_scroll_serve.py
 	$(BIN)/python bench/bench_decompress_tiffs.py
 	$(BIN)/python bench/bench_shard_write.py
 
