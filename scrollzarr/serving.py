@@ -19,17 +19,23 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import re
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import anyio
 import uvicorn
 from starlette.applications import Starlette
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount
-from starlette.staticfiles import StaticFiles
+from starlette.staticfiles import NotModifiedResponse, StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from scrollzarr.errors import UsageError
 
@@ -78,7 +84,84 @@ async def _answer(send: object, status: int, headers: list[tuple[bytes, bytes]])
 
 def folder_app(root: Path) -> Starlette:
     """The app serving the files under ``root``, read-only (symlinks that stay inside ``root`` are followed)."""
-    return with_cors([Mount("/", app=StaticFiles(directory=root, follow_symlink=False, check_dir=True))])
+    return with_cors([Mount("/", app=_Files(directory=root, follow_symlink=False, check_dir=True))])
+
+
+# Bytes of a file (or of the range asked) read in one go: a chunk of a scroll volume (2 MiB of uint8 at 128³,
+# 4 MiB of uint16), or the part of a shard Neuroglancer asks for, whatever the shard's size.
+READ_AT_ONCE = 8 * 2**20
+_SINGLE_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+
+
+class _Files(StaticFiles):
+    """Starlette's static files (paths, symlinks, methods, 304s), each file's answer a :class:`_ReadAtOnce`."""
+
+    def file_response(
+        self, full_path: str | os.PathLike[str], stat_result: os.stat_result, scope: Scope, status_code: int = 200
+    ) -> Response:
+        response = _ReadAtOnce(full_path, status_code=status_code, stat_result=stat_result)
+        if self.is_not_modified(response.headers, Headers(scope=scope)):
+            return NotModifiedResponse(response.headers)
+        return response
+
+
+class _ReadAtOnce(FileResponse):
+    """A file's answer as Starlette's, but a whole file or one range of at most :data:`READ_AT_ONCE` bytes is
+    read in one go on a worker thread, and sent at once.
+
+    Starlette reads a file in 64 KiB pieces, each one trip to a worker thread (open, read, close), and watches
+    the connection meanwhile: measured with ``wrk -c32`` on 64 KiB files, 1,200 answers a second on this 2-core
+    machine, against 2,000 for ``python -m http.server`` and 11,000 for bytes answered from memory.  Anything
+    else (several ranges, ``If-Range``, a range that cannot be satisfied, a larger one) is Starlette's.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.stat_result is not None  # made by _Files with the stat of the lookup
+        size = self.stat_result.st_size
+        headers = Headers(scope=scope)
+        span = None if "if-range" in headers else _span(headers.get("range"), size)
+        if span is None or span[1] - span[0] > READ_AT_ONCE:
+            await super().__call__(scope, receive, send)
+            return
+        start, stop = span
+        body = b""
+        if scope["method"] != "HEAD":
+            body = await anyio.to_thread.run_sync(_read, self.path, start, stop - start)
+            if len(body) != stop - start:  # the file changed since its stat: Starlette's answer, from a new one
+                await FileResponse(self.path)(scope, receive, send)
+                return
+        answer = MutableHeaders(raw=list(self.raw_headers))
+        status = self.status_code
+        if "range" in headers:
+            status = 206
+            answer["content-range"] = f"bytes {start}-{stop - 1}/{size}"
+            answer["content-length"] = str(stop - start)
+        await send({"type": "http.response.start", "status": status, "headers": answer.raw})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _span(header: str | None, size: int) -> tuple[int, int] | None:
+    """The bytes ``[start, stop)`` a request asks for: all without ``Range``, its one range if it is one that can
+    be satisfied; ``None`` for anything else (several ranges, malformed, past the end): Starlette's to answer."""
+    if header is None:
+        return 0, size
+    match = _SINGLE_RANGE.match(header)
+    if match is None:
+        return None
+    first, last = match.groups()
+    if first:
+        start = int(first)
+        stop = size if not last else min(size, int(last) + 1)
+        return (start, stop) if start < stop else None
+    if last and int(last) > 0:
+        return max(0, size - int(last)), size
+    return None
+
+
+def _read(path: str | os.PathLike[str], start: int, length: int) -> bytes:
+    with open(path, "rb") as file:
+        file.seek(start)
+        return file.read(length)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -280,3 +280,32 @@ def test_bad_input_is_one_line(root, tmp_path):
             assert "secret" not in result.stderr
     finally:
         taken.close()
+
+
+def test_answers_read_at_once_and_starlettes_agree_with_the_bytes(tmp_path):
+    """Small answers are read in one go (scrollzarr.serving._ReadAtOnce); larger ones, several ranges and
+    If-Range are Starlette's own: each compared with the file's bytes."""
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    large = rng.integers(0, 256, 9 * 2**20 + 7, dtype=np.uint8).tobytes()  # over 8 MiB: Starlette's
+    (tmp_path / "small.bin").write_bytes(small)
+    (tmp_path / "large.bin").write_bytes(large)
+    with scroll_serve(tmp_path) as served:
+        for name, data in (("small.bin", small), ("large.bin", large)):
+            url = f"{served.base}/{name}"
+            assert httpx.get(url).content == data
+            for header, expected in ((f"bytes=5-{len(data) + 100}", data[5:]), ("bytes=7-", data[7:]),
+                                     (f"bytes=-{len(data) + 5}", data), ("bytes=0-0", data[:1])):  # fmt: skip
+                answer = httpx.get(url, headers={"Range": header})
+                assert answer.status_code == 206 and answer.content == expected, (name, header)
+                assert answer.headers["content-length"] == str(len(expected))
+            several = httpx.get(url, headers={"Range": "bytes=0-9,20-29"})
+            assert several.status_code == 206 and several.headers["content-type"].startswith("multipart/byteranges")
+            assert data[:10] in several.content and data[20:30] in several.content
+            etag = httpx.head(url).headers["etag"]
+            assert httpx.get(url, headers={"Range": "bytes=0-9", "If-Range": etag}).content == data[:10]
+            assert httpx.get(url, headers={"Range": "bytes=0-9", "If-Range": '"other"'}).content == data
+            assert httpx.get(url, headers={"If-None-Match": etag}).status_code == 304
+            assert httpx.get(url, headers={"Range": f"bytes={len(data)}-"}).status_code == 416
+            assert httpx.get(url, headers={"Range": "bytes=9-3"}).status_code == 400
+            assert httpx.get(url, headers={"Range": "lines=1-2"}).status_code == 400
