@@ -13,6 +13,12 @@ from scrollzarr._cli import Parser, add_verbosity, run, setup_logging
 PROGRAM = "scroll_serve"
 
 
+def _path(text: str) -> Path:
+    if not text:
+        raise argparse.ArgumentTypeError("PATH is empty; give a zarr store or a folder of stores (. for this one)")
+    return Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=PROGRAM,
@@ -21,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--proxy, serve a remote data server's files on this machine, logged in (~/.netrc, or --user), retried "
         "when it is busy, and cached on disk. Ctrl-C stops it.",
     )
-    parser.add_argument("path", type=Path, nargs="?", help="a zarr store, or a folder of stores, to serve")
+    parser.add_argument("path", type=_path, nargs="?", help="a zarr store, or a folder of stores, to serve")
     parser.add_argument(
         "--proxy", metavar="URL", default=None, help="serve the files under this http(s):// address instead of PATH"
     )

@@ -55,7 +55,8 @@ class DiskCache:
         self.hits = 0
         self._lock = threading.Lock()
         self._full = False
-        directory.mkdir(parents=True, exist_ok=True)
+        # A new cache folder is the user's alone: it may hold what a login fetched (scroll_serve --proxy)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not (directory / TAG).exists():
             (directory / TAG).write_text(TAG_TEXT)
         self._bytes = sum(size for _, size, _ in self._files())

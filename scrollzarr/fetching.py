@@ -22,6 +22,7 @@ import email.utils
 import logging
 import netrc
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ FIRST_WAIT = 0.5  # seconds, doubled at each attempt
 MAX_WAIT = 30.0  # seconds between two attempts, whatever Retry-After says
 USER_VARIABLE = "SCROLLZARR_HTTP_USER"
 PASSWORD_VARIABLE = "SCROLLZARR_HTTP_PASSWORD"
+HOST = re.compile(r"[A-Za-z0-9._~:-]+")  # a name (IDNA-encoded by httpx), an IPv4 or IPv6 address
 TIMEOUT = httpx.Timeout(60.0, connect=15.0)  # a 128³ uint16 chunk (4 MiB) at 1 Mbit/s takes 34 s
 
 
@@ -73,8 +75,10 @@ def check_url(url: str) -> str:
             f"user of the machine sees it); put it in ~/.netrc (machine {parsed.host} login NAME password ...) or "
             f"in {USER_VARIABLE} and {PASSWORD_VARIABLE}"
         )
-    if not parsed.host:
-        raise UsageError(f"{url} has no host name; give a URL such as https://server/path/volume.zarr")
+    if not parsed.host or not HOST.fullmatch(parsed.host):
+        raise UsageError(f"{url} has no valid host name; give a URL such as https://server/path/volume.zarr")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise UsageError(f"{url}: the port must be between 1 and 65535, not {parsed.port}")
     return url.rstrip("/")
 
 
@@ -114,14 +118,20 @@ def login(host: str) -> httpx.BasicAuth | None:
     return httpx.BasicAuth(user, password) if user and password else None
 
 
-def client(url: str, connections: int, auth: httpx.BasicAuth | None = None) -> httpx.AsyncClient:
+def client(
+    url: str,
+    connections: int,
+    auth: httpx.BasicAuth | None = None,
+    timeout: httpx.Timeout = TIMEOUT,
+    follow_redirects: bool = True,
+) -> httpx.AsyncClient:
     """An async client for requests under ``url``, with at most ``connections`` open, logged in with ``auth``
     (default: :func:`login` of its host)."""
     return httpx.AsyncClient(
         auth=auth or login(httpx.URL(url).host),
-        timeout=TIMEOUT,
+        timeout=timeout,
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-        follow_redirects=True,  # httpx drops the login on a redirect to another host
+        follow_redirects=follow_redirects,  # httpx drops the login on a redirect to another host
     )
 
 
@@ -160,7 +170,7 @@ async def get(
         try:
             response = await session.send(session.build_request(method, url, headers=headers), stream=stream)
         except httpx.TransportError as error:  # timeouts, refused and dropped connections
-            failure, wait = f"{type(error).__name__}: {error}", None
+            failure, wait = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__, None
         else:
             if response.status_code not in RETRIED:
                 if response.status_code in (401, 403) and refusal_is_error:

@@ -26,13 +26,13 @@ twice at once is sent upstream once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import getpass
 import json
 import logging
 import os
 import sys
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -55,6 +55,8 @@ PASSED_HEADERS = ("content-type", "content-range", "content-length", "etag", "la
 SAFE = "~!$&'()*+,;=:@-._"  # characters of a path segment kept as they are when it is encoded again
 PROBED = ("zarr.json", ".zattrs", ".zarray")  # an image's metadata: zarr 3, OME-Zarr 0.4 group, plain zarr 2 array
 PROBE_ATTEMPTS = 2  # a server that is down is told at once: the proxy starts all the same, and each request retries
+PROBE_TIMEOUT = httpx.Timeout(10.0)  # seconds: a server that hangs at the start is told too
+MAX_REDIRECTS = 5
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,9 @@ def check_upstream(url: str) -> str:
         raise UsageError(
             f"--proxy {url}: give the upstream's http:// or https:// address, such as https://server/path/"
         )
-    return fetching.check_url(url) + "/"
+    # As httpx writes it (scheme and host in lower case, the path percent-encoded): the URLs built from it are
+    # compared with it in that form
+    return str(httpx.URL(fetching.check_url(url) + "/"))
 
 
 def proxy_login(host: str, user: str | None) -> httpx.BasicAuth | None:
@@ -113,7 +117,10 @@ def proxy_login(host: str, user: str | None) -> httpx.BasicAuth | None:
                 f"--user {user}: no password; set {fetching.PASSWORD_VARIABLE}, put the login in ~/.netrc (machine "
                 f"{host} login {user} password ...), or run scroll_serve in a terminal to be asked"
             )
-        password = getpass.getpass(f"password of {user} on {host}: ")
+        try:
+            password = getpass.getpass(f"password of {user} on {host}: ")
+        except EOFError:  # Ctrl-D
+            password = ""
         if not password:
             raise UsageError(f"--user {user}: no password given")
     return httpx.BasicAuth(user, password)
@@ -142,9 +149,10 @@ class Proxy:
         self._pending: dict[str, asyncio.Future[Answer]] = {}
         self._told: set[int] = set()
 
-    def app(self) -> object:
-        """The ASGI app: GET and HEAD of any path, answered from the upstream, with CORS."""
-        return with_cors([Route("/{path:path}", self._endpoint, methods=["GET", "HEAD"])])
+    def app(self, origins: Sequence[str], hosts: Sequence[str] | None) -> object:
+        """The ASGI app: GET and HEAD of any path, answered from the upstream, with CORS for ``origins`` and the
+        ``Host`` names ``hosts`` (``None``: any); see :func:`scrollzarr.serving.with_cors`."""
+        return with_cors([Route("/{path:path}", self._endpoint, methods=["GET", "HEAD"])], origins, hosts)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -154,7 +162,8 @@ class Proxy:
         """The upstream URL of a request's (percent-encoded) path, or ``None`` if it would leave the prefix."""
         segments = raw_path.lstrip("/").split("/")
         decoded = [urllib.parse.unquote(segment) for segment in segments]
-        if any(part in (".", "..") or "\\" in part or "\0" in part for part in decoded):
+        # An encoded / or \ would be a separator to a server that decodes, then normalises, the path (nginx does)
+        if any(part in (".", "..") or any(c in part for c in "/\\\0") for part in decoded):
             return None
         url = self.upstream + "/".join(urllib.parse.quote(part, safe=SAFE) for part in decoded)
         return url if str(httpx.URL(url)).startswith(self.upstream) else None
@@ -177,8 +186,13 @@ class Proxy:
         answer = await self._cached(key)
         pending = self._pending.get(key) if answer is None else None
         if pending is not None:
-            with contextlib.suppress(_Streamed):  # that one streamed its answer through: this one asks itself
+            try:
                 answer = await asyncio.shield(pending)
+            except _Streamed:  # that one streamed its answer through: this one gets a stream of its own
+                fetched = await self._fetch(method, url, headers, key)
+                if isinstance(fetched, Response):
+                    return fetched
+                answer = fetched
         if answer is None:
             fetched = await self._fetch_shared(method, url, headers, key)
             if isinstance(fetched, Response):
@@ -196,7 +210,8 @@ class Proxy:
             pending.exception()  # retrieved: the waiters, if any, raise it themselves
             raise
         finally:
-            del self._pending[key]
+            if self._pending.get(key) is pending:
+                del self._pending[key]
         if isinstance(fetched, Response):
             pending.set_exception(_Streamed())
             pending.exception()
@@ -214,8 +229,19 @@ class Proxy:
         """The upstream's answer: kept (and cached) if it is small enough, else a response streaming it."""
         session, slots = self._client()
         async with slots:
-            self.fetched += 1
-            upstream = await fetching.get(session, url, headers, method=method, stream=True, refusal_is_error=False)
+            for _ in range(MAX_REDIRECTS + 1):
+                self.fetched += 1
+                upstream = await fetching.get(session, url, headers, method=method, stream=True, refusal_is_error=False)
+                if not (upstream.is_redirect and "location" in upstream.headers):
+                    break
+                await upstream.aclose()
+                target = str(httpx.URL(url).join(upstream.headers["location"]))
+                if not target.startswith(self.upstream):  # the login, and this machine, stay inside the prefix
+                    log.warning("%s redirects out of %s (to %s): not followed", url, self.upstream, target)
+                    return Answer(502, {}, b"the upstream redirects out of the proxied folder")
+                url = target
+            else:
+                return Answer(502, {}, b"the upstream redirects too many times")
             passed = {name: upstream.headers[name] for name in PASSED_HEADERS if name in upstream.headers}
             if upstream.status_code in (401, 403):
                 await upstream.aclose()
@@ -242,7 +268,8 @@ class Proxy:
 
     def _client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         if self._session is None or self._slots is None:  # made on the server's event loop, at its first request
-            self._session = fetching.client(self.upstream, CONNECTIONS, self.auth)
+            # Redirects are followed by _fetch, only inside the prefix
+            self._session = fetching.client(self.upstream, CONNECTIONS, self.auth, follow_redirects=False)
             self._slots = asyncio.Semaphore(CONNECTIONS)
         return self._session, self._slots
 
@@ -253,7 +280,7 @@ class Proxy:
         serves anyway, and the browser then gets the upstream's 401, or each request tries again.  Run on an event
         loop of its own, before the server's: a client of its own, closed at the end.
         """
-        async with fetching.client(self.upstream, len(PROBED), self.auth) as session:
+        async with fetching.client(self.upstream, len(PROBED), self.auth, PROBE_TIMEOUT) as session:
             for name in PROBED:
                 try:
                     response = await fetching.get(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import sys
+import threading
 import webbrowser
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,8 @@ from scrollzarr.proxy import Proxy, check_upstream, proxy_login
 from scrollzarr.remote import CacheSettings, open_store
 
 log = logging.getLogger(__name__)
+
+SAMPLE_SECONDS = 20  # the longest the start waits for a proxied store's sample (its contrast)
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,25 @@ class ServeOptions:
         """Raises :class:`UsageError` for a port out of range or an app that is not a web address."""
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be between 0 (any free port) and 65535, not {self.port}")
-        if not self.app.lower().startswith(("https://", "http://")):
+        try:
+            host = httpx.URL(self.app).host if self.app.lower().startswith(("https://", "http://")) else ""
+        except httpx.InvalidURL:
+            host = ""
+        if not host:
             raise UsageError(f"--neuroglancer {self.app}: give the app's address, such as {viewerlink.DEFAULT_APP}")
+
+    @property
+    def origin(self) -> str:
+        """The origin (scheme, host, port) of the Neuroglancer app's pages."""
+        url = httpx.URL(self.app)
+        port = f":{url.port}" if url.port is not None else ""
+        host = f"[{url.host}]" if ":" in url.host else url.host
+        return f"{url.scheme}://{host}{port}"
+
+    @property
+    def address(self) -> str:
+        """``--bind`` without the brackets of an IPv6 address (``[::1]``)."""
+        return self.bind.strip("[]")
 
 
 def serve_folder(root: Path, options: ServeOptions) -> None:
@@ -65,8 +87,8 @@ def serve_folder(root: Path, options: ServeOptions) -> None:
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
         raise UsageError(f"{root} {what}; give a zarr store or a folder of stores")
-    stores = viewerlink.find_stores(root)
     sock = _listen(options)
+    stores = viewerlink.find_stores(root)
     base = serving.base_url(sock)
     log.info("serving %s read-only at %s/ (Ctrl-C to stop)", root, base)
     if not stores:
@@ -89,9 +111,10 @@ def serve_folder(root: Path, options: ServeOptions) -> None:
             low,
             high,
         )
-        print(f"{store.path or '.'}: {link}", flush=True)
+        _print(f"{store.path or '.'}: {link}")
     _open(links, options)
-    serving.run(serving.folder_app(root), sock, options.log_requests)
+    app = serving.folder_app(root, serving.loopback_hosts(options.address))
+    serving.run(app, sock, options.log_requests)
 
 
 def serve_proxy(upstream: str, user: str | None, cache: CacheSettings, options: ServeOptions) -> None:
@@ -121,11 +144,15 @@ def serve_proxy(upstream: str, user: str | None, cache: CacheSettings, options: 
     if store is not None:
         name = httpx.URL(upstream).path.rstrip("/").rsplit("/", 1)[-1] or "volume"
         links.append(viewerlink.neuroglancer_url(options.app, base, store, name))
-        print(f"{upstream}: {links[0]}", flush=True)
+        _print(f"{upstream}: {links[0]}")
     else:
         log.info("add a store below it in Neuroglancer as zarr2://%s/PATH/ (zarr 2) or zarr3://%s/PATH/", base, base)
     _open(links, options)
-    serving.run(proxy.app(), sock, options.log_requests)  # type: ignore[arg-type]
+    # What a login fetched is for the Neuroglancer app's pages only: with "*", any site the user visits could read
+    # it through this proxy.  A public server's files may go to any page, as the server itself gives them.
+    origins = ["*"] if auth is None else [options.origin]
+    app = proxy.app(origins, serving.loopback_hosts(options.address))
+    serving.run(app, sock, options.log_requests)  # type: ignore[arg-type]
 
 
 def _upstream_store(proxy: Proxy, cache: CacheSettings) -> viewerlink.StoreFound | None:
@@ -133,16 +160,29 @@ def _upstream_store(proxy: Proxy, cache: CacheSettings) -> viewerlink.StoreFound
     cannot be read now (told)."""
     if not asyncio.run(proxy.holds_metadata()):
         return None
-    try:
-        return viewerlink.describe(open_store(proxy.upstream, cache, proxy.auth), "")
-    except FetchError as error:
-        log.warning("%s; proxying it anyway", error)
-        return None
+    found: list[viewerlink.StoreFound | None] = []
+
+    def describe(sample: bool) -> None:
+        try:
+            found.append(viewerlink.describe(open_store(proxy.upstream, cache, proxy.auth), "", sample=sample))
+        except FetchError as error:
+            log.warning("%s; proxying it anyway", error)
+            found.append(None)
+
+    # The contrast's sample is a few chunks of the lowest level, fetched over the network: a server that hangs
+    # on them does not hold up the start (the link then has the data type's range).
+    sampler = threading.Thread(target=describe, args=(True,), daemon=True)
+    sampler.start()
+    sampler.join(SAMPLE_SECONDS)
+    if not found:
+        log.warning("the upstream is slow: no sample for the contrast within %d s", SAMPLE_SECONDS)
+        describe(False)
+    return found[0]
 
 
 def _listen(options: ServeOptions) -> socket.socket:
-    sock = serving.bind(options.bind, options.port)
-    if options.bind not in (serving.LOOPBACK, "localhost", "::1"):
+    sock = serving.bind(options.address, options.port)
+    if options.address not in serving.LOOPBACKS:
         log.warning(
             "listening on %s: every machine that reaches this one on port %d can read what is served",
             options.bind,
@@ -156,5 +196,20 @@ def _open(links: list[str], options: ServeOptions) -> None:
         return
     if len(links) > 1:
         log.info("opening the first of the %d links in the browser", len(links))
-    if not webbrowser.open(links[0]):
+    # On a thread of its own: a browser command that waits until its window closes ($BROWSER, say) does not hold
+    # up the server
+    threading.Thread(target=_open_link, args=(links[0],), daemon=True).start()
+
+
+def _open_link(link: str) -> None:
+    if not webbrowser.open(link):
         log.warning("no browser could be opened; open the link printed above")
+
+
+def _print(line: str) -> None:
+    """A link on stdout; once stdout is gone (``scroll_serve . | head -1``), the server goes on without it."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # the interpreter's own flush at exit finds nothing to write
+        os.dup2(devnull, sys.stdout.fileno())

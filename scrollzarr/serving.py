@@ -17,6 +17,7 @@ the loopback address (Chrome's Private Network Access).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -45,47 +46,81 @@ log = logging.getLogger(__name__)
 EXPOSED = ("Content-Range", "Content-Length", "Content-Encoding", "Accept-Ranges")
 METHODS = ("GET", "HEAD", "OPTIONS")
 LOOPBACK = "127.0.0.1"
+LOOPBACKS = ("127.0.0.1", "localhost", "::1")
 
 
-def with_cors(routes: Sequence[BaseRoute]) -> Starlette:
-    """A Starlette app of ``routes`` with the CORS headers Neuroglancer needs (see the module's docstring)."""
+def with_cors(
+    routes: Sequence[BaseRoute], origins: Sequence[str] = ("*",), hosts: Sequence[str] | None = None
+) -> Starlette:
+    """A Starlette app of ``routes`` with the CORS headers Neuroglancer needs (see the module's docstring), for
+    pages of ``origins`` (``*``: any), answering requests for the ``Host`` names ``hosts`` only (``None``: any).
+
+    The host check keeps out DNS rebinding: a page of another site whose name the attacker points at 127.0.0.1
+    is of the same origin as this server to the browser, which then lets it read every answer; its requests
+    carry that name in ``Host``.
+    """
     cors = Middleware(
         CORSMiddleware,
-        allow_origins=["*"],
+        allow_origins=list(origins),
         allow_methods=["GET", "HEAD"],
         allow_headers=["range"],
         expose_headers=EXPOSED,
         allow_private_network=True,
         max_age=3600,  # seconds a browser may reuse a preflight's answer
     )
-    return Starlette(routes=list(routes), middleware=[cors, Middleware(_OnlyReading)])
+    return Starlette(routes=list(routes), middleware=[Middleware(_Guard, hosts=hosts), cors])
 
 
-class _OnlyReading:
-    """Answers 405 to any method but GET, HEAD and OPTIONS (a preflight is answered by the CORS middleware before
-    this; a plain OPTIONS gets the methods allowed)."""
+def loopback_hosts(bind: str) -> list[str] | None:
+    """The ``Host`` names a server bound to ``bind`` answers: this machine's names on the loopback, any
+    elsewhere (a server meant for other machines is reached by names this one cannot know)."""
+    return ["127.0.0.1", "localhost", "::1"] if bind in LOOPBACKS else None
 
-    def __init__(self, app: object) -> None:
+
+class _Guard:
+    """Answers 400 to a request for a ``Host`` not among ``hosts``, 405 to any method but GET, HEAD and OPTIONS
+    (a preflight is answered by the CORS middleware after this; a plain OPTIONS gets the methods allowed); drops
+    a ``Range`` in units other than bytes."""
+
+    def __init__(self, app: object, hosts: Sequence[str] | None) -> None:
         self.app = app
+        self.hosts = None if hosts is None else {host.lower() for host in hosts}
 
     async def __call__(self, scope: dict, receive: object, send: object) -> None:
-        if scope["type"] == "http" and scope["method"] not in METHODS:
-            await _answer(send, 405, [(b"allow", ", ".join(METHODS).encode())])
-            return
-        if scope["type"] == "http" and scope["method"] == "OPTIONS":
-            await _answer(send, 204, [(b"allow", ", ".join(METHODS).encode())])
-            return
+        if scope["type"] == "http":
+            if self.hosts is not None and _host_name(Headers(scope=scope).get("host", "")) not in self.hosts:
+                await _answer(send, 400, [], b"Invalid host header")
+                return
+            if scope["method"] not in METHODS:
+                await _answer(send, 405, [(b"allow", ", ".join(METHODS).encode())])
+                return
+            if scope["method"] == "OPTIONS" and "access-control-request-method" not in Headers(scope=scope):
+                await _answer(send, 204, [(b"allow", ", ".join(METHODS).encode())])
+                return
+            range_header = Headers(scope=scope).get("range")
+            if range_header is not None and not _in_bytes(range_header):  # other units: ignored (RFC 9110, 14.2)
+                scope = dict(scope, headers=[(name, value) for name, value in scope["headers"] if name != b"range"])
         await self.app(scope, receive, send)  # type: ignore[operator]
 
 
-async def _answer(send: object, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [*headers, (b"content-length", b"0")]})  # type: ignore[operator]
-    await send({"type": "http.response.body", "body": b""})  # type: ignore[operator]
+def _host_name(host: str) -> str:
+    """The name in a ``Host`` header, without its port (``[::1]:9000`` is ``::1``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def folder_app(root: Path) -> Starlette:
-    """The app serving the files under ``root``, read-only (symlinks that stay inside ``root`` are followed)."""
-    return with_cors([Mount("/", app=_Files(directory=root, follow_symlink=False, check_dir=True))])
+async def _answer(send: object, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> None:
+    length = (b"content-length", str(len(body)).encode())
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})  # type: ignore[operator]
+    await send({"type": "http.response.body", "body": body})  # type: ignore[operator]
+
+
+def folder_app(root: Path, hosts: Sequence[str] | None = None) -> Starlette:
+    """The app serving the files under ``root``, read-only (symlinks that stay inside ``root`` are followed), to
+    pages of any origin, for the ``Host`` names ``hosts`` (``None``: any)."""
+    return with_cors([Mount("/", app=_Files(directory=root, follow_symlink=False, check_dir=True))], ("*",), hosts)
 
 
 # Bytes of a file (or of the range asked) read in one go: a chunk of a scroll volume (2 MiB of uint8 at 128³,
@@ -118,7 +153,9 @@ class _Files(StaticFiles):
         """On a worker thread: the answer, or ``None`` where it is Starlette's."""
         try:
             full_path, stat_result = self.lookup_path(path)
-        except (OSError, ValueError):  # names too long, null bytes, permissions: Starlette's answers
+        except PermissionError:
+            return PlainTextResponse("Forbidden", status_code=403)
+        except (OSError, ValueError):  # names too long, null bytes: Starlette's answers
             return None
         if stat_result is None:  # as Starlette answers it: a missing chunk, asked often
             return PlainTextResponse("Not Found", status_code=404)
@@ -128,13 +165,19 @@ class _Files(StaticFiles):
         if span is None or span[1] - span[0] > READ_AT_ONCE:
             return None
         start, stop = span
-        with open(full_path, "rb") as file:
-            if os.fstat(file.fileno()).st_size != stat_result.st_size:
-                return None  # changed since the lookup: Starlette's answer, from a new lookup
-            body = b"" if method == "HEAD" else os.pread(file.fileno(), stop - start, start)
+        try:
+            with open(full_path, "rb") as file:
+                if os.fstat(file.fileno()).st_size != stat_result.st_size:
+                    return None  # changed since the lookup: Starlette's answer, from a new lookup
+                body = b"" if method == "HEAD" else os.pread(file.fileno(), stop - start, start)
+        except PermissionError:
+            return PlainTextResponse("Forbidden", status_code=403)
+        if len(body) != stop - start and method != "HEAD":  # cut short while read: the browser asks again
+            changed = "the file changed while it was read"
+            return PlainTextResponse(changed, status_code=503, headers={"retry-after": "0"})
         headers = MutableHeaders(raw=list(FileResponse(full_path, stat_result=stat_result).raw_headers))
         status = 200
-        if range_header is not None:
+        if _in_bytes(range_header):
             status = 206
             headers["content-range"] = f"bytes {start}-{stop - 1}/{stat_result.st_size}"
             headers["content-length"] = str(stop - start)
@@ -144,11 +187,15 @@ class _Files(StaticFiles):
 _CONDITIONAL = ("if-range", "if-none-match", "if-modified-since")
 
 
+def _in_bytes(header: str | None) -> bool:
+    return header is not None and header.strip().lower().startswith("bytes")
+
+
 def _span(header: str | None, size: int) -> tuple[int, int] | None:
     """The bytes ``[start, stop)`` a request asks for: all without ``Range``, its one range if it is one that can
     be satisfied; ``None`` for anything else (several ranges, malformed, past the end): Starlette's to answer."""
-    if header is None:
-        return 0, size
+    if header is None or not _in_bytes(header):
+        return 0, size  # no range, or one in units other than bytes: ignored (RFC 9110, 14.2)
     match = _SINGLE_RANGE.match(header)
     if match is None:
         return None
@@ -226,3 +273,10 @@ def _route_uvicorn_logs(log_requests: bool) -> None:
         logger.handlers[:] = handlers or [logging.StreamHandler(sys.stderr)]
         logger.propagate = False
         logger.setLevel(level if name == "uvicorn.error" or log_requests else logging.CRITICAL)
+    logging.getLogger("uvicorn.error").filters[:] = [_not_cancelled]
+
+
+def _not_cancelled(record: logging.LogRecord) -> bool:
+    """Leaves out uvicorn's traceback of a request cancelled at shutdown (Ctrl-C with a download under way, or a
+    proxied request waiting on the upstream): the server is stopping as asked, the browser asks again."""
+    return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))

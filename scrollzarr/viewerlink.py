@@ -65,23 +65,52 @@ def find_stores(root: Path) -> list[StoreFound]:
 
 
 def _search(root: Path, folder: Path, depth: int, found: list[StoreFound]) -> None:
-    kind = _kind(folder)
+    try:
+        kind = _kind(folder)
+    except OSError as error:  # a folder this user may not read: the server refuses it too
+        log.warning("%s: not searched for stores (%s)", folder, error.strerror or error)
+        return
     if kind is not None:
         store = _describe(root, folder, kind)
         if store is not None:
             found.append(store)
-            return
+        if store is not None or _claims_image(folder):
+            return  # a damaged image is told, not searched for the arrays of its levels
     if depth == 0:
         return
     try:
         children = sorted(entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    except OSError:  # a folder the server cannot read either: nothing to show in it
+    except OSError as error:  # a folder the server cannot read either: nothing to show in it
+        log.warning("%s: not searched for stores (%s)", folder, error.strerror or error)
         return
     real_root = root.resolve()
     for child in children:
-        if child.is_symlink() and not child.resolve().is_relative_to(real_root):
+        try:
+            outside = child.is_symlink() and not child.resolve().is_relative_to(real_root)
+        except (OSError, RuntimeError):  # a symlink loop
+            continue
+        if outside:
             continue  # the server refuses what lies outside the served folder: not searched either
         _search(root, child, depth - 1, found)
+
+
+def _claims_image(folder: Path) -> bool:
+    """Whether ``folder``'s metadata says it is an array or an OME-Zarr image (whether zarr can open it or not)."""
+    if (folder / ".zarray").is_file():
+        return True
+    for name in (".zattrs", "zarr.json"):
+        try:
+            metadata = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(metadata, dict):
+            continue
+        if metadata.get("node_type") == "array":
+            return True
+        attributes = metadata.get("attributes", metadata) if name == "zarr.json" else metadata
+        if isinstance(attributes, dict) and _multiscales(attributes):
+            return True
+    return False
 
 
 def _kind(folder: Path) -> int | None:
@@ -99,9 +128,10 @@ def _describe(root: Path, folder: Path, zarr_format: int) -> StoreFound | None:
     return describe(folder, "" if path == "." else path, zarr_format)
 
 
-def describe(store: StoreLike, path: str, zarr_format: int | None = None) -> StoreFound | None:
+def describe(store: StoreLike, path: str, zarr_format: int | None = None, sample: bool = True) -> StoreFound | None:
     """The image stored in ``store`` (a folder, or a zarr store such as a remote one), shown at ``path``; ``None``
-    for a zarr group that is not an image, or metadata zarr cannot read (then logged)."""
+    for a zarr group that is not an image, or metadata zarr cannot read (then logged).  Without ``sample``, the
+    contrast is the store's window, else the data type's range."""
     try:
         node = zarr.open(store, mode="r", zarr_format=zarr_format)  # type: ignore[arg-type]
     except Exception as error:  # any damage zarr finds: told, and the server goes on with the other stores
@@ -116,12 +146,12 @@ def describe(store: StoreLike, path: str, zarr_format: int | None = None) -> Sto
             return None
         try:
             lowest = node[multiscales[0]["datasets"][-1]["path"]]
-        except (KeyError, IndexError, TypeError) as error:
-            log.warning("%s: not shown, its multiscales metadata names no array it holds (%s)", store, error)
+        except Exception as error:  # a missing array, and any damage of its metadata zarr finds
+            log.warning("%s: not shown, its lowest level cannot be opened (%s)", store, error)
             return None
     if not isinstance(lowest, zarr.Array):
         return None
-    return StoreFound(path, lowest.metadata.zarr_format, contrast(lowest, attributes), str(lowest.dtype))
+    return StoreFound(path, lowest.metadata.zarr_format, contrast(lowest, attributes, sample), str(lowest.dtype))
 
 
 def _multiscales(attributes: dict[str, Any]) -> list[dict[str, Any]]:
@@ -131,8 +161,9 @@ def _multiscales(attributes: dict[str, Any]) -> list[dict[str, Any]]:
     return value if isinstance(value, list) else []
 
 
-def contrast(lowest: zarr.Array, attributes: dict[str, Any]) -> tuple[float, float]:
-    """The shader's range for a store: its ``omero`` window, else percentiles of a sample of ``lowest``."""
+def contrast(lowest: zarr.Array, attributes: dict[str, Any], sample: bool = True) -> tuple[float, float]:
+    """The shader's range for a store: its ``omero`` window, else percentiles of a sample of ``lowest`` (without
+    ``sample``: the data type's range)."""
     ome = attributes.get("ome")
     omero = (ome if isinstance(ome, dict) else attributes).get("omero")
     try:
@@ -142,15 +173,15 @@ def contrast(lowest: zarr.Array, attributes: dict[str, Any]) -> tuple[float, flo
             return low, high
     except (KeyError, IndexError, TypeError, ValueError):
         pass
-    box = tuple(
-        slice(max(0, (n - SAMPLE_EDGE) // 2), max(0, (n - SAMPLE_EDGE) // 2) + SAMPLE_EDGE) for n in lowest.shape
-    )
+    if not sample:
+        return contrast_of(np.zeros(0, lowest.dtype))
+    starts = [max(0, (n - SAMPLE_EDGE) // 2) for n in lowest.shape]  # the middle: a scroll's edges are background
     try:
-        sample = np.asarray(lowest[box])
+        voxels = np.asarray(lowest[tuple(slice(start, start + SAMPLE_EDGE) for start in starts)])
     except Exception as error:  # a damaged or missing chunk: the data type's whole range
         log.warning("%s: the contrast is the data type's whole range, a sample could not be read (%s)", lowest, error)
-        sample = np.zeros(0, lowest.dtype)
-    return contrast_of(sample)
+        voxels = np.zeros(0, lowest.dtype)
+    return contrast_of(voxels)
 
 
 def contrast_of(sample: np.ndarray) -> tuple[float, float]:
@@ -169,7 +200,9 @@ def contrast_of(sample: np.ndarray) -> tuple[float, float]:
 
 def neuroglancer_url(app: str, base: str, store: StoreFound, name: str) -> str:
     """The link that opens ``store`` (served at ``base``, an http:// address) in the Neuroglancer ``app``."""
-    location = f"{base.rstrip('/')}/{store.path}/" if store.path else f"{base.rstrip('/')}/"
+    # Encoded as a URL's path (a store named "h#x.zarr" is /h%23x.zarr/): Neuroglancer reads the source as a URL
+    path = urllib.parse.quote(store.path, safe="/")
+    location = f"{base.rstrip('/')}/{path}/" if path else f"{base.rstrip('/')}/"
     layer = {
         "type": "image",
         "source": f"zarr{store.zarr_format}://{location}",

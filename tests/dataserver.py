@@ -7,6 +7,7 @@ import base64
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class DataServer:
     refuse: int | None = None  # a status to answer requests with (403: a forbidden folder)
     refused: tuple[str, ...] = ("",)  # the ends of the paths refused (all by default)
     html_for_missing: bool = False  # a missing file answered 200 with an HTML page, as some servers do
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> the Location of a 302 answering it
     requests: list[Request] = field(default_factory=list)
     port: int = 0
     _count: int = 0
@@ -73,13 +75,15 @@ class _Handler(BaseHTTPRequestHandler):
             expected = "Basic " + base64.b64encode(":".join(state.login).encode()).decode()
             if auth != expected:
                 return self._answer(401, b"", header, auth, {"WWW-Authenticate": 'Basic realm="scrolls"'})
+        if self.path in state.redirects:
+            return self._answer(302, b"", header, auth, {"Location": state.redirects[self.path]})
         if state.refuse is not None and self.path.endswith(state.refused):
             return self._answer(state.refuse, b"no", header, auth)
         if state.fail_after is not None and state._count > state.fail_after:
             return self._answer(503, b"down", header, auth, {"Retry-After": state.retry_after})
         if busy:
             return self._answer(429, b"slow down", header, auth, {"Retry-After": state.retry_after})
-        path = (state.root / self.path.lstrip("/")).resolve()
+        path = (state.root / urllib.parse.unquote(self.path.split("?")[0]).lstrip("/")).resolve()
         if state.root.resolve() not in path.parents or not path.is_file():
             if state.html_for_missing:
                 page = b"<html><body>Not here</body></html>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import queue
@@ -30,6 +31,7 @@ class Served:
     base: str = ""
     links: dict[str, str] = field(default_factory=dict)
     _stderr: queue.Queue[str] = field(default_factory=queue.Queue)
+    stdout: queue.Queue[str] = field(default_factory=queue.Queue)
     lines: list[str] = field(default_factory=list)
 
     def messages(self, wait: float = 0.0) -> list[str]:
@@ -45,10 +47,24 @@ class Served:
         """Ctrl-C; the exit code and the rest of stdout."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
-        out = self.process.stdout.read() if self.process.stdout else ""
         code = self.process.wait(timeout=30)
         self.messages(0.2)
-        return code, out
+        out = []
+        while not self.stdout.empty():
+            out.append(self.stdout.get_nowait())
+        return code, "".join(out)
+
+
+def raw_get(base: str, path: str) -> tuple[int, bytes]:
+    """GET ``path`` exactly as written (httpx would remove its dot segments first): status and body."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.request("GET", path)
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    finally:
+        connection.close()
 
 
 def state_of(link: str) -> dict[str, Any]:
@@ -77,9 +93,16 @@ def scroll_serve(*args: object, stores: int = 0, env: dict[str, str] | None = No
                 if match:
                     served.base = match.group(1)
         assert process.stdout is not None
+        printed: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=_pump, args=(process.stdout, printed), daemon=True).start()
         for _ in range(stores):
-            name, link = process.stdout.readline().rstrip("\n").split(": ", 1)
+            try:
+                line = printed.get(timeout=60)
+            except queue.Empty:
+                raise AssertionError(f"scroll_serve printed {len(served.links)} links, not {stores}") from None
+            name, link = line.rstrip("\n").split(": ", 1)
             served.links[name] = link
+        served.stdout = printed
         yield served
     finally:
         if process.poll() is None:

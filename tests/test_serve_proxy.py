@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from scrollzarr.synthetic import write_stack
 
 from conftest import ROOT, assert_ok, scroll_to_ome
 from dataserver import data_server
-from scrollserve import scroll_serve, state_of
+from scrollserve import raw_get, scroll_serve, state_of
 
 USER, PASSWORD = "segmenter", "pa55-Wörd-secret"
 SHAPE = (32, 48, 64)
@@ -90,11 +91,15 @@ def test_logged_in_from_netrc_cached_and_never_told(upstream_root, home, tmp_pat
                 assert part.headers["content-range"] == f"bytes 10-99/{len(data)}"
                 suffix = httpx.get(f"{served.base}/{key}", headers={"Range": "bytes=-16"})
                 assert suffix.status_code == 206 and suffix.content == data[-16:]
-                whole = httpx.get(f"{served.base}/{key}", headers={"Origin": "https://neuroglancer-demo.appspot.com"})
+                # Logged in: what it fetches is for the Neuroglancer app's pages, not any site's
+                app = "https://neuroglancer-demo.appspot.com"
+                whole = httpx.get(f"{served.base}/{key}", headers={"Origin": app})
                 assert whole.status_code == 200 and whole.content == data
-                assert whole.headers["access-control-allow-origin"] == "*"
-                missing = httpx.get(f"{served.base}/0/9/9/9", headers={"Origin": "https://x.org"})
-                assert missing.status_code == 404 and missing.headers["access-control-allow-origin"] == "*"
+                assert whole.headers["access-control-allow-origin"] == app
+                missing = httpx.get(f"{served.base}/0/9/9/9", headers={"Origin": app})
+                assert missing.status_code == 404 and missing.headers["access-control-allow-origin"] == app
+                other = httpx.get(f"{served.base}/{key}", headers={"Origin": "https://evil.example"})
+                assert "access-control-allow-origin" not in other.headers
                 head = httpx.head(f"{served.base}/{key}")
                 assert head.status_code == 200 and head.headers["content-length"] == str(len(data))
 
@@ -227,20 +232,17 @@ def test_the_same_request_at_once_goes_upstream_once(upstream_root, home, tmp_pa
 
 def test_paths_leaving_the_prefix_are_refused_and_never_asked(upstream_root, home, tmp_path):
     with data_server(upstream_root) as upstream:
-        with (
-            scroll_serve("--proxy", f"{upstream.url}/data/", "--cache_gb", 0, env=home) as served,
-            httpx.Client() as client,
-        ):
+        with scroll_serve("--proxy", f"{upstream.url}/data/", "--cache_gb", 0, env=home) as served:
             for path in ("/../secret.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt", "/u8.zarr/../../secret.txt",
-                             "/.%2e/secret.txt", "/u8.zarr/%2e%2e%2f%2e%2e%2fsecret.txt"):  # fmt: skip
-                request = client.build_request("GET", served.base)
-                request.url = request.url.copy_with(raw_path=path.encode())
-                answer = client.send(request)
-                assert answer.status_code in (403, 404), path
-                assert "not for the proxy" not in answer.text, path
+                         "/.%2e/secret.txt", "/u8.zarr/%2e%2e%2f%2e%2e%2fsecret.txt", "/u8.zarr/..%5c..%5csecret.txt",
+                         "/u8.zarr/%00/x"):  # fmt: skip
+                status, body = raw_get(served.base, path)
+                assert status == 403, path
+                assert b"not for the proxy" not in body, path
             for method in ("POST", "PUT", "DELETE"):
-                assert client.request(method, f"{served.base}/u8.zarr/.zattrs").status_code == 405
+                assert httpx.request(method, f"{served.base}/u8.zarr/.zattrs").status_code == 405
         assert all(request.path.startswith("/data/") for request in upstream.requests), upstream.requests
+        assert not any(".." in r.path or "%2f" in r.path.lower() for r in upstream.requests), upstream.requests
 
 
 def test_an_upstream_that_stays_down_is_a_502_and_one_warning_per_request(upstream_root, home, tmp_path):
@@ -256,3 +258,87 @@ def test_an_upstream_that_stays_down_is_a_502_and_one_warning_per_request(upstre
         args = ["--proxy", f"{upstream.url}/data/", "--cache_dir", tmp_path / "c"]
         with scroll_serve(*args, env=home) as served:
             assert httpx.get(f"{served.base}/u8.zarr/.zattrs").status_code == 200
+
+
+def test_redirects_are_followed_only_inside_the_prefix(upstream_root, home, tmp_path):
+    chunk = a_chunk(upstream_root)
+    key = chunk.relative_to(upstream_root / "data").as_posix()
+    redirects = {"/data/moved": f"/data/{key}", "/data/away": "/secret.txt"}
+    with data_server(upstream_root, redirects=redirects) as upstream:
+        with scroll_serve("--proxy", f"{upstream.url}/data/", "--cache_gb", 0, env=home) as served:
+            assert httpx.get(f"{served.base}/moved").content == chunk.read_bytes()
+            away = httpx.get(f"{served.base}/away")
+            assert away.status_code == 502 and "not for the proxy" not in away.text
+            assert "redirects out of" in "".join(served.messages(0.5))
+        assert [request.path for request in upstream.requests if "secret" in request.path] == []
+
+
+def test_the_same_large_request_at_once_each_gets_its_own_stream(tmp_path, home):
+    """Answers over 64 MiB are streamed through, not kept: each of the same requests made at once is its own."""
+    root = tmp_path / "up"
+    (root / "data").mkdir(parents=True)
+    data = np.random.default_rng(2).integers(0, 256, 65 * 2**20, dtype=np.uint8).tobytes()
+    (root / "data" / "big.bin").write_bytes(data)
+    with data_server(root) as upstream:
+        with scroll_serve("--proxy", f"{upstream.url}/data/", "--cache_dir", tmp_path / "c", env=home) as served:
+
+            async def four() -> list[httpx.Response]:
+                async with httpx.AsyncClient(timeout=120) as client:
+                    return await asyncio.gather(*(client.get(f"{served.base}/big.bin") for _ in range(4)))
+
+            answers = asyncio.run(four())
+            assert all(answer.status_code == 200 and answer.content == data for answer in answers)
+            assert httpx.get(f"{served.base}/big.bin", headers={"Range": "bytes=-5"}).content == data[-5:]
+            assert not any("Traceback" in line for line in served.messages(0.5))
+        assert not any(path.stat().st_size > 2**20 for path in (tmp_path / "c").rglob("*") if path.is_file())
+
+
+def test_upstream_urls_are_compared_as_httpx_writes_them(upstream_root, home, tmp_path):
+    spaced = upstream_root / "data" / "a space"
+    if not spaced.exists():
+        spaced.symlink_to(upstream_root / "data" / "u8.zarr")
+    with data_server(upstream_root) as upstream:
+        prefix = f"HTTP://127.0.0.1:{upstream.port}/data/a space/"
+        with scroll_serve("--proxy", prefix, "--cache_gb", 0, stores=1, env=home) as served:
+            answer = httpx.get(f"{served.base}/.zattrs")
+            assert answer.status_code == 200
+            assert answer.content == (upstream_root / "data" / "u8.zarr" / ".zattrs").read_bytes()
+
+
+def test_other_host_names_are_refused(upstream_root, home, tmp_path):
+    """DNS rebinding: a page of another site, its name pointed at 127.0.0.1, asks with that name in Host."""
+    with (
+        data_server(upstream_root) as upstream,
+        scroll_serve("--proxy", f"{upstream.url}/data/", "--cache_gb", 0, env=home) as served,
+    ):
+        assert httpx.get(f"{served.base}/u8.zarr/.zattrs", headers={"Host": "evil.example"}).status_code == 400
+        port = served.base.rsplit(":", 1)[1]
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.1"):
+            assert httpx.get(f"{served.base}/u8.zarr/.zattrs", headers={"Host": host}).status_code == 200
+        public = httpx.get(f"{served.base}/u8.zarr/.zattrs", headers={"Origin": "https://any.example"})
+        assert public.headers["access-control-allow-origin"] == "*"  # no login: a public server's files
+
+
+def test_ctrl_d_at_the_password_prompt_is_one_line(upstream_root, home, tmp_path):
+    master, slave = pty.openpty()
+
+    def own_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    command = [sys.executable, str(ROOT / "scroll_serve.py"), "--proxy", "http://127.0.0.1:9/data/", "--user", USER,
+               "--port", "0"]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(home, PYTHONPATH=str(ROOT)), preexec_fn=own_terminal,
+    )  # fmt: skip
+    os.close(slave)
+    shown = b""
+    deadline = time.monotonic() + 30
+    while b"password of" not in shown and time.monotonic() < deadline:
+        shown += os.read(master, 1024)
+    os.write(master, b"\x04")
+    _, err = process.communicate(timeout=30)
+    os.close(master)
+    assert process.returncode == 2 and "Traceback" not in err
+    assert err.strip().endswith("--user segmenter: no password given"), err
