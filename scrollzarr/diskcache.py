@@ -89,7 +89,8 @@ class DiskCache:
         trailer = TRAILER.pack(len(data), google_crc32c.value(data))
         try:
             path.parent.mkdir(exist_ok=True)
-            with open(partial, "wb") as file:
+            # The user's alone (0600), as what a login fetched may be in it, whatever the folder's mode
+            with open(partial, "wb", opener=lambda name, flags: os.open(name, flags, 0o600)) as file:
                 file.write(data)
                 file.write(trailer)
             os.replace(partial, path)

@@ -175,7 +175,7 @@ async def get(
             if response.status_code not in RETRIED:
                 if response.status_code in (401, 403) and refusal_is_error:
                     await response.aclose()
-                    raise FetchError(refused(url, response.status_code, session.auth is not None))
+                    raise FetchError(_refused(url, response.status_code, session.auth is not None))
                 return response
             await response.aclose()
             failure, wait = f"HTTP {response.status_code}", _retry_after(response)
@@ -203,8 +203,7 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def refused(url: str, status: int, logged_in: bool) -> str:
-    """What to do about a 401 or 403 from ``url``: one line."""
+def _refused(url: str, status: int, logged_in: bool) -> str:
     host = httpx.URL(url).host
     if logged_in:
         return (

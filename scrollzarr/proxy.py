@@ -32,11 +32,10 @@ import logging
 import os
 import sys
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import httpx
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -90,6 +89,8 @@ def check_upstream(url: str) -> str:
         raise UsageError(
             f"--proxy {url}: give the upstream's http:// or https:// address, such as https://server/path/"
         )
+    if "?" in url or "#" in url:
+        raise UsageError(f"--proxy {url}: give a folder's address, without a query (?) or fragment (#)")
     # As httpx writes it (scheme and host in lower case, the path percent-encoded): the URLs built from it are
     # compared with it in that form
     return str(httpx.URL(fetching.check_url(url) + "/"))
@@ -143,20 +144,18 @@ class Proxy:
         self.upstream = upstream
         self.auth = auth
         self.cache = cache
-        self.fetched = 0  # requests sent upstream (each retry counted once)
         self._session: httpx.AsyncClient | None = None
         self._slots: asyncio.Semaphore | None = None
         self._pending: dict[str, asyncio.Future[Answer]] = {}
         self._told: set[int] = set()
+        # Answers fetched with a login are cached apart from a public run's: a run without one (which lets any
+        # page read what it serves) never serves what a login fetched.
+        self._kind = "public" if auth is None else "login"
 
     def app(self, origins: Sequence[str], hosts: Sequence[str] | None) -> object:
         """The ASGI app: GET and HEAD of any path, answered from the upstream, with CORS for ``origins`` and the
         ``Host`` names ``hosts`` (``None``: any); see :func:`scrollzarr.serving.with_cors`."""
         return with_cors([Route("/{path:path}", self._endpoint, methods=["GET", "HEAD"])], origins, hosts)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.aclose()
 
     def url_of(self, raw_path: str) -> str | None:
         """The upstream URL of a request's (percent-encoded) path, or ``None`` if it would leave the prefix."""
@@ -182,7 +181,7 @@ class Proxy:
             return PlainTextResponse(f"the upstream did not answer: {error}", status_code=502)
 
     async def _answer(self, method: str, url: str, headers: dict[str, str]) -> Response:
-        key = f"scroll_serve {method} {url} {headers.get('range', '')}"
+        key = f"scroll_serve {self._kind} {method} {url} {headers.get('range', '')}"
         answer = await self._cached(key)
         pending = self._pending.get(key) if answer is None else None
         if pending is not None:
@@ -206,7 +205,9 @@ class Proxy:
         try:
             fetched = await self._fetch(method, url, headers, key)
         except BaseException as error:
-            pending.set_exception(error)
+            # A request cancelled (its client gone, the server stopping) is not the waiters' failure: they ask
+            # themselves
+            pending.set_exception(_Streamed() if isinstance(error, asyncio.CancelledError) else error)
             pending.exception()  # retrieved: the waiters, if any, raise it themselves
             raise
         finally:
@@ -226,17 +227,23 @@ class Proxy:
         return None if data is None else Answer.decode(data)
 
     async def _fetch(self, method: str, url: str, headers: dict[str, str], key: str) -> Answer | Response:
-        """The upstream's answer: kept (and cached) if it is small enough, else a response streaming it."""
+        """The upstream's answer: kept (and cached) if it is small enough, else a response streaming it (which
+        holds its slot among the :data:`CONNECTIONS` until the stream ends)."""
         session, slots = self._client()
-        async with slots:
+        await slots.acquire()
+        streaming = False
+        try:
             for _ in range(MAX_REDIRECTS + 1):
-                self.fetched += 1
                 upstream = await fetching.get(session, url, headers, method=method, stream=True, refusal_is_error=False)
                 if not (upstream.is_redirect and "location" in upstream.headers):
                     break
                 await upstream.aclose()
                 target = str(httpx.URL(url).join(upstream.headers["location"]))
-                if not target.startswith(self.upstream):  # the login, and this machine, stay inside the prefix
+                inside = (
+                    target.startswith(self.upstream)
+                    and self.url_of("/" + target[len(self.upstream) :].split("?")[0]) == target.split("?")[0]
+                )  # the same refusals as a browser's paths: no dot segments, no %2F
+                if not inside:  # the login, and this machine, stay inside the prefix
                     log.warning("%s redirects out of %s (to %s): not followed", url, self.upstream, target)
                     return Answer(502, {}, b"the upstream redirects out of the proxied folder")
                 url = target
@@ -251,16 +258,15 @@ class Proxy:
                 passed.pop("content-length", None)  # httpx decodes what a server compressed anyway: not its length
             length = int(passed.get("content-length", MAX_CACHED + 1))
             if method == "GET" and length > MAX_CACHED:
-                return StreamingResponse(
-                    upstream.aiter_bytes(),
-                    status_code=upstream.status_code,
-                    headers=passed,
-                    background=BackgroundTask(upstream.aclose),
-                )
+                streaming = True
+                return StreamingResponse(_relay(upstream, slots), status_code=upstream.status_code, headers=passed)
             try:
                 body = await upstream.aread()
             finally:
                 await upstream.aclose()
+        finally:
+            if not streaming:
+                slots.release()
         answer = Answer(upstream.status_code, passed, body)
         if self.cache is not None and upstream.status_code in CACHED_STATUSES:
             await asyncio.to_thread(self.cache.put, key, answer.encode())
@@ -310,6 +316,17 @@ def refusal(upstream: str, status: int, logged_in: bool) -> str:
         f"{upstream} {what} (HTTP {status}); put the login in ~/.netrc (machine {httpx.URL(upstream).host} login "
         f"NAME password ...), or give --user NAME and the password in {fetching.PASSWORD_VARIABLE} or at the prompt"
     )
+
+
+async def _relay(upstream: httpx.Response, slot: asyncio.Semaphore) -> AsyncIterator[bytes]:
+    """The upstream's body as it comes; its connection closed and its slot freed at the end, however it ends
+    (the browser gone too)."""
+    try:
+        async for piece in upstream.aiter_bytes():
+            yield piece
+    finally:
+        await upstream.aclose()
+        slot.release()
 
 
 class _Streamed(Exception):

@@ -66,7 +66,8 @@ class ServeOptions:
         """The origin (scheme, host, port) of the Neuroglancer app's pages."""
         url = httpx.URL(self.app)
         port = f":{url.port}" if url.port is not None else ""
-        host = f"[{url.host}]" if ":" in url.host else url.host
+        host = url.raw_host.decode("ascii")  # IDNA-encoded, as a browser sends it in Origin
+        host = f"[{host}]" if ":" in host else host
         return f"{url.scheme}://{host}{port}"
 
     @property
@@ -171,13 +172,15 @@ def _upstream_store(proxy: Proxy, cache: CacheSettings) -> viewerlink.StoreFound
 
     # The contrast's sample is a few chunks of the lowest level, fetched over the network: a server that hangs
     # on them does not hold up the start (the link then has the data type's range).
-    sampler = threading.Thread(target=describe, args=(True,), daemon=True)
-    sampler.start()
-    sampler.join(SAMPLE_SECONDS)
-    if not found:
-        log.warning("the upstream is slow: no sample for the contrast within %d s", SAMPLE_SECONDS)
-        describe(False)
-    return found[0]
+    for sample in (True, False):
+        worker = threading.Thread(target=describe, args=(sample,), daemon=True)
+        worker.start()
+        worker.join(SAMPLE_SECONDS)
+        if found:
+            return found[0]
+        what = "no sample for the contrast" if sample else "no metadata either: no link"
+        log.warning("the upstream is slow: %s within %d s", what, SAMPLE_SECONDS)
+    return None
 
 
 def _listen(options: ServeOptions) -> socket.socket:

@@ -143,14 +143,17 @@ class _Files(StaticFiles):
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         headers = Headers(scope=scope)
-        if scope["method"] in ("GET", "HEAD") and not any(name in headers for name in _CONDITIONAL):
-            answer = await anyio.to_thread.run_sync(self._answer, path, headers.get("range"), scope["method"])
+        if scope["method"] in ("GET", "HEAD"):
+            conditional = any(name in headers for name in _CONDITIONAL)
+            answer = await anyio.to_thread.run_sync(
+                self._answer, path, headers.get("range"), scope["method"], conditional
+            )
             if answer is not None:
                 return answer
         return await super().get_response(path, scope)
 
-    def _answer(self, path: str, range_header: str | None, method: str) -> Response | None:
-        """On a worker thread: the answer, or ``None`` where it is Starlette's."""
+    def _answer(self, path: str, range_header: str | None, method: str, conditional: bool) -> Response | None:
+        """On a worker thread: the answer, or ``None`` where it is Starlette's (a ``conditional`` request's)."""
         try:
             full_path, stat_result = self.lookup_path(path)
         except PermissionError:
@@ -160,6 +163,10 @@ class _Files(StaticFiles):
         if stat_result is None:  # as Starlette answers it: a missing chunk, asked often
             return PlainTextResponse("Not Found", status_code=404)
         if not stat.S_ISREG(stat_result.st_mode):
+            return None
+        if not os.access(full_path, os.R_OK):  # before Starlette's answers too: it would open it, and fail with 500
+            return PlainTextResponse("Forbidden", status_code=403)
+        if conditional:
             return None
         span = _span(range_header, stat_result.st_size)
         if span is None or span[1] - span[0] > READ_AT_ONCE:

@@ -186,7 +186,7 @@ def contrast(lowest: zarr.Array, attributes: dict[str, Any], sample: bool = True
 
 def contrast_of(sample: np.ndarray) -> tuple[float, float]:
     """The (low, high) percentiles :data:`PERCENTILES` of the non-zero values of ``sample``; the data type's whole
-    range where it has fewer than two distinct ones (an empty or uniform volume)."""
+    range where the two are equal (no non-zero value, or nearly all of one value)."""
     values = sample[sample != 0]
     if values.size:
         low, high = (float(v) for v in np.percentile(values, PERCENTILES))

@@ -24,7 +24,7 @@ import pytest
 
 from scrollzarr.synthetic import write_stack
 
-from conftest import ROOT, assert_ok, scroll_to_ome
+from conftest import ROOT, assert_ok, assert_one_line_error, scroll_to_ome
 from dataserver import data_server
 from scrollserve import raw_get, scroll_serve, state_of
 
@@ -74,9 +74,11 @@ def test_logged_in_from_netrc_cached_and_never_told(upstream_root, home, tmp_pat
     chunk = a_chunk(upstream_root)
     key = chunk.relative_to(upstream_root / "data" / "u8.zarr").as_posix()
     data = chunk.read_bytes()
-    with data_server(upstream_root, login=(USER, PASSWORD)) as upstream:
+    # The login and a 429 now and then, from one upstream; --user names another user: .netrc's entry wins, and
+    # nothing is asked (there is no terminal to ask on)
+    with data_server(upstream_root, login=(USER, PASSWORD), busy_every=5, retry_after="0") as upstream:
         prefix = f"{upstream.url}/data/u8.zarr/"
-        args = ["--proxy", prefix, "--cache_dir", cache, "--verbose", "--log_requests"]
+        args = ["--proxy", prefix, "--cache_dir", cache, "--verbose", "--log_requests", "--user", "someone"]
         with scroll_serve(*args, stores=1, env=env) as served:
             (link,) = served.links.values()
             layer = state_of(link)["layers"][0]
@@ -107,21 +109,26 @@ def test_logged_in_from_netrc_cached_and_never_told(upstream_root, home, tmp_pat
             first = len(upstream.requests)
             assert all(request.authorization for request in upstream.answered()), "every request logged in"
             assert {request.range for request in upstream.requests} >= {"bytes=10-99", "bytes=-16", None}
+            assert upstream.answered(429), "the upstream was busy now and then"
             view()  # a second viewing: from the cache
             assert len(upstream.requests) == first
+            messages = "".join(served.messages(0.5))
         with scroll_serve(*args, stores=1, env=env) as served:  # after a restart: still from the cache
             view()
-            messages = "".join(served.messages(0.5))
+            messages += "".join(served.messages(0.5))
         # At each start the link's metadata is read afresh (zarr's probing: zarr.json, .zgroup ...); nothing else.
         metadata = ("zarr.json", ".zattrs", ".zarray", ".zgroup", ".zmetadata")
         assert all(request.path.endswith(metadata) for request in upstream.requests[first:])
         assert all(request.path.startswith("/data/u8.zarr/") for request in upstream.requests)
     assert f'"GET /{key} HTTP/1.1" 206' in messages
-    secret = PASSWORD.encode()
+    header = upstream.answered()[0].authorization  # Basic base64(user:password)
+    secrets = [PASSWORD.encode(), header.encode(), header.split()[1].encode()]
     for path in [*cache.rglob("*"), *tmp_path.rglob("*")]:
         if path.is_file() and path.name != ".netrc":
-            assert secret not in path.read_bytes(), path
-    assert PASSWORD not in messages and "Authorization" not in messages
+            assert not any(secret in path.read_bytes() for secret in secrets), path
+            if path.is_relative_to(cache) and path.name != "CACHEDIR.TAG":
+                assert path.stat().st_mode & 0o077 == 0, path  # the cached answers: the user's alone
+    assert PASSWORD not in messages and header.split()[1] not in messages and "Authorization" not in messages
 
 
 def test_without_a_login_the_browser_gets_401_and_the_user_is_told_once(upstream_root, home, tmp_path):
@@ -263,12 +270,13 @@ def test_an_upstream_that_stays_down_is_a_502_and_one_warning_per_request(upstre
 def test_redirects_are_followed_only_inside_the_prefix(upstream_root, home, tmp_path):
     chunk = a_chunk(upstream_root)
     key = chunk.relative_to(upstream_root / "data").as_posix()
-    redirects = {"/data/moved": f"/data/{key}", "/data/away": "/secret.txt"}
+    redirects = {"/data/moved": f"/data/{key}", "/data/away": "/secret.txt", "/data/sly": "/data/%2e%2e/secret.txt"}
     with data_server(upstream_root, redirects=redirects) as upstream:
         with scroll_serve("--proxy", f"{upstream.url}/data/", "--cache_gb", 0, env=home) as served:
             assert httpx.get(f"{served.base}/moved").content == chunk.read_bytes()
-            away = httpx.get(f"{served.base}/away")
-            assert away.status_code == 502 and "not for the proxy" not in away.text
+            for path in ("away", "sly"):
+                away = httpx.get(f"{served.base}/{path}")
+                assert away.status_code == 502 and "not for the proxy" not in away.text
             assert "redirects out of" in "".join(served.messages(0.5))
         assert [request.path for request in upstream.requests if "secret" in request.path] == []
 
@@ -342,3 +350,14 @@ def test_ctrl_d_at_the_password_prompt_is_one_line(upstream_root, home, tmp_path
     os.close(master)
     assert process.returncode == 2 and "Traceback" not in err
     assert err.strip().endswith("--user segmenter: no password given"), err
+
+
+def test_user_without_a_password_or_a_terminal_and_a_query_are_one_line(home):
+    for args, fragment in (
+        (["--user", USER], "run scroll_serve in a terminal to be asked"),
+        (["--user", USER, "--proxy", "http://127.0.0.1:9/data/?x=1"], "without a query"),
+    ):
+        command = [sys.executable, str(ROOT / "scroll_serve.py"), "--proxy", "http://127.0.0.1:9/data/", *args]
+        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
+                                env=dict(home, PYTHONPATH=str(ROOT)))  # fmt: skip
+        assert_one_line_error(result, fragment, code=2)
