@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir",
         type=Path,
         default=None,
-        help="remote volumes: where fetched chunks are kept for later runs (default ~/.cache/scrollzarr)",
+        help="remote volumes: where fetched chunks are kept for later runs (default $XDG_CACHE_HOME/scrollzarr, "
+        "else ~/.cache/scrollzarr)",
     )
     parser.add_argument(
         "--cache_gb",

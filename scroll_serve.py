@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir",
         type=Path,
         default=None,
-        help="--proxy: where fetched files are kept, also for later runs (default ~/.cache/scrollzarr)",
+        help="--proxy: where fetched files are kept, also for later runs (default $XDG_CACHE_HOME/scrollzarr, "
+        "else ~/.cache/scrollzarr)",
     )
     parser.add_argument(
         "--cache_gb",
