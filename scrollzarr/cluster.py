@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # Times Dask runs a task again after it raised (a worker lost to its machine is not counted: the scheduler
 # reschedules those itself, up to distributed.scheduler.allowed-failures).
 RETRIES = 2
+SCHEDULER_TIMEOUT = 10  # seconds a scheduler has to answer whether it is still there, after a task failed
 INSTALL = 'pip install "scrollzarr[dask]"'
 # Seconds to reach a scheduler, and for its first worker to join (then the run says which is missing).
 CONNECT_SECONDS = 20
@@ -248,12 +249,15 @@ class DaskExecutor:
         """What to say of ``task``, which failed for good with ``error``: the scheduler or every worker lost, or
         the task's own error, in one line."""
         what = " ".join(f"{type(error).__name__}: {error}".split())
-        if self.client.status != "running" or "connection-lost" in what:
-            return f"lost the Dask scheduler at {self.address} ({what}); restart it and its workers, then {self.then}"
+        # Asked of the scheduler now: the client's own view (its status, its copy of scheduler_info) may not know
+        # yet that the scheduler is gone (CI: a killed scheduler was reported as the task's own CommClosedError)
         try:
-            workers = self.client.scheduler_info()["workers"]
-        except Exception:  # the scheduler went too
-            workers = {}
+            identity = self.client.sync(self.client.scheduler.identity, callback_timeout=SCHEDULER_TIMEOUT)
+        except Exception:  # no answer: the scheduler is gone
+            identity = None
+        if identity is None or self.client.status != "running" or "connection-lost" in what:
+            return f"lost the Dask scheduler at {self.address} ({what}); restart it and its workers, then {self.then}"
+        workers = identity.get("workers", {}) if isinstance(identity, dict) else {}
         if not workers:
             return (
                 f"every Dask worker of the scheduler at {self.address} was lost while the task for "
