@@ -10,6 +10,7 @@ from pathlib import Path
 from scrollzarr import commands, renderprogress
 from scrollzarr._cli import (
     Parser,
+    add_disk_cache,
     add_scheduler,
     add_verbosity,
     add_workers,
@@ -107,21 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=8.0,
         help="bound on the volume chunks kept in memory, in GB (GiB); peak memory is about this plus 1 GB",
     )
-    parser.add_argument(
-        "--cache_dir",
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="remote volumes: where fetched chunks are kept for later runs (default $XDG_CACHE_HOME/scrollzarr, "
-        "else ~/.cache/scrollzarr)",
-    )
-    parser.add_argument(
-        "--cache_gb",
-        "--cache-gb",
-        type=float,
-        default=20.0,
-        help="remote volumes: bound on the disk cache, in GB (GiB), least recently used out first; 0: no disk cache",
-    )
+    add_disk_cache(parser, "remote volumes")
     parser.add_argument(
         "--block_size",
         "--block-size",

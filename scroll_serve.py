@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from scrollzarr import commands
-from scrollzarr._cli import Parser, add_verbosity, run, setup_logging
+from scrollzarr._cli import Parser, add_disk_cache, add_verbosity, run, setup_logging
 
 PROGRAM = "scroll_serve"
 
@@ -51,21 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the Neuroglancer app the links open (default: the public one, neuroglancer-demo.appspot.com)",
     )
-    parser.add_argument(
-        "--cache_dir",
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="--proxy: where fetched files are kept, also for later runs (default $XDG_CACHE_HOME/scrollzarr, "
-        "else ~/.cache/scrollzarr)",
-    )
-    parser.add_argument(
-        "--cache_gb",
-        "--cache-gb",
-        type=float,
-        default=20.0,
-        help="--proxy: bound on the disk cache, in GB (GiB), least recently used out first; 0: no disk cache",
-    )
+    add_disk_cache(parser, "--proxy")
     parser.add_argument(
         "--log_requests", "--log-requests", action="store_true", help="print a line for every request answered"
     )

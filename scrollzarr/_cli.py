@@ -103,6 +103,26 @@ def add_workers(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def add_disk_cache(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--cache_dir`` and ``--cache_gb``: the disk cache of remote objects, shared by the scripts; ``what`` is kept
+    there."""
+    parser.add_argument(
+        "--cache_dir",
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"{what}: where fetched files are kept, also for later runs (default $XDG_CACHE_HOME/scrollzarr, "
+        "else ~/.cache/scrollzarr)",
+    )
+    parser.add_argument(
+        "--cache_gb",
+        "--cache-gb",
+        type=float,
+        default=20.0,
+        help=f"{what}: bound on the disk cache, in GB (GiB), least recently used out first; 0: no disk cache",
+    )
+
+
 # Where a Dask scheduler is named when --scheduler is not given (dask's own variable for it).
 SCHEDULER_VARIABLE = "DASK_SCHEDULER_ADDRESS"
 

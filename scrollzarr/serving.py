@@ -88,16 +88,17 @@ class _Guard:
 
     async def __call__(self, scope: dict, receive: object, send: object) -> None:
         if scope["type"] == "http":
-            if self.hosts is not None and _host_name(Headers(scope=scope).get("host", "")) not in self.hosts:
+            headers = Headers(scope=scope)
+            if self.hosts is not None and _host_name(headers.get("host", "")) not in self.hosts:
                 await _answer(send, 400, [], b"Invalid host header")
                 return
             if scope["method"] not in METHODS:
                 await _answer(send, 405, [(b"allow", ", ".join(METHODS).encode())])
                 return
-            if scope["method"] == "OPTIONS" and "access-control-request-method" not in Headers(scope=scope):
+            if scope["method"] == "OPTIONS" and "access-control-request-method" not in headers:
                 await _answer(send, 204, [(b"allow", ", ".join(METHODS).encode())])
                 return
-            range_header = Headers(scope=scope).get("range")
+            range_header = headers.get("range")
             if range_header is not None and not _in_bytes(range_header):  # other units: ignored (RFC 9110, 14.2)
                 scope = dict(scope, headers=[(name, value) for name, value in scope["headers"] if name != b"range"])
         await self.app(scope, receive, send)  # type: ignore[operator]

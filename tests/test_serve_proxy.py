@@ -162,27 +162,33 @@ def test_user_with_the_password_from_the_environment(upstream_root, home, tmp_pa
         assert len(upstream.answered()) == 2  # --cache_gb 0: nothing kept, asked twice
 
 
-def test_user_asked_for_the_password_at_a_prompt(upstream_root, home, tmp_path):
-    """A real terminal (a pty that is the process's controlling terminal), as a user types the password."""
+def at_the_prompt(upstream: str, home: dict[str, str], *args: object) -> tuple[subprocess.Popen[str], int, bytes]:
+    """``scroll_serve --proxy upstream --user segmenter args`` on a real terminal (a pty that is its controlling
+    terminal), as a user starts it, once it asks for the password: the process, the terminal's side to type on,
+    and what it showed."""
     master, slave = pty.openpty()
 
     def own_terminal() -> None:
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
+    command = [sys.executable, str(ROOT / "scroll_serve.py"), "--proxy", upstream, "--user", USER, "--port", "0"]
+    process = subprocess.Popen(
+        [*command, *map(str, args)], stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(home, PYTHONPATH=str(ROOT)), preexec_fn=own_terminal,
+    )  # fmt: skip
+    os.close(slave)
+    shown = b""
+    deadline = time.monotonic() + 30
+    while b"password of segmenter on 127.0.0.1" not in shown and time.monotonic() < deadline:
+        shown += os.read(master, 1024)
+    return process, master, shown
+
+
+def test_user_asked_for_the_password_at_a_prompt(upstream_root, home, tmp_path):
     with data_server(upstream_root, login=(USER, PASSWORD)) as upstream:
-        command = [sys.executable, str(ROOT / "scroll_serve.py"), "--proxy", f"{upstream.url}/data/", "--user", USER,
-                   "--port", "0", "--cache_dir", str(tmp_path / "c")]  # fmt: skip
-        process = subprocess.Popen(
-            command, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=dict(home, PYTHONPATH=str(ROOT)), preexec_fn=own_terminal,
-        )  # fmt: skip
-        os.close(slave)
+        process, master, shown = at_the_prompt(f"{upstream.url}/data/", home, "--cache_dir", tmp_path / "c")
         try:
-            shown = b""
-            deadline = time.monotonic() + 30
-            while b"password of segmenter on 127.0.0.1" not in shown and time.monotonic() < deadline:
-                shown += os.read(master, 1024)
             os.write(master, PASSWORD.encode() + b"\n")
             line = ""
             while "proxying" not in line:
@@ -327,24 +333,8 @@ def test_other_host_names_are_refused(upstream_root, home, tmp_path):
         assert public.headers["access-control-allow-origin"] == "*"  # no login: a public server's files
 
 
-def test_ctrl_d_at_the_password_prompt_is_one_line(upstream_root, home, tmp_path):
-    master, slave = pty.openpty()
-
-    def own_terminal() -> None:
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    command = [sys.executable, str(ROOT / "scroll_serve.py"), "--proxy", "http://127.0.0.1:9/data/", "--user", USER,
-               "--port", "0"]  # fmt: skip
-    process = subprocess.Popen(
-        command, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(home, PYTHONPATH=str(ROOT)), preexec_fn=own_terminal,
-    )  # fmt: skip
-    os.close(slave)
-    shown = b""
-    deadline = time.monotonic() + 30
-    while b"password of" not in shown and time.monotonic() < deadline:
-        shown += os.read(master, 1024)
+def test_ctrl_d_at_the_password_prompt_is_one_line(home):
+    process, master, _ = at_the_prompt("http://127.0.0.1:9/data/", home)
     os.write(master, b"\x04")
     _, err = process.communicate(timeout=30)
     os.close(master)
