@@ -2,8 +2,9 @@
 
 Chunks are read through the array (so any zarr format, codec and sharding
 works), each at most once while it stays cached (a chunk that cannot be read
-is reported by its file: its own, or its shard's); all-zero chunks are
-remembered without their voxels.  The least recently used chunks leave first
+is reported by its file: its own, or its shard's), edge chunks padded with
+zeros to the whole chunk shape; all-zero chunks are remembered without their
+voxels.  The least recently used chunks leave first
 once the cached voxels exceed the bound.  A chunk is zarr's (inner) chunk,
 ``array.chunks``, in a sharded array too: a shard can be far larger than the
 cache, and zarr reads one chunk of a shard without the rest.
@@ -12,6 +13,8 @@ cache, and zarr reads one chunk of a shard without the rest.
 from __future__ import annotations
 
 import gzip
+import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -20,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -32,6 +36,28 @@ from scrollzarr.sinks import SinkSpec, damage
 from scrollzarr.store import DamagedChunkError, chunk_file, chunk_nbytes, sink_spec
 
 ChunkIndex = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """The cached chunks around a box of voxels, for a kernel to read them in place.
+
+    Attributes
+    ----------
+    origin : ndarray, shape (3,), int64
+        Chunk index (z, y, x) of ``slots[0, 0, 0]``.
+    slots : ndarray, shape (nz, ny, nx), int32
+        For each chunk, its position in ``arrays``; -1 if all its voxels are 0.
+    arrays : list of ndarray, each shape ``shape``, C-contiguous
+        The chunks' voxels (edge chunks padded with zeros).
+    shape : (int, int, int)
+        The chunk shape.
+    """
+
+    origin: np.ndarray
+    slots: np.ndarray
+    arrays: list[np.ndarray]
+    shape: tuple[int, int, int]
 
 
 @dataclass
@@ -75,6 +101,7 @@ class ChunkCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self._framed = _framed(array)
+        self._raw = _raw(array)
         self._counting = threading.local()
         self._fetcher: ThreadPoolExecutor | None = None
 
@@ -95,7 +122,8 @@ class ChunkCache:
             self._counting.stats = previous
 
     def chunk(self, index: ChunkIndex) -> np.ndarray | None:
-        """The voxels of chunk ``index`` (edge chunks trimmed to the array), or ``None`` if all are zero."""
+        """The voxels of chunk ``index`` (edge chunks padded with zeros to the chunk shape), or ``None`` if all
+        are zero."""
         with self._lock:
             if index in self._cached:
                 self._cached.move_to_end(index)
@@ -147,6 +175,21 @@ class ChunkCache:
             ]
         return out
 
+    def table(self, lo: np.ndarray, hi: np.ndarray) -> ChunkTable:
+        """The chunks that hold voxels of the box ``[lo, hi)`` (z, y, x), read if need be; none if it lies outside
+        the array."""
+        indices = self.chunks_of(lo, hi)
+        first = indices[0] if indices else (0, 0, 0)
+        count = tuple(b - a + 1 for a, b in zip(first, indices[-1], strict=True)) if indices else (0, 0, 0)
+        slots = np.full(count, -1, np.int32)
+        arrays: list[np.ndarray] = []
+        for index in indices:
+            data = self.chunk(index)
+            if data is not None:
+                slots[tuple(i - f for i, f in zip(index, first, strict=True))] = len(arrays)
+                arrays.append(data)
+        return ChunkTable(np.array(first, np.int64), slots, arrays, self.chunks)
+
     def chunks_of(self, lo: np.ndarray, hi: np.ndarray) -> list[ChunkIndex]:
         """The chunks that hold voxels of the box ``[lo, hi)`` (z, y, x), in C order (none if it lies outside)."""
         inner_lo = [max(int(a), 0) for a in lo]
@@ -181,12 +224,55 @@ class ChunkCache:
             return None
 
     def _read(self, index: ChunkIndex) -> np.ndarray | None:
+        region = tuple(
+            slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, self.chunks, self.shape, strict=True)
+        )
+        data = self._read_raw(index, region) if self._raw else self._decode(index, region)
+        task = getattr(self._counting, "stats", None)
+        with self._lock:
+            for stats in (self.stats,) if task is None else (self.stats, task):
+                stats.reads += 1
+                stats.distinct.add(index)
+                stats.nbytes_read += math.prod(r.stop - r.start for r in region) * data.itemsize
+        if not data.any():
+            return None
+        if data.shape == self.chunks:
+            return data
+        whole = np.zeros(self.chunks, data.dtype)
+        whole[tuple(slice(0, n) for n in data.shape)] = data
+        return whole
+
+    def _read_raw(self, index: ChunkIndex, region: tuple[slice, ...]) -> np.ndarray:
+        """Chunk ``index`` of an array whose chunk files hold its voxels as they are: read straight into the
+        array (zarr took 5.5 ms a chunk of 128³ uint16 from the page cache, on its own event loop's thread, where
+        ``cat`` takes 0.4 ms), the voxels beyond the array's edge set to 0."""
+        data = np.empty(self.chunks, self.array.dtype)
+        path = chunk_file(self.array, index)
+        try:
+            with open(path, "rb", buffering=0) as file:
+                size = os.fstat(file.fileno()).st_size
+                view, got = data.reshape(-1).view(np.uint8).data, 0
+                while size == data.nbytes and got < size and (count := file.readinto(view[got:])):
+                    got += count
+        except FileNotFoundError:
+            data[...] = 0  # never written: all fill value, which is 0 (a layout scroll_to_ome writes)
+            return data
+        if size != data.nbytes or got != size:
+            raise DamagedChunkError(
+                f"chunk file {path} of the volume is damaged ({size} bytes, not {data.nbytes}); "
+                "convert the volume again with scroll_to_ome"
+            )
+        for axis, part in enumerate(region):  # an edge chunk: what its writer left beyond the edge counts as 0
+            data[(slice(None),) * axis + (slice(part.stop - part.start, None),)] = 0
+        return data
+
+    def _decode(self, index: ChunkIndex, region: tuple[slice, ...]) -> np.ndarray:
+        """Chunk ``index`` read through zarr (any format, codec and sharding): the voxels in ``region``."""
         if self._framed is not None:
             _check_frame(self._framed, index)
         # not get_block_selection: in a sharded array its blocks are shards, not array.chunks
-        region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, self.chunks, strict=True))  # clipped at the end
         try:
-            data = np.ascontiguousarray(self.array[region])
+            return np.ascontiguousarray(self.array[region])
         except Exception as error:  # zarr and its codecs raise many kinds for a chunk they cannot decode
             if isinstance(error, ScrollzarrError | MemoryError):
                 raise  # a remote volume that could not be fetched says so itself
@@ -196,13 +282,25 @@ class ChunkCache:
             if damage is None:
                 raise
             raise damage from None
-        task = getattr(self._counting, "stats", None)
-        with self._lock:
-            for stats in (self.stats,) if task is None else (self.stats, task):
-                stats.reads += 1
-                stats.distinct.add(index)
-                stats.nbytes_read += data.nbytes
-        return data if data.any() else None
+
+
+def _raw(array: zarr.Array) -> bool:
+    """Whether ``array``'s chunk files hold its voxels as they are, whole chunks each: a local, unsharded array
+    without codecs but the plain bytes (little-endian, C order) and with a fill value of 0, as the published
+    scroll volumes are."""
+    if not isinstance(array.store, LocalStore) or array.shards is not None or array.compressors or array.filters:
+        return False
+    metadata: dict[str, Any] = array.metadata.to_dict()
+    if metadata.get("fill_value") not in (0, 0.0) or np.dtype(array.dtype).byteorder == ">":
+        return False
+    if metadata.get("zarr_format") == 2:
+        return metadata.get("order", "C") == "C" and not str(metadata.get("dtype", "")).startswith(">")
+    codecs = list(metadata.get("codecs", ()))
+    return (
+        len(codecs) == 1
+        and codecs[0].get("name") == "bytes"
+        and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+    )
 
 
 def _framed(array: zarr.Array) -> SinkSpec | None:

@@ -819,12 +819,19 @@ class _Sampler:
         self.shape = self.volume.shape
         self.dtype = self.volume.array.dtype
         self.offsets = layer_offsets(job.layers, job.spacing, job.direction)
-        self.kernel: Callable[..., None] = sample_layers
-        if job.compiled:  # the same samples, bit for bit
-            from scrollzarr.kernel import sample_layers as compiled
-
-            self.kernel = compiled
         self.cache = ChunkCache(self.volume.array, job.cache_bytes)
+        self.kernel: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None] = (
+            self._sample_box
+        )
+        if job.compiled:  # the same samples, bit for bit
+            from scrollzarr.kernel import sample_chunks
+
+            def sample_in_chunks(
+                lo: np.ndarray, hi: np.ndarray, p: np.ndarray, n: np.ndarray, offsets: np.ndarray, out: np.ndarray
+            ) -> None:
+                sample_chunks(self.cache.table(lo, hi), p, n, offsets, self.shape, out)
+
+            self.kernel = sample_in_chunks
 
     def tile(
         self,
@@ -893,10 +900,14 @@ class _Sampler:
     def _sample(self, p: np.ndarray, n: np.ndarray, out: np.ndarray) -> None:
         """Fill ``out`` (K, M) with the samples of pixels ``p``, ``n`` (3, M)."""
         for pixels, layers, lo, hi in self._boxes(p, n):
-            self.kernel(
-                self.cache.box(lo, hi), lo, p[:, pixels], n[:, pixels], self.offsets[layers], self.shape,
-                out[layers, pixels],
-            )  # fmt: skip
+            self.kernel(lo, hi, p[:, pixels], n[:, pixels], self.offsets[layers], out[layers, pixels])
+
+    def _sample_box(
+        self, lo: np.ndarray, hi: np.ndarray, p: np.ndarray, n: np.ndarray, offsets: np.ndarray, out: np.ndarray
+    ) -> None:
+        """The numpy kernel: samples of ``p``, ``n`` (3, M) at ``offsets`` (K,) into ``out`` (K, M), from the
+        box of voxels ``[lo, hi)`` copied out of the cached chunks."""
+        sample_layers(self.cache.box(lo, hi), lo, p, n, offsets, self.shape, out)
 
     def chunks(self, job: RenderJob, rows: tuple[int, int], columns: tuple[int, int]) -> list[ChunkIndex]:
         """The chunks of the volume that :meth:`tile` reads for the same pixels, in the order it reads them."""

@@ -1,12 +1,15 @@
-"""The compiled sampling kernel (scrollzarr.kernel) gives the numpy kernel's samples bit for bit, both agree
-with the independent trilinear reference, and a render takes the compiled one from COMPILED_SAMPLES on."""
+"""The compiled sampling kernel (scrollzarr.kernel), reading the voxels from chunks in place, gives the numpy
+kernel's samples bit for bit, both agree with the independent trilinear reference, and a render takes the
+compiled one from COMPILED_SAMPLES on."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import zarr
 
 from scrollzarr import kernel, layers, sampling
+from scrollzarr.chunkcache import ChunkCache, ChunkTable
 from scrollzarr.layers import LayerOptions
 from scrollzarr.ppm import write_ppm
 from scrollzarr.synthetic import sheet_surface, write_stack
@@ -24,28 +27,64 @@ def box_of(volume: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return box
 
 
+def chunk_table(volume: np.ndarray, chunk: tuple[int, int, int], lo: np.ndarray, hi: np.ndarray) -> ChunkTable:
+    """The chunks of ``volume`` (shape ``chunk`` each, padded with zeros at its edges) holding voxels of the box
+    ``[lo, hi)``; all-zero chunks left out (slot -1), as the chunk cache leaves them out."""
+    first = [max(int(a), 0) // c for a, c in zip(lo, chunk, strict=True)]
+    last = [(min(int(b), n) - 1) // c for b, n, c in zip(hi, volume.shape, chunk, strict=True)]
+    slots = np.full([b - a + 1 for a, b in zip(first, last, strict=True)], -1, np.int32)
+    arrays = []
+    for index in np.ndindex(*slots.shape):
+        start = [(i + f) * c for i, f, c in zip(index, first, chunk, strict=True)]
+        data = volume[tuple(slice(s, s + c) for s, c in zip(start, chunk, strict=True))]
+        if data.any():
+            padded = np.zeros(chunk, volume.dtype)
+            padded[tuple(slice(0, n) for n in data.shape)] = data
+            slots[index] = len(arrays)
+            arrays.append(padded)
+    return ChunkTable(np.array(first), slots, arrays, chunk)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 @pytest.mark.parametrize("halves", [False, True])
-def test_the_compiled_kernel_gives_the_numpy_kernels_samples_bit_for_bit(rng, dtype, halves):
+@pytest.mark.parametrize("chunk", [(8, 8, 8), (16, 4, 32), (5, 7, 6), (64, 64, 64)])
+def test_the_compiled_kernel_gives_the_numpy_kernels_samples_bit_for_bit(rng, dtype, halves, chunk):
     shape = (37, 41, 53)
     volume = rng.integers(0, np.iinfo(dtype).max, size=shape, endpoint=True).astype(dtype)
+    volume[:9, :10, :12] = 0  # whole chunks of zeros, left out of the table, at every chunk shape but the largest
+    volume[20:, 30:] = 0
     count = 5000
     positions = np.stack([rng.uniform(-6, n + 6, count) for n in shape])  # inside, at and beyond every face
-    if halves:  # exact halves and whole voxels: ties in the rounding, fractions of 0
+    if halves:  # exact halves and whole voxels: ties in the rounding, fractions of 0, cells on chunk faces
         positions = np.round(positions * 2) / 2
     normals = rng.normal(size=(3, count))
     normals /= np.linalg.norm(normals, axis=0)
     offsets = np.arange(13, dtype=np.float64) * 0.75 - 4.5
     lo, hi = sampling.sample_bounds(positions, normals, offsets, shape)
-    box = box_of(volume, lo, hi)
+    table = chunk_table(volume, chunk, lo, hi)
+    if chunk != (64, 64, 64):
+        assert (table.slots == -1).any()
     numpy_out = np.empty((13, count), dtype)
     compiled_out = np.empty((13, count), dtype)
-    sampling.sample_layers(box, lo, positions, normals, offsets, shape, numpy_out)
-    kernel.sample_layers(box, lo, positions, normals, offsets, shape, compiled_out)
+    sampling.sample_layers(box_of(volume, lo, hi), lo, positions, normals, offsets, shape, numpy_out)
+    kernel.sample_chunks(table, positions, normals, offsets, shape, compiled_out)
     np.testing.assert_array_equal(compiled_out, numpy_out)
     for k, t in enumerate(offsets):
         exact = trilinear(volume, positions + t * normals)
         assert np.abs(compiled_out[k] - exact).max() < 0.51  # rounded, after float32 arithmetic
+
+
+def test_the_compiled_kernel_refuses_chunks_it_cannot_read_in_place(rng):
+    volume = rng.integers(0, 255, size=(8, 8, 8)).astype(np.uint8)
+    table = chunk_table(volume, (8, 8, 8), np.zeros(3, np.int64), np.full(3, 8))
+    positions, normals, offsets = np.full((3, 1), 3.5), np.ones((3, 1)), np.zeros(1)
+    for bad in (
+        ChunkTable(table.origin, table.slots, [a.astype(np.uint16) for a in table.arrays], table.shape),
+        ChunkTable(table.origin, table.slots, [np.asfortranarray(a) for a in table.arrays], table.shape),
+        ChunkTable(table.origin, table.slots, [a[:4] for a in table.arrays], table.shape),
+    ):
+        with pytest.raises(ValueError, match="chunk of"):
+            kernel.sample_chunks(bad, positions, normals, offsets, volume.shape, np.empty((1, 1), np.uint8))
 
 
 def test_a_render_from_compiled_samples_on_takes_the_compiled_kernel_and_writes_the_same_files(tmp_path, monkeypatch):
@@ -54,22 +93,71 @@ def test_a_render_from_compiled_samples_on_takes_the_compiled_kernel_and_writes_
     assert_ok(scroll_to_ome(tmp_path / "tiffs", tmp_path / "s.zarr", "--chunk_size", 16, "--nlevels", 1, "--quiet"))
     write_ppm(tmp_path / "sheet.ppm", sheet_surface(shape, np.arange(shape[0], dtype=np.float64), 100))
     options = LayerOptions(layers=9, workers=2, quiet=True)
-    used: list[str] = []
-    made = layers._Sampler.__init__
+    calls = {"numpy": 0, "compiled": 0}
+    for name, module, function in (("numpy", layers, "sample_layers"), ("compiled", kernel, "sample_chunks")):
+        real = getattr(module, function)
 
-    def noting(self, job):
-        made(self, job)
-        used.append(self.kernel.__module__)
+        def counting(*args, name=name, real=real):
+            calls[name] += 1
+            return real(*args)
 
-    monkeypatch.setattr(layers._Sampler, "__init__", noting)
+        monkeypatch.setattr(module, function, counting)
     for name, threshold in (("numpy", 1 << 62), ("compiled", 0)):
         monkeypatch.setattr(layers, "COMPILED_SAMPLES", threshold)
+        before = dict(calls)
         layers.ppm_to_layers(
             tmp_path / "sheet.ppm", tmp_path / "s.zarr", tmp_path / name, tmp_path / f"{name}.tif", options
         )
-    assert used == ["scrollzarr.sampling", "scrollzarr.kernel"]
+        assert {key: calls[key] - before[key] for key in calls} == {
+            other: (calls[other] - before[other] if other == name else 0) for other in calls
+        }
+        assert calls[name] > before[name]
     files = sorted(path.name for path in (tmp_path / "numpy").glob("*.tif"))
     assert len(files) == 9
     for file in files:
         assert (tmp_path / "numpy" / file).read_bytes() == (tmp_path / "compiled" / file).read_bytes()
     assert (tmp_path / "numpy.tif").read_bytes() == (tmp_path / "compiled.tif").read_bytes()
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_raw_chunk_files_are_read_as_zarr_reads_them_and_what_lies_beyond_the_edge_counts_as_zero(
+    tmp_path, rng, zarr_format
+):
+    """Uncompressed chunk files are read straight from disk: an edge chunk's bytes beyond the array (which the
+    format leaves to its writer) must not reach a sample, and a missing file is all zero."""
+    shape, chunk = (20, 27, 35), (8, 8, 16)
+    volume = rng.integers(1, 65535, size=shape).astype(np.uint16)
+    volume[8:16, 8:16, 16:32] = 0  # a chunk never written
+    array = zarr.create_array(
+        tmp_path / "v.zarr", shape=shape, chunks=chunk, dtype="uint16", zarr_format=zarr_format,
+        compressors=None, fill_value=0, chunk_key_encoding={"name": "v2" if zarr_format == 2 else "default",
+        "separator": "/"},
+    )  # fmt: skip
+    array[...] = volume
+    files = [p for p in (tmp_path / "v.zarr").rglob("*") if p.is_file() and p.name[0].isdigit()]
+    assert len(files) == 3 * 4 * 3 - 1
+    edge = np.full(chunk, 0xFFFF, np.uint16)  # the last chunk on every axis, its voxels beyond the edge set
+    last = tuple((n - 1) // c for n, c in zip(shape, chunk, strict=True))
+    inside = tuple(slice(0, n - i * c) for n, i, c in zip(shape, last, chunk, strict=True))
+    edge[inside] = volume[tuple(slice(i * c, n) for n, i, c in zip(shape, last, chunk, strict=True))]
+    key = "/".join(map(str, last)) if zarr_format == 2 else "c/" + "/".join(map(str, last))
+    (tmp_path / "v.zarr" / key).write_bytes(edge.tobytes())
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "v.zarr", mode="r")[...], volume)  # zarr agrees
+
+    cache = ChunkCache(zarr.open_array(tmp_path / "v.zarr", mode="r"), 1 << 30)
+    count = 4000
+    positions = np.stack([rng.uniform(n - 3, n + 2, count) for n in shape])  # around the far faces
+    normals = rng.normal(size=(3, count))
+    normals /= np.linalg.norm(normals, axis=0)
+    offsets = np.linspace(-2, 2, 5)
+    lo, hi = sampling.sample_bounds(positions, normals, offsets, shape)
+    expected = np.empty((5, count), np.uint16)
+    sampling.sample_layers(box_of(volume, lo, hi), lo, positions, normals, offsets, shape, expected)
+    got = np.empty_like(expected)
+    kernel.sample_chunks(cache.table(lo, hi), positions, normals, offsets, shape, got)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(
+        cache.box(np.zeros(3, np.int64), np.array(shape) + 4),
+        box_of(volume, np.zeros(3, np.int64), np.array(shape) + 4),
+    )
+    assert cache.chunk((1, 1, 1)) is None
