@@ -161,3 +161,24 @@ def test_raw_chunk_files_are_read_as_zarr_reads_them_and_what_lies_beyond_the_ed
         box_of(volume, np.zeros(3, np.int64), np.array(shape) + 4),
     )
     assert cache.chunk((1, 1, 1)) is None
+
+
+def test_bands_cut_short_by_their_bytes_sample_wider_tiles_and_write_the_same_files(tmp_path, monkeypatch):
+    shape = (24, 64, 72)
+    write_stack(tmp_path / "tiffs", shape)
+    assert_ok(scroll_to_ome(tmp_path / "tiffs", tmp_path / "s.zarr", "--chunk_size", 16, "--nlevels", 1, "--quiet"))
+    write_ppm(tmp_path / "sheet.ppm", sheet_surface(shape, np.arange(shape[0], dtype=np.float64), 100))
+    options = LayerOptions(layers=9, workers=2, quiet=True, block_size=16)
+    monkeypatch.setattr(layers, "COMPILED_SAMPLES", 0)
+    layers.ppm_to_layers(tmp_path / "sheet.ppm", tmp_path / "s.zarr", tmp_path / "a", tmp_path / "a.tif", options)
+    monkeypatch.setattr(layers, "BAND_BYTES", 100 * 10 * 2 * 2)  # two rows of the 9 layers and the stack
+    widths: list[int] = []
+    real = layers.tile_columns
+    monkeypatch.setattr(layers, "tile_columns", lambda block, rows: widths.append(real(block, rows)) or widths[-1])
+    layers.ppm_to_layers(tmp_path / "sheet.ppm", tmp_path / "s.zarr", tmp_path / "b", tmp_path / "b.tif", options)
+    assert set(widths) == {128}  # 16 x 16 pixels in bands of 2 rows
+    files = sorted(path.name for path in (tmp_path / "a").glob("*.tif"))
+    assert len(files) == 9
+    for file in files:
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    assert (tmp_path / "a.tif").read_bytes() == (tmp_path / "b.tif").read_bytes()

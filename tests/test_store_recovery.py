@@ -285,16 +285,28 @@ def test_a_chunk_of_the_wrong_size_is_damage_to_convert_again(volume_and_surface
 
 
 def test_a_read_error_on_a_whole_chunk_is_not_called_damage(volume_and_surface, tmp_path):
-    """EIO reading a chunk file (injected in the child): the disk's error, not a damaged store."""
+    """EIO reading a chunk file (injected in the child, in zarr's reads and in the direct reads of raw chunk
+    files): the disk's error, not a damaged store."""
     store, ppm = volume_and_surface
     patch = (
-        "import errno, pathlib\n"
+        "import builtins, errno, io, pathlib\n"
+        "def chunk(path):\n"
+        f"    return str(path).startswith({str(store / '0')!r} + '/') and pathlib.Path(path).name.isdigit()\n"
         "original = pathlib.Path.read_bytes\n"
         "def failing(self):\n"
-        f"    if str(self).startswith({str(store / '0')!r} + '/') and self.name.isdigit():\n"
+        "    if chunk(self):\n"
         "        raise OSError(errno.EIO, 'Input/output error', str(self))\n"
         "    return original(self)\n"
         "pathlib.Path.read_bytes = failing\n"
+        "class Failing(io.FileIO):\n"
+        "    def readinto(self, buffer):\n"
+        "        raise OSError(errno.EIO, 'Input/output error', self.name)\n"
+        "opening = builtins.open\n"
+        "def failing_open(file, mode='r', *args, **kwargs):\n"
+        "    if isinstance(file, (str, pathlib.Path)) and chunk(file) and 'b' in mode:\n"
+        "        return Failing(file, 'rb')\n"
+        "    return opening(file, mode, *args, **kwargs)\n"
+        "builtins.open = failing_open\n"
     )
     argv = [str(ROOT / "ppm_to_layers.py"), str(ppm), str(store), str(tmp_path / "layers"), "--number_of_layers", "3"]
     code = f"import runpy, sys\n{patch}sys.argv = {argv!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
