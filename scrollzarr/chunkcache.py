@@ -1,13 +1,14 @@
 """A bounded, thread-safe cache of a zarr array's decoded chunks, and boxes of voxels cut from them.
 
 Chunks are read through the array (so any zarr format, codec and sharding
-works), each at most once while it stays cached (a chunk that cannot be read
-is reported by its file: its own, or its shard's), edge chunks padded with
-zeros to the whole chunk shape; all-zero chunks are remembered without their
-voxels.  The least recently used chunks leave first
-once the cached voxels exceed the bound.  A chunk is zarr's (inner) chunk,
-``array.chunks``, in a sharded array too: a shard can be far larger than the
-cache, and zarr reads one chunk of a shard without the rest.
+works; uncompressed chunk files on disk are read straight into memory), each
+at most once while it stays cached (a chunk that cannot be read is reported by
+its file: its own, or its shard's), edge chunks padded with zeros to the whole
+chunk shape; all-zero chunks are remembered without their voxels. The least
+recently used chunks leave first once the cached voxels exceed the bound. A
+chunk is zarr's (inner) chunk, ``array.chunks``, in a sharded array too: a
+shard can be far larger than the cache, and zarr reads one chunk of a shard
+without the rest.
 """
 
 from __future__ import annotations
@@ -257,9 +258,10 @@ class ChunkCache:
         except FileNotFoundError:
             data[...] = 0  # never written: all fill value, which is 0 (a layout scroll_to_ome writes)
             return data
-        if size != data.nbytes or got != size:
+        if size != data.nbytes or got != size:  # (a file cut short while it was read has ``got`` bytes)
             raise DamagedChunkError(
-                f"chunk file {path} of the volume is damaged ({size} bytes, not {data.nbytes}); "
+                f"chunk file {path} of the volume is damaged ({size if size != data.nbytes else got} bytes, not "
+                f"{data.nbytes}); "
                 "convert the volume again with scroll_to_ome"
             )
         for axis, part in enumerate(region):  # an edge chunk: what its writer left beyond the edge counts as 0

@@ -47,10 +47,19 @@ def sample_chunks(
     for array in chunks.arrays:  # the kernel reads them through their addresses: their layout must be right
         if array.dtype != out.dtype or array.shape != chunks.shape or not array.flags.c_contiguous:
             raise ValueError(f"chunk of {array.dtype} {array.shape}, not {out.dtype} {chunks.shape} C-contiguous")
+    slots = chunks.slots
+    if (
+        slots.dtype != np.int32
+        or slots.ndim != 3
+        or (slots.size and not -1 <= slots.min() <= slots.max() < len(chunks.arrays))
+    ):
+        raise ValueError(
+            f"chunk slots of {slots.dtype} {slots.shape} that do not number the {len(chunks.arrays)} chunks"
+        )
     addresses = np.array([array.ctypes.data for array in chunks.arrays] or [0], np.intp)
     (z0, y0, x0), (cz, cy, cx) = (int(i) for i in chunks.origin), chunks.shape
     _sample(
-        addresses, chunks.slots, z0, y0, x0, cz, cy, cx, _shift(cz), _shift(cy), _shift(cx),
+        addresses, slots, z0, y0, x0, cz, cy, cx, _shift(cz), _shift(cy), _shift(cx),
         np.ascontiguousarray(positions, np.float64), np.ascontiguousarray(normals, np.float64),
         np.ascontiguousarray(offsets, np.float64), shape[0], shape[1], shape[2], out,
     )  # fmt: skip

@@ -1,20 +1,22 @@
 """ppm_to_layers: a surface volume of layer TIFFs (and a stacked image) from a ``.ppm`` and a zarr volume.
 
 The surface is cut into *bands* of rows, and each band is a task
-(:class:`Band`): :func:`render_band` samples the band's tiles of
-``block_size`` columns on the task's threads (left to right, then right to
+(:class:`Band`): :func:`render_band` samples the band's tiles of about
+``block_size``² pixels on the task's threads (left to right, then right to
 left in the next band, so the chunks just read are the ones needed next) and
 writes its rows into the pre-laid-out TIFFs, byte ranges no other band
-touches.  The same function runs the bands one after the other on this
+touches. The same function runs the bands one after the other on this
 machine's threads, or on the workers of a Dask cluster (``--scheduler``),
 which write into the same files on a shared file system: the files are the
-same, byte for byte.  A process keeps one chunk cache for all the bands it
-renders of a run.  Memory holds the chunk cache, one band of output and one
-box of voxels per thread for each task running, whatever the size of the
-segment.  The bands on the disk are recorded as they finish, so that a render
-stopped half-way continues from them (``--resume``), and a render may be cut
-into parts of consecutive bands, rendered by separate runs and joined
-(``--num_parts``, :mod:`scrollzarr.layermerge`).
+same, byte for byte. A process keeps one chunk cache for all the bands it
+renders of a run. Memory holds the chunk cache, one band of output and, per
+thread of each task running, the chunks of the piece of a tile it samples (the
+cache may have let them go meanwhile) or, with the numpy kernel, a box of
+voxels copied from them, whatever the size of the segment. The bands on the
+disk are recorded as they finish, so that a render stopped half-way continues
+from them (``--resume``), and a render may be cut into parts of consecutive
+bands, rendered by separate runs and joined (``--num_parts``,
+:mod:`scrollzarr.layermerge`).
 """
 
 from __future__ import annotations
@@ -71,7 +73,10 @@ from scrollzarr.workers import Workers, available_cores
 log = logging.getLogger(__name__)
 
 BAND_BYTES = 64 * 2**20  # one band of rows of every output image
-MAX_BOX_VOXELS = 2**25  # voxels one worker cuts from the volume at a time
+MAX_BOX_VOXELS = 2**25  # voxels the numpy kernel's worker copies out of the chunks at a time
+# Bytes of the chunks the compiled kernel's worker holds at a time: the chunks of one piece of a tile stay in
+# memory while it samples them, even those the cache lets go meanwhile (as a box of voxels did before).
+MAX_TABLE_BYTES = 2**28
 DEFAULT_STACKED = 25
 MAX_CACHE_GB = 2**20  # 1 PiB: more memory than any machine has
 MAX_SPACING = 100_000  # voxels: wider than any scroll (scroll 1 is 14376 x 7888 x 8096)
@@ -845,6 +850,13 @@ class _Sampler:
                 sample_chunks(self.cache.table(lo, hi), p, n, offsets, self.shape, out)
 
             self.kernel = sample_in_chunks
+        self.too_big: Callable[[np.ndarray, np.ndarray], bool] = (
+            self._too_many_chunks if job.compiled else lambda lo, hi: bool(np.prod(hi - lo) > MAX_BOX_VOXELS)
+        )
+
+    def _too_many_chunks(self, lo: np.ndarray, hi: np.ndarray) -> bool:
+        """Whether the chunks of the box ``[lo, hi)`` hold more than :data:`MAX_TABLE_BYTES`."""
+        return len(self.cache.chunks_of(lo, hi)) * chunk_nbytes(self.volume.array) > MAX_TABLE_BYTES
 
     def tile(
         self,
@@ -896,12 +908,13 @@ class _Sampler:
 
     def _boxes(self, p: np.ndarray, n: np.ndarray) -> Iterator[tuple[slice, slice, np.ndarray, np.ndarray]]:
         """The pieces the kernel samples ``p``, ``n`` (3, M) in: pixels, layers and their box ``[lo, hi)`` of
-        voxels, halving the pixels (or the layers) while the box is too big."""
+        voxels, halving the pixels (or the layers) while the box is too big (:data:`MAX_BOX_VOXELS` for the
+        numpy kernel, which copies it; its chunks' :data:`MAX_TABLE_BYTES` for the compiled one)."""
         pieces = [(0, p.shape[1], 0, len(self.offsets))]
         while pieces:
             a, b, c, d = pieces.pop()
             lo, hi = sample_bounds(p[:, a:b], n[:, a:b], self.offsets[c:d], self.shape)
-            if np.prod(hi - lo) > MAX_BOX_VOXELS:
+            if self.too_big(lo, hi):
                 if b - a > 1:
                     pieces += [((a + b) // 2, b, c, d), (a, (a + b) // 2, c, d)]
                     continue

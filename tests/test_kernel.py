@@ -4,9 +4,11 @@ compiled one from COMPILED_SAMPLES on."""
 
 from __future__ import annotations
 
+import numcodecs
 import numpy as np
 import pytest
 import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec, TransposeCodec
 
 from scrollzarr import kernel, layers, sampling
 from scrollzarr.chunkcache import ChunkCache, ChunkTable
@@ -82,8 +84,10 @@ def test_the_compiled_kernel_refuses_chunks_it_cannot_read_in_place(rng):
         ChunkTable(table.origin, table.slots, [a.astype(np.uint16) for a in table.arrays], table.shape),
         ChunkTable(table.origin, table.slots, [np.asfortranarray(a) for a in table.arrays], table.shape),
         ChunkTable(table.origin, table.slots, [a[:4] for a in table.arrays], table.shape),
+        ChunkTable(table.origin, table.slots + 1, table.arrays, table.shape),
+        ChunkTable(table.origin, table.slots.astype(np.int64), table.arrays, table.shape),
     ):
-        with pytest.raises(ValueError, match="chunk of"):
+        with pytest.raises(ValueError, match="chunk"):
             kernel.sample_chunks(bad, positions, normals, offsets, volume.shape, np.empty((1, 1), np.uint8))
 
 
@@ -163,7 +167,7 @@ def test_raw_chunk_files_are_read_as_zarr_reads_them_and_what_lies_beyond_the_ed
     assert cache.chunk((1, 1, 1)) is None
 
 
-def test_bands_cut_short_by_their_bytes_sample_wider_tiles_and_write_the_same_files(tmp_path, monkeypatch):
+def test_bands_cut_short_by_their_bytes_and_pieces_of_one_chunk_write_the_same_files(tmp_path, monkeypatch):
     shape = (24, 64, 72)
     write_stack(tmp_path / "tiffs", shape)
     assert_ok(scroll_to_ome(tmp_path / "tiffs", tmp_path / "s.zarr", "--chunk_size", 16, "--nlevels", 1, "--quiet"))
@@ -172,6 +176,7 @@ def test_bands_cut_short_by_their_bytes_sample_wider_tiles_and_write_the_same_fi
     monkeypatch.setattr(layers, "COMPILED_SAMPLES", 0)
     layers.ppm_to_layers(tmp_path / "sheet.ppm", tmp_path / "s.zarr", tmp_path / "a", tmp_path / "a.tif", options)
     monkeypatch.setattr(layers, "BAND_BYTES", 100 * 10 * 2 * 2)  # two rows of the 9 layers and the stack
+    monkeypatch.setattr(layers, "MAX_TABLE_BYTES", 16**3 * 2)  # and the pieces of tiles one chunk each
     widths: list[int] = []
     real = layers.tile_columns
     monkeypatch.setattr(layers, "tile_columns", lambda block, rows: widths.append(real(block, rows)) or widths[-1])
@@ -182,3 +187,32 @@ def test_bands_cut_short_by_their_bytes_sample_wider_tiles_and_write_the_same_fi
     for file in files:
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
     assert (tmp_path / "a.tif").read_bytes() == (tmp_path / "b.tif").read_bytes()
+
+
+RAW_LAYOUTS = {  # zarr arrays without a compressor: whether their chunk files are the voxels as they are
+    "zarr2": (True, dict(zarr_format=2, dtype="<u2")),
+    "zarr3-uint8": (True, dict(zarr_format=3, dtype="uint8")),
+    "zarr3": (True, dict(zarr_format=3, dtype="uint16")),
+    "zarr2-big-endian": (False, dict(zarr_format=2, dtype=">u2")),
+    "zarr2-fortran": (False, dict(zarr_format=2, dtype="<u2", order="F")),
+    "zarr2-delta": (False, dict(zarr_format=2, dtype="<u2", filters=[numcodecs.Delta(dtype="<u2")])),
+    "zarr2-fill-5": (False, dict(zarr_format=2, dtype="<u2", fill_value=5)),
+    "zarr3-big-endian": (False, dict(zarr_format=3, dtype="uint16", serializer=BytesCodec(endian="big"))),
+    "zarr3-transposed": (False, dict(zarr_format=3, dtype="uint16", filters=[TransposeCodec(order=(2, 1, 0))])),
+    "zarr3-crc32c": (False, dict(zarr_format=3, dtype="uint16", compressors=[Crc32cCodec()])),
+    "zarr3-sharded": (False, dict(zarr_format=3, dtype="uint16", shards=(8, 8, 8))),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", RAW_LAYOUTS)
+def test_only_chunk_files_that_are_the_voxels_as_they_are_are_read_without_zarr(tmp_path, kind):
+    raw, layout = RAW_LAYOUTS[kind]
+    layout = {"compressors": None, "fill_value": 0, **layout}
+    shape = (10, 12, 14)
+    volume = (np.arange(np.prod(shape)).reshape(shape) % 250 + 1).astype(layout["dtype"])
+    volume[:4, :4, :4] = 0 if layout["fill_value"] == 0 else volume[:4, :4, :4]
+    zarr.create_array(tmp_path / "v.zarr", shape=shape, chunks=(4, 4, 4), **layout)[...] = volume
+    cache = ChunkCache(zarr.open_array(tmp_path / "v.zarr", mode="r"), 1 << 30)
+    assert cache._raw is raw
+    lo, hi = np.array([-2, -2, -2]), np.array(shape) + 3
+    np.testing.assert_array_equal(cache.box(lo, hi), box_of(volume.astype(cache.array.dtype), lo, hi))
