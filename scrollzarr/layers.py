@@ -1,8 +1,8 @@
 """ppm_to_layers: a surface volume of layer TIFFs (and a stacked image) from a ``.ppm`` and a zarr volume.
 
 The surface is cut into *bands* of rows, and each band is a task
-(:class:`Band`): :func:`render_band` samples the band's tiles of about
-``block_size``² pixels on the task's threads (left to right, then right to
+(:class:`Band`): :func:`render_band` samples the band's tiles of
+``block_size`` columns on the task's threads (left to right, then right to
 left in the next band, so the chunks just read are the ones needed next) and
 writes its rows into the pre-laid-out TIFFs, byte ranges no other band
 touches. The same function runs the bands one after the other on this
@@ -739,8 +739,7 @@ def render_band(job: RenderJob, band: Band) -> BandResult:
     """
     started = time.monotonic()
     sampler = _sampler(job)
-    (v0, v1), width = band.rows, job.surface.width
-    block = tile_columns(job.block_size, v1 - v0)
+    (v0, v1), width, block = band.rows, job.surface.width, job.block_size
     layers = np.zeros((job.layers, v1 - v0, width), sampler.dtype)
     stacked = np.zeros((v1 - v0, width), sampler.dtype) if job.stacked_image else None
     starts = list(range(0, width, block))
@@ -773,18 +772,6 @@ def render_band(job: RenderJob, band: Band) -> BandResult:
     mapped = sum(count for count, _ in counts)
     nonfinite = sum(count for _, count in counts)
     return BandResult(mapped, nonfinite, (v1 - v0) * width, stats, time.monotonic() - started)
-
-
-def tile_columns(block_size: int, rows: int) -> int:
-    """Columns of the tiles of a band of ``rows`` rows: ``block_size``, or more in a band cut short by
-    :data:`BAND_BYTES`, so that a tile keeps about ``block_size``² pixels.
-
-    A tile's own work in Python (reading its pixels, finding its chunks, copying its samples) holds the GIL
-    while the other threads wait.  A quarter of the benchmark's segment (bands of 31 rows), 2 workers: tiles of
-    31 x 528 pixels took 8.0 to 8.3 s against 8.8 to 8.9 s in tiles of 31 x 128, 5 % less CPU, and read 5 % more
-    chunks (a wider tile's box holds more that none of its samples touch).
-    """
-    return max(block_size, block_size * block_size // rows)
 
 
 def _write_band(job: RenderJob, first: int, images: list[np.ndarray]) -> None:
