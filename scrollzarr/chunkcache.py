@@ -259,11 +259,7 @@ class ChunkCache:
             data[...] = 0  # never written: all fill value, which is 0 (a layout scroll_to_ome writes)
             return data
         if size != data.nbytes or got != size:  # (a file cut short while it was read has ``got`` bytes)
-            raise DamagedChunkError(
-                f"chunk file {path} of the volume is damaged ({size if size != data.nbytes else got} bytes, not "
-                f"{data.nbytes}); "
-                "convert the volume again with scroll_to_ome"
-            )
+            raise _damaged_file(path, f"{size if size != data.nbytes else got} bytes, not {data.nbytes}")
         for axis, part in enumerate(region):  # an edge chunk: what its writer left beyond the edge counts as 0
             data[(slice(None),) * axis + (slice(part.stop - part.start, None),)] = 0
         return data
@@ -296,7 +292,7 @@ def _raw(array: zarr.Array) -> bool:
     if metadata.get("fill_value") not in (0, 0.0) or np.dtype(array.dtype).byteorder == ">":
         return False
     if metadata.get("zarr_format") == 2:
-        return metadata.get("order", "C") == "C" and not str(metadata.get("dtype", "")).startswith(">")
+        return metadata.get("order", "C") == "C"
     codecs = list(metadata.get("codecs", ()))
     return (
         len(codecs) == 1
@@ -328,9 +324,14 @@ def _check_frame(spec: SinkSpec, index: ChunkIndex) -> None:
     path = spec.directory / spec.layout.chunk_key(index)
     problem = damage(path, spec) if path.is_file() else None
     if problem is not None:
-        raise DamagedChunkError(
-            f"chunk file {path} of the volume is damaged ({problem}); convert the volume again with scroll_to_ome"
-        )
+        raise _damaged_file(path, problem)
+
+
+def _damaged_file(path: Path, problem: str) -> DamagedChunkError:
+    """The error for chunk file ``path`` of a volume on disk, damaged as ``problem`` says."""
+    return DamagedChunkError(
+        f"chunk file {path} of the volume is damaged ({problem}); convert the volume again with scroll_to_ome"
+    )
 
 
 def _damage(array: zarr.Array, index: ChunkIndex, error: Exception) -> DamagedChunkError | None:
@@ -360,4 +361,4 @@ def _damage(array: zarr.Array, index: ChunkIndex, error: Exception) -> DamagedCh
     size, whole = path.stat().st_size, chunk_nbytes(array)
     if size == whole:
         return None
-    return DamagedChunkError(f"chunk file {path} of the volume is damaged ({size} bytes, not {whole}); {advice}")
+    return _damaged_file(path, f"{size} bytes, not {whole}")
