@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,12 @@ import pytest
 import tifffile
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# A shell starts a background job (``make test &``, ``nohup … &``) with SIGINT ignored, and a disposition to
+# ignore is inherited: the scripts the tests start would then not see the Ctrl-C those tests send them. A
+# handler is reset to the default in a child, so restoring Python's own gives each script its own again.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def write_stack(directory: Path, volume: np.ndarray, first: int = 0, digits: int = 5, **imwrite) -> list[Path]:
