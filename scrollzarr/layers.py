@@ -32,6 +32,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -442,6 +443,15 @@ def ppm_to_layers(
     return report
 
 
+def _save_record(
+    files: list[LayerTiff], record: renderprogress.RenderProgress, done: dict[int, tuple[int, int]]
+) -> None:
+    """Flush ``files`` and save ``record`` listing the bands ``done``, which are written."""
+    for file in files:
+        file.sync()
+    record.save(done)
+
+
 def _keep_for_resume(files: list[LayerTiff], progress_record: renderprogress.RenderProgress) -> None:
     """Keep a stopped render's partial files, and the bands on the disk, for ``--resume``."""
     for file in files:
@@ -537,7 +547,14 @@ def _render(
         report.nonfinite += nonfinite
     report.cache = stats = CacheStats()
     seconds = []
-    with progress(ppm.width * sum(band.rows[1] - band.rows[0] for band in every), "px", "rendering", quiet) as bar:
+    flushing: Future[None] | None = None
+    # The record is saved on a thread of its own: the flushes before it waited for the disk while no band was
+    # sampled (0.9 s of a quarter of the benchmark's 11 s, one worker).  It lists the bands written before the
+    # flush began; the thread is done before the caller closes the files or saves the record itself.
+    with (
+        ThreadPoolExecutor(1, "scrollzarr-flush") as flusher,
+        progress(ppm.width * sum(band.rows[1] - band.rows[0] for band in every), "px", "rendering", quiet) as bar,
+    ):
         bar.update(sum(band.rows[1] - band.rows[0] for band in every if band.number in record.done) * ppm.width)
         for band, result in executor.run(render_band, job, bands):
             report.mapped += result.mapped
@@ -548,10 +565,12 @@ def _render(
             seconds.append(result.seconds)
             bar.update(result.pixels)
             record.done[band.number] = (result.mapped, result.nonfinite)
-            if record.due():
-                for file in files:
-                    file.sync()
-                record.save()
+            if record.due() and (flushing is None or flushing.done()):
+                if flushing is not None:
+                    flushing.result()  # raises what stopped it
+                flushing = flusher.submit(_save_record, files, record, dict(record.done))
+    if flushing is not None:
+        flushing.result()
     if seconds:
         log.log(
             logging.INFO if job.remote else logging.DEBUG,
@@ -758,6 +777,7 @@ def render_band(job: RenderJob, band: Band) -> BandResult:
             None if stacked is None else stacked[:, u0 : u0 + block],
         )  # fmt: skip
 
+    images = [*layers] if stacked is None else [*layers, stacked]
     try:
         with Workers(job.threads) as pool:
             try:
@@ -765,32 +785,36 @@ def render_band(job: RenderJob, band: Band) -> BandResult:
             except KeyboardInterrupt:
                 stop_fetching()  # the tiles still running give up the requests they wait to retry
                 raise
+            # the images on the pool too: one thread copying 64 MiB into the page cache left the other core idle
+            pool.run(
+                [
+                    partial(_write_rows, job, target, v0 - job.first_row, rows)
+                    for target, rows in zip(job.images, images, strict=True)
+                ]
+            )
     finally:
         if prefetch is not None:
             prefetch.stop()
-    _write_band(job, v0 - job.first_row, [*layers] if stacked is None else [*layers, stacked])
     mapped = sum(count for count, _ in counts)
     nonfinite = sum(count for _, count in counts)
     return BandResult(mapped, nonfinite, (v1 - v0) * width, stats, time.monotonic() - started)
 
 
-def _write_band(job: RenderJob, first: int, images: list[np.ndarray]) -> None:
-    """Write rows ``first …`` of every image: ``images`` (each shape (rows, width)) in the order of ``job.images``."""
-    for target, rows in zip(job.images, images, strict=True):
-        fd = os.open(target.path, os.O_WRONLY)
-        try:
-            # Checked after the file is open: the lock's mark then proves the file is this run's (the next render of
-            # it marks the lock before it makes its files; a finished or failed one removes the lock file).
-            if job.remote and (target.lock is None or holder(target.lock) != job.run):
-                raise StaleRender(
-                    f"{target.path} is no longer written by the render this band belongs to (it stopped); "
-                    "nothing written"
-                )
-            target.write(fd, first, rows)
-            if job.remote:  # the client's flush of its own descriptor covers this machine's writes only
-                os.fdatasync(fd)
-        finally:
-            os.close(fd)
+def _write_rows(job: RenderJob, target: ImageRows, first: int, rows: np.ndarray) -> None:
+    """Write ``rows`` (shape (rows, width)) as rows ``first …`` of the image ``target`` of ``job``."""
+    fd = os.open(target.path, os.O_WRONLY)
+    try:
+        # Checked after the file is open: the lock's mark then proves the file is this run's (the next render of
+        # it marks the lock before it makes its files; a finished or failed one removes the lock file).
+        if job.remote and (target.lock is None or holder(target.lock) != job.run):
+            raise StaleRender(
+                f"{target.path} is no longer written by the render this band belongs to (it stopped); nothing written"
+            )
+        target.write(fd, first, rows)
+        if job.remote:  # the client's flush of its own descriptor covers this machine's writes only
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 _samplers: weakref.WeakKeyDictionary[RenderJob, _Sampler] = weakref.WeakKeyDictionary()

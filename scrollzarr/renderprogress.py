@@ -65,13 +65,15 @@ class RenderProgress:
     name: str = NAME
     saved: float = field(default=0.0, compare=False)
 
-    def save(self) -> None:
-        """Write the record durably (the caller has flushed the rows of every band in ``done``)."""
+    def save(self, done: dict[int, tuple[int, int]] | None = None) -> None:
+        """Write the record durably, listing the bands ``done`` (by default :attr:`done`; the caller has flushed
+        the rows of every band listed)."""
+        listed = self.done if done is None else done
         content = {
             "written_by": "ppm_to_layers",
             "fingerprint": self.fingerprint,
             "overwrite": self.overwrite,
-            "done": {str(number): list(counts) for number, counts in sorted(self.done.items())},
+            "done": {str(number): list(counts) for number, counts in sorted(listed.items())},
         }
         write_durably(self.directory / self.name, json.dumps(content, indent=1).encode())
         self.saved = time.monotonic()
