@@ -60,6 +60,7 @@ from scrollzarr.sampling import (
     DIRECTIONS,
     STACK_FILTERS,
     layer_offsets,
+    mapped_pixels,
     sample_bounds,
     sample_layers,
     stack,
@@ -861,6 +862,11 @@ class _Sampler:
                 sample_chunks(self.cache.table(lo, hi), p, n, offsets, self.shape, out)
 
             self.kernel = sample_in_chunks
+        self.pixels: Callable[..., tuple[np.ndarray, int, np.ndarray, np.ndarray]] = mapped_pixels
+        if job.compiled:
+            from scrollzarr import kernel
+
+            self.pixels = kernel.mapped_pixels
         self.too_big: Callable[[np.ndarray, np.ndarray], bool] = (
             self._too_many_chunks if job.compiled else lambda lo, hi: bool(np.prod(hi - lo) > MAX_BOX_VOXELS)
         )
@@ -910,12 +916,7 @@ class _Sampler:
         """The pixels ``[v0:v1, u0:u1]`` that are mapped (a mask), how many have non-finite coordinates, and the
         mapped pixels' positions and normals in array voxels, each shape (3, M)."""
         positions, normals = job.surface.rows(*rows, *columns)
-        if job.flip_normals:
-            normals = -normals
-        finite = np.isfinite(positions).all(axis=-1) & np.isfinite(normals).all(axis=-1)
-        mapped = finite & (normals != 0).any(axis=-1)
-        p, n = self.volume.to_index(np.ascontiguousarray(positions[mapped].T), np.ascontiguousarray(normals[mapped].T))
-        return mapped, int((~finite).sum()), p, n
+        return self.pixels(positions, normals, job.flip_normals, self.volume.translation, self.volume.scale)
 
     def _boxes(self, p: np.ndarray, n: np.ndarray) -> Iterator[tuple[slice, slice, np.ndarray, np.ndarray]]:
         """The pieces the kernel samples ``p``, ``n`` (3, M) in: pixels, layers and their box ``[lo, hi)`` of

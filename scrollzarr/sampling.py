@@ -79,6 +79,42 @@ def stack(layers: np.ndarray, chosen: range, how: str) -> np.ndarray:
     return np.rint(combined).astype(layers.dtype)
 
 
+def mapped_pixels(
+    positions: np.ndarray, normals: np.ndarray, flip: bool, translation: np.ndarray, scale: np.ndarray
+) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """The pixels of a block of the surface that are sampled, and where, in array voxels.
+
+    Parameters
+    ----------
+    positions, normals : ndarray, shape (rows, columns, 3), float64
+        (z, y, x) positions and normals of the block's pixels, in full-resolution voxels.
+    flip : bool
+        Turn the normals round.
+    translation, scale : ndarray, shape (3,), float64
+        The volume level's (:class:`scrollzarr.volume.Volume`): voxel = (position - translation) / scale.
+
+    Returns
+    -------
+    mapped : ndarray, shape (rows, columns), bool
+        Pixels with finite coordinates and a non-zero normal.
+    nonfinite : int
+        Pixels with a non-finite coordinate.
+    p, n : ndarray, shape (3, M), float64
+        The mapped pixels' positions and normals in array voxels, in C order of the pixels.
+    """
+    if flip:
+        normals = -normals
+    finite = np.isfinite(positions).all(axis=-1) & np.isfinite(normals).all(axis=-1)
+    mapped = finite & (normals != 0).any(axis=-1)
+    p = (positions[mapped].T - translation[:, None]) / scale[:, None]
+    return (
+        mapped,
+        int((~finite).sum()),
+        np.ascontiguousarray(p),
+        np.ascontiguousarray(normals[mapped].T / scale[:, None]),
+    )
+
+
 def sample_bounds(
     positions: np.ndarray, normals: np.ndarray, offsets: np.ndarray, shape: tuple[int, int, int]
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -76,11 +76,6 @@ class Volume:
     def shape(self) -> Shape3:
         return shape3(self.array.shape)
 
-    def to_index(self, positions: np.ndarray, normals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Full-resolution scroll positions and normals, shape (3, M), as positions and steps in array voxels."""
-        scale = self.scale[:, None]
-        return (positions - self.translation[:, None]) / scale, normals / scale
-
 
 def open_volume(path: Path | str, level: int = 0, cache: CacheSettings = NO_CACHE) -> Volume:
     """Open ``path`` (a zarr array, or an OME-Zarr group whose level ``level`` is used): a directory, or the URL of

@@ -91,6 +91,25 @@ def test_the_compiled_kernel_refuses_chunks_it_cannot_read_in_place(rng):
             kernel.sample_chunks(bad, positions, normals, offsets, volume.shape, np.empty((1, 1), np.uint8))
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_compiled_pixel_selection_gives_the_numpy_ones_bit_for_bit(rng, flip):
+    block = rng.uniform(-500, 3000, (31, 40, 6))  # as a .ppm's rows: x, y, z, nx, ny, nz
+    block[..., 3:] = rng.normal(size=(31, 40, 3))
+    block[rng.random((31, 40)) < 0.1, 3:] = 0  # unmapped: no normal
+    block[3, 4, 0], block[5, 6, 4], block[7, 8, 2], block[9, 10, 5] = np.nan, np.inf, -np.inf, np.nan
+    block[11, 12, 3:] = [0.0, -0.0, 0.0]
+    positions, normals = block[..., 2::-1], block[..., :2:-1]  # z, y, x views, as Ppm.rows gives them
+    translation, scale = np.array([10.5, -3.0, 7.25]), np.array([2.0, 2.0, 4.0])
+    want = sampling.mapped_pixels(positions, normals, flip, translation, scale)
+    got = kernel.mapped_pixels(positions, normals, flip, translation, scale)
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[1] == want[1] == 4
+    for array, expected in zip(got[2:], want[2:], strict=True):
+        assert array.flags.c_contiguous and array.shape == expected.shape == (3, int(want[0].sum()))
+        assert array.tobytes() == expected.tobytes()
+    assert not want[0][11, 12] and not want[0][3, 4]
+
+
 def test_a_render_from_compiled_samples_on_takes_the_compiled_kernel_and_writes_the_same_files(tmp_path, monkeypatch):
     shape = (24, 64, 72)
     write_stack(tmp_path / "tiffs", shape)
