@@ -87,7 +87,8 @@ MAX_BLOCK_SIZE = 2**16  # pixels: a band is at most BAND_BYTES anyway, a wider t
 # loop, the .ppm and chunk files being read), and each worker may have a chunk file and the .ppm open at once.
 OTHER_FILES = 16
 # Samples from which a render loads the compiled kernel: loading it costs about 0.55 s a process, which the
-# kernel repays from about 29 M samples (the numpy kernel 39 M samples/s on two threads, the compiled one 150);
+# kernel repays from about 33 M samples (the numpy kernel 39 M samples/s on two threads, the compiled one 114 on
+# the benchmark's render);
 # a quick look at a small segment keeps today's start-up (0.45 s for a whole run).
 COMPILED_SAMPLES = 1 << 25
 FILES_PER_WORKER = 2
