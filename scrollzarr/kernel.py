@@ -33,6 +33,7 @@ def sample_chunks(
     offsets: np.ndarray,
     shape: tuple[int, int, int],
     out: np.ndarray,
+    pixels: np.ndarray | None = None,
 ) -> None:
     """:func:`scrollzarr.sampling.sample_layers`, compiled, reading the voxels from ``chunks`` instead of a box.
 
@@ -41,8 +42,12 @@ def sample_chunks(
     chunks : ChunkTable
         The chunks holding every voxel the samples touch (:meth:`ChunkCache.table` of their
         :func:`~scrollzarr.sampling.sample_bounds`); chunks not in it count as 0.
-    positions, normals, offsets, shape, out
-        As :func:`scrollzarr.sampling.sample_layers`; ``out`` has the chunks' dtype.
+    positions, normals, offsets, shape
+        As :func:`scrollzarr.sampling.sample_layers`.
+    out : ndarray, shape (K, M), or (K, rows, columns) with ``pixels``
+        Where the samples go, of the chunks' dtype: with ``pixels``, sample ``(k, m)`` goes to
+        ``out[k, pixels[0, m], pixels[1, m]]`` (the layers of a band of the images, written in place).
+    pixels : ndarray, shape (2, M), int64, optional
     """
     for array in chunks.arrays:  # the kernel reads them through their addresses: their layout must be right
         if array.dtype != out.dtype or array.shape != chunks.shape or not array.flags.c_contiguous:
@@ -56,12 +61,15 @@ def sample_chunks(
         raise ValueError(
             f"chunk slots of {slots.dtype} {slots.shape} that do not number the {len(chunks.arrays)} chunks"
         )
+    if pixels is None:
+        out = out[:, None, :]
+        pixels = np.stack([np.zeros(out.shape[2], np.int64), np.arange(out.shape[2])])
     addresses = np.array([array.ctypes.data for array in chunks.arrays] or [0], np.intp)
     (z0, y0, x0), (cz, cy, cx) = (int(i) for i in chunks.origin), chunks.shape
     _sample(
         addresses, slots, z0, y0, x0, cz, cy, cx, _shift(cz), _shift(cy), _shift(cx),
         np.ascontiguousarray(positions, np.float64), np.ascontiguousarray(normals, np.float64),
-        np.ascontiguousarray(offsets, np.float64), shape[0], shape[1], shape[2], out,
+        np.ascontiguousarray(offsets, np.float64), shape[0], shape[1], shape[2], out, pixels,
     )  # fmt: skip
     # chunks.arrays is alive until here, so every address stayed valid while the kernel read it
 
@@ -115,6 +123,7 @@ def _sample(
     height: int,
     width: int,
     out: np.ndarray,
+    pixels: np.ndarray,
 ) -> None:  # pragma: no cover (compiled; run through sample_chunks)
     """The kernel of :func:`sample_chunks`: ``addresses`` of the chunks' voxels, ``slots`` (nz, ny, nx) the
     number of each chunk from ``(z0, y0, x0)`` on (-1: all zero), ``(cz, cy, cx)`` the chunk shape and
@@ -136,7 +145,9 @@ def _sample(
     """
     count = offsets.shape[0]
     if not addresses[0] or not slots.size:  # no chunk holds data: every sample is 0
-        out[...] = 0
+        for m in range(positions.shape[1]):
+            for k in range(count):
+                out[k, pixels[0, m], pixels[1, m]] = 0
         return
     row, plane = cx, cy * cx
     tz, ty, tx = slots.shape
@@ -198,8 +209,9 @@ def _sample(
                 np.float32(voxels[k, 6]), np.float32(voxels[k, 7]),
                 fractions[0, k], fractions[1, k], fractions[2, k],
             )  # fmt: skip
+        r, c = pixels[0, m], pixels[1, m]
         for k in range(count):
-            out[k, m] = values[k]
+            out[k, r, c] = values[k]
 
 
 @numba.njit(nogil=True, cache=True, inline="always")

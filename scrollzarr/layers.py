@@ -851,16 +851,20 @@ class _Sampler:
         self.dtype = self.volume.array.dtype
         self.offsets = layer_offsets(job.layers, job.spacing, job.direction)
         self.cache = ChunkCache(self.volume.array, job.cache_bytes)
-        self.kernel: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None] = (
-            self._sample_box
-        )
+        self.kernel: Callable[..., None] = self._sample_box
         if job.compiled:  # the same samples, bit for bit
             from scrollzarr.kernel import sample_chunks
 
             def sample_in_chunks(
-                lo: np.ndarray, hi: np.ndarray, p: np.ndarray, n: np.ndarray, offsets: np.ndarray, out: np.ndarray
+                lo: np.ndarray,
+                hi: np.ndarray,
+                p: np.ndarray,
+                n: np.ndarray,
+                offsets: np.ndarray,
+                out: np.ndarray,
+                where: np.ndarray,
             ) -> None:
-                sample_chunks(self.cache.table(lo, hi), p, n, offsets, self.shape, out)
+                sample_chunks(self.cache.table(lo, hi), p, n, offsets, self.shape, out, where)
 
             self.kernel = sample_in_chunks
         self.pixels: Callable[..., tuple[np.ndarray, int, np.ndarray, np.ndarray]] = mapped_pixels
@@ -895,20 +899,10 @@ class _Sampler:
         mapped, nonfinite, p, n = self._pixels(job, rows, columns)
         count = p.shape[1]
         if count:
-            samples = np.empty((job.layers, count), self.dtype)
             with self.cache.counting(stats):
-                self._sample(p, n, samples)
-            whole = count == mapped.size  # every pixel mapped: plain copies instead of masked scatters
-            if whole:
-                layers[...] = samples.reshape(layers.shape)
-            else:
-                layers[:, mapped] = samples
-            if stacked is not None:
-                combined = stack(samples, job.stacked, job.stack_filter)
-                if whole:
-                    stacked[...] = combined.reshape(stacked.shape)
-                else:
-                    stacked[mapped] = combined
+                self._sample(p, n, layers, np.stack(np.nonzero(mapped)))
+            if stacked is not None:  # (an unmapped pixel's layers are 0, and so is its stacked value)
+                stacked[...] = stack(layers, job.stacked, job.stack_filter)
         return count, nonfinite
 
     def _pixels(
@@ -936,17 +930,27 @@ class _Sampler:
                     continue
             yield slice(a, b), slice(c, d), lo, hi
 
-    def _sample(self, p: np.ndarray, n: np.ndarray, out: np.ndarray) -> None:
-        """Fill ``out`` (K, M) with the samples of pixels ``p``, ``n`` (3, M)."""
-        for pixels, layers, lo, hi in self._boxes(p, n):
-            self.kernel(lo, hi, p[:, pixels], n[:, pixels], self.offsets[layers], out[layers, pixels])
+    def _sample(self, p: np.ndarray, n: np.ndarray, layers: np.ndarray, where: np.ndarray) -> None:
+        """Sample pixels ``p``, ``n`` (3, M) into ``layers`` (K, rows, columns) at ``where`` (2, M): their rows and
+        columns."""
+        for pixels, chosen, lo, hi in self._boxes(p, n):
+            self.kernel(lo, hi, p[:, pixels], n[:, pixels], self.offsets[chosen], layers[chosen], where[:, pixels])
 
     def _sample_box(
-        self, lo: np.ndarray, hi: np.ndarray, p: np.ndarray, n: np.ndarray, offsets: np.ndarray, out: np.ndarray
+        self,
+        lo: np.ndarray,
+        hi: np.ndarray,
+        p: np.ndarray,
+        n: np.ndarray,
+        offsets: np.ndarray,
+        layers: np.ndarray,
+        where: np.ndarray,
     ) -> None:
-        """The numpy kernel: samples of ``p``, ``n`` (3, M) at ``offsets`` (K,) into ``out`` (K, M), from the
-        box of voxels ``[lo, hi)`` copied out of the cached chunks."""
-        sample_layers(self.cache.box(lo, hi), lo, p, n, offsets, self.shape, out)
+        """The numpy kernel: samples of ``p``, ``n`` (3, M) at ``offsets`` (K,) into ``layers`` (K, rows,
+        columns) at ``where`` (2, M), from the box of voxels ``[lo, hi)`` copied out of the cached chunks."""
+        samples = np.empty((len(offsets), p.shape[1]), layers.dtype)
+        sample_layers(self.cache.box(lo, hi), lo, p, n, offsets, self.shape, samples)
+        layers[:, where[0], where[1]] = samples
 
     def chunks(self, job: RenderJob, rows: tuple[int, int], columns: tuple[int, int]) -> list[ChunkIndex]:
         """The chunks of the volume that :meth:`tile` reads for the same pixels, in the order it reads them."""

@@ -114,8 +114,12 @@ def test_a_render_from_compiled_samples_on_takes_the_compiled_kernel_and_writes_
     shape = (24, 64, 72)
     write_stack(tmp_path / "tiffs", shape)
     assert_ok(scroll_to_ome(tmp_path / "tiffs", tmp_path / "s.zarr", "--chunk_size", 16, "--nlevels", 1, "--quiet"))
-    write_ppm(tmp_path / "sheet.ppm", sheet_surface(shape, np.arange(shape[0], dtype=np.float64), 100))
-    options = LayerOptions(layers=9, workers=2, quiet=True)
+    surface = sheet_surface(shape, np.arange(shape[0], dtype=np.float64), 100)
+    surface[3:6, 10:40, 3:] = 0  # unmapped pixels among mapped ones: their layers and stacked value stay 0
+    surface[8, 50:55, 0] = np.nan
+    assert (surface[..., 3:] != 0).any(axis=-1).mean() > 0.5
+    write_ppm(tmp_path / "sheet.ppm", surface)
+    options = LayerOptions(layers=9, workers=2, quiet=True, stack_filter="mean")
     calls = {"numpy": 0, "compiled": 0}
     for name, module, function in (("numpy", layers, "sample_layers"), ("compiled", kernel, "sample_chunks")):
         real = getattr(module, function)
