@@ -23,7 +23,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from scrollzarr.chunkcache import ChunkTable
-from scrollzarr.sampling import OUTSIDE
+from scrollzarr.sampling import OUTSIDE, largest_sample
 
 
 def sample_chunks(
@@ -70,6 +70,7 @@ def sample_chunks(
         addresses, slots, z0, y0, x0, cz, cy, cx, _shift(cz), _shift(cy), _shift(cx),
         np.ascontiguousarray(positions, np.float64), np.ascontiguousarray(normals, np.float64),
         np.ascontiguousarray(offsets, np.float64), shape[0], shape[1], shape[2], out, pixels,
+        largest_sample(out.dtype),
     )  # fmt: skip
     # chunks.arrays is alive until here, so every address stayed valid while the kernel read it
 
@@ -124,10 +125,12 @@ def _sample(
     width: int,
     out: np.ndarray,
     pixels: np.ndarray,
+    largest: np.float32,
 ) -> None:  # pragma: no cover (compiled; run through sample_chunks)
     """The kernel of :func:`sample_chunks`: ``addresses`` of the chunks' voxels, ``slots`` (nz, ny, nx) the
     number of each chunk from ``(z0, y0, x0)`` on (-1: all zero), ``(cz, cy, cx)`` the chunk shape and
-    ``(sz, sy, sx)`` its log2 (-1 where not a power of two).
+    ``(sz, sy, sx)`` its log2 (-1 where not a power of two); the samples go to ``out`` at ``pixels``, cut to
+    ``largest`` (:func:`~scrollzarr.sampling.largest_sample`).
 
     Pixel by pixel (its layers lie side by side in the volume), in three passes over its K samples:
 
@@ -202,13 +205,14 @@ def _sample(
                     voxels[j, 7] = chunk[index + plane + row + 1]
             k = end
         for k in range(count):
-            values[k] = _interpolate(
+            value = _interpolate(
                 np.float32(voxels[k, 0]), np.float32(voxels[k, 1]),
                 np.float32(voxels[k, 2]), np.float32(voxels[k, 3]),
                 np.float32(voxels[k, 4]), np.float32(voxels[k, 5]),
                 np.float32(voxels[k, 6]), np.float32(voxels[k, 7]),
                 fractions[0, k], fractions[1, k], fractions[2, k],
             )  # fmt: skip
+            values[k] = min(value, largest)
         r, c = pixels[0, m], pixels[1, m]
         for k in range(count):
             out[k, r, c] = values[k]

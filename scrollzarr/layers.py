@@ -70,7 +70,7 @@ from scrollzarr.sizes import GIB, format_bytes
 from scrollzarr.store import ZARR_METADATA, chunk_nbytes
 from scrollzarr.tifxyz import COORDINATES, MASK, META, Tifxyz, is_tifxyz, open_tifxyz
 from scrollzarr.volume import NO_CACHE, Volume, open_volume
-from scrollzarr.workers import Workers, available_cores
+from scrollzarr.workers import Workers, available_cores, wait_out
 
 log = logging.getLogger(__name__)
 
@@ -553,24 +553,27 @@ def _render(
     # The record is saved on a thread of its own: the flushes before it waited for the disk while no band was
     # sampled (0.9 s of a quarter of the benchmark's 11 s, one worker).  It lists the bands written before the
     # flush began; the thread is done before the caller closes the files or saves the record itself.
-    with (
-        ThreadPoolExecutor(1, "scrollzarr-flush") as flusher,
-        progress(ppm.width * sum(band.rows[1] - band.rows[0] for band in every), "px", "rendering", quiet) as bar,
-    ):
-        bar.update(sum(band.rows[1] - band.rows[0] for band in every if band.number in record.done) * ppm.width)
-        for band, result in executor.run(render_band, job, bands):
-            report.mapped += result.mapped
-            report.nonfinite += result.nonfinite
-            stats.reads += result.cache.reads
-            stats.distinct |= result.cache.distinct
-            stats.nbytes_read += result.cache.nbytes_read
-            seconds.append(result.seconds)
-            bar.update(result.pixels)
-            record.done[band.number] = (result.mapped, result.nonfinite)
-            if record.due() and (flushing is None or flushing.done()):
-                if flushing is not None:
-                    flushing.result()  # raises what stopped it
-                flushing = flusher.submit(_save_record, files, record, dict(record.done))
+    flusher = ThreadPoolExecutor(1, "scrollzarr-flush")
+    try:
+        with progress(ppm.width * sum(band.rows[1] - band.rows[0] for band in every), "px", "rendering", quiet) as bar:
+            bar.update(sum(band.rows[1] - band.rows[0] for band in every if band.number in record.done) * ppm.width)
+            for band, result in executor.run(render_band, job, bands):
+                report.mapped += result.mapped
+                report.nonfinite += result.nonfinite
+                stats.reads += result.cache.reads
+                stats.distinct |= result.cache.distinct
+                stats.nbytes_read += result.cache.nbytes_read
+                seconds.append(result.seconds)
+                bar.update(result.pixels)
+                record.done[band.number] = (result.mapped, result.nonfinite)
+                if record.due() and (flushing is None or flushing.done()):
+                    if flushing is not None:
+                        flushing.result()  # raises what stopped it
+                    flushing = flusher.submit(_save_record, files, record, dict(record.done))
+    finally:
+        if flushing is not None:
+            wait_out(flushing)
+        flusher.shutdown(wait=False)  # (its one thread has nothing left to do)
     if flushing is not None:
         flushing.result()
     if seconds:

@@ -171,8 +171,10 @@ def sample_layers(
     out : ndarray, shape (K, M), unsigned integer
         Receives the samples rounded to nearest (half to even).  Trilinear
         interpolation is a convex combination of voxels, so the values stay
-        within the dtype's range.
+        within the dtype's range, but for float32 rounding: a sample of uint32
+        voxels near 2^32 is cut to :func:`largest_sample`.
     """
+    largest = largest_sample(out.dtype)
     flat = box.reshape(-1)
     strides = (box.shape[1] * box.shape[2], box.shape[2], 1)
     count = positions.shape[1]
@@ -201,7 +203,15 @@ def sample_layers(
         c11 = _lerp(v[6], v[7], fx)
         result = _lerp(_lerp(c00, c01, fy), _lerp(c10, c11, fy), fz)
         np.rint(result, out=result)
+        np.minimum(result, largest, out=result)
         out[first : first + group] = result
+
+
+def largest_sample(dtype: np.dtype) -> np.float32:
+    """The largest float32 that ``dtype`` (unsigned) holds: its maximum, or for 32 and 64 bits, whose maximum
+    float32 rounds up past it (2^32 - 1 to 2^32, which would wrap to 0), the float32 below."""
+    top = np.float32(np.iinfo(dtype).max)
+    return top if int(top) <= np.iinfo(dtype).max else np.nextafter(top, np.float32(0))
 
 
 def _lerp(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -74,6 +74,20 @@ def _exit_without(main: int) -> None:
                 break
             time.sleep(1)
     os._exit(1)
+
+
+def wait_out(future: Future[Any]) -> None:
+    """Wait until ``future`` is done, even through Ctrl-C or SIGTERM (the first is raised again once it is): the
+    thread it runs on must not outlive its caller's clean-up (Python 3.11 counts a thread whose join was
+    interrupted as stopped, and no later join waits for it)."""
+    interrupted: KeyboardInterrupt | None = None
+    while not future.done():
+        try:
+            wait([future])
+        except KeyboardInterrupt as error:
+            interrupted = interrupted or error
+    if interrupted is not None:
+        raise interrupted
 
 
 class Workers:

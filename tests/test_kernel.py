@@ -76,6 +76,30 @@ def test_the_compiled_kernel_gives_the_numpy_kernels_samples_bit_for_bit(rng, dt
         assert np.abs(compiled_out[k] - exact).max() < 0.51  # rounded, after float32 arithmetic
 
 
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+def test_samples_of_the_widest_voxels_are_cut_to_the_largest_float32_the_dtype_holds(rng, dtype):
+    # The float32 arithmetic of the definition rounds 2^32 - 1 up to 2^32, which wrapped to 0: the brightest
+    # voxels rendered black (numpy) or white (compiled).
+    top = np.iinfo(dtype).max
+    largest = {np.uint32: 2**32 - 2**8, np.uint64: 2**64 - 2**40}[dtype]  # the float32s below 2^32 and 2^64
+    shape = (8, 9, 10)
+    volume = np.full(shape, top, dtype)
+    volume[:, :, 5:] = 7
+    count = 300
+    positions = np.stack([rng.uniform(1, n - 2, count) for n in shape])
+    normals = np.tile([[1.0], [0.0], [0.0]], count)
+    offsets = np.array([-0.5, 0.0, 0.5])
+    lo, hi = sampling.sample_bounds(positions, normals, offsets, shape)
+    numpy_out = np.empty((3, count), dtype)
+    compiled_out = np.empty((3, count), dtype)
+    sampling.sample_layers(box_of(volume, lo, hi), lo, positions, normals, offsets, shape, numpy_out)
+    kernel.sample_chunks(chunk_table(volume, (4, 4, 4), lo, hi), positions, normals, offsets, shape, compiled_out)
+    np.testing.assert_array_equal(compiled_out, numpy_out)
+    bright = positions[2] < 4  # every voxel of the cell is the dtype's maximum
+    assert bright.any() and (numpy_out[:, bright] == largest).all()
+    assert numpy_out.min() >= 7
+
+
 def test_the_compiled_kernel_refuses_chunks_it_cannot_read_in_place(rng):
     volume = rng.integers(0, 255, size=(8, 8, 8)).astype(np.uint8)
     table = chunk_table(volume, (8, 8, 8), np.zeros(3, np.int64), np.full(3, 8))

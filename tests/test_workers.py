@@ -8,11 +8,13 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from scrollzarr.workers import Workers
+from scrollzarr.workers import Workers, wait_out
 
 from conftest import ROOT, write_stack
 
@@ -73,3 +75,25 @@ def test_worker_processes_end_when_the_main_process_is_killed(tmp_path):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left running after the main process was killed: {left}"
+
+
+def test_a_wait_out_goes_on_through_two_ctrl_c_and_raises_the_first_once_the_work_is_done():
+    interrupted, finished = threading.Event(), threading.Event()
+
+    def work() -> None:  # the work outlasts both signals
+        interrupted.wait(30)
+        time.sleep(0.1)
+        finished.set()
+
+    def interrupt_twice() -> None:
+        for _ in range(2):
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
+        interrupted.set()
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(work)
+        threading.Thread(target=interrupt_twice).start()
+        with pytest.raises(KeyboardInterrupt):
+            wait_out(future)
+        assert finished.is_set() and future.done()
