@@ -855,8 +855,9 @@ class _Sampler:
         self.offsets = layer_offsets(job.layers, job.spacing, job.direction)
         self.cache = ChunkCache(self.volume.array, job.cache_bytes)
         self.kernel: Callable[..., None] = self._sample_box
-        if job.compiled:  # the same samples, bit for bit
-            from scrollzarr.kernel import sample_chunks
+        self.pixels: Callable[..., tuple[np.ndarray, int, np.ndarray, np.ndarray]] = mapped_pixels
+        if job.compiled:  # the same samples and pixels, bit for bit
+            from scrollzarr import kernel
 
             def sample_in_chunks(
                 lo: np.ndarray,
@@ -867,13 +868,9 @@ class _Sampler:
                 out: np.ndarray,
                 where: np.ndarray,
             ) -> None:
-                sample_chunks(self.cache.table(lo, hi), p, n, offsets, self.shape, out, where)
+                kernel.sample_chunks(self.cache.table(lo, hi), p, n, offsets, self.shape, out, where)
 
             self.kernel = sample_in_chunks
-        self.pixels: Callable[..., tuple[np.ndarray, int, np.ndarray, np.ndarray]] = mapped_pixels
-        if job.compiled:
-            from scrollzarr import kernel
-
             self.pixels = kernel.mapped_pixels
         self.too_big: Callable[[np.ndarray, np.ndarray], bool] = (
             self._too_many_chunks if job.compiled else lambda lo, hi: bool(np.prod(hi - lo) > MAX_BOX_VOXELS)
