@@ -64,6 +64,14 @@ def sample_chunks(
     if pixels is None:
         out = out[:, None, :]
         pixels = np.stack([np.zeros(out.shape[2], np.int64), np.arange(out.shape[2])])
+    count = positions.shape[1]
+    if (
+        out.ndim != 3
+        or out.shape[0] != len(offsets)
+        or pixels.shape != (2, count)
+        or (count and not (pixels.min() >= 0 and pixels[0].max() < out.shape[1] and pixels[1].max() < out.shape[2]))
+    ):  # the kernel writes where they say, unchecked
+        raise ValueError(f"{count} pixels of {len(offsets)} layers do not fit in an output of shape {out.shape}")
     addresses = np.array([array.ctypes.data for array in chunks.arrays] or [0], np.intp)
     (z0, y0, x0), (cz, cy, cx) = (int(i) for i in chunks.origin), chunks.shape
     _sample(

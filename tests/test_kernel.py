@@ -29,6 +29,14 @@ def box_of(volume: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return box
 
 
+def sampling_of(volume: np.ndarray, positions: np.ndarray, normals: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The numpy kernel's samples (K, M) of ``volume``."""
+    lo, hi = sampling.sample_bounds(positions, normals, offsets, volume.shape)
+    out = np.empty((len(offsets), positions.shape[1]), volume.dtype)
+    sampling.sample_layers(box_of(volume, lo, hi), lo, positions, normals, offsets, volume.shape, out)
+    return out
+
+
 def chunk_table(volume: np.ndarray, chunk: tuple[int, int, int], lo: np.ndarray, hi: np.ndarray) -> ChunkTable:
     """The chunks of ``volume`` (shape ``chunk`` each, padded with zeros at its edges) holding voxels of the box
     ``[lo, hi)``; all-zero chunks left out (slot -1), as the chunk cache leaves them out."""
@@ -113,6 +121,20 @@ def test_the_compiled_kernel_refuses_chunks_it_cannot_read_in_place(rng):
     ):
         with pytest.raises(ValueError, match="chunk"):
             kernel.sample_chunks(bad, positions, normals, offsets, volume.shape, np.empty((1, 1), np.uint8))
+    band = np.zeros((1, 2, 3), np.uint8)  # outputs it would write beyond: refused, nothing written
+    for out, pixels in (
+        (np.empty((2, 1), np.uint8), None),
+        (np.empty((1, 0), np.uint8), None),
+        (band, np.array([[2], [0]])),
+        (band, np.array([[0], [3]])),
+        (band, np.array([[0], [-1]])),
+        (band, np.array([[0, 1], [0, 1]])),
+    ):
+        with pytest.raises(ValueError, match="do not fit in an output"):
+            kernel.sample_chunks(table, positions, normals, offsets, volume.shape, out, pixels)
+    assert not band.any()
+    kernel.sample_chunks(table, positions, normals, offsets, volume.shape, band, np.array([[1], [2]]))
+    assert band[0, 1, 2] == sampling_of(volume, positions, normals, offsets)[0, 0] and band.sum() == band[0, 1, 2]
 
 
 @pytest.mark.parametrize("flip", [False, True])
