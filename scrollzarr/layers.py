@@ -456,10 +456,9 @@ def _save_record(
 
 def _keep_for_resume(files: list[LayerTiff], progress_record: renderprogress.RenderProgress) -> None:
     """Keep a stopped render's partial files, and the bands on the disk, for ``--resume``."""
+    _save_record(files, progress_record, progress_record.done)
     for file in files:
-        file.sync()
         file.close()
-    progress_record.save()
 
 
 def fingerprint_of(
