@@ -18,6 +18,7 @@ import select
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from types import TracebackType
@@ -90,6 +91,49 @@ def wait_out(future: Future[Any]) -> None:
         raise interrupted
 
 
+class _UrgentFirst:
+    """Tasks that a worker thread takes before any task submitted the usual way, even one submitted earlier.
+
+    ThreadPoolExecutor runs its tasks in the order they came.  An urgent task
+    waits here; every task of the pool first runs the urgent ones waiting
+    (:meth:`drain`), and each urgent task also puts a drain of its own in the
+    pool's queue, so that it runs even when no other task follows.
+    """
+
+    def __init__(self, executor: ThreadPoolExecutor) -> None:
+        self.executor = executor
+        self.waiting: deque[tuple[Future[Any], Callable[..., Any], tuple[object, ...]]] = deque()
+
+    def submit(self, fn: Callable[..., T], args: tuple[object, ...]) -> Future[T]:
+        future: Future[T] = Future()
+        self.waiting.append((future, fn, args))
+        self.executor.submit(self.drain)
+        return future
+
+    def after(self, fn: Callable[..., T], *args: object) -> T:
+        """Run the urgent tasks waiting, then ``fn(*args)``."""
+        self.drain()
+        return fn(*args)
+
+    def drain(self) -> None:
+        while True:
+            try:
+                future, fn, args = self.waiting.popleft()  # deque.popleft is atomic: each task is taken once
+            except IndexError:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:  # handed back through the future, as the pool does
+                future.set_exception(error)
+
+    def cancel(self) -> None:
+        """Cancel the urgent tasks not started (the pool is shut down: their drains will not run)."""
+        while self.waiting:
+            self.waiting.popleft()[0].cancel()
+
+
 class Workers:
     """``count`` workers for :meth:`submit` and :meth:`run`; use as a context manager.
 
@@ -111,6 +155,7 @@ class Workers:
         self.count = count
         self._executor: Executor
         self._writers: Executor | None = None
+        self._urgent: _UrgentFirst | None = None
         if writers and count > 1:
             self._writers = ThreadPoolExecutor(count, "scrollzarr-write")
         if count == 1:
@@ -125,9 +170,19 @@ class Workers:
             )
         else:
             self._executor = ThreadPoolExecutor(count, "scrollzarr")
+            self._urgent = _UrgentFirst(self._executor)
 
     def submit(self, fn: Callable[..., T], /, *args: object) -> Future[T]:
         """Start ``fn(*args)`` on a worker (at once, in this thread, with one worker)."""
+        if self._urgent is not None:
+            return self._executor.submit(self._urgent.after, fn, *args)
+        return self._executor.submit(fn, *args)
+
+    def submit_urgent(self, fn: Callable[..., T], /, *args: object) -> Future[T]:
+        """Start ``fn(*args)`` on the first worker thread free, before the tasks of :meth:`submit` waiting (as
+        :meth:`submit` with one worker or with processes)."""
+        if self._urgent is not None:
+            return self._urgent.submit(fn, args)
         return self._executor.submit(fn, *args)
 
     def submit_write(self, fn: Callable[..., T], /, *args: object) -> Future[T]:
@@ -140,7 +195,7 @@ class Workers:
         The first exception raised by a task is raised here, after the other
         tasks have finished, so that no task is left writing.
         """
-        futures = [self._executor.submit(task) for task in tasks]
+        futures = [self.submit(task) for task in tasks]
         wait(futures)
         return [future.result() for future in futures]
 
@@ -151,5 +206,7 @@ class Workers:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._urgent is not None:
+            self._urgent.cancel()
         if self._writers is not None:
             self._writers.shutdown(wait=True, cancel_futures=True)

@@ -35,6 +35,46 @@ def test_writer_threads_are_their_own():
     assert name.startswith("scrollzarr-write")
 
 
+def test_an_urgent_task_runs_before_the_tasks_waiting_for_a_worker():
+    """Chunks to encode for a waiting writer go before the reading queued ahead of them (streaming)."""
+    started, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def blocker() -> None:
+        started.set()
+        release.wait(10)
+
+    with Workers(2) as workers:
+        busy = [workers.submit(blocker) for _ in range(2)]  # both workers taken
+        assert started.wait(10)
+        queued = [workers.submit(order.append, f"usual {i}") for i in range(3)]
+        urgent = workers.submit_urgent(order.append, "urgent")
+        release.set()
+        for future in [*busy, *queued, urgent]:
+            future.result(10)
+    assert order[0] == "urgent" and sorted(order[1:]) == ["usual 0", "usual 1", "usual 2"]
+
+
+def test_an_urgent_task_runs_with_no_other_task_and_hands_back_its_error():
+    with Workers(2) as workers:
+        assert workers.submit_urgent(threading.current_thread).result(10).name.startswith("scrollzarr_")
+        failing = workers.submit_urgent(int, "not a number")
+        with pytest.raises(ValueError, match="not a number"):
+            failing.result(10)
+
+
+def test_urgent_tasks_not_started_are_cancelled_when_the_workers_stop():
+    release = threading.Event()
+    workers = Workers(2)
+    with workers:
+        for _ in range(2):
+            workers.submit(release.wait, 10)
+        waiting = workers.submit_urgent(int, "1")
+        threading.Timer(0.2, release.set).start()
+    assert waiting.done()  # run by a freed worker, or cancelled: never left pending for a waiter to hang on
+    assert waiting.cancelled() or waiting.result() == 1
+
+
 def test_one_worker_runs_writes_at_once_in_the_calling_thread():
     with Workers(1, writers=True) as workers:
         assert workers.submit_write(threading.current_thread).result() is threading.current_thread()
