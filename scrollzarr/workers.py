@@ -107,7 +107,11 @@ class _UrgentFirst:
     def submit(self, fn: Callable[..., T], args: tuple[object, ...]) -> Future[T]:
         future: Future[T] = Future()
         self.waiting.append((future, fn, args))
-        self.executor.submit(self.drain)
+        try:
+            self.executor.submit(self.drain)
+        except BaseException:  # the pool is shut down: no drain of a worker still running may take it
+            future.cancel()
+            raise
         return future
 
     def after(self, fn: Callable[..., T], *args: object) -> T:
@@ -127,6 +131,9 @@ class _UrgentFirst:
                 future.set_result(fn(*args))
             except BaseException as error:  # handed back through the future, as the pool does
                 future.set_exception(error)
+            # a failed task's traceback holds this frame: without this, the future, its error and the task's
+            # arguments (a chunk buffer) stayed alive in a cycle until the garbage collector ran
+            del future, fn, args
 
     def cancel(self) -> None:
         """Cancel the urgent tasks not started (the pool is shut down: their drains will not run)."""
@@ -135,7 +142,7 @@ class _UrgentFirst:
 
 
 class Workers:
-    """``count`` workers for :meth:`submit` and :meth:`run`; use as a context manager.
+    """``count`` workers for :meth:`submit`, :meth:`submit_urgent` and :meth:`run`; use as a context manager.
 
     Parameters
     ----------
@@ -187,7 +194,9 @@ class Workers:
 
     def submit_write(self, fn: Callable[..., T], /, *args: object) -> Future[T]:
         """Start ``fn(*args)`` on a writer thread (or as :meth:`submit` does, without writers)."""
-        return (self._writers or self._executor).submit(fn, *args)
+        if self._writers is None:
+            return self.submit(fn, *args)
+        return self._writers.submit(fn, *args)
 
     def run(self, tasks: Iterable[Callable[[], T]]) -> list[T]:
         """Run every task, wait for all of them, and return their results in order.
@@ -205,8 +214,13 @@ class Workers:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        if self._urgent is not None:
-            self._urgent.cancel()
-        if self._writers is not None:
-            self._writers.shutdown(wait=True, cancel_futures=True)
+        try:
+            # no urgent task is left for a waiter to hang on, even if a second Ctrl-C or SIGTERM cuts the join short:
+            # once the pool is shut down, no drain is queued for them
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._urgent is not None:
+                self._urgent.cancel()
+            self._executor.shutdown(wait=True)
+        finally:
+            if self._writers is not None:
+                self._writers.shutdown(wait=True, cancel_futures=True)

@@ -37,22 +37,26 @@ def test_writer_threads_are_their_own():
 
 def test_an_urgent_task_runs_before_the_tasks_waiting_for_a_worker():
     """Chunks to encode for a waiting writer go before the reading queued ahead of them (streaming)."""
-    started, release = threading.Event(), threading.Event()
+    started = [threading.Event(), threading.Event()]
+    release = [threading.Event(), threading.Event()]
     order: list[str] = []
 
-    def blocker() -> None:
-        started.set()
-        release.wait(10)
+    def blocker(number: int) -> None:
+        started[number].set()
+        release[number].wait(10)
 
     with Workers(2) as workers:
-        busy = [workers.submit(blocker) for _ in range(2)]  # both workers taken
-        assert started.wait(10)
+        busy = [workers.submit(blocker, number) for number in range(2)]  # both workers taken
+        assert all(event.wait(10) for event in started)
         queued = [workers.submit(order.append, f"usual {i}") for i in range(3)]
         urgent = workers.submit_urgent(order.append, "urgent")
-        release.set()
-        for future in [*busy, *queued, urgent]:
+        release[0].set()  # one worker free: it runs what waits, in turn
+        for future in [*queued, urgent]:
             future.result(10)
-    assert order[0] == "urgent" and sorted(order[1:]) == ["usual 0", "usual 1", "usual 2"]
+        release[1].set()
+        for future in busy:
+            future.result(10)
+    assert order == ["urgent", "usual 0", "usual 1", "usual 2"]
 
 
 def test_an_urgent_task_runs_with_no_other_task_and_hands_back_its_error():
@@ -64,15 +68,23 @@ def test_an_urgent_task_runs_with_no_other_task_and_hands_back_its_error():
 
 
 def test_urgent_tasks_not_started_are_cancelled_when_the_workers_stop():
+    """A writer waiting for a chunk it asked for is never left waiting for ever once the workers stop."""
+    started = [threading.Event(), threading.Event()]
     release = threading.Event()
-    workers = Workers(2)
-    with workers:
-        for _ in range(2):
-            workers.submit(release.wait, 10)
-        waiting = workers.submit_urgent(int, "1")
-        threading.Timer(0.2, release.set).start()
-    assert waiting.done()  # run by a freed worker, or cancelled: never left pending for a waiter to hang on
-    assert waiting.cancelled() or waiting.result() == 1
+
+    def blocker(number: int) -> None:
+        started[number].set()
+        release.wait(10)
+
+    with Workers(2) as workers:
+        for number in range(2):
+            workers.submit(blocker, number)
+        assert all(event.wait(10) for event in started)
+        waiting = workers.submit_urgent(int, "1")  # no worker free: it waits
+        timer = threading.Timer(0.2, release.set)
+        timer.start()
+    timer.join()
+    assert waiting.cancelled()
 
 
 def test_one_worker_runs_writes_at_once_in_the_calling_thread():
