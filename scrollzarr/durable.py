@@ -11,13 +11,29 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
+import mmap
 import os
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+
+# Direct I/O (O_DIRECT) moves whole blocks of this size, from page-aligned memory, at block-aligned offsets.
+DIRECT_IO_BLOCK = 4096
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+
 _LIBC_NAME = ctypes.util.find_library("c")
 _LIBC = ctypes.CDLL(_LIBC_NAME, use_errno=True) if _LIBC_NAME else None
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array whose buffer starts on a memory page (as direct I/O needs)."""
+    dtype = np.dtype(dtype)
+    count = math.prod(shape)
+    block = mmap.mmap(-1, max(count * dtype.itemsize, 1))
+    return np.frombuffer(block, dtype, count=count).reshape(shape)
 
 
 def fsync_path(path: Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import replace
@@ -187,19 +186,14 @@ def _copy_rows(source: Path, target: LayerTiff, first: int, row_bytes: int) -> N
         page = tiff.pages[0]
         offset, height = int(page.dataoffsets[0]), page.shape[0]
     rows = max(1, BAND_BYTES // row_bytes)
-    image = ImageRows(target.path, target.offset, row_bytes)
-    fd = os.open(target.path, os.O_WRONLY)
-    try:
-        with open(source, "rb") as file:
-            for v0 in range(0, height, rows):
-                count = min(rows, height - v0)
-                file.seek(offset + v0 * row_bytes)
-                data = file.read(count * row_bytes)
-                if len(data) != count * row_bytes:
-                    raise ScrollzarrError(f"{source} is cut short; render its part again")
-                image.write(fd, first + v0, np.frombuffer(data, np.uint8).reshape(count, row_bytes))
-    finally:
-        os.close(fd)
+    with ImageRows(target.path, target.offset, row_bytes).open() as image, open(source, "rb") as file:
+        for v0 in range(0, height, rows):
+            count = min(rows, height - v0)
+            file.seek(offset + v0 * row_bytes)
+            data = file.read(count * row_bytes)
+            if len(data) != count * row_bytes:
+                raise ScrollzarrError(f"{source} is cut short; render its part again")
+            image.write(first + v0, np.frombuffer(data, np.uint8).reshape(count, row_bytes))
 
 
 def _remove_parts(output_dir: Path, parts: list[RenderPart], sources: list[list[Path]]) -> int:

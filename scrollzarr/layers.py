@@ -806,19 +806,16 @@ def render_band(job: RenderJob, band: Band) -> BandResult:
 
 def _write_rows(job: RenderJob, target: ImageRows, first: int, rows: np.ndarray) -> None:
     """Write ``rows`` (shape (rows, width)) as rows ``first …`` of the image ``target`` of ``job``."""
-    fd = os.open(target.path, os.O_WRONLY)
-    try:
+    with target.open() as file:
         # Checked after the file is open: the lock's mark then proves the file is this run's (the next render of
         # it marks the lock before it makes its files; a finished or failed one removes the lock file).
         if job.remote and (target.lock is None or holder(target.lock) != job.run):
             raise StaleRender(
                 f"{target.path} is no longer written by the render this band belongs to (it stopped); nothing written"
             )
-        target.write(fd, first, rows)
+        file.write(first, rows)
         if job.remote:  # the client's flush of its own descriptor covers this machine's writes only
-            os.fdatasync(fd)
-    finally:
-        os.close(fd)
+            os.fdatasync(file.fd)
 
 
 _samplers: weakref.WeakKeyDictionary[RenderJob, _Sampler] = weakref.WeakKeyDictionary()

@@ -31,7 +31,6 @@ import gzip
 import io
 import logging
 import math
-import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -47,7 +46,7 @@ import numpy as np
 from numcodecs.abc import Codec
 
 from scrollzarr.blocks import Box, Shape3
-from scrollzarr.durable import temporary_path
+from scrollzarr.durable import DIRECT_IO_BLOCK, O_DIRECT, aligned_empty, temporary_path
 from scrollzarr.layout import StoreLayout
 from scrollzarr.storage import ObjectStore
 
@@ -55,8 +54,6 @@ log = logging.getLogger(__name__)
 
 # Direct I/O (``O_DIRECT``) needs buffers, sizes and offsets in whole blocks of the device; 4096 bytes
 # covers the block sizes of today's disks.
-DIRECT_IO_BLOCK = 4096
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
 # An inner chunk missing from a shard: offset and length both 2^64 - 1 (zarr v3 sharding_indexed).
 MISSING = np.uint64(2**64 - 1)
 
@@ -117,14 +114,6 @@ def open_sink(spec: SinkSpec) -> LevelSink:
     return RawChunkSink(spec)
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array whose buffer starts on a memory page (as direct I/O needs)."""
-    dtype = np.dtype(dtype)
-    count = math.prod(shape)
-    block = mmap.mmap(-1, max(count * dtype.itemsize, 1))
-    return np.frombuffer(block, dtype, count=count).reshape(shape)
-
-
 def write_file(path: Path | ObjectStore, data: np.ndarray | bytes | memoryview, direct: bool = False) -> None:
     """Write ``data``'s bytes to ``path`` atomically: a temporary ``*.partial`` file, then a rename (in a bucket:
     one object, put whole).
@@ -171,7 +160,7 @@ class _Partial:
         without it if the file system refuses it."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
-            return os.open(self.temporary, flags | (_O_DIRECT if self.direct else 0), 0o666)
+            return os.open(self.temporary, flags | (O_DIRECT if self.direct else 0), 0o666)
         except OSError as error:
             if not (self.direct and self.fallback and error.errno == errno.EINVAL):
                 raise
@@ -481,7 +470,7 @@ class _Sink:
         self.unit: Shape3 = spec.layout.unit
         self.chunks: Shape3 = (spec.layout.chunk,) * 3
         self.dtype = np.dtype(spec.dtype).newbyteorder("<")
-        self._direct = bool(_O_DIRECT) and isinstance(spec.directory, Path)  # not to a bucket
+        self._direct = bool(O_DIRECT) and isinstance(spec.directory, Path)  # not to a bucket
 
     def _refused(self, file: _UnitFile) -> None:
         """Note that ``file``'s file system refused direct I/O (it was written through the page cache)."""

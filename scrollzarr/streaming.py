@@ -25,7 +25,8 @@ import numpy as np
 
 from scrollzarr import downsample as ds
 from scrollzarr.blocks import Shape3
-from scrollzarr.sinks import LevelSink, PooledSink, UnitAssembly, aligned_empty, pooled
+from scrollzarr.durable import aligned_empty
+from scrollzarr.sinks import LevelSink, PooledSink, UnitAssembly, pooled
 from scrollzarr.workers import Workers
 
 # Halving works on stripes of rows of about this many input bytes at a time, which keeps

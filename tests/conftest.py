@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -123,3 +124,22 @@ def small_tmpfs(tmp_path):
         pytest.skip(f"{reason} (mounting needs root; running as uid {os.geteuid()})")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def direct_io_allowed(directory: Path) -> bool:
+    """Whether the file system of ``directory`` accepts an O_DIRECT write, tried here independently."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = directory / "probe"
+    try:
+        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    try:
+        os.write(descriptor, mmap.mmap(-1, 4096))  # a page-aligned block
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+        probe.unlink()

@@ -4,7 +4,6 @@ and in both cases exactly the chunk files zarr reads back."""
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 from pathlib import Path
 
@@ -16,30 +15,13 @@ from scrollzarr import sinks as sinks_module
 from scrollzarr.layout import StoreLayout
 from scrollzarr.sinks import SinkSpec, open_sink
 
+from conftest import direct_io_allowed
+
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 def is_direct(flags: int) -> bool:
     return bool(O_DIRECT and flags & O_DIRECT)
-
-
-def direct_io_allowed(directory: Path) -> bool:
-    """Whether the file system of ``directory`` accepts an O_DIRECT write, tried here independently."""
-    if not O_DIRECT:
-        return False
-    probe = directory / "probe"
-    try:
-        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | O_DIRECT, 0o644)
-    except OSError:
-        return False
-    try:
-        os.write(descriptor, mmap.mmap(-1, 4096))  # a page-aligned block
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(descriptor)
-        probe.unlink()
 
 
 class OpenSpy:
