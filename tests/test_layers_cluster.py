@@ -253,10 +253,11 @@ def test_a_dask_scheduler_and_two_workers_render_the_local_files_byte_for_byte(s
 
 def test_a_worker_killed_mid_render_loses_nothing(scroll, tmp_path):
     """Two workers; one is killed (its process group, SIGKILL) while bands are running: Dask runs its band again
-    on the other, and the files are the local render's.  A surface of 160 rows in bands of 4 (40 tasks) keeps
-    the render going for several seconds."""
+    on the other, and the files are the local render's.  A surface of 640 rows in bands of 4 (160 tasks) keeps
+    the render going for several seconds (160 rows, with the layers written by direct I/O, ended within the
+    second the test waited)."""
     surface = np.load(scroll / "sheet.npy")
-    write_ppm(tmp_path / "long.ppm", np.concatenate([surface, surface[::-1]] * 2))
+    write_ppm(tmp_path / "long.ppm", np.concatenate([surface, surface[::-1]] * 8))
     options = ["--number_of_layers", 9, "--block_size", 4, "--quiet"]
     inputs = [tmp_path / "long.ppm", scroll / "scroll.zarr"]
     assert_ok(ppm_to_layers(*inputs, tmp_path / "local" / "layers", tmp_path / "local" / "stack.tif", *options))
