@@ -186,7 +186,8 @@ def _copy_rows(source: Path, target: LayerTiff, first: int, row_bytes: int) -> N
         page = tiff.pages[0]
         offset, height = int(page.dataoffsets[0]), page.shape[0]
     rows = max(1, BAND_BYTES // row_bytes)
-    with ImageRows(target.path, target.offset, row_bytes).open() as image, open(source, "rb") as file:
+    # one thread writes the merged image, band after band: direct I/O is safe (RowFile)
+    with ImageRows(target.path, target.offset, row_bytes).open(direct=True) as image, open(source, "rb") as file:
         for v0 in range(0, height, rows):
             count = min(rows, height - v0)
             file.seek(offset + v0 * row_bytes)

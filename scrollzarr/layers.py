@@ -761,7 +761,7 @@ def render_band(job: RenderJob, band: Band) -> BandResult:
         On a cluster, if the lock of an image no longer bears the job's run's
         mark (nothing is written into that image then).
     """
-    return write_band(job, sample_band(job, band), job.threads)
+    return write_band(job, sample_band(job, band), job.threads, direct=False)
 
 
 @dataclass
@@ -812,14 +812,16 @@ def sample_band(job: RenderJob, band: Band) -> SampledBand:
     return SampledBand(band, [*layers] if stacked is None else [*layers, stacked], result)
 
 
-def write_band(job: RenderJob, sampled: SampledBand, threads: int) -> BandResult:
-    """Write a sampled band's rows into every image of ``job``, on ``threads`` threads; what it found."""
+def write_band(job: RenderJob, sampled: SampledBand, threads: int, direct: bool) -> BandResult:
+    """Write a sampled band's rows into every image of ``job``, on ``threads`` threads, with direct I/O if
+    ``direct`` (only where no other band writes at the same time: :class:`~scrollzarr.layertiff.RowFile`); what it
+    found."""
     started = time.monotonic()
     first = sampled.band.rows[0] - job.first_row
     with Workers(threads) as pool:
         pool.run(
             [
-                partial(_write_rows, job, target, first, rows)
+                partial(_write_rows, job, target, first, rows, direct)
                 for target, rows in zip(job.images, sampled.images, strict=True)
             ]
         )
@@ -833,9 +835,11 @@ def _render_bands(executor: Executor, job: RenderJob, bands: list[Band]) -> Iter
     On this machine, a band's rows are written while the next band is sampled: with direct I/O (:class:`RowFile`)
     the writes mostly wait for the disk, and the sampling threads stood idle meanwhile (the benchmark's segment:
     25.7 CPU seconds in 16.5 s on two cores).  Two bands' rows are held then, at most 2 x :data:`BAND_BYTES`.
-    One thread writes: with a pool of writing threads beside the sampling threads, the benchmark's render with a
-    1 GiB cache peaked at 2.45 GiB, over its bound, against 1.75 GiB with one (more threads holding freed memory
-    in glibc's per-thread arenas at once, we think).
+    One thread writes, so that the bands of a file are written one after another and may go with direct I/O; with
+    a pool of writing threads beside the sampling threads, the benchmark's render with a 1 GiB cache peaked at
+    2.45 GiB, over its bound, against 1.75 GiB with one (more threads holding freed memory in glibc's per-thread
+    arenas at once, we think).  On a cluster, bands of one file are written at once by several processes: through
+    the page cache.
     """
     if not isinstance(executor, LocalExecutor):
         yield from executor.run(render_band, job, bands)
@@ -847,19 +851,20 @@ def _render_bands(executor: Executor, job: RenderJob, bands: list[Band]) -> Iter
             sampled = sample_band(job, band)
             if writing is not None:
                 yield writing[0], writing[1].result()
-            writing = band, writer.submit(write_band, job, sampled, 1)
+            writing = band, writer.submit(write_band, job, sampled, 1, True)
         if writing is not None:
-            done, writing = writing, None
-            yield done[0], done[1].result()
+            yield writing[0], writing[1].result()
     finally:
-        if writing is not None:  # stopped: no band is left writing once the render's files are closed
-            wait_out(writing[1])
+        # stopped: no band is left writing once the render's files are closed (waiting for a task queued after
+        # every band's, on the one thread: a band submitted just as Ctrl-C came is waited for too)
+        wait_out(writer.submit(int))
         writer.shutdown(wait=False)  # (its one thread has nothing left to do)
 
 
-def _write_rows(job: RenderJob, target: ImageRows, first: int, rows: np.ndarray) -> None:
-    """Write ``rows`` (shape (rows, width)) as rows ``first …`` of the image ``target`` of ``job``."""
-    with target.open() as file:
+def _write_rows(job: RenderJob, target: ImageRows, first: int, rows: np.ndarray, direct: bool) -> None:
+    """Write ``rows`` (shape (rows, width)) as rows ``first …`` of the image ``target`` of ``job`` (with direct I/O
+    if ``direct``)."""
+    with target.open(direct) as file:
         # Checked after the file is open: the lock's mark then proves the file is this run's (the next render of
         # it marks the lock before it makes its files; a finished or failed one removes the lock file).
         if job.remote and (target.lock is None or holder(target.lock) != job.run):

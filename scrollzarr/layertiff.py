@@ -13,6 +13,7 @@ puts it on the disk before that rename.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ CLASSIC_TIFF_LIMIT = 2**32 - 2**25  # leave room for the header and tags below 4
 # Bytes a thread copies into its page-aligned buffer for one direct write (a band's rows of one image are 2 MB on
 # the benchmark's segment).
 DIRECT_BYTES = 4 * 2**20
+# Direct writes start and end on memory pages (at least a direct-I/O block): a page holds either bytes written
+# directly or bytes written through the page cache, never both.
+DIRECT_ALIGN = max(DIRECT_IO_BLOCK, mmap.PAGESIZE)
 _BUFFERS = threading.local()
 
 
@@ -63,29 +67,32 @@ class ImageRows:
     row_bytes: int
     lock: Path | None = None
 
-    def open(self) -> RowFile:
-        """The file, open for :meth:`RowFile.write`."""
-        return RowFile(self)
+    def open(self, direct: bool) -> RowFile:
+        """The file, open for :meth:`RowFile.write`: with direct I/O if ``direct`` (see :class:`RowFile`)."""
+        return RowFile(self, direct)
 
 
 class RowFile:
-    """A laid-out image open for writing bands of rows: the whole blocks of a band with direct I/O, its first and
-    last part-blocks (which the bands beside it share) through the page cache.
+    """A laid-out image open for writing bands of rows: the whole pages of a band with direct I/O, its first and
+    last part-pages (which the bands beside it share) through the page cache.
 
     Why: through the page cache, copying the layers into it was the render's largest cost after sampling (a
     quarter of the benchmark's segment, 1.2 GB of images: 22 % of the CPU time in the kernel's copy into fresh
     page-cache pages, the write() calls at 0.5 GB/s on the build machine); direct I/O hands the disk the
-    thread's buffer.  The two kinds never share a block, so the kernel keeps them consistent.  A file system
-    without direct I/O (tmpfs, some network ones) gets every byte through the page cache.  The data is on the
-    disk once written either way only after :meth:`LayerTiff.sync` (the disk's own cache).
+    thread's buffer.  Only for a file whose bands are written one after another: the page cache may hold a
+    neighbour's part-page in a larger folio that reaches into this band's pages, which the kernel writes back
+    and drops before a direct write, but a buffered write into it at the same moment (a band of another process)
+    can leave a stale copy that is written over the direct one.  A file system without direct I/O (tmpfs before
+    Linux 6.6, some network ones) gets every byte through the page cache.  The data is on the disk once written
+    either way only after :meth:`LayerTiff.sync` (the disk's own cache).
     """
 
-    def __init__(self, rows: ImageRows) -> None:
+    def __init__(self, rows: ImageRows, direct: bool) -> None:
         self.rows = rows
         self.fd = os.open(rows.path, os.O_WRONLY | os.O_CLOEXEC)
         self.direct = -1
         try:
-            self.direct = os.open(rows.path, os.O_WRONLY | os.O_CLOEXEC | O_DIRECT) if O_DIRECT else -1
+            self.direct = os.open(rows.path, os.O_WRONLY | os.O_CLOEXEC | O_DIRECT) if O_DIRECT and direct else -1
         except OSError as error:
             if error.errno != errno.EINVAL:  # EINVAL: this file system has no direct I/O
                 os.close(self.fd)
@@ -96,7 +103,7 @@ class RowFile:
         view = np.ascontiguousarray(rows).data.cast("B")
         start = self.rows.offset + first * self.rows.row_bytes
         end = start + len(view)
-        inner = (-(-start // DIRECT_IO_BLOCK) * DIRECT_IO_BLOCK, end // DIRECT_IO_BLOCK * DIRECT_IO_BLOCK)
+        inner = (-(-start // DIRECT_ALIGN) * DIRECT_ALIGN, end // DIRECT_ALIGN * DIRECT_ALIGN)
         if self.direct < 0 or inner[1] <= inner[0]:
             write_at(self.fd, view, start)
             return
