@@ -5,11 +5,12 @@ The surface is cut into *bands* of rows, and each band is a task
 ``block_size`` columns on the task's threads (left to right, then right to
 left in the next band, so the chunks just read are the ones needed next) and
 writes its rows into the pre-laid-out TIFFs, byte ranges no other band
-touches. The same function runs the bands one after the other on this
-machine's threads, or on the workers of a Dask cluster (``--scheduler``),
-which write into the same files on a shared file system: the files are the
-same, byte for byte. A process keeps one chunk cache for all the bands it
-renders of a run. Memory holds the chunk cache, one band of output and, per
+touches. On this machine the bands are sampled one after the other, each
+written (with direct I/O) while the next is sampled; on the workers of a Dask
+cluster (``--scheduler``) the same two steps run as one task per band, which
+writes into the same files on a shared file system: the files are the same,
+byte for byte. A process keeps one chunk cache for all the bands it renders
+of a run. Memory holds the chunk cache, two bands of output and, per
 thread of each task running, the chunks of the piece of a tile it samples (the
 cache may have let them go meanwhile) or, with the numpy kernel, a box of
 voxels copied from them, whatever the size of the segment. The bands on the
