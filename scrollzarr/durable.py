@@ -14,8 +14,9 @@ import ctypes.util
 import math
 import mmap
 import os
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ DIRECT_IO_BLOCK = 4096
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 _LIBC_NAME = ctypes.util.find_library("c")
+_THREAD_BUFFERS = threading.local()
 _LIBC = ctypes.CDLL(_LIBC_NAME, use_errno=True) if _LIBC_NAME else None
 
 
@@ -34,6 +36,17 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     count = math.prod(shape)
     block = mmap.mmap(-1, max(count * dtype.itemsize, 1))
     return np.frombuffer(block, dtype, count=count).reshape(shape)
+
+
+def thread_buffer(kind: object, make: Callable[[], np.ndarray]) -> np.ndarray:
+    """This thread's buffer of ``kind`` (made by ``make`` the first time), shared by every writer that asks for
+    that kind (the sinks of every level; the rows of the layer TIFFs)."""
+    buffers = getattr(_THREAD_BUFFERS, "by_kind", None)
+    if buffers is None:
+        buffers = _THREAD_BUFFERS.by_kind = {}
+    if kind not in buffers:
+        buffers[kind] = make()
+    return buffers[kind]
 
 
 def fsync_path(path: Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,7 +22,7 @@ from types import TracebackType
 import numpy as np
 import tifffile
 
-from scrollzarr.durable import DIRECT_IO_BLOCK, O_DIRECT, aligned_empty, hidden_partial_path
+from scrollzarr.durable import DIRECT_IO_BLOCK, O_DIRECT, aligned_empty, hidden_partial_path, thread_buffer
 from scrollzarr.errors import ScrollzarrError
 
 STRIP_BYTES = 8 * 2**20
@@ -34,7 +33,6 @@ DIRECT_BYTES = 4 * 2**20
 # Direct writes start and end on memory pages (at least a direct-I/O block): a page holds either bytes written
 # directly or bytes written through the page cache, never both.
 DIRECT_ALIGN = max(DIRECT_IO_BLOCK, mmap.PAGESIZE)
-_BUFFERS = threading.local()
 
 
 def write_at(fd: int, data: np.ndarray | memoryview, position: int) -> None:
@@ -108,7 +106,7 @@ class RowFile:
             write_at(self.fd, view, start)
             return
         write_at(self.fd, view[: inner[0] - start], start)
-        buffer = _direct_buffer()
+        buffer = thread_buffer("rows", lambda: aligned_empty((DIRECT_BYTES,), np.dtype(np.uint8)))
         for position in range(inner[0], inner[1], len(buffer)):
             count = min(len(buffer), inner[1] - position)
             buffer[:count] = view[position - start : position - start + count]
@@ -136,14 +134,6 @@ class RowFile:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.close()
-
-
-def _direct_buffer() -> np.ndarray:
-    """This thread's page-aligned buffer for direct writes (:data:`DIRECT_BYTES`)."""
-    buffer: np.ndarray | None = getattr(_BUFFERS, "buffer", None)
-    if buffer is None:
-        buffer = _BUFFERS.buffer = aligned_empty((DIRECT_BYTES,), np.dtype(np.uint8))
-    return buffer
 
 
 class LayerTiff:

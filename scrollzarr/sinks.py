@@ -32,7 +32,6 @@ import io
 import logging
 import math
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import product
@@ -46,7 +45,7 @@ import numpy as np
 from numcodecs.abc import Codec
 
 from scrollzarr.blocks import Box, Shape3
-from scrollzarr.durable import DIRECT_IO_BLOCK, O_DIRECT, aligned_empty, temporary_path
+from scrollzarr.durable import DIRECT_IO_BLOCK, O_DIRECT, aligned_empty, temporary_path, thread_buffer
 from scrollzarr.layout import StoreLayout
 from scrollzarr.storage import ObjectStore
 
@@ -58,7 +57,6 @@ log = logging.getLogger(__name__)
 MISSING = np.uint64(2**64 - 1)
 
 # Each thread's chunk buffers (reused: fresh buffers cost page faults), shared by every sink.
-_THREAD_BUFFERS = threading.local()
 
 
 # What gives the voxels of a box of a level (level coordinates, inside the level): a part of a write unit.
@@ -245,7 +243,7 @@ class _UnitObject:
 
 def _chunk_buffer(chunks: Shape3, dtype: np.dtype) -> np.ndarray:
     """This thread's page-aligned buffer for one chunk of ``dtype``, shared by the sinks of every level."""
-    return _thread_buffer((chunks, np.dtype(dtype).str), lambda: aligned_empty(chunks, dtype))
+    return thread_buffer((chunks, np.dtype(dtype).str), lambda: aligned_empty(chunks, dtype))
 
 
 # Blosc's worst case: the data stored as is, behind its 16-byte header.
@@ -333,7 +331,7 @@ class _UnitFile:
 
     def __init__(self, path: Path | ObjectStore, direct: bool, room: int, fallback: bool = False) -> None:
         size = -(-(room + DIRECT_IO_BLOCK) // DIRECT_IO_BLOCK) * DIRECT_IO_BLOCK
-        self.buffer = _thread_buffer(("unit file", size), lambda: aligned_empty((size,), np.dtype(np.uint8)))
+        self.buffer = thread_buffer(("unit file", size), lambda: aligned_empty((size,), np.dtype(np.uint8)))
         self.file = _open_unit(path, direct, fallback)
         self.held = 0  # bytes at the buffer's start not yet written
 
@@ -373,16 +371,6 @@ class _UnitFile:
     def abort(self, error: BaseException) -> None:
         """Remove the temporary file, after ``error``."""
         self.file.__exit__(type(error), error, None)
-
-
-def _thread_buffer(kind: object, make: Callable[[], np.ndarray]) -> np.ndarray:
-    """This thread's buffer of ``kind`` (made by ``make`` the first time), shared by the sinks of every level."""
-    buffers = getattr(_THREAD_BUFFERS, "by_kind", None)
-    if buffers is None:
-        buffers = _THREAD_BUFFERS.by_kind = {}
-    if kind not in buffers:
-        buffers[kind] = make()
-    return buffers[kind]
 
 
 def _padded(piece: np.ndarray, chunks: Shape3, dtype: np.dtype) -> np.ndarray | None:
