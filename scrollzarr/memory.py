@@ -191,28 +191,6 @@ def plan_bands(layout: Layout, budget: int | None) -> BandPlan:
     raise _too_small(budget, layout.chunk, need, layout.unit)
 
 
-def task_cost(layout: Layout, rows: int, cols: int, levels: int) -> int:
-    """Bytes of a level-0 task (:class:`scrollzarr.tasks.Task`) of a band of ``rows`` x ``cols`` that writes
-    ``levels`` levels.
-
-    Its slab (:func:`task_depth` slices) and the levels halved from it, all
-    counted as held at once (the slab is freed once halved: an upper bound);
-    per worker, what reading one slice's rows needs and a halving stripe's
-    temporaries; and the chunk buffers of writing (:func:`_write_buffers`).
-    """
-    depth = task_depth(layout.write_unit[0], layout.shapes[0][0], levels)
-    nbytes = 0
-    halving = 0
-    for level in range(levels):
-        shape = tuple(math.ceil(n / 2**level) for n in (depth, rows, cols))
-        nbytes += math.prod(shape) * layout.out_itemsize
-        if level < levels - 1:
-            row_bytes = shape[0] * shape[2] * layout.out_itemsize
-            stripe = halving_stripe_rows(row_bytes) * row_bytes
-            halving = max(halving, _stripe_cost(layout, stripe, odd=any(n % 2 for n in shape)))
-    return nbytes + layout.workers * (_read_cost(layout, rows, cols) + halving) + _write_buffers(layout)
-
-
 def task_depth(unit: int, slices: int, levels: int) -> int:
     """Slices a level-0 task that writes ``levels`` levels reads, of ``slices`` in all: the write unit's depth
     (``unit``) times ``2**(levels - 1)``, so that each level it writes is whole units deep (or all there are)."""
@@ -226,17 +204,18 @@ def task_band(layout: Layout, budget: int | None, parallel: int) -> BandPlan | N
 
     Two tasks a slot, not one: a worker's second task reuses the memory its first touched, and the scheduler
     can even out tasks of unequal work (a masked band's all-zero chunks are not written).  Measured on the
-    bench volume with two workers: 7.0-7.95 s with four tasks of 0.5 GiB, 7.7 s with two of 1 GiB (fresh
-    memory costs this machine about 2 s a GiB to touch the first time).
+    bench volume with two workers, when a task held its whole box: 7.0-7.95 s with four tasks of 0.5 GiB,
+    7.7 s with two of 1 GiB (fresh memory costs this machine about 2 s a GiB to touch the first time).
 
     A level read back from the store costs a pass over it (level 0 read back to build level 1: as many bytes
-    again as the conversion wrote); a task that halves its slab in memory saves those passes and a barrier
-    between levels each (measured, the cluster bench on two workers: level 1 read back took 2.8 s of 9.4).
-    For ``k`` levels below, the band's rows are whole write units times ``2**k`` and its depth the unit's
-    times ``2**k``.  Bands are whole planes wide: a compressed slice is decoded in whole rows (strips), so a
-    band cut along x would decode each strip once per band.  Without a budget a task holds no more than the
-    run on one machine does by default (:func:`band_cost` of whole planes streamed).  ``gaussian``'s
-    smoothing crosses a task's box, so it writes level 0 only.
+    again as the conversion wrote); a task that streams its box through the levels below saves those passes
+    and a barrier between levels each (measured, the cluster bench on two workers: level 1 read back took
+    2.8 s of 9.4).  A task streams its box as the run on one machine streams a band, so its memory is
+    :func:`band_cost`'s.  For ``k`` levels below, the band's rows are whole write units times ``2**k`` and
+    its depth the unit's times ``2**k``.  Bands are whole planes wide: a compressed slice is decoded in whole
+    rows (strips), so a band cut along x would decode each strip once per band.  Without a budget a task
+    holds no more than the run on one machine does by default (:func:`band_cost` of whole planes streamed).
+    ``gaussian``'s smoothing crosses a task's box, so it writes level 0 only.
     """
     nz, height, width = layout.shapes[0]
     nlevels = len(layout.shapes)
@@ -249,7 +228,7 @@ def task_band(layout: Layout, budget: int | None, parallel: int) -> BandPlan | N
         depth = task_depth(layout.write_unit[0], nz, below + 1)
         for pieces in range(1, -(-height // step) + 1):
             rows = min(math.ceil(math.ceil(height / pieces) / step) * step, height)  # about equal bands
-            cost = task_cost(layout, rows, width, below + 1)
+            cost = band_cost(layout, rows, width, below)  # a task streams its box as a band is streamed
             if cost <= budget and -(-nz // depth) * -(-height // rows) >= 2 * parallel:
                 return BandPlan(rows, width, below, cost)
     return None

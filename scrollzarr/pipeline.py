@@ -53,7 +53,7 @@ from scrollzarr.store import (
     remove_unreadable_metadata,
     unit_index,
 )
-from scrollzarr.streaming import LevelStream
+from scrollzarr.streaming import LevelStream, band_streams, stripe_rows
 from scrollzarr.tasks import (
     Job,
     SliceSource,
@@ -213,10 +213,7 @@ def plan_conversion(input_dir: Path, output: Location, options: Options, slots: 
     bands = memory.plan_bands(layout, limit)
     if record is not None and (tasks or record.bands != [bands.rows, bands.cols, bands.streamed]):
         rows, cols, streamed = record.bands  # the stopped run's bands, so that its work fits
-        if tasks:  # a level-0 task's band is not a streamed band, even where their shapes agree
-            cost = memory.task_cost(layout, rows, cols, streamed + 1)
-        else:
-            cost = memory.band_cost(layout, rows, cols, streamed)
+        cost = memory.band_cost(layout, rows, cols, streamed)  # a level-0 task streams its box as a band
         if record.bands != [bands.rows, bands.cols, bands.streamed]:
             log.info("resuming with the stopped run's bands of %d x %d (rows x columns)", rows, cols)
         bands = memory.BandPlan(rows, cols, streamed, cost)
@@ -225,7 +222,7 @@ def plan_conversion(input_dir: Path, output: Location, options: Options, slots: 
         if several is None:
             depth = options.layout.unit[0]
             _, rows, cols = memory.split_for(shapes[0], (depth, bands.rows, bands.cols), layout.write_unit, parallel)
-            several = memory.BandPlan(rows, cols, 0, memory.task_cost(layout, rows, cols, 1))
+            several = memory.BandPlan(rows, cols, 0, memory.band_cost(layout, rows, cols, 0))
         bands = several
     first_read_back = bands.streamed + 1
     budget = limit if limit is not None else max(bands.nbytes, memory.read_back_need(layout, first_read_back))
@@ -440,16 +437,10 @@ class _Run:
         plan, record = self.plan, self.record
         unit, streamed = plan.options.layout.unit, plan.bands.streamed
         depth = unit[0]
-        streams: list[LevelStream] = []
-        below = None
-        for level in range(streamed, -1, -1):
-            scale = 2**level
-            rows, cols = ((math.ceil(a / scale), math.ceil(b / scale)) for a, b in band)
-            below = LevelStream(
-                plan.shapes[level][0], rows, cols, plan.dtype, unit, plan.options.algorithm,
-                self.writers[level], below, self.workers, self.bar.update,
-            )  # fmt: skip
-            streams.insert(0, below)
+        streams = band_streams(
+            ((0, plan.shapes[0][0]), *band), streamed + 1, plan.dtype, unit, plan.options.algorithm,
+            self.writers, self.workers, self.bar.update,
+        )  # fmt: skip
         base = [self.report.levels[level].chunks_written for level in range(len(streams))]
         if record.streams:
             self._restore(streams)
@@ -765,18 +756,7 @@ def _convert_tasks(plan: Plan, executor: Executor) -> Report:
 
 
 def _stripe_rows(plan: Plan) -> int | None:
-    """Rows of a slab read at a time (whole rows of write units, even), or ``None`` for all rows at once.
-
-    Reading a slab a stripe at a time lets the stripes already read be
-    written and halved while the disk delivers the next.  Only for slices read
-    straight from the file: a compressed slice would be opened and parsed
-    again for every stripe (measured: slower), and not for gaussian, whose
-    halving needs rows beyond a stripe.
-    """
-    rows = plan.options.layout.unit[1]
-    if ds.halo(plan.options.algorithm) or plan.stack.decode_bytes:
-        return None
-    return rows if rows % 2 == 0 else 2 * rows
+    return stripe_rows(plan.options.layout.unit[1], plan.options.algorithm, bool(plan.stack.decode_bytes))
 
 
 def _bands(height: int, width: int, bands: memory.BandPlan) -> list[Band]:

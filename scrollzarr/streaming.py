@@ -17,14 +17,14 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
 from functools import partial
 
 import numpy as np
 
 from scrollzarr import downsample as ds
-from scrollzarr.blocks import Shape3
+from scrollzarr.blocks import Box, Shape3
 from scrollzarr.durable import aligned_empty
 from scrollzarr.sinks import LevelSink, PooledSink, UnitAssembly, pooled
 from scrollzarr.workers import Workers
@@ -112,6 +112,44 @@ class _FilledRows:
                 raise RuntimeError("the slab's rows were not all read")
 
 
+def stripe_rows(unit_rows: int, algorithm: ds.Algorithm, decoded: bool) -> int | None:
+    """Rows of a slab read at a time (whole rows of write units of ``unit_rows``, even), or ``None`` for all
+    rows at once.
+
+    Reading a slab a stripe at a time lets the stripes already read be
+    written and halved while the disk delivers the next.  Only for slices read
+    straight from the file (not ``decoded``): a compressed slice would be
+    opened and parsed again for every stripe (measured: slower), and not for
+    gaussian, whose halving needs rows beyond a stripe.
+    """
+    if ds.halo(algorithm) or decoded:
+        return None
+    return unit_rows if unit_rows % 2 == 0 else 2 * unit_rows
+
+
+def band_streams(
+    box: Box,
+    levels: int,
+    dtype: np.dtype,
+    unit: Shape3,
+    algorithm: ds.Algorithm,
+    writers: Sequence[LevelSink],
+    workers: Workers,
+    on_written: Callable[[int], object],
+) -> list[LevelStream]:
+    """The streams of levels 0 … ``levels - 1`` of level-0 ``box`` (z, y, x ``[start, stop)``), each fed with
+    the halved planes of the one above; level ``k``'s box is ``box`` halved ``k`` times, rounded up (the
+    volume's odd edges).  ``writers[k]`` writes level ``k``'s units."""
+    streams: list[LevelStream] = []
+    below = None
+    for level in range(levels - 1, -1, -1):
+        scale = 2**level
+        planes, rows, cols = ((start // scale, -(-stop // scale)) for start, stop in box)
+        below = LevelStream(planes, rows, cols, dtype, unit, algorithm, writers[level], below, workers, on_written)
+        streams.insert(0, below)
+    return streams
+
+
 def halving_stripe_rows(row_bytes: int) -> int:
     """Rows halved at a time when a row (all planes of it) is ``row_bytes`` bytes: even, at least 2."""
     rows = max(2, STRIPE_BYTES // max(row_bytes, 1))
@@ -123,8 +161,12 @@ class LevelStream:
 
     Parameters
     ----------
-    depth : int
-        Planes (z size) of the whole level.
+    planes : (int, int)
+        ``[start, stop)`` of z, in this level's coordinates: every plane of
+        the level for a band of the local run, or a task's box
+        (:mod:`scrollzarr.tasks`).  The start is a multiple of the write
+        unit's depth (even), and the stop the level's depth or a multiple of
+        the unit's.
     rows, cols : (int, int)
         The band, in this level's coordinates: ``[start, stop)`` of y and of x.
         Both starts are multiples of the write unit's.
@@ -144,7 +186,7 @@ class LevelStream:
 
     def __init__(
         self,
-        depth: int,
+        planes: tuple[int, int],
         rows: tuple[int, int],
         cols: tuple[int, int],
         dtype: np.dtype,
@@ -155,7 +197,7 @@ class LevelStream:
         workers: Workers,
         on_written: Callable[[int], object],
     ) -> None:
-        self.depth = depth
+        self.first, self.stop = planes
         self.rows = rows
         self.cols = cols
         self.unit = unit
@@ -166,12 +208,13 @@ class LevelStream:
         self.workers = workers
         self.on_written = on_written
         self.chunks_written = 0
-        self.start = 0  # z of self.buffer[0]
+        self.start = self.first  # z of self.buffer[0]
         self.count = 0  # planes held
-        self.written = 0  # first z not yet written
-        self.halved = 0  # first z not yet halved (even)
-        planes = self.capacity(min(unit[0], depth), algorithm, below is not None)  # a level shallower than a unit
-        self.buffer = np.empty((planes, *self.plane_shape), dtype)
+        self.written = self.first  # first z not yet written
+        self.halved = self.first  # first z not yet halved (even)
+        # a level (or a task's box) shallower than a unit holds fewer
+        held = self.capacity(min(unit[0], self.stop - self.first), algorithm, below is not None)
+        self.buffer = np.empty((held, *self.plane_shape), dtype)
         # compressed or sharded units: chunks encoded on the workers, files assembled on the writer threads
         self.pooled = pooled(writer) if workers.count > 1 else None
         self.pool: BufferPool | None = None
@@ -233,12 +276,12 @@ class LevelStream:
             unit's chunks are prepared and written as their rows arrive.
         """
         self.count += planes
-        final = self.end == self.depth
+        final = self.end == self.stop
         writes: list[tuple[int, int]] = []
         rows_done = []
         depth = self.unit[0]
         while self.written < self.end and (self.written + depth <= self.end or final):
-            stop = min(self.written + depth, self.depth)
+            stop = min(self.written + depth, self.stop)
             writes.append((self.written, stop))
             rows_done.append((stop - self.written) * self.plane_shape[0] * self.plane_shape[1])
             self.written = stop
@@ -283,7 +326,7 @@ class LevelStream:
     def _halvable(self, final: bool) -> int:
         """End (exclusive) of the planes that can be halved now: even, with context, or the level's end."""
         if final:
-            return self.depth
+            return self.stop
         ready = self.end - self.margin
         return max(ready - ready % 2, self.halved)
 
@@ -392,7 +435,7 @@ class LevelStream:
         work to those rows; by default all.
         """
         margin = self.margin
-        lo, hi = max(z0 - margin, 0), min(z1 + margin, self.depth)
+        lo, hi = max(z0 - margin, self.first), min(z1 + margin, self.stop)
         if source is None:
             source = self.buffer[lo - self.start : hi - self.start]
         height, cols = self.plane_shape
@@ -437,7 +480,7 @@ class LevelStream:
         z0, z1 = max(below.start, below.written), below.end
         if z1 <= z0:
             return
-        lo, hi = max(2 * z0 - self.margin, 0), min(2 * z1 + self.margin, self.depth)
+        lo, hi = max(2 * z0 - self.margin, self.first), min(2 * z1 + self.margin, self.stop)
         source = np.empty((hi - lo, *self.plane_shape), self.buffer.dtype)
         split = min(max(self.written, lo), hi)  # planes below this were written; the rest are held
         if split > lo:
@@ -445,7 +488,7 @@ class LevelStream:
         if hi > split:
             source[split - lo :] = self.buffer[split - self.start : hi - self.start]
         out = below.buffer[z0 - below.start : z1 - below.start]
-        self.workers.run(self._halve_tasks(2 * z0, min(2 * z1, self.depth), out, source))
+        self.workers.run(self._halve_tasks(2 * z0, min(2 * z1, self.stop), out, source))
 
     def _halve(self, block: np.ndarray, core: tuple[slice, slice, slice], target: np.ndarray) -> None:
         if self.margin:

@@ -24,6 +24,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -32,7 +33,7 @@ import zarr
 
 from scrollzarr import downsample as ds
 from scrollzarr.allocator import keep_freed_memory
-from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes, shape3
+from scrollzarr.blocks import Box, Shape3, box_size, iter_boxes
 from scrollzarr.cluster import Executor
 from scrollzarr.errors import ScrollzarrError
 from scrollzarr.progress import MARKERS
@@ -41,8 +42,8 @@ from scrollzarr.report import ProgressBar
 from scrollzarr.sinks import LevelSink, Parts, SinkSpec, open_sink
 from scrollzarr.storage import Location, storage, zarr_store
 from scrollzarr.store import damaged_units, unit_index
-from scrollzarr.streaming import halving_stripe_rows
-from scrollzarr.tiffstack import SliceReadError, StackError, TiffStack, first_unreadable_row, read_rows
+from scrollzarr.streaming import band_streams, stripe_rows
+from scrollzarr.tiffstack import Lookahead, SliceReadError, StackError, TiffStack, first_unreadable_row, read_rows
 from scrollzarr.window import Window
 from scrollzarr.workers import Workers
 
@@ -332,56 +333,46 @@ def _limit_threads(threads: int) -> None:
 
 
 def _convert_box(job: Job, task: Task, sinks: list[_Fenced], bad: dict[int, int]) -> tuple[int, ...]:
-    """Read level-0 ``task``'s box from the slices, write its units, and halve it into the levels below that the
-    task writes, writing theirs; the chunks written of each level."""
+    """Stream level-0 ``task``'s box from the slices through the levels it writes, a row of write units deep at
+    a time, as the local run streams a band (:func:`scrollzarr.streaming.band_streams`); the chunks written of
+    each level.
+
+    One unit row of slices is held at a time, not the box: a box of the bench volume writing three levels is
+    four unit rows deep.  Every worker process touches its memory once, and fresh memory is this machine's
+    dearest (0.1-2.3 s a GiB); the worker process of a 256 x 512 x 2048 task spent 0.74-0.90 s of system
+    time touching its 0.56 GiB slab (one slab of 128 slices instead: see bench/RESULTS_cluster.md).
+    """
     assert job.source is not None  # a job with level-0 tasks is a conversion's
     source = job.source
     (z0, z1), (y0, y1), (x0, x1) = task.box
     oz, oy, ox = job.origin
-    slab = np.empty((z1 - z0, y1 - y0, x1 - x0), np.dtype(source.dtype))
+    depth = job.levels[0].layout.unit[0]
     lock = threading.Lock()
     rows, cols = (oy + y0, oy + y1), (ox + x0, ox + x1)
-    with Workers(job.threads) as workers:
-        workers.run(partial(source.read, oz + z, rows, cols, slab[z - z0], bad, lock) for z in range(z0, z1))
-        written = [_write_units(workers, sinks[0], (z0, y0, x0), slab)]
-        for below, sink in enumerate(sinks[1:], start=1):
-            slab = _halved(workers, slab, job.algorithm)
-            (z, _), (y, _), (x, _) = task.box_at(below)
-            written.append(_write_units(workers, sink, (z, y, x), slab))
-    return tuple(written)
+    stripe = stripe_rows(job.levels[0].layout.unit[1], job.algorithm, bool(source.stack.decode_bytes))
+    slabs = [range(oz + z, oz + min(z + depth, z1)) for z in range(z0, z1, depth)]
 
+    def filler(view: np.ndarray, z: int) -> Callable[[int, int], None]:
+        def fill(r0: int, r1: int) -> None:
+            band = (rows[0] + r0, rows[0] + r1)
+            workers.run(
+                partial(source.read, z + index, band, cols, view[index, r0:r1], bad, lock) for index in range(len(view))
+            )
 
-def _write_units(workers: Workers, sink: _Fenced, corner: Shape3, block: np.ndarray) -> int:
-    """Write ``block`` (whole write units of ``sink`` from ``corner``, or up to the level's edge); the chunks
-    written."""
-    z0, y0, x0 = corner
-    return sum(
-        workers.run(
-            partial(sink.write, (z0 + z, y0 + y, x0 + x), block[z:z1, y:y1, x:x1])
-            for (z, z1), (y, y1), (x, x1) in iter_boxes(shape3(block.shape), sink.unit)
-        )
-    )
+        return fill
 
-
-def _halved(workers: Workers, block: np.ndarray, algorithm: ds.Algorithm) -> np.ndarray:
-    """``block`` halved with ``algorithm`` (one with no context beyond a 2 x 2 x 2 cell), a stripe of rows at a
-    time on ``workers`` (stripes small enough to stay in the processor's cache: :data:`STRIPE_BYTES`).
-
-    Returns
-    -------
-    ndarray, shape (ceil(Z/2), ceil(Y/2), ceil(X/2)), ``block``'s dtype
-    """
-    assert not ds.halo(algorithm)
-    target = np.empty(ds.halved_shape(shape3(block.shape)), block.dtype)
-    height = block.shape[1]
-    stripe = halving_stripe_rows(block.shape[0] * block.shape[2] * block.itemsize)
-
-    def halve(r0: int) -> None:
-        r1 = min(r0 + stripe, height)
-        target[:, r0 // 2 : (r1 + 1) // 2] = ds.downsample(block[:, r0:r1], algorithm)
-
-    workers.run(partial(halve, r0) for r0 in range(0, height, stripe))
-    return target
+    with Workers(job.threads, writers=True) as workers, Lookahead(source.stack, slabs, rows, stripe) as lookahead:
+        streams = band_streams(
+            task.box, task.levels, np.dtype(source.dtype), job.levels[0].layout.unit, job.algorithm, sinks,
+            workers, lambda _: None,
+        )  # fmt: skip
+        top = streams[0]
+        for number, slab in enumerate(slabs):
+            if number:
+                lookahead.advance()
+            view = top.reserve(len(slab))
+            top.commit(len(view), filler(view, slab.start), stripe)
+    return tuple(stream.chunks_written for stream in streams)
 
 
 def _downsample_box(job: Job, task: Task, sink: _Fenced) -> int:

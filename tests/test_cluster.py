@@ -521,7 +521,7 @@ def test_a_scheduler_lost_mid_run_is_one_line_and_the_store_resumes(tmp_path, sl
     assert store_files(out) == local_stores["zarr 2"]
 
 
-# Level-0 tasks that halve their slab in memory into the levels below
+# Level-0 tasks that stream their box through the levels below
 
 
 def dry_run(source: Path, out: Path, *args: object) -> str:
@@ -533,9 +533,10 @@ def dry_run(source: Path, out: Path, *args: object) -> str:
 @pytest.mark.parametrize(
     ("name", "args", "written"),
     [
-        ("zarr 2", (), 1),
-        ("zarr 2, every level by level 0's tasks", ("--max_gb", "1"), 2),
-        ("zarr 2, 1 of 2 bytes", ("--obytes", "1"), 1),
+        ("zarr 2", (), 2),
+        # a fourth level: built by a task from the stored level 2
+        ("zarr 2, a level below level 0's tasks", ("--nlevels", "4", "--max_gb", "1"), 2),
+        ("zarr 2, 1 of 2 bytes", ("--obytes", "1"), 2),
         (
             "zarr 3, sharded, blosc-zstd",
             ("--zarr_format", "3", "--shard_shape", "16,32,32", "--compressor", "blosc-zstd"),

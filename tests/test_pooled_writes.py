@@ -101,7 +101,9 @@ def test_a_failed_unit_leaves_no_file_and_no_task(tmp_path):
     (level / "c").write_bytes(b"in the way")  # zarr 3 keys are c/z/y/x
     sink = open_sink(SinkSpec(level, shape, "uint16", layout))
     with Workers(3, writers=True) as workers:
-        stream = LevelStream(8, (0, 64), (0, 64), np.dtype("uint16"), (8, 32, 32), "mean", sink, None, workers, print)
+        stream = LevelStream(
+            (0, 8), (0, 64), (0, 64), np.dtype("uint16"), (8, 32, 32), "mean", sink, None, workers, print
+        )
         assert stream.pool is not None
         view = stream.reserve(8)
         view[...] = np.arange(view.size, dtype=np.uint16).reshape(view.shape) + 1
@@ -142,7 +144,9 @@ def test_a_shard_taller_than_a_stripe_is_written_as_its_rows_arrive_and_given_up
     sink = open_sink(SinkSpec(level, shape, "uint16", layout))
     seen: list[int] = []
     with Workers(2, writers=True) as workers:
-        stream = LevelStream(8, (0, 64), (0, 64), np.dtype("uint16"), (8, 64, 64), "mean", sink, None, workers, int)
+        stream = LevelStream(
+            (0, 8), (0, 64), (0, 64), np.dtype("uint16"), (8, 64, 64), "mean", sink, None, workers, int
+        )
         assert stream.pool is not None
         pool = stream.pool
         view = stream.reserve(8)

@@ -1,5 +1,5 @@
-"""memory.task_band: the band of level-0 tasks that halve their slab in memory into the levels below (so the
-largest levels are not read back from the store)."""
+"""memory.task_band: the band of level-0 tasks that stream their box through the levels below (so the largest
+levels are not read back from the store)."""
 
 from __future__ import annotations
 
@@ -42,14 +42,14 @@ def test_the_bench_volume_on_two_workers_is_cut_into_tasks_that_write_several_le
     assert band.cols == 2048 and band.rows % (128 * 2**band.streamed) == 0
     assert tasks_of(bench, band) >= 4  # two for each of the two workers
     # without --max_gb a task holds no more than the run on one machine does by default
-    assert band.nbytes == memory.task_cost(bench, band.rows, band.cols, band.streamed + 1)
+    assert band.nbytes == memory.band_cost(bench, band.rows, band.cols, band.streamed)
     assert band.nbytes <= memory.band_cost(bench, 2048, 2048, 5)
 
 
 def test_gaussian_and_a_budget_for_one_level_only_leave_level_0_tasks_as_they_were():
     shapes = shapes_of((256, 2048, 2048), 6)
     assert memory.task_band(layout(shapes, algorithm="gaussian"), None, 2) is None
-    one_level = memory.task_cost(layout(shapes), 128, 2048, 1)
+    one_level = memory.band_cost(layout(shapes), 128, 2048, 0)
     assert memory.task_band(layout(shapes), one_level, 1) is None
 
 
@@ -68,7 +68,7 @@ def test_any_band_chosen_is_whole_units_of_every_level_it_writes_fits_and_feeds_
         assert 1 <= band.streamed < nlevels
         assert band.rows % step == 0 or band.rows == shape[1]
         assert band.cols == shape[2]
-        assert band.nbytes == memory.task_cost(plan_layout, band.rows, band.cols, band.streamed + 1)
+        assert band.nbytes == memory.band_cost(plan_layout, band.rows, band.cols, band.streamed)
         limit = budget if budget is not None else memory.band_cost(plan_layout, shape[1], shape[2], nlevels - 1)
         assert band.nbytes <= limit
         assert tasks_of(plan_layout, band) >= 2 * parallel
