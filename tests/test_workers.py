@@ -87,8 +87,12 @@ def test_urgent_tasks_not_started_are_cancelled_when_the_workers_stop():
     assert waiting.cancelled()
 
 
-def test_one_worker_runs_writes_at_once_in_the_calling_thread():
+def test_one_worker_runs_its_other_tasks_in_the_calling_thread_and_its_writes_on_a_writer_thread():
     with Workers(1, writers=True) as workers:
+        assert workers.submit(threading.current_thread).result() is threading.current_thread()
+        assert workers.submit_write(threading.current_thread).result() is not threading.current_thread()
+        assert workers.submit_write(lambda: threading.current_thread().name).result().startswith("scrollzarr-write")
+    with Workers(1) as workers:
         assert workers.submit_write(threading.current_thread).result() is threading.current_thread()
 
 
