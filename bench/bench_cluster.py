@@ -10,7 +10,13 @@ threaded run (target ≤ 1.25); and from each cluster run's log, its task count,
 mean task time and the overhead: wall time minus the task time per worker
 (starting the cluster, planning, the barriers between levels, the metadata).
 
-Usage: python bench/bench_cluster.py [--shape Z Y X] [--repeats N]
+With ``--ceiling``, also without Dask: one process of one worker thread
+(``--workers 1``) against two such processes at once, each converting half
+the rows (``--ranges``) into a store of its own.  Their ratio is what this
+machine gives for a second process doing the same work, the most local:2
+could gain over local:1 were the cluster free.
+
+Usage: python bench/bench_cluster.py [--shape Z Y X] [--repeats N] [--ceiling]
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+import shlex
 import shutil
 import statistics
 import sys
@@ -31,6 +38,9 @@ RUNS = {
     "--scheduler local:1": ["--scheduler", "local:1"],
     "--scheduler local:2": ["--scheduler", "local:2"],
 }
+# Without Dask, with --ceiling: the same work in one process, and in two at once (half the rows each).
+ALONE = "one process, --workers 1 (no Dask)"
+PAIR = "two processes at once, --workers 1, half the rows each (no Dask)"
 TASKS = re.compile(r"level (\d+): (\d+) task\(s\) run, ([\d.]+) s each on average")
 
 
@@ -48,12 +58,25 @@ def task_figures(log: str) -> tuple[int, float]:
     return sum(count for count, _ in found), sum(seconds for _, seconds in found)
 
 
+def alone_or_pair(pair: bool, masked: Path, shape: tuple[int, ...], stores: list[Path]) -> list[str]:
+    """The command that converts ``masked`` with one worker thread and no Dask: in one process into
+    ``stores[0]``, or (``pair``) in two at once, each half of the rows (``--ranges``) into a store of its own."""
+    one = [*SCRIPT, str(masked), str(stores[0]), "--quiet", "--workers", "1"]
+    if not pair:
+        return one
+    half = shape[1] // 2
+    first = shlex.join([*one, "--ranges", f":,0:{half},:"])
+    second = shlex.join([*SCRIPT, str(masked), str(stores[1]), "--quiet", "--workers", "1", "--ranges", f":,{half}:,:"])
+    return ["sh", "-c", f"{first} & pid=$!; {second}; b=$?; wait $pid; a=$?; [ $a = 0 ] && [ $b = 0 ]"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(256, 2048, 2048), metavar=("Z", "Y", "X"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=HERE / "data", help="where the synthetic stacks are kept")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS_cluster.md")
+    parser.add_argument("--ceiling", action="store_true", help="also the same work without Dask: 1 process and 2")
     args = parser.parse_args()
     shape = tuple(args.shape)
     masked = args.data / f"masked_{'x'.join(map(str, shape))}"
@@ -64,14 +87,24 @@ def main() -> int:
     out, log = work / "scroll.zarr", work / "log.txt"
     drop_page_cache()
     warm(masked)
-    walls: dict[str, list[float]] = {name: [] for name in RUNS}
-    cpus: dict[str, list[float]] = {name: [] for name in RUNS}
-    tasks: dict[str, list[tuple[int, float]]] = {name: [] for name in RUNS}
+    runs = [*RUNS, *([ALONE, PAIR] if args.ceiling else [])]
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    cpus: dict[str, list[float]] = {name: [] for name in runs}
+    tasks: dict[str, list[tuple[int, float]]] = {name: [] for name in runs}
     expected = None
     for repeat in range(args.repeats):
-        names = list(RUNS) if repeat % 2 == 0 else list(reversed(RUNS))
+        names = runs if repeat % 2 == 0 else runs[::-1]
         for name in names:
             shutil.rmtree(out, ignore_errors=True)
+            if name not in RUNS:
+                stores = [work / f"part{number}.zarr" for number in range(2)]
+                sample = run_once(alone_or_pair(name == PAIR, masked, shape, stores), durable=False, stderr=log)
+                for store in stores:
+                    shutil.rmtree(store, ignore_errors=True)
+                walls[name].append(sample.wall)
+                cpus[name].append(sample.cpu)
+                print(f"round {repeat + 1}: {name}: {sample.wall:.2f} s", file=sys.stderr, flush=True)
+                continue
             sample = run_once([*SCRIPT, str(masked), str(out), "--verbose", *RUNS[name]], durable=False, stderr=log)
             walls[name].append(sample.wall)
             cpus[name].append(sample.cpu)
@@ -117,9 +150,19 @@ def main() -> int:
         "",
         f"local:2 against local:1: {one / two:.2f} x faster (target at least 1.7); local:2 against this machine's "
         f"threads: {two / base:.2f} x the time (target at most 1.25).",
-        "",
-        f"Command: `python bench/bench_cluster.py --shape {' '.join(map(str, shape))} --repeats {args.repeats}`",
     ]
+    if args.ceiling:
+        lines += ["", "Without Dask, the same work:", "", "| run | wall s (runs) | CPU s |", "| --- | ---: | ---: |"]
+        for name in (ALONE, PAIR):
+            runs_text = ", ".join(f"{value:.2f}" for value in walls[name])
+            lines.append(f"| {name} | {wall[name]:.2f} ({runs_text}) | {statistics.median(cpus[name]):.2f} |")
+        lines += [
+            "",
+            f"Two processes against one: {wall[ALONE] / wall[PAIR]:.2f} x faster: what this machine gives for a "
+            "second process doing the same work, the most local:2 could gain over local:1 were the cluster free.",
+        ]
+    command = f"python bench/bench_cluster.py --shape {' '.join(map(str, shape))} --repeats {args.repeats}"
+    lines += ["", f"Command: `{command}{' --ceiling' if args.ceiling else ''}`"]
     publish(lines, args.output)
     return 0
 
