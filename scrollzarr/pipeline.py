@@ -732,6 +732,7 @@ def _convert_tasks(plan: Plan, executor: Executor) -> Report:
         every = [task for tasks in levels.values() for task in tasks]
         for level in range(len(plan.shapes)):
             unmark_damaged(plan.output, record.run, level, _sink_spec(plan, level), every)
+    bad = {z: record.bad_rows.get(str(z), 0) for z in record.bad_slices} | dict.fromkeys(plan.stack.bad, 0)
     job = Job(
         output=plan.output,
         run=record.run,
@@ -740,9 +741,9 @@ def _convert_tasks(plan: Plan, executor: Executor) -> Report:
         source=_slice_source(plan),
         origin=plan.origin,
         threads=executor.threads,
+        bad_rows=tuple(sorted(bad.items())),
     )
     report = Report(plan.output, plan.dtype, options.layout, missing=plan.missing, plain=options.zarr_only)
-    bad = {z: record.bad_rows.get(str(z), 0) for z in record.bad_slices} | dict.fromkeys(plan.stack.bad, 0)
     with progress_bar(plan.shapes, options.quiet) as bar:
         totals = run_levels(executor, job, levels, bar)
     for level, total in totals.items():

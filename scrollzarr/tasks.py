@@ -24,8 +24,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -227,6 +227,9 @@ class Job:
         (see :func:`scrollzarr.readback.write_downsampled_block`).
     first_read : int
         The level that ``advice`` is about.
+    bad_rows : tuple of (int, int)
+        The bad slices known when the tasks start (scan slice, first row written as zeros, scan rows): a
+        level-0 task writes them as zeros from that row on without reading them (:meth:`SliceSource.read`).
     """
 
     output: Location
@@ -238,6 +241,7 @@ class Job:
     threads: int = 1
     advice: str | None = None
     first_read: int = 0
+    bad_rows: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -287,7 +291,7 @@ def run_task(job: Job, task: Task) -> TaskResult:
     # slice (measured on the cluster bench: 7.0 s of system time in 10.5 s, 5.0 s with this; wall 9.4 s)
     keep_freed_memory()
     sinks = [_Fenced(open_sink(job.levels[level]), job) for level in range(task.level, task.level + task.levels)]
-    bad: dict[int, int] = {}
+    bad = dict(job.bad_rows)
     if task.level == 0:
         chunks = _convert_box(job, task, sinks, bad)
     else:
@@ -448,6 +452,14 @@ def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar:
     """Run the tasks of each level of ``levels`` on ``executor``, a level after the one above (a barrier: a
     level is built from the stored level above), but those marked finished by an earlier run.
 
+    A bad slice is zeros from its first unreadable row on, whichever way the
+    work is cut (:func:`~scrollzarr.tiffstack.first_unreadable_row`).  A
+    level-0 task finds a bad slice only where it reads the slice's rows, so a
+    task that read rows below that row, in a strip it could decode, wrote them
+    as voxels: once level 0's tasks have finished, those tasks are run again
+    (their markers removed first) with the bad slices known, and write those
+    rows as zeros, as the run on one machine does.
+
     Returns
     -------
     dict of int to LevelTotal
@@ -460,31 +472,76 @@ def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar:
         done = finished(job.output, job.run, tasks)
         log.debug("level %d: %d tasks, %d finished before", level, len(tasks), len(done))
         bar.update(sum(task_voxels(task) for task in done))
-        results = list(done.values())
+        results = dict(done)
+        if level == 0:
+            job = replace(job, bad_rows=_merged_bad(job.bad_rows, results.values()))
         seconds = []
-        for task, result in executor.run(run_task, job, [task for task in tasks if task not in done]):
-            for z, row in sorted(result.bad_rows.items()):
-                if z not in reported:  # the worker logged why, on its side
-                    where = f" from row {row} on" if row else ""
-                    log.warning(
-                        "slice %d could not be read by the task for %s; written as zeros%s", z, task.describe(), where
-                    )
-                    reported.add(z)
-            results.append(result)
-            seconds.append(result.seconds)
-            bar.update(task_voxels(task))
+        pending = [task for task in tasks if task not in done]
+        again = False
+        while pending:
+            for task, result in executor.run(run_task, job, pending):
+                for z, row in sorted(result.bad_rows.items()):
+                    if z not in reported and z not in dict(job.bad_rows):  # the worker logged why, on its side
+                        where = f" from row {row} on" if row else ""
+                        log.warning(
+                            "slice %d could not be read by the task for %s; written as zeros%s",
+                            z, task.describe(), where,
+                        )  # fmt: skip
+                        reported.add(z)
+                results[task] = result
+                seconds.append(result.seconds)
+                if not again:
+                    bar.update(task_voxels(task))
+            if level != 0:
+                break
+            job = replace(job, bad_rows=_merged_bad(job.bad_rows, results.values()))
+            pending = _disagreeing(results, dict(job.bad_rows), job.origin)
+            again = True
+            if pending:
+                log.info(
+                    "%d level-0 task(s) read rows of a bad slice below its first unreadable row; run again to "
+                    "write them as zeros", len(pending),
+                )  # fmt: skip
+                for task in pending:
+                    unmark(job.output, job.run, task)
         if seconds:
             log.info(
                 "level %d: %d task(s) run, %.3f s each on average (%.3f s the longest)",
                 level, len(seconds), sum(seconds) / len(seconds), max(seconds),
             )  # fmt: skip
-        for result in results:
+        for result in results.values():
             for below, chunks in enumerate(result.chunks):
                 totals.setdefault(level + below, LevelTotal()).chunks += chunks
             bad = totals.setdefault(level, LevelTotal()).bad_rows
             for z, row in result.bad_rows.items():
                 bad[z] = min(row, bad.get(z, row))
     return totals
+
+
+def _merged_bad(known: tuple[tuple[int, int], ...], results: Iterable[TaskResult]) -> tuple[tuple[int, int], ...]:
+    """The bad slices of ``known`` and of every result, each with the first row written as zeros of any."""
+    bad = dict(known)
+    for result in results:
+        for z, row in result.bad_rows.items():
+            bad[z] = min(row, bad.get(z, row))
+    return tuple(sorted(bad.items()))
+
+
+def _disagreeing(results: dict[Task, TaskResult], bad: dict[int, int], origin: Shape3) -> list[Task]:
+    """The level-0 tasks of ``results`` that wrote voxels of a bad slice of ``bad`` (scan slice: first row written
+    as zeros) from that row on: their box holds the slice and rows from that row on, and they wrote zeros
+    from a later row, or none."""
+    oz, oy, _ = origin
+    stale = []
+    for task, result in results.items():
+        (z0, z1), (y0, y1), _ = task.box
+        for z, first in bad.items():
+            if not oz + z0 <= z < oz + z1 or oy + y1 <= first:
+                continue
+            if result.bad_rows.get(z, oy + y1) > max(first, oy + y0):
+                stale.append(task)
+                break
+    return stale
 
 
 def unmark_damaged(output: Location, run: str, level: int, spec: SinkSpec, tasks: list[Task]) -> None:

@@ -293,6 +293,57 @@ def test_a_slice_that_cannot_be_read_stops_the_run_resumably(tmp_path, volume):
     assert json.loads((tmp_path / "zero.zarr" / ".zattrs").read_text())["scrollzarr"]["bad_slices"] == [40]
 
 
+def bad_midway(directory: Path, volume: np.ndarray) -> tuple[Path, Path]:
+    """Slices of ``volume`` in strips of 5 rows, slice 40's rows 40 to 44 (strip 8) unreadable, and the local
+    run of them with ``--bad_slices zero``: (slices, its store)."""
+    import tifffile
+
+    slices = directory / "slices"
+    paths = write_stack(slices, volume, compression="zlib", rowsperstrip=5)
+    with tifffile.TiffFile(paths[40]) as tif:
+        offset, count = tif.pages[0].dataoffsets[8], tif.pages[0].databytecounts[8]
+    broken = bytearray(paths[40].read_bytes())
+    broken[offset : offset + count] = b"\xff" * count
+    paths[40].write_bytes(bytes(broken))
+    local = directory / "local" / "s.zarr"
+    local.parent.mkdir()
+    assert_ok(convert(slices, local, *SMALL, "--bad_slices", "zero"))
+    expected = volume.copy()
+    expected[40, 40:] = 0
+    check_pyramid(local, expected)
+    return slices, local
+
+
+def test_a_slice_bad_from_a_strip_midway_is_zeros_from_that_row_on_in_every_task_as_in_the_local_run(tmp_path, volume):
+    """A task whose rows of the slice lie below its bad strip reads them without a failure; it is run again once
+    the task that found the strip has said from which row the slice is zeros."""
+    slices, local = bad_midway(tmp_path, volume)
+    out = tmp_path / "s.zarr"
+    plan = dry_run(slices, out, *SMALL, "--scheduler", "local:2")
+    rows = int(re.search(r"level 0: \d+ task\(s\) of \d+ slices by (\d+) x", plan).group(1))
+    assert 45 <= rows < 90  # a task reads slice 40's rows only below its bad strip
+    result = convert(slices, out, *SMALL, "--scheduler", "local:2", "--bad_slices", "zero")
+    assert_ok(result)
+    assert store_files(out) == store_files(local)
+    assert json.loads((out / ".zattrs").read_text())["scrollzarr"]["bad_slices"] == [40]
+    # said once, by the worker that found it and by the client
+    assert result.stderr.count("slice 40 could not be read by the task for level 0") == 1, result.stderr
+
+
+@pytest.mark.parametrize("tasks", [2, 6])
+def test_a_run_with_a_slice_bad_midway_killed_and_resumed_is_the_local_runs_store(tmp_path, volume, slow_tasks, tasks):
+    slices, local = bad_midway(tmp_path, volume)
+    out = tmp_path / "s.zarr"
+    env = {"PYTHONPATH": str(slow_tasks), **SLOW}
+    process = start_conversion(slices, out, "--scheduler", "local:2", "--bad_slices", "zero", env=env)
+    wait_for_tasks(out, process, tasks)
+    process.kill()
+    process.communicate()
+    result = convert(slices, out, *SMALL, "--scheduler", "local:2", "--bad_slices", "zero", "--resume")
+    assert_ok(result)
+    assert store_files(out) == store_files(local)
+
+
 @pytest.mark.parametrize(
     ("scheduler", "fragments"),
     [
