@@ -443,7 +443,49 @@ class PooledSink(Protocol):
 def pooled(sink: LevelSink) -> PooledSink | None:
     """``sink`` if its units are better written in two steps (compressed or sharded: encoding or many chunks
     to a unit), else ``None`` (uncompressed chunks: the writer's copy is all the work there is)."""
+    if isinstance(sink, CheckedSink):
+        inner = pooled(sink.sink)
+        return None if inner is None else _CheckedPooled(inner, sink.check)
     return sink if isinstance(sink, (EncodedChunkSink, ShardSink)) else None
+
+
+class CheckedSink:
+    """``sink``, calling ``check`` before it writes each unit (a Dask task checks that its run still owns the
+    store: :func:`scrollzarr.tasks.run_task`); ``check`` raises to stop the writing."""
+
+    def __init__(self, sink: LevelSink, check: Callable[[], None]) -> None:
+        self.sink, self.check = sink, check
+        self.unit, self.chunks = sink.unit, sink.chunks
+
+    def write(self, corner: Shape3, piece: np.ndarray) -> int:
+        self.check()
+        return self.sink.write(corner, piece)
+
+    def write_parts(self, corner: Shape3, part: Parts) -> int:
+        self.check()
+        return self.sink.write_parts(corner, part)
+
+
+class _CheckedPooled:
+    """A :class:`PooledSink` that calls ``check`` before it assembles each unit (:class:`CheckedSink`'s)."""
+
+    def __init__(self, sink: PooledSink, check: Callable[[], None]) -> None:
+        self.sink, self.check = sink, check
+        self.unit, self.chunks = sink.unit, sink.chunks
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.sink.buffer_bytes
+
+    def chunk_boxes(self, corner: Shape3) -> list[tuple[Shape3, Box]]:
+        return self.sink.chunk_boxes(corner)
+
+    def prepare(self, piece: np.ndarray, out: np.ndarray) -> int:
+        return self.sink.prepare(piece, out)
+
+    def assemble(self, corner: Shape3) -> UnitAssembly:
+        self.check()
+        return self.sink.assemble(corner)
 
 
 class _Sink:

@@ -217,6 +217,12 @@ class LevelStream:
         self.buffer = np.empty((held, *self.plane_shape), dtype)
         # compressed or sharded units: chunks encoded on the workers, files assembled on the writer threads
         self.pooled = pooled(writer) if workers.count > 1 else None
+        # With one worker such units are written on the calling thread: a writer thread would encode them beside
+        # the reading and halving, two cores for --workers 1 (and for every one-thread task of a Dask worker,
+        # which already runs a task per core).  Uncompressed chunks go to the writer thread: it waits for the disk.
+        self.submit_write = (
+            workers.submit if workers.count == 1 and pooled(writer) is not None else workers.submit_write
+        )
         self.pool: BufferPool | None = None
         self.filled = _FilledRows()
         if self.pooled is not None:
@@ -307,7 +313,7 @@ class LevelStream:
                     fill(*rows)
                     self.filled.filled(rows[1])
                 for z0, z1 in writes:  # to the writer threads: with direct I/O they mostly wait for the disk
-                    futures += [self.workers.submit_write(task) for task in self._write_tasks(z0, z1, rows)]
+                    futures += [self.submit_write(task) for task in self._write_tasks(z0, z1, rows)]
                 if out is not None:
                     halves = self._halve_tasks(halved_from, halved_to, out, rows=rows)
                     futures += [self.workers.submit(task) for task in halves]

@@ -20,7 +20,7 @@ import pytest
 import zarr
 
 from scrollzarr.layout import StoreLayout
-from scrollzarr.sinks import SinkSpec, open_sink
+from scrollzarr.sinks import CheckedSink, SinkSpec, open_sink, pooled
 from scrollzarr.streaming import BufferPool, LevelStream, pool_buffers
 from scrollzarr.workers import Workers
 
@@ -172,3 +172,80 @@ def test_a_shard_taller_than_a_stripe_is_written_as_its_rows_arrive_and_given_up
         assert [p for p in level.rglob("*") if p.is_file() and p.name != "zarr.json"] == []
     else:
         np.testing.assert_array_equal(zarr.open_array(str(level), mode="r")[...], volume)
+
+
+@pytest.mark.parametrize(
+    ("layout", "on_writer"),
+    [
+        (StoreLayout(chunk=8), True),  # uncompressed chunks: the writer thread waits for the disk
+        (StoreLayout(chunk=8, compressor="blosc-zstd"), False),  # encoded: on the one worker, not beside it
+        (StoreLayout(zarr_format=3, chunk=8, shard=(8, 16, 16)), False),
+    ],
+)
+def test_with_one_worker_only_uncompressed_chunks_are_written_on_a_writer_thread(tmp_path, layout, on_writer):
+    """--workers 1 (and a Dask task of one thread) is one core of work: a unit that is encoded or assembled
+    from chunks is written in the calling thread, an uncompressed chunk, which mostly waits for the disk, on
+    the writer thread.  The level written is the volume either way."""
+    shape = (8, 32, 32)
+    volume = np.random.default_rng(7).integers(1, 65535, size=shape, dtype=np.uint16)
+    level = tmp_path / "level"
+    layout.create_array(str(level), None, shape, np.dtype("uint16"))
+    sink = open_sink(SinkSpec(level, shape, "uint16", layout))
+    threads: set[str] = set()
+    write = sink.write
+
+    def spy(corner, piece):
+        threads.add(threading.current_thread().name)
+        return write(corner, piece)
+
+    sink.write = spy  # type: ignore[method-assign]
+    with Workers(1, writers=True) as workers:
+        stream = LevelStream(
+            (0, 8), (0, 32), (0, 32), np.dtype("uint16"), layout.unit, "mean", sink, None, workers, int
+        )
+        view = stream.reserve(8)
+        view[...] = volume
+        stream.commit(8)
+    caller = threading.current_thread().name
+    assert threads == ({name for name in threads if name.startswith("scrollzarr-write")} if on_writer else {caller})
+    assert threads and (caller not in threads) == on_writer
+    np.testing.assert_array_equal(zarr.open_array(str(level), mode="r")[...], volume)
+
+
+def test_a_checked_sink_keeps_the_two_step_writes_and_checks_before_every_unit(tmp_path):
+    """A Dask task's sink checks its run's fence before each unit (CheckedSink); compressed units still go the
+    two-step way with several workers, and a check that fails stops the writing before the unit."""
+    layout = StoreLayout(chunk=8, compressor="blosc-zstd")
+    shape = (8, 32, 32)
+    volume = np.random.default_rng(9).integers(1, 65535, size=shape, dtype=np.uint16)
+    level = tmp_path / "level"
+    layout.create_array(str(level), None, shape, np.dtype("uint16"))
+    checks: list[int] = []
+    sink = CheckedSink(open_sink(SinkSpec(level, shape, "uint16", layout)), lambda: checks.append(1))
+    assert pooled(sink) is not None
+    with Workers(2, writers=True) as workers:
+        stream = LevelStream(
+            (0, 8), (0, 32), (0, 32), np.dtype("uint16"), layout.unit, "mean", sink, None, workers, int
+        )
+        assert stream.pooled is not None
+        view = stream.reserve(8)
+        view[...] = volume
+        stream.commit(8)
+    assert len(checks) == 16  # 4 x 4 units of 8 x 8 x 8
+    np.testing.assert_array_equal(zarr.open_array(str(level), mode="r")[...], volume)
+
+    def refuse() -> None:
+        raise RuntimeError("the store was replaced")
+
+    other = tmp_path / "other"
+    layout.create_array(str(other), None, shape, np.dtype("uint16"))
+    sink = CheckedSink(open_sink(SinkSpec(other, shape, "uint16", layout)), refuse)
+    with Workers(2, writers=True) as workers:
+        stream = LevelStream(
+            (0, 8), (0, 32), (0, 32), np.dtype("uint16"), layout.unit, "mean", sink, None, workers, int
+        )
+        view = stream.reserve(8)
+        view[...] = volume
+        with pytest.raises(RuntimeError, match="replaced"):
+            stream.commit(8)
+    assert sorted(p.name for p in other.rglob("*") if p.is_file()) == [".zarray", ".zattrs"]  # no chunk file
