@@ -463,7 +463,7 @@ def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar:
         seconds = []
         pending = [task for task in tasks if task not in done]
         again = False
-        while pending:
+        while True:
             for task, result in executor.run(run_task, job, pending):
                 for z, row in sorted(result.bad_rows.items()):
                     if z not in reported and z not in dict(job.bad_rows):  # the worker logged why, on its side
@@ -479,16 +479,24 @@ def run_levels(executor: Executor, job: Job, levels: dict[int, list[Task]], bar:
                     bar.update(task_voxels(task))
             if level != 0:
                 break
+            # also when every task was finished before: a run stopped before its tasks were run again, or of an
+            # earlier version, left them marked
             job = replace(job, bad_rows=_merged_bad(job.bad_rows, results.values()))
             pending = _disagreeing(results, dict(job.bad_rows), job.origin)
+            if not pending:
+                break
+            log.info(
+                "%d level-0 task(s) read rows of a bad slice below its first unreadable row; run again to write "
+                "them as zeros", len(pending),
+            )  # fmt: skip
+            if not again:  # levels below that an earlier run built from the voxels that change: built again
+                for lower, lower_tasks in levels.items():
+                    if lower > 0 and has_markers(job.output, job.run, lower):
+                        for task in lower_tasks:
+                            unmark(job.output, job.run, task)
             again = True
-            if pending:
-                log.info(
-                    "%d level-0 task(s) read rows of a bad slice below its first unreadable row; run again to "
-                    "write them as zeros", len(pending),
-                )  # fmt: skip
-                for task in pending:
-                    unmark(job.output, job.run, task)
+            for task in pending:
+                unmark(job.output, job.run, task)
         if seconds:
             log.info(
                 "level %d: %d task(s) run, %.3f s each on average (%.3f s the longest)",

@@ -344,6 +344,32 @@ def test_a_run_with_a_slice_bad_midway_killed_and_resumed_is_the_local_runs_stor
     assert store_files(out) == store_files(local)
 
 
+@pytest.mark.parametrize("resume_on", [("--scheduler", "local:2"), ()], ids=["cluster", "this machine"])
+def test_a_run_stopped_once_every_level_0_task_finished_runs_the_tasks_again_on_resume(tmp_path, volume, resume_on):
+    """The client is stopped after every level-0 task marked itself finished, before it ran again the tasks
+    that wrote voxels below a bad slice's first unreadable row: the resumed run finds and runs them."""
+    slices, local = bad_midway(tmp_path, volume)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('SCROLLZARR_STOP_AT_REPAIR'):\n"
+        "    import scrollzarr.tasks\n"
+        "    def _stop(*args):\n"
+        "        os._exit(9)\n"
+        "    scrollzarr.tasks._disagreeing = _stop\n"
+    )
+    out = tmp_path / "s.zarr"
+    env = {"PYTHONPATH": str(hook), "SCROLLZARR_STOP_AT_REPAIR": "1"}
+    process = start_conversion(slices, out, "--scheduler", "local:2", "--bad_slices", "zero", env=env)
+    process.communicate()
+    assert process.returncode == 9
+    assert finished_tasks(out) == 10  # every level-0 task
+    result = convert(slices, out, *SMALL, "--bad_slices", "zero", "--resume", *resume_on)
+    assert_ok(result)
+    assert store_files(out) == store_files(local)
+
+
 @pytest.mark.parametrize(
     ("scheduler", "fragments"),
     [
