@@ -17,7 +17,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ from scrollzarr.store import (
     remove_unreadable_metadata,
     unit_index,
 )
-from scrollzarr.streaming import LevelStream, band_streams, stripe_rows
+from scrollzarr.streaming import LevelStream, band_streams, stream_slabs, stripe_rows
 from scrollzarr.tasks import (
     Job,
     SliceSource,
@@ -65,7 +64,6 @@ from scrollzarr.tasks import (
     unmark_damaged,
 )
 from scrollzarr.tiffstack import (
-    Lookahead,
     TiffStack,
     check_z_extent,
     file_list,
@@ -444,41 +442,25 @@ class _Run:
         base = [self.report.levels[level].chunks_written for level in range(len(streams))]
         if record.streams:
             self._restore(streams)
-        top, planes = streams[0], plan.shapes[0][0]
+        planes = plan.shapes[0][0]
         oz, oy, ox = plan.origin
         rows = (oy + band[0][0], oy + band[0][1])
         cols = (ox + band[1][0], ox + band[1][1])
-        begin = record.slabs_done * depth
-        slabs = [range(oz + z, oz + min(z + depth, planes)) for z in range(begin, planes, depth)]
-        stripe = _stripe_rows(plan)
-        # the disk reads the next slab (stripe by stripe, as the work takes it) while this one is processed
-        with Lookahead(plan.stack, slabs, rows, stripe) as lookahead:
-            for z in range(begin, planes, depth):
-                if z > begin:
-                    lookahead.advance()
-                view = top.reserve(min(depth, planes - z))
-                top.commit(len(view), self._filler(view, oz + z, rows, cols), stripe)
-                for level, stream in enumerate(streams):
-                    self.report.levels[level].chunks_written = base[level] + stream.chunks_written
-                record.slabs_done = z // depth + 1
-                record.streams = [stream.state() for stream in streams]
-                self.checkpoint()
+        begin = record.slabs_done
+
+        def after(number: int) -> None:
+            for level, stream in enumerate(streams):
+                self.report.levels[level].chunks_written = base[level] + stream.chunks_written
+            record.slabs_done = begin + number + 1
+            record.streams = [stream.state() for stream in streams]
+            self.checkpoint()
+
+        slabs = [range(oz + z, oz + min(z + depth, planes)) for z in range(begin * depth, planes, depth)]
+        stripe = stripe_rows(unit[1], plan.options.algorithm, bool(plan.stack.decode_bytes))
+        stream_slabs(streams[0], plan.stack, slabs, rows, cols, stripe, self.read_slice, after)
         record.bands_done += 1
         record.slabs_done, record.streams = 0, []
         self.checkpoint()
-
-    def _filler(
-        self, view: np.ndarray, z0: int, rows: tuple[int, int], cols: tuple[int, int]
-    ) -> Callable[[int, int], None]:
-        """What fills rows ``[r0, r1)`` (band coordinates) of ``view``, the slab of slices from ``z0``."""
-
-        def fill(r0: int, r1: int) -> None:
-            stripe = (rows[0] + r0, rows[0] + r1)
-            self.workers.run(
-                partial(self.read_slice, z0 + index, stripe, cols, view[index, r0:r1]) for index in range(len(view))
-            )
-
-        return fill
 
     def _restore(self, streams: list[LevelStream]) -> None:
         """Take the streams of the band in progress back to where the record says they were."""
@@ -754,10 +736,6 @@ def _convert_tasks(plan: Plan, executor: Executor) -> Report:
     report.bad = sorted(bad)
     _finish(plan, group, arrays, bad)
     return report
-
-
-def _stripe_rows(plan: Plan) -> int | None:
-    return stripe_rows(plan.options.layout.unit[1], plan.options.algorithm, bool(plan.stack.decode_bytes))
 
 
 def _bands(height: int, width: int, bands: memory.BandPlan) -> list[Band]:

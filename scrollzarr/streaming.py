@@ -27,6 +27,7 @@ from scrollzarr import downsample as ds
 from scrollzarr.blocks import Box, Shape3
 from scrollzarr.durable import aligned_empty
 from scrollzarr.sinks import LevelSink, PooledSink, UnitAssembly, pooled
+from scrollzarr.tiffstack import Lookahead, TiffStack
 from scrollzarr.workers import Workers
 
 # Halving works on stripes of rows of about this many input bytes at a time, which keeps
@@ -148,6 +149,45 @@ def band_streams(
         below = LevelStream(planes, rows, cols, dtype, unit, algorithm, writers[level], below, workers, on_written)
         streams.insert(0, below)
     return streams
+
+
+# Reads rows ``rows`` and columns ``cols`` (scan coordinates) of slice ``z`` (scan numbering) into ``out``.
+SliceReader = Callable[[int, tuple[int, int], tuple[int, int], np.ndarray], None]
+
+
+def stream_slabs(
+    top: LevelStream,
+    stack: TiffStack,
+    slabs: Sequence[range],
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    stripe: int | None,
+    read: SliceReader,
+    after: Callable[[int], None],
+) -> None:
+    """Feed ``top`` (level 0's stream of a band) the slabs of slices ``slabs`` (scan numbering, a row of write
+    units deep each) of rows ``rows`` and columns ``cols``, each slice's rows read by ``read`` on the stream's
+    workers, ``stripe`` rows at a time (:func:`stripe_rows`); ``after(number)`` once slab ``number`` of
+    ``slabs`` is written and halved.  The disk reads the next slab (stripe by stripe, as the work takes it)
+    while one is processed (:class:`~scrollzarr.tiffstack.Lookahead`)."""
+    workers = top.workers
+
+    def filler(view: np.ndarray, z0: int) -> Callable[[int, int], None]:
+        """What fills rows ``[r0, r1)`` (band coordinates) of ``view``, the slab of slices from ``z0``."""
+
+        def fill(r0: int, r1: int) -> None:
+            band = (rows[0] + r0, rows[0] + r1)
+            workers.run(partial(read, z0 + index, band, cols, view[index, r0:r1]) for index in range(len(view)))
+
+        return fill
+
+    with Lookahead(stack, slabs, rows, stripe) as lookahead:
+        for number, slab in enumerate(slabs):
+            if number:
+                lookahead.advance()
+            view = top.reserve(len(slab))
+            top.commit(len(view), filler(view, slab.start), stripe)
+            after(number)
 
 
 def halving_stripe_rows(row_bytes: int) -> int:

@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -42,8 +42,8 @@ from scrollzarr.report import ProgressBar
 from scrollzarr.sinks import CheckedSink, SinkSpec, open_sink
 from scrollzarr.storage import Location, storage, zarr_store
 from scrollzarr.store import damaged_units, unit_index
-from scrollzarr.streaming import band_streams, stripe_rows
-from scrollzarr.tiffstack import Lookahead, SliceReadError, StackError, TiffStack, first_unreadable_row, read_rows
+from scrollzarr.streaming import band_streams, stream_slabs, stripe_rows
+from scrollzarr.tiffstack import SliceReadError, StackError, TiffStack, first_unreadable_row, read_rows
 from scrollzarr.window import Window
 from scrollzarr.workers import Workers
 
@@ -341,26 +341,15 @@ def _convert_box(job: Job, task: Task, sinks: list[CheckedSink], bad: dict[int, 
     stripe = stripe_rows(job.levels[0].layout.unit[1], job.algorithm, bool(source.stack.decode_bytes))
     slabs = [range(oz + z, oz + min(z + depth, z1)) for z in range(z0, z1, depth)]
 
-    def filler(view: np.ndarray, z: int) -> Callable[[int, int], None]:
-        def fill(r0: int, r1: int) -> None:
-            band = (rows[0] + r0, rows[0] + r1)
-            workers.run(
-                partial(source.read, z + index, band, cols, view[index, r0:r1], bad, lock) for index in range(len(view))
-            )
+    def read(z: int, band: tuple[int, int], columns: tuple[int, int], out: np.ndarray) -> None:
+        source.read(z, band, columns, out, bad, lock)
 
-        return fill
-
-    with Workers(job.threads, writers=True) as workers, Lookahead(source.stack, slabs, rows, stripe) as lookahead:
+    with Workers(job.threads, writers=True) as workers:
         streams = band_streams(
             task.box, task.levels, np.dtype(source.dtype), job.levels[0].layout.unit, job.algorithm, sinks,
             workers, lambda _: None,
         )  # fmt: skip
-        top = streams[0]
-        for number, slab in enumerate(slabs):
-            if number:
-                lookahead.advance()
-            view = top.reserve(len(slab))
-            top.commit(len(view), filler(view, slab.start), stripe)
+        stream_slabs(streams[0], source.stack, slabs, rows, cols, stripe, read, lambda _: None)
     return tuple(stream.chunks_written for stream in streams)
 
 
